@@ -1,0 +1,225 @@
+"""The family-neutral contract between methods and models.
+
+A method sees a model only through a :class:`ModelAdapter`: it asks for a tower to be run
+(:meth:`ModelAdapter.run_image`, :meth:`ModelAdapter.run_text`) inside
+:meth:`ModelAdapter.explaining`, and gets back a :class:`TowerRun` holding the embeddings,
+the token layout and what was captured on the way (attention probabilities per block, the
+residual stream around each block, the embedding input). Only adapters know module paths.
+
+Shapes use named letters: B batch rows, n tokens, H heads, C tower width, D embedding width,
+Gh x Gw patch grid.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+from PIL import Image
+
+from ..images import Geometry, Preprocess
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """Where the tokens of one tower run are.
+
+    readout:  (B,) index of the token the tower reads its embedding from (class token, end of
+              text), or -1 for every row when the tower pools with an attention head instead.
+    content:  (B, n) bool: the tokens a map is reported for (image patches; text tokens between
+              the start and end markers).
+    valid:    (B, n) bool: real tokens, not padding.
+    grid:     (Gh, Gw) for an image tower, None for text.
+    patches:  (Gh*Gw,) token indices of the patches in row-major grid order (image towers).
+    """
+
+    readout: torch.Tensor
+    content: torch.Tensor
+    valid: torch.Tensor
+    grid: tuple[int, int] | None = None
+    patches: torch.Tensor | None = None
+
+    @property
+    def has_readout_token(self) -> bool:
+        return bool((self.readout >= 0).all())
+
+
+@dataclass
+class TowerRun:
+    """What one forward pass of a tower left behind (tensors still in the autograd graph).
+
+    embeds:        (B, D) projected embedding, not normalised.
+    attentions:    per block, (B, H, n, n) attention probabilities.
+    block_inputs:  per block, (B, n, C) residual stream entering the block.
+    block_outputs: per block, (B, n, C) residual stream leaving the block.
+    input_embeds:  (B, n, C) token embeddings (with positions) entering the first block's
+                   stack; a leaf that requires grad, so gradients w.r.t. it can be asked for.
+    pooled:        (B, C) the pooled token state before the final projection (after final norm).
+    pool_attention: (B, H, q, n) probabilities of an attention-pooling head, or None.
+    """
+
+    tower: str
+    embeds: torch.Tensor
+    layout: TokenLayout
+    attentions: list[torch.Tensor] = field(default_factory=list)
+    block_inputs: list[torch.Tensor] = field(default_factory=list)
+    block_outputs: list[torch.Tensor] = field(default_factory=list)
+    input_embeds: torch.Tensor | None = None
+    pooled: torch.Tensor | None = None
+    pool_attention: torch.Tensor | None = None
+    pixel_values: torch.Tensor | None = None
+
+
+@dataclass
+class TextBatch:
+    """Tokenised prompts. tokens[p] are the decoded strings of input_ids[p, :length[p]]."""
+
+    texts: list[str]
+    input_ids: torch.Tensor  # (P, T)
+    attention_mask: torch.Tensor  # (P, T)
+    tokens: list[list[str]]
+    truncated: list[bool]
+    content: torch.Tensor  # (P, T) bool: tokens between the start and end markers
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
+@dataclass
+class ImageBatch:
+    """Preprocessed images with the geometry that maps the input back onto each original."""
+
+    pixel_values: torch.Tensor  # (B, 3, h, w)
+    geometries: list[Geometry]
+    originals: list[Image.Image]
+    indices: list[int]  # positions of these images in the caller's list
+
+    def __len__(self) -> int:
+        return self.pixel_values.shape[0]
+
+
+class ModelAdapter(ABC):
+    """One model family's view for the methods. Subclasses live one per file in ``adapters/``."""
+
+    #: family name, e.g. "hf-clip"
+    family: str = ""
+    #: how a pair's probability is formed: "softmax" over the prompts, or "sigmoid" per pair
+    pair_probability: str = "softmax"
+
+    model: torch.nn.Module
+    name: str
+    preprocess: Preprocess
+
+    # ---- what the model is -------------------------------------------------------------
+    @property
+    @abstractmethod
+    def patch_size(self) -> tuple[int, int]: ...
+
+    @property
+    @abstractmethod
+    def num_layers(self) -> dict[str, int]:
+        """Blocks per tower: {"image": L_i, "text": L_t}."""
+
+    @property
+    @abstractmethod
+    def context_length(self) -> int: ...
+
+    @abstractmethod
+    def logit_scale(self) -> torch.Tensor:
+        """The multiplier of the cosine similarity (already exponentiated)."""
+
+    def logit_bias(self) -> torch.Tensor | None:
+        return None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    # ---- inputs ------------------------------------------------------------------------
+    @abstractmethod
+    def tokenize(self, texts: list[str]) -> TextBatch: ...
+
+    def prepare_images(self, images: list[Image.Image], *, resize: str = "model") -> list[ImageBatch]:
+        """Preprocess images; images whose input sizes differ land in separate batches."""
+        groups: dict[tuple[int, ...], list[tuple[torch.Tensor, Geometry, Image.Image, int]]] = {}
+        for i, img in enumerate(images):
+            pixels, geom = self.preprocess(img, resize=resize, patch_size=self.patch_size[0])
+            groups.setdefault(tuple(pixels.shape[1:]), []).append((pixels, geom, img, i))
+        return [
+            ImageBatch(
+                torch.stack([g[0] for g in group]).to(self.device, self.dtype),
+                [g[1] for g in group],
+                [g[2] for g in group],
+                [g[3] for g in group],
+            )
+            for group in groups.values()
+        ]
+
+    # ---- running -----------------------------------------------------------------------
+    @abstractmethod
+    def explaining(self) -> contextlib.AbstractContextManager:
+        """Context for a call: eval mode, attention path that returns probabilities,
+        parameters frozen. Everything is restored on exit, also on exceptions."""
+
+    @abstractmethod
+    def run_image(self, pixel_values: torch.Tensor, *, detach_blocks: bool = False) -> TowerRun:
+        """Run the image tower, capturing per-block tensors. Call inside :meth:`explaining`.
+
+        With ``detach_blocks`` every block receives a detached copy of the previous block's
+        output (same values), so a gradient reaching block l's attention only comes from
+        what is read out of block l directly (LeGrad's one-backward trick)."""
+
+    @abstractmethod
+    def run_text(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, detach_blocks: bool = False
+    ) -> TowerRun: ...
+
+    @abstractmethod
+    def readout(self, tower: str, hidden: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+        """Read a (B, n, C) residual stream out as if it left the last block:
+        pooling, final norm, projection. Returns (B, D)."""
+
+
+@contextlib.contextmanager
+def module_hooks(registrations: list[Callable[[], torch.utils.hooks.RemovableHandle]]) -> Iterator[None]:
+    """Register hooks for the duration of a ``with`` block; always remove them."""
+    handles = []
+    try:
+        for register in registrations:
+            handles.append(register())
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def frozen_eval(model: torch.nn.Module) -> Iterator[None]:
+    """Eval mode and no parameter gradients for the call; restores mode and flags exactly."""
+    modes = {m: m.training for m in model.modules()}
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        model.eval()
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def as_grad_leaf(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` itself when gradients already flow into it (e.g. from pixels that require
+    grad), else a detached copy that requires grad: the point input gradients are asked at."""
+    if tensor.requires_grad:
+        return tensor
+    return tensor.detach().requires_grad_(True)

@@ -1,0 +1,249 @@
+"""Reading images safely and the geometry of preprocessing.
+
+Every image goes through :func:`load_image` (orientation, modes, size budget) and then an
+adapter's preprocessing, which records a :class:`Geometry`: how the original pixels map onto
+the model input. Maps are brought back onto the original image with that record, so the
+heatmap lands where the model looked; pixels the model never saw (cut off by a centre crop)
+come back as NaN instead of being filled in.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import ImageError
+
+#: Default pixel budget (width x height) above which an image is refused as a possible
+#: decompression bomb. Raise it with ``CLIPLENS_MAX_PIXELS`` or ``max_pixels=``.
+DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own warning threshold (about 9459 x 9459)
+
+
+def max_pixels_budget() -> int:
+    value = os.environ.get("CLIPLENS_MAX_PIXELS")
+    if value is None:
+        return DEFAULT_MAX_PIXELS
+    try:
+        budget = int(value)
+    except ValueError:
+        raise ImageError(f"CLIPLENS_MAX_PIXELS must be an integer, got {value!r}") from None
+    if budget <= 0:
+        raise ImageError(f"CLIPLENS_MAX_PIXELS must be positive, got {budget}")
+    return budget
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB.
+
+    Alpha (RGBA, LA, palette transparency) is composited over white; 16-bit and 32-bit
+    greyscale are rescaled from their full range rather than clipped.
+    """
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(image, dtype=np.float64)
+        hi = 65535.0 if image.mode.startswith("I;16") else max(float(arr.max()), 1.0)
+        if image.mode == "F":
+            lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
+            arr = (arr - lo) / (hi - lo if hi > lo else 1.0) * 255.0
+        else:
+            arr = arr / hi * 255.0
+        grey = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
+        return grey.convert("RGB")
+    if image.mode == "P":
+        image = image.convert("RGBA") if "transparency" in image.info else image.convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_image(source: str | os.PathLike | Image.Image | np.ndarray, *, max_pixels: int | None = None) -> Image.Image:
+    """Open an image file (or take a PIL image / HxWx3 uint8 array) as upright 8-bit RGB.
+
+    Raises :class:`ImageError` with a one-line reason for missing, unreadable, truncated,
+    non-image and over-budget files. EXIF orientation is applied.
+    """
+    budget = max_pixels if max_pixels is not None else max_pixels_budget()
+    if isinstance(source, np.ndarray):
+        if source.ndim == 2:
+            source = np.stack([source] * 3, axis=-1)
+        if source.ndim != 3 or source.shape[2] not in (3, 4):
+            raise ImageError(f"an image array must be HxW, HxWx3 or HxWx4, got shape {source.shape}")
+        if source.dtype != np.uint8:
+            raise ImageError(f"an image array must be uint8, got {source.dtype}")
+        return to_rgb(Image.fromarray(source))
+    if isinstance(source, Image.Image):
+        _check_budget(source.size, budget, "the image")
+        return to_rgb(ImageOps.exif_transpose(source))
+    path = Path(source)
+    if not path.exists():
+        raise ImageError(f"{path}: no such file")
+    if path.is_dir():
+        raise ImageError(f"{path}: is a directory, not an image")
+    try:
+        with Image.open(path) as img:
+            _check_budget(img.size, budget, str(path))
+            img.load()
+            rgb = to_rgb(ImageOps.exif_transpose(img))
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageError(f"{path}: not an image file PIL can read") from None
+    except Image.DecompressionBombError:
+        raise ImageError(
+            f"{path}: larger than the pixel budget of {budget} pixels; "
+            "raise it with CLIPLENS_MAX_PIXELS or --max-pixels"
+        ) from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageError(f"{path}: unreadable or truncated image ({exc})") from None
+    return rgb
+
+
+def _check_budget(size: tuple[int, int], budget: int, name: str) -> None:
+    w, h = size
+    if w <= 0 or h <= 0:
+        raise ImageError(f"{name}: empty image ({w}x{h})")
+    if w * h > budget:
+        raise ImageError(
+            f"{name}: {w}x{h} = {w * h} pixels is above the pixel budget of {budget}; "
+            "raise it with CLIPLENS_MAX_PIXELS or --max-pixels"
+        )
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """How an original image became the model input.
+
+    The original (``width`` x ``height``) was resized by ``scale_x``/``scale_y`` and then
+    the box ``crop`` = (left, top) of size ``input_size`` = (w, h) was cut out of the
+    resized image (offsets may be negative when the input is padded). A point ``(x, y)`` in
+    original pixel coordinates sits at ``(x * scale_x - left, y * scale_y - top)`` in the
+    model input.
+    """
+
+    width: int
+    height: int
+    scale_x: float
+    scale_y: float
+    crop: tuple[float, float]
+    input_size: tuple[int, int]
+
+    def to_dict(self) -> dict:
+        return {
+            "width": self.width,
+            "height": self.height,
+            "scale_x": self.scale_x,
+            "scale_y": self.scale_y,
+            "crop": list(self.crop),
+            "input_size": list(self.input_size),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Geometry":
+        return cls(
+            int(d["width"]),
+            int(d["height"]),
+            float(d["scale_x"]),
+            float(d["scale_y"]),
+            (float(d["crop"][0]), float(d["crop"][1])),
+            (int(d["input_size"][0]), int(d["input_size"][1])),
+        )
+
+    def seen_mask(self) -> np.ndarray:
+        """(height, width) bool: True where the pixel centre falls inside the model input."""
+        u, v = self._input_coords()
+        w_in, h_in = self.input_size
+        return ((u >= 0) & (u < w_in))[None, :] & ((v >= 0) & (v < h_in))[:, None]
+
+    def _input_coords(self) -> tuple[np.ndarray, np.ndarray]:
+        xs = (np.arange(self.width) + 0.5) * self.scale_x - self.crop[0]
+        ys = (np.arange(self.height) + 0.5) * self.scale_y - self.crop[1]
+        return xs, ys
+
+    def grid_to_original(self, grid_map: np.ndarray) -> np.ndarray:
+        """Bilinearly resample a (Gh, Gw) map, which tiles the model input evenly, onto the
+        original image. Pixels the model never saw are NaN."""
+        grid_map = np.asarray(grid_map, dtype=np.float64)
+        gh, gw = grid_map.shape
+        u, v = self._input_coords()
+        w_in, h_in = self.input_size
+        # normalised coordinates in [-1, 1] across the input (align_corners=False convention)
+        gx = torch.from_numpy(2.0 * u / w_in - 1.0)
+        gy = torch.from_numpy(2.0 * v / h_in - 1.0)
+        grid = torch.stack(torch.meshgrid(gy, gx, indexing="ij")[::-1], dim=-1)[None]
+        src = torch.from_numpy(grid_map)[None, None]
+        out = F.grid_sample(src, grid, mode="bilinear", padding_mode="border", align_corners=False)[0, 0]
+        result = out.numpy()
+        result[~self.seen_mask()] = np.nan
+        return result
+
+    def input_to_original_box(self, box: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
+        """A (x0, y0, x1, y1) box in model-input pixels, in original pixels."""
+        x0, y0, x1, y1 = box
+        left, top = self.crop
+        return (
+            (x0 + left) / self.scale_x,
+            (y0 + top) / self.scale_y,
+            (x1 + left) / self.scale_x,
+            (y1 + top) / self.scale_y,
+        )
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Resize-shortest-edge, centre-crop, normalise: the CLIP recipe, with its geometry.
+
+    ``resize="model"`` follows the checkpoint's processor (shortest edge to ``size``, centre
+    crop ``crop``); ``resize="full"`` keeps the whole image: the shortest edge goes to
+    ``size`` and the other side to the nearest multiple of the patch size, so nothing is
+    cropped (the tower then runs at a non-square grid with interpolated position embeddings).
+    """
+
+    size: int
+    crop: tuple[int, int]  # (height, width)
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    resample: int = Image.BICUBIC
+    do_center_crop: bool = True
+
+    def __call__(
+        self, image: Image.Image, *, resize: str = "model", patch_size: int | None = None
+    ) -> tuple[torch.Tensor, Geometry]:
+        w, h = image.size
+        if resize == "full":
+            if patch_size is None:
+                raise ValueError("resize='full' needs the patch size")
+            short = min(w, h)
+            factor = self.size / short
+            new_w = max(patch_size, int(round(w * factor / patch_size)) * patch_size)
+            new_h = max(patch_size, int(round(h * factor / patch_size)) * patch_size)
+            resized = image.resize((new_w, new_h), resample=self.resample)
+            crop_w, crop_h = new_w, new_h
+            left = top = 0
+        elif resize == "model":
+            short, long = (w, h) if w <= h else (h, w)
+            new_short, new_long = self.size, int(self.size * long / short)
+            new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+            resized = image.resize((new_w, new_h), resample=self.resample)
+            crop_h, crop_w = self.crop if self.do_center_crop else (new_h, new_w)
+            top = (new_h - crop_h) // 2
+            left = (new_w - crop_w) // 2
+        else:
+            raise ValueError(f"resize must be 'model' or 'full', got {resize!r}")
+        # PIL crop pads with black outside the image, which is what a crop larger than the
+        # resized image means (torchvision pads the same way).
+        cropped = resized.crop((left, top, left + crop_w, top + crop_h))
+        arr = np.asarray(cropped, dtype=np.float32) / 255.0
+        mean = np.asarray(self.mean, dtype=np.float32)
+        std = np.asarray(self.std, dtype=np.float32)
+        pixels = torch.from_numpy(((arr - mean) / std).transpose(2, 0, 1).copy())
+        geometry = Geometry(w, h, new_w / w, new_h / h, (float(left), float(top)), (crop_w, crop_h))
+        return pixels, geometry

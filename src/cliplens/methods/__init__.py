@@ -1,0 +1,14 @@
+"""Attribution methods, one file each, registered by name.
+
+The CLI choices, ``cliplens methods``, the docs list and the contract tests all read
+:data:`REGISTRY`. A method module registers its class with :func:`register`.
+"""
+
+from __future__ import annotations
+
+from .base import REGISTRY, Method, MethodResult, get_method, list_methods, register
+
+# Importing the modules registers the methods.
+from . import chefer  # noqa: E402,F401
+
+__all__ = ["REGISTRY", "Method", "MethodResult", "get_method", "list_methods", "register"]

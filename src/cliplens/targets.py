@@ -1,0 +1,137 @@
+"""What scalar is explained for each (image, text) pair.
+
+A target turns embeddings into one scalar per pair, shape (B, P). The pairs are laid out as
+B*P rows (row ``b*P + p`` is image b with prompt p); each row's towers are separate copies in
+the batch, so one backward pass of ``y.sum()`` gives every pair its own gradient. For targets
+that involve other prompts (the softmax probability, a contrast), those prompts enter as
+constants: the text-side map of pair (b, p) explains prompt p's tokens, the image side sees
+the whole expression.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import InputError
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=-1, keepdim=True)
+
+
+@dataclass(frozen=True)
+class PairContext:
+    """Inputs of a target. ``img``/``txt`` are (B, P, D) live per-pair embeddings;
+    ``img_all`` (B, D) and ``txt_all`` (P, D) are the same embeddings, detached."""
+
+    img: torch.Tensor
+    txt: torch.Tensor
+    img_all: torch.Tensor
+    txt_all: torch.Tensor
+    scale: torch.Tensor
+    bias: torch.Tensor | None
+    probability: str  # "softmax" or "sigmoid"
+
+    def pair_logits(self) -> torch.Tensor:
+        """(B, P) logit of each pair from the live copies."""
+        y = self.scale * (_unit(self.img) * _unit(self.txt)).sum(-1)
+        return y if self.bias is None else y + self.bias
+
+    def logits_against_all(self) -> torch.Tensor:
+        """(B, P, Q): live image copy of pair (b, p) against every prompt q, prompt q live
+        only where q == p."""
+        const = self.scale * torch.einsum("bpd,qd->bpq", _unit(self.img), _unit(self.txt_all))
+        if self.bias is not None:
+            const = const + self.bias
+        own = self.pair_logits()
+        eye = torch.eye(self.txt_all.shape[0], dtype=torch.bool, device=own.device)
+        return torch.where(eye[None], own[:, :, None], const)
+
+
+class Target:
+    name = ""
+
+    def __call__(self, ctx: PairContext) -> torch.Tensor:  # (B, P)
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return self.name
+
+
+class PairLogit(Target):
+    """logit_scale * cos(image, text) (+ bias for sigmoid models): the similarity itself."""
+
+    name = "logit"
+
+    def __call__(self, ctx: PairContext) -> torch.Tensor:
+        return ctx.pair_logits()
+
+
+class PromptProbability(Target):
+    """The probability of prompt p for image b: softmax over the given prompts for CLIP
+    (``logits_per_image.softmax(-1)``), the pair's sigmoid for SigLIP-style models."""
+
+    name = "probability"
+
+    def __call__(self, ctx: PairContext) -> torch.Tensor:
+        if ctx.probability == "sigmoid":
+            return torch.sigmoid(ctx.pair_logits())
+        logits = ctx.logits_against_all()  # (B, P, Q)
+        p_idx = torch.arange(logits.shape[1], device=logits.device)
+        return torch.softmax(logits, dim=-1)[:, p_idx, p_idx]
+
+
+@dataclass(frozen=True)
+class Contrast(Target):
+    """logit(image, prompt p) - logit(image, prompt ``versus``): why p rather than the other.
+    ``versus`` is a prompt index or the prompt text (it must be among the prompts)."""
+
+    versus: int | str = 0
+    name = "contrast"
+
+    def index(self, texts: list[str]) -> int:
+        if isinstance(self.versus, int):
+            if not -len(texts) <= self.versus < len(texts):
+                raise InputError(f"contrast prompt index {self.versus} is out of range for {len(texts)} prompts")
+            return self.versus % len(texts)
+        if self.versus not in texts:
+            raise InputError(f"contrast prompt {self.versus!r} is not among the prompts")
+        return texts.index(self.versus)
+
+    def bind(self, texts: list[str]) -> "Contrast":
+        return Contrast(self.index(texts))
+
+    def __call__(self, ctx: PairContext) -> torch.Tensor:
+        q = int(self.versus)
+        # the other prompt enters as a constant; where p == q the contrast is zero
+        return ctx.pair_logits() - ctx.logits_against_all()[:, :, q]
+
+    def describe(self) -> str:
+        return f"contrast:{self.versus}"
+
+
+TARGETS = {"logit": PairLogit, "probability": PromptProbability, "prob": PromptProbability}
+
+
+def resolve_target(target, texts: list[str]) -> Target:
+    """A Target from a Target object or a string: ``logit`` (default), ``probability``,
+    ``contrast:K`` (prompt index) or ``contrast:TEXT``."""
+    if target is None:
+        target = "logit"
+    if isinstance(target, Contrast):
+        return target.bind(texts)
+    if isinstance(target, Target):
+        return target
+    if not isinstance(target, str):
+        raise InputError(f"target must be a string or a cliplens Target, got {type(target).__name__}")
+    if target.startswith("contrast"):
+        _, _, rest = target.partition(":")
+        if not rest:
+            raise InputError("the contrast target needs the other prompt: contrast:INDEX or contrast:TEXT")
+        versus: int | str = int(rest) if rest.lstrip("-").isdigit() else rest
+        return Contrast(versus).bind(texts)
+    if target not in TARGETS:
+        raise InputError(f"unknown target {target!r}; choose logit, probability or contrast:OTHER")
+    return TARGETS[target]()

@@ -1,0 +1,38 @@
+"""A map blended over its original image."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from .colors import colorize, normalise
+
+
+def overlay(
+    image: np.ndarray | Image.Image,
+    heat: np.ndarray,
+    *,
+    alpha: float = 0.5,
+    mode: str = "minmax",
+    unseen: str = "hatch",
+) -> Image.Image:
+    """Blend ``heat`` (H, W, raw values, NaN = not seen by the model) over ``image``.
+
+    ``mode`` is the normalisation (``minmax``, ``positive``, ``signed``; signed maps use a
+    diverging palette). Pixels the model never saw are darkened and hatched
+    (``unseen="hatch"``) or left untouched (``"plain"``), never coloured as if scored.
+    """
+    img = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, dtype=np.float64)
+    if img.shape[:2] != heat.shape:
+        raise ValueError(f"map {heat.shape} does not match image {img.shape[:2]}")
+    seen = np.isfinite(heat)
+    colours = colorize(normalise(heat, mode), signed=(mode == "signed")).astype(np.float64)
+    out = img.copy()
+    out[seen] = (1 - alpha) * img[seen] + alpha * colours[seen]
+    if unseen == "hatch" and (~seen).any():
+        yy, xx = np.indices(heat.shape)
+        stripes = ((xx + yy) // 6) % 2 == 0
+        dim = img * 0.35
+        dim[stripes] = dim[stripes] * 0.5 + 40
+        out[~seen] = dim[~seen]
+    return Image.fromarray(np.clip(np.rint(out), 0, 255).astype(np.uint8))
