@@ -304,7 +304,7 @@ def test_perturbation_curves_closed_form():
 
 def test_perturbation_curve_linear_score_and_normalisation():
     r = np.random.default_rng(0).random((10, 10))
-    frac_kept = lambda removed: 1.0 - removed.mean()  # noqa: E731
+    frac_kept = lambda removed: 1.0 - removed.mean()
     c = M.perturbation_curve(r, frac_kept)
     assert c.scores == pytest.approx(1.0 - np.asarray(M.CHEFER_FRACTIONS))
     assert c.auc == pytest.approx(0.9 - 0.9**2 / 2)  # integral of 1 - f over [0, 0.9]
@@ -407,6 +407,8 @@ def test_patch_removal_types_and_errors():
     tz = M.apply_patch_removal(t, torch.from_numpy(REMOVED), 4, "zero")
     assert isinstance(tz, torch.Tensor) and tz.dtype == torch.float32
     assert float(tz[:, :4, :4].abs().sum()) == 0.0 and torch.equal(tz[:, :4, 4:], t[:, :4, 4:])
+    bf = M.apply_patch_removal(t.to(torch.bfloat16), REMOVED, 4, "mean")
+    assert bf.dtype == torch.bfloat16 and bf.shape == t.shape
     with pytest.raises(ValueError, match="tile"):
         M.apply_patch_removal(_image(), REMOVED, 3, "zero")
     with pytest.raises(ValueError, match="mode"):

@@ -30,47 +30,42 @@ Conventions shared by every function here:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Literal, Sequence
+from typing import Literal
 
 import numpy as np
 
 __all__ = [
-    # segmentation
-    "average_precision",
-    "threshold_at_mean",
-    "SegmentationCounts",
-    "SegmentationScores",
-    "segmentation_counts",
-    "segmentation_scores",
-    "SegmentationAccumulator",
-    # pointing game
-    "pointing_game",
-    # p-mIoU
-    "PointCounts",
-    "PointIoUScores",
-    "minmax_normalize",
-    "point_counts",
-    "PointIoUAccumulator",
-    # perturbation
     "CHEFER_FRACTIONS",
     "PerturbationCurve",
+    "PointCounts",
+    "PointIoUAccumulator",
+    "PointIoUScores",
+    "SegmentationAccumulator",
+    "SegmentationCounts",
+    "SegmentationScores",
+    "apply_patch_removal",
+    "area_under_curve",
+    "average_precision",
+    "centre_prior",
+    "deletion_curve",
+    "gaussian_blur",
+    "insertion_curve",
+    "minmax_normalize",
+    "oracle_map",
+    "pearson_correlation",
+    "perturbation_curve",
+    "point_counts",
+    "pointing_game",
+    "random_map",
+    "rankdata",
     "relevance_order",
     "removal_masks",
-    "perturbation_curve",
-    "deletion_curve",
-    "insertion_curve",
-    "area_under_curve",
-    "gaussian_blur",
-    "apply_patch_removal",
-    # sanity checks
-    "rankdata",
+    "segmentation_counts",
+    "segmentation_scores",
     "spearman_correlation",
-    "pearson_correlation",
-    # baselines
-    "random_map",
-    "centre_prior",
-    "oracle_map",
+    "threshold_at_mean",
 ]
 
 
@@ -95,7 +90,10 @@ def _as_mask(mask, shape: tuple[int, ...] | None = None, name: str = "mask") -> 
 def _to_numpy(x):
     """A torch tensor becomes a numpy array (detached, on the CPU); anything else passes."""
     if _is_torch(x):
-        return x.detach().cpu().numpy()
+        t = x.detach().cpu()
+        if str(t.dtype) == "torch.bfloat16":  # numpy has no bfloat16
+            t = t.float()
+        return t.numpy()
     return x
 
 
@@ -283,7 +281,7 @@ class SegmentationAccumulator:
 
 def _dilate_disk(mask: np.ndarray, radius: float) -> np.ndarray:
     """Pixels within Euclidean distance ``radius`` of a True pixel of ``mask``."""
-    r = int(math.floor(radius))
+    r = math.floor(radius)
     if r <= 0:
         return mask.copy()
     h, w = mask.shape
@@ -299,7 +297,7 @@ def _dilate_disk(mask: np.ndarray, radius: float) -> np.ndarray:
 
 
 def _near_mask(mask: np.ndarray, y: int, x: int, radius: float) -> bool:
-    r = int(math.floor(radius))
+    r = math.floor(radius)
     y0, y1 = max(y - r, 0), min(y + r + 1, mask.shape[0])
     x0, x1 = max(x - r, 0), min(x + r + 1, mask.shape[1])
     yy, xx = np.nonzero(mask[y0:y1, x0:x1])
@@ -376,7 +374,7 @@ class PointCounts:
         """IoU of the positive class on the points: ``tp / (tp + fp + fn)`` (NaN if 0/0)."""
         return _ratio(self.tp, self.tp + self.fp + self.fn)
 
-    def __add__(self, other: "PointCounts") -> "PointCounts":
+    def __add__(self, other: PointCounts) -> PointCounts:
         return PointCounts(self.tp + other.tp, self.fp + other.fp, self.fn + other.fn, self.tn + other.tn)
 
 
@@ -591,7 +589,14 @@ def perturbation_curve(
     counts = np.floor(fr * r.size + 1e-9).astype(np.int64)
     # the x axis is the requested fractions (as the reference), not the rounded counts / N
     return _run_curve(
-        order, r, score_fn, counts, fr, most_relevant_first=order == "positive", invert=False, normalize=normalize_auc
+        order,
+        r,
+        score_fn,
+        counts,
+        fr,
+        most_relevant_first=order == "positive",
+        invert=False,
+        normalize=normalize_auc,
     )
 
 
@@ -603,7 +608,9 @@ def _step_counts(n: int, n_steps: int | None) -> np.ndarray:
     return np.rint(np.linspace(0, n, n_steps + 1)).astype(np.int64)
 
 
-def deletion_curve(relevance, score_fn: Callable[[np.ndarray], float], *, n_steps: int | None = None) -> PerturbationCurve:
+def deletion_curve(
+    relevance, score_fn: Callable[[np.ndarray], float], *, n_steps: int | None = None
+) -> PerturbationCurve:
     """Deletion curve (Petsiuk et al. 2018): remove the most relevant patches first, 0% to 100%.
 
     ``n_steps`` equal steps (default: one patch per step, N + 1 scores); ``score_fn`` gets the
@@ -614,11 +621,20 @@ def deletion_curve(relevance, score_fn: Callable[[np.ndarray], float], *, n_step
     r = _as_relevance(relevance)
     counts = _step_counts(r.size, n_steps)
     return _run_curve(
-        "deletion", r, score_fn, counts, counts / r.size, most_relevant_first=True, invert=False, normalize=False
+        "deletion",
+        r,
+        score_fn,
+        counts,
+        counts / r.size,
+        most_relevant_first=True,
+        invert=False,
+        normalize=False,
     )
 
 
-def insertion_curve(relevance, score_fn: Callable[[np.ndarray], float], *, n_steps: int | None = None) -> PerturbationCurve:
+def insertion_curve(
+    relevance, score_fn: Callable[[np.ndarray], float], *, n_steps: int | None = None
+) -> PerturbationCurve:
     """Insertion curve (Petsiuk et al. 2018): start from everything removed and put the most
     relevant patches back first, 0% to 100% inserted.
 
@@ -629,7 +645,14 @@ def insertion_curve(relevance, score_fn: Callable[[np.ndarray], float], *, n_ste
     r = _as_relevance(relevance)
     counts = _step_counts(r.size, n_steps)
     return _run_curve(
-        "insertion", r, score_fn, counts, counts / r.size, most_relevant_first=True, invert=True, normalize=False
+        "insertion",
+        r,
+        score_fn,
+        counts,
+        counts / r.size,
+        most_relevant_first=True,
+        invert=True,
+        normalize=False,
     )
 
 
@@ -655,8 +678,9 @@ def gaussian_blur(pixels, sigma: float = 5.0, *, truncate: float = 4.0) -> np.nd
         p = np.pad(a, pad, mode="symmetric")
         out = np.zeros_like(a)
         n = a.shape[axis]
+        lead = (slice(None),) * axis
         for k, wk in enumerate(kernel):
-            out += wk * np.take(p, np.arange(k, k + n), axis=axis)
+            out += wk * p[lead + (slice(k, k + n),)]
         return out
 
     return along(along(x, x.ndim - 1), x.ndim - 2)
@@ -701,7 +725,11 @@ def apply_patch_removal(
     if mode == "mean":
         fill = np.broadcast_to(xf.mean(axis=(1, 2), keepdims=True), xf.shape)
     elif mode == "blur":
-        fill = gaussian_blur(xf, blur_sigma) if blurred is None else np.asarray(_to_numpy(blurred), dtype=np.float64)
+        fill = (
+            gaussian_blur(xf, blur_sigma)
+            if blurred is None
+            else np.asarray(_to_numpy(blurred), dtype=np.float64)
+        )
         if fill.shape != xf.shape:
             raise ValueError(f"blurred has shape {fill.shape}, pixels {xf.shape}")
     elif mode == "zero":
@@ -716,7 +744,7 @@ def apply_patch_removal(
     if torch_in:
         import torch
 
-        return torch.as_tensor(out, device=pixels.device)
+        return torch.from_numpy(np.ascontiguousarray(out)).to(device=pixels.device, dtype=pixels.dtype)
     return out
 
 
