@@ -74,7 +74,7 @@ class DatasetError(CliplensError):
     """A dataset that cannot be read: unknown kind, missing or corrupt file, bad annotation."""
 
     def __init__(self, message: str) -> None:
-        super().__init__(" ".join(str(message).split()))
+        super().__init__(re.sub(r"\s*[\r\n]+\s*", " ", str(message)).strip())
 
 
 def _fail(kind: str, message: str) -> DatasetError:
