@@ -1,0 +1,237 @@
+"""Command line: thin wrappers around the public API."""
+
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import sys
+import warnings
+from pathlib import Path
+
+from . import __version__
+from .errors import CliplensError, InputError
+
+DEFAULT_MODEL = "openai/clip-vit-base-patch16"
+
+
+def _parse_option(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise InputError(f"--option takes KEY=VALUE, got {text!r}")
+    for conv in (int, float):
+        try:
+            return key, conv(value)
+        except ValueError:
+            pass
+    if value.lower() in ("true", "false"):
+        return key, value.lower() == "true"
+    return key, value
+
+
+def _read_texts(args) -> list[str]:
+    texts = list(args.text or [])
+    if args.texts_file:
+        path = Path(args.texts_file)
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InputError(f"{path}: cannot read the prompts file ({exc.__class__.__name__})") from None
+        texts += [line.strip() for line in lines if line.strip()]
+    if not texts:
+        raise InputError("no prompts: give --text (repeatable) or --texts-file")
+    return texts
+
+
+def cmd_methods(args) -> int:
+    from .methods import REGISTRY
+
+    width = max(len(n) for n in REGISTRY)
+    for name, cls in REGISTRY.items():
+        if name.startswith("_"):
+            continue
+        towers = "+".join(cls.towers)
+        print(f"{name:<{width}}  {cls.summary}  [{towers}]")
+        for opt, desc in cls.options.items():
+            print(f"{'':<{width}}    --option {opt}=...  {desc}")
+    return 0
+
+
+def cmd_explain(args) -> int:
+    from tqdm import tqdm
+
+    from .adapters import load_model
+    from .api import check_texts, explain
+    from .images import load_image
+    from .methods import get_method
+    from .outputs import slug, staged_dir
+    from .targets import resolve_target
+    from .viz.report import Card, Section, token_html, write_report
+
+    texts = check_texts(_read_texts(args))
+    options = dict(_parse_option(o) for o in args.option or [])
+    method = get_method(args.method)
+    method.check_options(options)
+    resolve_target(args.target, texts)  # a bad target fails before the model loads
+    if not args.images:
+        raise InputError("no images given")
+    images = [load_image(p, max_pixels=args.max_pixels) for p in args.images]  # fail early, before the model
+    adapter = load_model(args.model, device=args.device)
+    results = []
+    sections = []
+    names: dict[str, int] = {}
+    with staged_dir(args.out) as stage:
+        chunks = range(0, len(images), args.batch_size)
+        bar = tqdm(chunks, desc="explaining", unit="batch", disable=len(images) <= args.batch_size or None)
+        for start in bar:
+            paths = args.images[start : start + args.batch_size]
+            ex = explain(
+                adapter,
+                images[start : start + args.batch_size],
+                texts,
+                method=args.method,
+                target=args.target,
+                resize=args.resize,
+                **options,
+            )
+            for j, path in enumerate(paths):
+                stem = slug(Path(path).stem)
+                names[stem] = names.get(stem, 0) + 1
+                if names[stem] > 1:
+                    stem = f"{stem}-{names[stem]}"
+                section = Section(heading=str(path))
+                for p, text in enumerate(texts):
+                    entry = {
+                        "image": str(path),
+                        "prompt": text,
+                        "logit": float(ex.logits[j, p]),
+                        "probability": float(ex.probs[j, p]),
+                        "target": float(ex.target_values[j, p]),
+                    }
+                    caption = (
+                        f"<b>{html.escape(text)}</b><br><span class='num'>logit {ex.logits[j, p]:.3f} · "
+                        f"p {ex.probs[j, p]:.3f}</span>"
+                    )
+                    if ex.image_maps is not None:
+                        fname = f"{stem}__{p:02d}-{slug(text)}.png"
+                        ex.overlay(j, p).save(stage / fname)
+                        entry["overlay"] = fname
+                        entry["grid_map"] = ex.grid_map(j, p).tolist()
+                    tokens = ""
+                    if ex.token_scores is not None:
+                        table = ex.token_table(j, p)
+                        entry["tokens"] = [{"token": t, "score": s} for t, s in table]
+                        tokens = token_html(table)
+                    if ex.truncated[p]:
+                        entry["truncated"] = True
+                        caption += "<br><span class='note'>prompt truncated to the model's context</span>"
+                    results.append(entry)
+                    section.cards.append(Card(entry.get("overlay", ""), caption, tokens))
+                sections.append(section)
+        meta = {
+            "cliplens": __version__,
+            "model": adapter.name,
+            "method": args.method,
+            "target": args.target,
+            "options": options,
+            "resize": args.resize,
+            "prompts": texts,
+            "pairs": results,
+        }
+        (stage / "results.json").write_text(json.dumps(meta, indent=1))
+        intro = (
+            f"<p class='note'>model <b>{html.escape(adapter.name)}</b> · method <b>{html.escape(args.method)}</b> · "
+            f"target <b>{html.escape(args.target)}</b> · maps min-max normalised per pair; hatched = not seen by "
+            "the model</p>"
+        )
+        write_report(stage / "index.html", "cliplens explanation", sections, intro)
+    print(f"wrote {len(results)} pair(s) to {args.out}/ (index.html, results.json)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cliplens",
+        description="Explain why a CLIP-family model matches an image with a text: image heatmaps, "
+        "token scores and faithfulness numbers.",
+    )
+    parser.add_argument("--version", action="version", version=f"cliplens {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser(
+        "explain",
+        help="explain image-text similarity for images x prompts",
+        description="Explain every (image, prompt) pair: writes an overlay PNG per pair, index.html "
+        "(overlays and token heatmaps) and results.json (logits, probabilities, raw maps, token scores).",
+    )
+    p.add_argument("images", nargs="+", help="image files (PNG, JPEG, ... any PIL format)")
+    p.add_argument("--text", "-t", action="append", help="a prompt; repeat for several")
+    p.add_argument("--texts-file", help="a UTF-8 file with one prompt per line")
+    p.add_argument(
+        "--model",
+        "-m",
+        default=DEFAULT_MODEL,
+        help=f"hub name, local checkpoint directory, or 'shapes' (the embedded model). Default: {DEFAULT_MODEL}",
+    )
+    p.add_argument("--method", default="chefer", help="attribution method (see `cliplens methods`). Default: chefer")
+    p.add_argument(
+        "--target",
+        default="logit",
+        help="what to explain: logit (scaled cosine), probability (softmax over the prompts), "
+        "contrast:OTHER (logit minus the logit of prompt OTHER, an index or text). Default: logit",
+    )
+    p.add_argument("--option", "-o", action="append", help="method option KEY=VALUE, e.g. start_layer=0")
+    p.add_argument("--out", default="cliplens-out", help="output folder (created). Default: cliplens-out")
+    p.add_argument(
+        "--resize",
+        choices=["model", "full"],
+        default="model",
+        help="model: the checkpoint's resize + centre crop; full: keep the whole image. Default: model",
+    )
+    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass. Default: 8")
+    p.add_argument("--max-pixels", type=int, default=None, help="refuse images above this many pixels")
+    p.add_argument("--device", default=None, help="torch device, e.g. cuda. Default: where the model loads (CPU)")
+    p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("methods", help="list attribution methods", description="List the registered methods.")
+    p.set_defaults(func=cmd_methods)
+    return parser
+
+
+def _quiet_libraries() -> None:
+    """The CLI owns the terminal: no weight-loading progress bars from transformers."""
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    if getattr(args, "batch_size", 1) < 1:
+        parser.error("--batch-size must be at least 1")
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"cliplens: warning: {message}", file=sys.stderr)
+
+    warnings.showwarning = show
+    _quiet_libraries()
+    try:
+        return int(args.func(args) or 0)
+    except CliplensError as exc:
+        print(f"cliplens: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("cliplens: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
