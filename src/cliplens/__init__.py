@@ -3,7 +3,7 @@
 __version__ = "0.1.0"
 
 from .adapters import load_model  # noqa: E402
-from .api import explain  # noqa: E402
+from .api import explain, similarity  # noqa: E402
 from .errors import CliplensError, ImageError, InputError, ModelLoadError  # noqa: E402
 from .explanation import Explanation  # noqa: E402
 from .methods import list_methods  # noqa: E402
@@ -12,6 +12,7 @@ from .targets import Contrast, PairLogit, PromptProbability, Target  # noqa: E40
 __all__ = [
     "__version__",
     "explain",
+    "similarity",
     "load_model",
     "list_methods",
     "Explanation",

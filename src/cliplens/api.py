@@ -165,5 +165,29 @@ def explain(
     )
 
 
+def similarity(model, images, texts, *, resize: str = "model", tokenizer=None) -> tuple[np.ndarray, np.ndarray]:
+    """(logits, probabilities), each (B, P), of every image against every prompt: the model's
+    own zero-shot scores, with no explanation (one forward per tower, no gradients)."""
+    adapter: ModelAdapter = load_model(model) if isinstance(model, (str, os.PathLike)) else adapt(model, tokenizer)
+    texts = check_texts(texts)
+    if isinstance(images, (str, os.PathLike, Image.Image, np.ndarray)):
+        images = [images]
+    pil_images = [load_image(img) for img in images]
+    batch = adapter.tokenize(texts)
+    logits = np.zeros((len(pil_images), len(texts)))
+    with adapter.explaining(), torch.no_grad():
+        txt = adapter.run_text(batch.input_ids, batch.attention_mask).embeds
+        txt = txt / txt.norm(dim=-1, keepdim=True)
+        for group in adapter.prepare_images(pil_images, resize=resize):
+            img = adapter.run_image(group.pixel_values).embeds
+            img = img / img.norm(dim=-1, keepdim=True)
+            lg = adapter.logit_scale() * img @ txt.T
+            bias = adapter.logit_bias()
+            logits[group.indices] = _np(lg if bias is None else lg + bias)
+    t = torch.from_numpy(logits)
+    probs = torch.sigmoid(t) if adapter.pair_probability == "sigmoid" else t.softmax(-1)
+    return logits, probs.numpy()
+
+
 def _np(x) -> np.ndarray:
     return x.detach().cpu().double().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)

@@ -149,6 +149,18 @@ def cmd_explain(args) -> int:
     return 0
 
 
+def cmd_demo(args) -> int:
+    from .demo import run_demo, summary_table
+
+    print(f"cliplens demo: scene {args.seed} of the shapes world, model {args.model}")
+    methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
+    rows = run_demo(args.out, seed=args.seed, model=args.model, methods=methods)
+    print()
+    print(summary_table(rows))
+    print(f"\nopen {args.out}/index.html")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cliplens",
@@ -193,9 +205,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="torch device, e.g. cuda. Default: where the model loads (CPU)")
     p.set_defaults(func=cmd_explain)
 
+    p = sub.add_parser(
+        "demo",
+        help="explain a shapes-world scene with every method (offline, embedded model)",
+        description="Draw a scene of the procedural shapes world, explain each object's caption and one "
+        "absent caption with every registered method using the embedded model, write index.html and PNGs, "
+        "and print where each method's peak lands.",
+    )
+    p.add_argument("--out", default="cliplens-demo", help="output folder. Default: cliplens-demo")
+    p.add_argument("--seed", type=int, default=0, help="which scene to draw. Default: 0")
+    p.add_argument("--model", default="shapes", help="model to explain. Default: shapes (embedded)")
+    p.add_argument("--methods", default=None, help="comma-separated methods. Default: all")
+    p.set_defaults(func=cmd_demo)
+
     p = sub.add_parser("methods", help="list attribution methods", description="List the registered methods.")
     p.set_defaults(func=cmd_methods)
+    _add_evaluate_parser(sub)
     return parser
+
+
+def _add_evaluate_parser(sub) -> None:
+    """``cliplens evaluate``: the options and the command live in :mod:`cliplens.eval.harness`."""
+
+    def cmd_evaluate(args) -> int:
+        from .eval.harness import cmd_evaluate as run
+
+        return run(args)
+
+    p = sub.add_parser(
+        "evaluate",
+        help="score explanation methods on a dataset (segmentation, pointing, perturbation, sanity)",
+        description="Run methods and baselines over a dataset, score their maps (pointing game, mIoU, pixel "
+        "accuracy, mAP, p-mIoU, perturbation and deletion/insertion AUC, sanity check), print a table and write "
+        "results.md, results.csv and PNG curves. Resumable: rerun the same command to continue.",
+    )
+    from .eval.harness import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(func=cmd_evaluate)
 
 
 def _quiet_libraries() -> None:
