@@ -22,8 +22,28 @@ import torch
 from ..errors import ModelLoadError
 from .base import ModelAdapter, TextBatch, TokenLayout, TowerRun
 from .hf_clip import HFClipAdapter, preprocess_from_config, read_processor_config
+from .hf_siglip import HF_SIGLIP_TYPES, HFSiglipAdapter, load_hf_siglip
 
-__all__ = ["ModelAdapter", "TextBatch", "TokenLayout", "TowerRun", "HFClipAdapter", "load_model", "adapt"]
+__all__ = [
+    "ModelAdapter",
+    "TextBatch",
+    "TokenLayout",
+    "TowerRun",
+    "HFClipAdapter",
+    "HFSiglipAdapter",
+    "OpenClipAdapter",
+    "load_model",
+    "adapt",
+]
+
+
+def __getattr__(name):
+    # open_clip (and with it torchvision) is an optional extra: import its adapter on demand only
+    if name == "OpenClipAdapter":
+        from .open_clip import OpenClipAdapter
+
+        return OpenClipAdapter
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 ALIASES = {"shapes": ASSETS / "shapes-clip"}
@@ -41,10 +61,26 @@ def adapt(model, tokenizer=None, *, name: str | None = None, preprocess=None) ->
         if tokenizer is None:
             tokenizer = _tokenizer_for(model)
         return HFClipAdapter(model, tokenizer, preprocess=preprocess, name=name)
+    if HFSiglipAdapter.matches(model):
+        if tokenizer is None:
+            tokenizer = _tokenizer_for(model)
+        return HFSiglipAdapter(model, tokenizer, preprocess=preprocess, name=name)
+    if _is_open_clip_model(model):
+        from .open_clip import adapt_open_clip
+
+        return adapt_open_clip(model, tokenizer, preprocess=preprocess, name=name)
     raise ModelLoadError(
-        f"cannot explain a {type(model).__name__}: cliplens supports transformers CLIPModel "
-        "(and the families listed by `cliplens models`)"
+        f"cannot explain a {type(model).__name__}: cliplens supports transformers CLIPModel and SiglipModel "
+        "and open_clip CLIP models (and the families listed by `cliplens models`)"
     )
+
+
+def _is_open_clip_model(model) -> bool:
+    """True for open_clip model objects; never imports open_clip (a model object of it can only
+    exist once it has been imported)."""
+    import sys
+
+    return "open_clip" in sys.modules and type(model).__module__.split(".")[0] == "open_clip"
 
 
 def _tokenizer_for(model):
@@ -76,7 +112,9 @@ def load_model(spec="shapes", *, device: str | torch.device | None = None, dtype
             raise ModelLoadError(f"{path}: a model must be a checkpoint directory (with config.json), not a file")
         adapter = _load_hf_dir(path, dtype, name=str(path))
     elif text.startswith(("open_clip:", "open-clip:")):
-        raise ModelLoadError(f"{text}: open_clip models are not supported by this version of cliplens yet")
+        from .open_clip import load_open_clip
+
+        adapter = load_open_clip(text.split(":", 1)[1], dtype=dtype, tokenizer=tokenizer, spec=text)
     else:
         adapter = _load_hub(text, dtype)
     if device is not None:
@@ -93,8 +131,10 @@ def _load_hf_dir(path: Path, dtype: torch.dtype, name: str) -> ModelAdapter:
             model_type = json.load(f).get("model_type")
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"{config_path}: unreadable config ({exc})") from None
+    if model_type in HF_SIGLIP_TYPES:
+        return load_hf_siglip(path, dtype, name, processor_config=read_processor_config(path))
     if model_type not in HF_CLIP_TYPES:
-        raise ModelLoadError(f"{path}: not a CLIP checkpoint (model_type is {model_type!r})")
+        raise ModelLoadError(f"{path}: not a CLIP or SigLIP checkpoint (model_type is {model_type!r})")
     from transformers import AutoTokenizer, CLIPModel
 
     try:
@@ -141,21 +181,28 @@ def _load_hub(name: str, dtype: torch.dtype) -> ModelAdapter:
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"model '{name}': {str(exc).splitlines()[0]}") from None
         local = False
+    if getattr(config, "model_type", None) in HF_SIGLIP_TYPES:
+        return load_hf_siglip(name, dtype, name, local_files_only=local, processor_config=_cached_processor_config(name))
     if getattr(config, "model_type", None) not in HF_CLIP_TYPES:
-        raise ModelLoadError(f"model '{name}' is not a CLIP checkpoint (model_type is {config.model_type!r})")
+        raise ModelLoadError(
+            f"model '{name}' is not a CLIP or SigLIP checkpoint (model_type is {config.model_type!r})"
+        )
     try:
         model = CLIPModel.from_pretrained(name, dtype=dtype, local_files_only=local)
         tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"model '{name}': {str(exc).splitlines()[0]}") from None
-    processor_config = None
+    pre = preprocess_from_config(_cached_processor_config(name), model.config.vision_config.image_size)
+    return HFClipAdapter(model, tokenizer, preprocess=pre, name=name)
+
+
+def _cached_processor_config(name: str) -> dict | None:
     try:
         from huggingface_hub import try_to_load_from_cache
 
         cached = try_to_load_from_cache(name, "preprocessor_config.json")
         if isinstance(cached, str):
-            processor_config = read_processor_config(Path(cached).parent)
+            return read_processor_config(Path(cached).parent)
     except ImportError:  # pragma: no cover
         pass
-    pre = preprocess_from_config(processor_config, model.config.vision_config.image_size)
-    return HFClipAdapter(model, tokenizer, preprocess=pre, name=name)
+    return None

@@ -1,0 +1,73 @@
+"""load_model: local directories, the Hugging Face cache in offline mode, model objects, errors."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+import cliplens
+from cliplens.adapters import HFClipAdapter, load_model
+from cliplens.errors import ModelLoadError
+from conftest import make_tiny_clip
+
+
+def test_local_directory(tiny_checkpoint):
+    adapter = load_model(tiny_checkpoint)
+    assert isinstance(adapter, HFClipAdapter)
+    assert adapter.preprocess.size == 32 and adapter.preprocess.mean == (0.5, 0.5, 0.5)
+    ref = make_tiny_clip()
+    for (name, a), (_, b) in zip(adapter.model.state_dict().items(), ref.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_hub_name_from_cache_offline(tiny_checkpoint, tmp_path, monkeypatch):
+    """A hub name resolves from the HF cache layout with the hub switched off."""
+    cache = tmp_path / "hub"
+    snap = cache / "models--someone--tiny-clip" / "snapshots" / "0123abcd"
+    shutil.copytree(tiny_checkpoint, snap)
+    (cache / "models--someone--tiny-clip" / "refs").mkdir()
+    (cache / "models--someone--tiny-clip" / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as hc
+
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    adapter = load_model("someone/tiny-clip")
+    assert adapter.name == "someone/tiny-clip"
+    assert adapter.preprocess.std == (0.25, 0.25, 0.25)  # the cached processor config was read
+    with pytest.raises(ModelLoadError, match="not in the local Hugging Face cache"):
+        load_model("someone/other-clip")
+
+
+def test_model_object_with_and_without_tokenizer(tiny_checkpoint):
+    from transformers import CLIPModel
+
+    model = CLIPModel.from_pretrained(tiny_checkpoint)  # knows where its tokenizer lives
+    ex = cliplens.explain(model, cliplens_image(), ["a cat"])
+    assert ex.image_maps.shape == (1, 1, 4, 4)
+    bare = make_tiny_clip()
+    with pytest.raises(ModelLoadError, match="tokenizer"):
+        load_model(bare)
+
+
+def cliplens_image():
+    from conftest import random_image
+
+    return random_image(0)
+
+
+def test_bad_specs(tmp_path):
+    f = tmp_path / "weights.bin"
+    f.write_bytes(b"x")
+    with pytest.raises(ModelLoadError, match="not a file"):
+        load_model(f)
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        load_model(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ModelLoadError, match="unreadable config"):
+        load_model(tmp_path)
+    with pytest.raises(ModelLoadError, match="cannot explain"):
+        load_model(torch.nn.Linear(2, 2))
