@@ -81,9 +81,8 @@ def cmd_explain(args) -> int:
     sections = []
     names: dict[str, int] = {}
     with staged_dir(args.out) as stage:
-        chunks = range(0, len(images), args.batch_size)
-        bar = tqdm(chunks, desc="explaining", unit="batch", disable=len(images) <= args.batch_size or None)
-        for start in bar:
+        bar = tqdm(total=len(images), desc="explaining", unit="image", disable=len(images) < 2 or None)
+        for start in range(0, len(images), args.batch_size):
             paths = args.images[start : start + args.batch_size]
             ex = explain(
                 adapter,
@@ -114,7 +113,7 @@ def cmd_explain(args) -> int:
                     )
                     if ex.image_maps is not None:
                         fname = f"{stem}__{p:02d}-{slug(text)}.png"
-                        ex.overlay(j, p).save(stage / fname)
+                        ex.overlay(j, p, mode=args.normalise).save(stage / fname)
                         entry["overlay"] = fname
                         entry["grid_map"] = ex.grid_map(j, p).tolist()
                     tokens = ""
@@ -128,6 +127,8 @@ def cmd_explain(args) -> int:
                     results.append(entry)
                     section.cards.append(Card(entry.get("overlay", ""), caption, tokens))
                 sections.append(section)
+            bar.update(len(paths))
+        bar.close()
         meta = {
             "cliplens": __version__,
             "model": adapter.name,
@@ -141,8 +142,8 @@ def cmd_explain(args) -> int:
         (stage / "results.json").write_text(json.dumps(meta, indent=1))
         intro = (
             f"<p class='note'>model <b>{html.escape(adapter.name)}</b> · method <b>{html.escape(args.method)}</b> · "
-            f"target <b>{html.escape(args.target)}</b> · maps min-max normalised per pair; hatched = not seen by "
-            "the model</p>"
+            f"target <b>{html.escape(args.target)}</b> · maps shown {args.normalise}-normalised per pair; hatched = "
+            "not seen by the model; raw values in results.json</p>"
         )
         write_report(stage / "index.html", "cliplens explanation", sections, intro)
     print(f"wrote {len(results)} pair(s) to {args.out}/ (index.html, results.json)")
@@ -199,6 +200,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["model", "full"],
         default="model",
         help="model: the checkpoint's resize + centre crop; full: keep the whole image. Default: model",
+    )
+    p.add_argument(
+        "--normalise",
+        choices=["minmax", "positive", "signed"],
+        default="minmax",
+        help="display scaling of the overlays (raw values are kept in results.json): minmax, positive "
+        "(negative parts cut), signed (diverging colours around zero). Default: minmax",
     )
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass. Default: 8")
     p.add_argument("--max-pixels", type=int, default=None, help="refuse images above this many pixels")
