@@ -101,6 +101,22 @@ class ImageBatch:
         return self.pixel_values.shape[0]
 
 
+@dataclass(frozen=True)
+class ReadoutParts:
+    """What a token-readout tower applies to the readout token's residual stream z (C,):
+    ``embed = proj_weight @ norm(z) + proj_bias`` with
+    ``norm(z) = norm_weight * (z - mean(z)) / sqrt(var(z) + eps) + norm_bias`` for
+    ``norm="layernorm"`` (``"rmsnorm"``: no centring, ``sqrt(mean(z^2) + eps)``; ``"none"``).
+    Any of the tensors may be None (identity / zero)."""
+
+    norm: str
+    norm_weight: torch.Tensor | None
+    norm_bias: torch.Tensor | None
+    eps: float
+    proj_weight: torch.Tensor | None  # (D, C)
+    proj_bias: torch.Tensor | None  # (D,)
+
+
 class ModelAdapter(ABC):
     """One model family's view for the methods. Subclasses live one per file in ``adapters/``."""
 
@@ -169,12 +185,20 @@ class ModelAdapter(ABC):
         parameters frozen. Everything is restored on exit, also on exceptions."""
 
     @abstractmethod
-    def run_image(self, pixel_values: torch.Tensor, *, detach_blocks: bool = False) -> TowerRun:
+    def run_image(
+        self, pixel_values: torch.Tensor, *, detach_blocks: bool = False, input_embeds: torch.Tensor | None = None
+    ) -> TowerRun:
         """Run the image tower, capturing per-block tensors. Call inside :meth:`explaining`.
 
         With ``detach_blocks`` every block receives a detached copy of the previous block's
         output (same values), so a gradient reaching block l's attention only comes from
-        what is read out of block l directly (LeGrad's one-backward trick)."""
+        what is read out of block l directly (LeGrad's one-backward trick).
+
+        ``input_embeds`` (B, n, C), when given, replaces what the embedding stage produces
+        (the tensor a run reports as :attr:`TowerRun.input_embeds`: patch embedding with
+        positions and class token, before any pre-norm), for this call only and without
+        editing the model; it is used as the run's ``input_embeds`` (kept as is when it
+        requires grad). ``pixel_values`` still fixes the input size and layout."""
 
     @abstractmethod
     def run_text(
@@ -185,6 +209,34 @@ class ModelAdapter(ABC):
     def readout(self, tower: str, hidden: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
         """Read a (B, n, C) residual stream out as if it left the last block:
         pooling, final norm, projection. Returns (B, D)."""
+
+    # ---- linear pieces, for exact decompositions -----------------------------------------
+    # Optional for an adapter; methods that need them (``decomposition``) report a family
+    # without them as unsupported. Every block must be pre-norm residual:
+    #   Z = X + attn(X) ; out = Z + mlp(Z)   with   attn(X)_i = sum_h sum_j A^h_ij V^h_j + b_O.
+
+    def attention_value_heads(self, tower: str, layer_index: int, block_input: torch.Tensor) -> torch.Tensor:
+        """(B, n, C) residual stream entering block ``layer_index`` -> (B, H, n, C): each
+        head's value vectors already mapped by that head's slice of the output projection
+        (no bias), so the attention branch's output at token i is
+        ``sum_h sum_j A[:, h, i, j] * V[:, h, j] + attention_out_bias`` (any layer scale
+        folded in)."""
+        raise NotImplementedError(f"{type(self).__name__} does not expose per-head value vectors")
+
+    def attention_out_bias(self, tower: str, layer_index: int) -> torch.Tensor | None:
+        """(C,) the bias the attention branch of block ``layer_index`` adds (after its output
+        projection and any layer scale), or None."""
+        raise NotImplementedError(f"{type(self).__name__} does not expose the attention output bias")
+
+    def mlp_output(self, tower: str, layer_index: int, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, n, C) residual stream after block ``layer_index``'s attention branch -> what
+        the block's MLP branch adds to it (its norm, MLP and any layer scale)."""
+        raise NotImplementedError(f"{type(self).__name__} does not expose the MLP branch")
+
+    def readout_parts(self, tower: str) -> "ReadoutParts":
+        """The final norm and projection applied to the readout token's residual stream."""
+        raise NotImplementedError(f"{type(self).__name__} does not expose its readout parts")
+
 
 
 @contextlib.contextmanager

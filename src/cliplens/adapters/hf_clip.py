@@ -18,7 +18,16 @@ from PIL import Image
 
 from ..errors import InputError
 from ..images import Preprocess
-from .base import ModelAdapter, TextBatch, TokenLayout, TowerRun, as_grad_leaf, frozen_eval, module_hooks
+from .base import (
+    ModelAdapter,
+    ReadoutParts,
+    TextBatch,
+    TokenLayout,
+    TowerRun,
+    as_grad_leaf,
+    frozen_eval,
+    module_hooks,
+)
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -162,11 +171,18 @@ class HFClipAdapter(ModelAdapter):
         with frozen_eval(self.model), eager_attention(self.model):
             yield
 
-    def _capture(self, tower_module, run: TowerRun, detach_blocks: bool):
+    def _capture(self, tower_module, run: TowerRun, detach_blocks: bool, input_embeds: torch.Tensor | None = None):
         layers = tower_module.encoder.layers
         regs = []
 
         def on_embed(module, args, output):
+            if input_embeds is not None:
+                if input_embeds.shape != output.shape:
+                    raise InputError(
+                        f"input_embeds of shape {tuple(input_embeds.shape)} do not fit this input "
+                        f"(the embeddings are {tuple(output.shape)})"
+                    )
+                output = input_embeds.to(output.dtype)
             leaf = as_grad_leaf(output)
             run.input_embeds = leaf
             return leaf
@@ -177,7 +193,9 @@ class HFClipAdapter(ModelAdapter):
             def pre(module, args, kwargs, i=i):
                 hidden = args[0] if args else kwargs["hidden_states"]
                 if detach_blocks and i > 0:
-                    hidden = hidden.detach()
+                    # a new leaf with the same values: gradients still reach this block's
+                    # attention, but stop here instead of flowing into earlier blocks
+                    hidden = hidden.detach().requires_grad_(hidden.requires_grad)
                 run.block_inputs.append(hidden)
                 if args:
                     return (hidden, *args[1:]), kwargs
@@ -197,7 +215,9 @@ class HFClipAdapter(ModelAdapter):
             regs.append(lambda layer=layer, on_attn=on_attn: layer.self_attn.register_forward_hook(on_attn))
         return module_hooks(regs)
 
-    def run_image(self, pixel_values: torch.Tensor, *, detach_blocks: bool = False) -> TowerRun:
+    def run_image(
+        self, pixel_values: torch.Tensor, *, detach_blocks: bool = False, input_embeds: torch.Tensor | None = None
+    ) -> TowerRun:
         vm = self.model.vision_model
         b, _, h, w = pixel_values.shape
         ph, pw = self.patch_size
@@ -216,7 +236,7 @@ class HFClipAdapter(ModelAdapter):
             patches=torch.arange(1, n, device=dev),
         )
         run = TowerRun("image", embeds=None, layout=layout, pixel_values=pixel_values)  # type: ignore[arg-type]
-        with self._capture(vm, run, detach_blocks):
+        with self._capture(vm, run, detach_blocks, input_embeds):
             out = vm(pixel_values=pixel_values, interpolate_pos_encoding=True)
         run.pooled = out.pooler_output
         run.embeds = self.model.visual_projection(run.pooled)
@@ -243,3 +263,33 @@ class HFClipAdapter(ModelAdapter):
         if tower == "image":
             return self.model.visual_projection(self.model.vision_model.post_layernorm(token))
         return self.model.text_projection(self.model.text_model.final_layer_norm(token))
+
+    # ---- linear pieces (see ModelAdapter) ------------------------------------------------
+    def _tower(self, tower: str):
+        return self.model.vision_model if tower == "image" else self.model.text_model
+
+    def _layer(self, tower: str, layer_index: int):
+        return self._tower(tower).encoder.layers[layer_index]
+
+    def attention_value_heads(self, tower: str, layer_index: int, block_input: torch.Tensor) -> torch.Tensor:
+        layer = self._layer(tower, layer_index)
+        attn = layer.self_attn
+        values = attn.v_proj(layer.layer_norm1(block_input))  # (B, n, C)
+        b, n, c = values.shape
+        h, d = attn.num_heads, attn.head_dim
+        w_o = attn.out_proj.weight.reshape(c, h, d)  # out = sum_h W_O[:, h-slice] @ v_h
+        return torch.einsum("bnhd,chd->bhnc", values.reshape(b, n, h, d), w_o)
+
+    def attention_out_bias(self, tower: str, layer_index: int) -> torch.Tensor | None:
+        return self._layer(tower, layer_index).self_attn.out_proj.bias
+
+    def mlp_output(self, tower: str, layer_index: int, hidden: torch.Tensor) -> torch.Tensor:
+        layer = self._layer(tower, layer_index)
+        return layer.mlp(layer.layer_norm2(hidden))
+
+    def readout_parts(self, tower: str) -> ReadoutParts:
+        if tower == "image":
+            norm, proj = self.model.vision_model.post_layernorm, self.model.visual_projection
+        else:
+            norm, proj = self.model.text_model.final_layer_norm, self.model.text_projection
+        return ReadoutParts("layernorm", norm.weight, norm.bias, float(norm.eps), proj.weight, proj.bias)
