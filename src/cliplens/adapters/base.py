@@ -210,6 +210,14 @@ class ModelAdapter(ABC):
         """Read a (B, n, C) residual stream out as if it left the last block:
         pooling, final norm, projection. Returns (B, D)."""
 
+    def readout_with_attention(
+        self, tower: str, hidden: torch.Tensor, layout: TokenLayout
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`readout`, plus the pooling head's probabilities (B, H, q, n) of this very call
+        for towers that pool with an attention head (``layout.readout == -1``); None for towers
+        that read a token out. The probabilities are in the graph: gradients can be asked at them."""
+        return self.readout(tower, hidden, layout), None
+
     # ---- linear pieces, for exact decompositions -----------------------------------------
     # Optional for an adapter; methods that need them (``decomposition``) report a family
     # without them as unsupported. Every block must be pre-norm residual:
@@ -236,7 +244,6 @@ class ModelAdapter(ABC):
     def readout_parts(self, tower: str) -> "ReadoutParts":
         """The final norm and projection applied to the readout token's residual stream."""
         raise NotImplementedError(f"{type(self).__name__} does not expose its readout parts")
-
 
 
 @contextlib.contextmanager
@@ -275,3 +282,110 @@ def as_grad_leaf(tensor: torch.Tensor) -> torch.Tensor:
     if tensor.requires_grad:
         return tensor
     return tensor.detach().requires_grad_(True)
+
+
+# ---- nn.MultiheadAttention with per-head probabilities, for one call --------------------------
+
+
+def mha_with_probabilities(
+    mha: torch.nn.MultiheadAttention,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    attn_mask: torch.Tensor | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What ``mha(query, key, value, ...)[0]`` computes, from the module's own weights, one head
+    at a time, returning ``(output, probabilities)``; probabilities are (B, H, Lq, Lk) and the
+    output is computed from exactly that tensor, so gradients reach it. Inputs follow the
+    module's ``batch_first`` layout (or are unbatched (L, E))."""
+    if mha.bias_k is not None or mha.bias_v is not None or mha.add_zero_attn:
+        raise NotImplementedError("nn.MultiheadAttention with add_bias_kv or add_zero_attn is not supported")
+    unbatched = query.dim() == 2
+    if unbatched:
+        query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
+        if key_padding_mask is not None:
+            key_padding_mask = key_padding_mask.unsqueeze(0)
+    elif not mha.batch_first:
+        query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+    B, Lq, E = query.shape
+    Lk = key.shape[1]
+    H = mha.num_heads
+    d = E // H
+    bias = mha.in_proj_bias
+    b_q, b_k, b_v = bias.chunk(3) if bias is not None else (None, None, None)
+    if mha._qkv_same_embed_dim:
+        w_q, w_k, w_v = mha.in_proj_weight.chunk(3)
+    else:
+        w_q, w_k, w_v = mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight
+    q = torch.nn.functional.linear(query, w_q, b_q).reshape(B, Lq, H, d).transpose(1, 2)
+    k = torch.nn.functional.linear(key, w_k, b_k).reshape(B, Lk, H, d).transpose(1, 2)
+    v = torch.nn.functional.linear(value, w_v, b_v).reshape(B, Lk, H, d).transpose(1, 2)
+    scores = (q * d**-0.5) @ k.transpose(-1, -2)  # (B, H, Lq, Lk)
+    if is_causal and attn_mask is None:
+        attn_mask = torch.ones(Lq, Lk, dtype=torch.bool, device=q.device).triu(1)
+    for mask in (attn_mask, key_padding_mask):
+        if mask is None:
+            continue
+        if mask is key_padding_mask:
+            mask = mask[:, None, None, :]
+        elif mask.dim() == 3:
+            mask = mask.reshape(B, H, Lq, Lk)
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill(mask, float("-inf"))
+        else:
+            scores = scores + mask.to(scores.dtype)
+    probs = scores.softmax(dim=-1)
+    mixed = torch.nn.functional.dropout(probs, mha.dropout, mha.training) @ v
+    out = mha.out_proj(mixed.transpose(1, 2).reshape(B, Lq, E))
+    if unbatched:
+        out = out.squeeze(0)
+    elif not mha.batch_first:
+        out = out.transpose(0, 1)
+    return out, probs
+
+
+@contextlib.contextmanager
+def mha_probabilities(
+    modules: list[torch.nn.MultiheadAttention], sink: Callable[[int, torch.Tensor], None]
+) -> Iterator[None]:
+    """For the ``with`` block, route each listed ``nn.MultiheadAttention`` instance through
+    :func:`mha_with_probabilities` and hand its per-head probabilities to ``sink(i, probs)``
+    (i: the module's position in ``modules``). The fused kernels return no probabilities (or
+    only their head mean, not in the graph), hence the swap. Only these instances are touched
+    (an instance attribute ``forward``), never the class; removed on exit, also on exceptions."""
+    patched: list[tuple[torch.nn.MultiheadAttention, bool, object]] = []
+    try:
+        for i, mha in enumerate(modules):
+
+            def forward(
+                query,
+                key,
+                value,
+                key_padding_mask=None,
+                need_weights=True,
+                attn_mask=None,
+                average_attn_weights=True,
+                is_causal=False,
+                _i=i,
+                _mha=mha,
+            ):
+                out, probs = mha_with_probabilities(
+                    _mha, query, key, value, attn_mask=attn_mask, key_padding_mask=key_padding_mask, is_causal=is_causal
+                )
+                sink(_i, probs)
+                if not need_weights:
+                    return out, None
+                return out, probs.mean(dim=1) if average_attn_weights else probs
+
+            patched.append((mha, "forward" in mha.__dict__, mha.__dict__.get("forward")))
+            mha.forward = forward  # instance attribute: shadows the class method for this module only
+        yield
+    finally:
+        for mha, had, previous in reversed(patched):
+            if had:
+                mha.forward = previous
+            else:
+                mha.__dict__.pop("forward", None)

@@ -45,21 +45,40 @@ def gradient_weighted(attn: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
 
 class RowFold:
     """Folds ``r <- r + r @ Abar^l`` into the backward pass as each block's attention
-    gradient arrives (last block first), for blocks ``l >= start``."""
+    gradient arrives (last block first), for blocks ``l >= start``.
+
+    The row starts at the readout token (one-hot); for a tower that pools with an attention
+    head (SigLIP's MAP head: no readout token) it starts at the head's gradient-weighted
+    probabilities, ``r = sum_q mean_h (dy/dA_pool * A_pool)^+`` over its query rows, which
+    arrive first in the backward pass (the head comes after every block)."""
 
     def __init__(self, run: TowerRun, start: int):
-        self.row = one_hot_rows(run)
         self.expected = len(run.attentions) - 1
         self.start = start
-        self.handles = [
+        self.handles = []
+        if run.layout.has_readout_token:
+            self.row: torch.Tensor | None = one_hot_rows(run)
+        else:
+            self.row = None
+            pool = run.pool_attention
+            self.handles.append(pool.register_hook(self._pool_hook(pool)))
+        self.handles += [
             attn.register_hook(self._hook(l, attn)) for l, attn in enumerate(run.attentions) if l >= start
         ]
+
+    def _pool_hook(self, pool: torch.Tensor):
+        def hook(grad: torch.Tensor) -> None:
+            self.row = gradient_weighted(pool.detach(), grad).sum(dim=1)
+
+        return hook
 
     def _hook(self, layer: int, attn: torch.Tensor):
         def hook(grad: torch.Tensor) -> None:
             if layer != self.expected:
                 raise RuntimeError(f"attention gradients arrived out of order (block {layer}, expected {self.expected})")
             self.expected -= 1
+            if self.row is None:
+                raise RuntimeError("the pooling attention's gradient did not arrive before the blocks'")
             abar = gradient_weighted(attn.detach(), grad)
             self.row = self.row + torch.bmm(self.row.unsqueeze(1), abar).squeeze(1)
 
@@ -72,7 +91,7 @@ class RowFold:
 
     def done(self) -> torch.Tensor:
         self.remove()
-        if self.expected >= self.start:
+        if self.expected >= self.start or self.row is None:
             raise RuntimeError("the backward pass did not reach every explained block")
         return self.row
 
@@ -103,7 +122,8 @@ class Chefer(Method):
             try:
                 for name, run in (("image", fw.image), ("text", fw.text)):
                     if name in towers:
-                        require_readout_token(self.name, run)
+                        if run.pool_attention is None:  # pooled towers start from the pooling head
+                            require_readout_token(self.name, run)
                         n_layers = len(run.attentions)
                         folds[name] = RowFold(run, resolve_layer(start_layer, n_layers, n_layers - 1))
                 fw.backward()

@@ -1,0 +1,642 @@
+"""open_clip ViT CLIP models (``open_clip.CLIP`` / ``CustomTextCLIP``), OpenAI weights included.
+
+open_clip is an optional extra (it needs torchvision): nothing here imports it at module level,
+and ``cliplens.adapters`` imports this file only when an open_clip model or an
+``"open_clip:..."`` name is asked for.
+
+Module paths used: image tower ``visual.{conv1, class_embedding, positional_embedding,
+patch_dropout, ln_pre, transformer.resblocks[i], attn_pool, ln_post, proj}``; text tower
+(``CLIP``: on the model itself, ``CustomTextCLIP``: under ``text``) ``{token_embedding,
+positional_embedding, transformer.resblocks[i], ln_final, text_projection, attn_mask}``,
+``logit_scale``, ``logit_bias``. Blocks are ``ResidualAttentionBlock`` (``attn`` is an
+``nn.MultiheadAttention``) or ``CustomResidualAttentionBlock`` (``attn`` is open_clip's own
+``Attention``).
+
+How attention probabilities are obtained. Both attention paths are fused (the
+``nn.MultiheadAttention`` call passes ``need_weights=False``; ``Attention`` uses
+``scaled_dot_product_attention``): neither gives per-head probabilities. For the call only,
+each block's attention module of this one model instance computes attention head by head
+from its own weights (``in_proj_weight``/``in_proj_bias``/``out_proj``, and for ``Attention``
+its q/k norms, scaled-cosine logits, head scales and inner norm), returning the same output
+and handing the probabilities over; the instance attribute is removed on exit. The classes
+are never patched. ``tests/test_open_clip.py`` checks that embeddings through this path equal
+the model's own ``encode_image`` / ``encode_text``.
+
+The adapter runs a tower the way the model's ``forward`` does, stage by stage, calling the
+model's own modules: the patch convolution, class token and (interpolated, for inputs of
+another size than the checkpoint's) position embeddings, ``ln_pre``, each block as a module
+(so the user's hooks still fire), then the readout. Text: token + position embeddings, the
+causal mask (``attn_mask``), blocks, ``ln_final``, pooling by ``text_pool_type`` (``argmax``:
+the end-of-text token has the largest id; ``eos``, ``last``, ``first``), projection.
+
+Supported: ViT image towers reading out the class token (``pool_type="tok"``) or an
+attentional pooler whose first query is read out (CoCa-style ``attentional_pool=True``);
+QuickGELU or GELU; layer scale; the custom block's attention variants. Refused with a
+:class:`ModelLoadError` naming what is missing: timm image trunks (SigLIP / ConvNeXt / EVA
+inside open_clip), ModifiedResNet towers, mean-pooled towers, Hugging Face text towers,
+CoCa's appended text class token.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from ..errors import InputError, ModelLoadError
+from ..images import Preprocess
+from .base import (
+    ModelAdapter,
+    ReadoutParts,
+    TextBatch,
+    TokenLayout,
+    TowerRun,
+    as_grad_leaf,
+    frozen_eval,
+    mha_probabilities,
+    mha_with_probabilities,
+)
+from .hf_siglip import SquashPreprocess
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
+
+INSTALL_HINT = "pip install 'cliplens[open_clip]' (open-clip-torch with a torchvision that matches torch)"
+
+
+def import_open_clip(spec: str = "open_clip"):
+    """open_clip, or a one-line :class:`ModelLoadError` saying how to get it."""
+    try:
+        import open_clip
+    except ImportError:
+        raise ModelLoadError(f"{spec}: open_clip is not installed; {INSTALL_HINT}") from None
+    except Exception as exc:  # a torchvision that does not match torch fails at import time
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelLoadError(f"{spec}: open_clip cannot be imported ({first}); {INSTALL_HINT}") from None
+    return open_clip
+
+
+# ---- what the model is ------------------------------------------------------------------------
+
+
+def _text_parts(model):
+    """The text tower's modules: ``CLIP`` keeps them on the model, ``CustomTextCLIP`` under
+    ``text``. Returns a namespace-like object (the module holding them) or raises."""
+    text = getattr(model, "text", None)
+    if text is None:
+        return model
+    if not hasattr(text, "token_embedding") or not hasattr(text, "transformer"):
+        kind = type(text).__name__
+        raise ModelLoadError(
+            f"open_clip model with a {kind} text tower (e.g. a Hugging Face text encoder): not supported; "
+            "cliplens explains open_clip's own TextTransformer"
+        )
+    if getattr(text, "cls_emb", None) is not None:
+        raise ModelLoadError("open_clip text tower with an appended class token (CoCa): not supported")
+    return text
+
+
+def check_supported(model) -> None:
+    """Raise a one-line :class:`ModelLoadError` naming what this adapter cannot read."""
+    visual = getattr(model, "visual", None)
+    if visual is None:
+        raise ModelLoadError(f"{type(model).__name__} has no image tower (visual)")
+    if type(model).__name__ == "CoCa":
+        raise ModelLoadError("open_clip CoCa models are not supported (text tower with an appended class token)")
+    if hasattr(visual, "trunk"):
+        raise ModelLoadError(
+            f"open_clip model with a timm image tower ({type(visual.trunk).__name__}, e.g. SigLIP or ConvNeXt "
+            "inside open_clip): not supported; cliplens reads attention from open_clip's own VisionTransformer "
+            "(for SigLIP weights use the transformers SiglipModel)"
+        )
+    missing = [a for a in ("conv1", "class_embedding", "positional_embedding", "transformer", "ln_post") if not hasattr(visual, a)]
+    if missing:
+        raise ModelLoadError(
+            f"open_clip image tower {type(visual).__name__} is not a ViT (no {', '.join(missing)}): not supported"
+        )
+    attn_pool = getattr(visual, "attn_pool", None)
+    if attn_pool is not None and getattr(visual, "attn_pool_contrastive", None) is not None:
+        raise ModelLoadError("open_clip image tower with parallel/cascade attentional pooling: not supported")
+    if getattr(visual, "pool_type", "tok") != "tok":
+        raise ModelLoadError(
+            f"open_clip image tower with pool_type={visual.pool_type!r}: not supported (needs a class-token readout "
+            "or an attentional pooler)"
+        )
+    text = _text_parts(model)
+    pool = getattr(model, "text_pool_type", getattr(text, "pool_type", "argmax"))
+    if pool not in ("argmax", "eos", "last", "first"):
+        raise ModelLoadError(f"open_clip text tower with pool_type={pool!r}: not supported")
+    for tower, blocks in (("image", visual.transformer.resblocks), ("text", text.transformer.resblocks)):
+        for blk in blocks:
+            if not isinstance(blk.attn, torch.nn.MultiheadAttention) and not hasattr(blk.attn, "in_proj_weight"):
+                raise ModelLoadError(f"open_clip {tower} block with a {type(blk.attn).__name__} attention: not supported")
+
+
+def preprocess_for(model) -> Preprocess:
+    """The checkpoint's image recipe from open_clip's ``preprocess_cfg`` (OpenAI defaults)."""
+    visual = model.visual
+    cfg = dict(getattr(visual, "preprocess_cfg", None) or {})
+    size = cfg.get("size", getattr(visual, "image_size", 224))
+    h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    resample = RESAMPLE.get(str(cfg.get("interpolation", "bicubic")), Image.BICUBIC)
+    mean = tuple(cfg.get("mean") or OPENAI_MEAN)
+    std = tuple(cfg.get("std") or OPENAI_STD)
+    if cfg.get("resize_mode", "shortest") == "squash":
+        return SquashPreprocess(size=min(h, w), crop=(h, w), mean=mean, std=std, resample=resample, do_center_crop=False)
+    # "shortest" (the CLIP recipe); "longest" (resize-and-pad) is approximated by it
+    return Preprocess(size=min(h, w), crop=(h, w), mean=mean, std=std, resample=resample, do_center_crop=True)
+
+
+# ---- attention with probabilities, for the call -------------------------------------------------
+
+
+def open_clip_attention(attn, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """open_clip's ``Attention.forward`` (batch first, self-attention), computed with explicit
+    per-head probabilities: returns ``(output, probs)`` with probs (N, H, L, L)."""
+    N, L, C = x.shape
+    H = attn.num_heads
+    q, k, v = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+    q = q.reshape(N, L, H, -1).transpose(1, 2)
+    k = k.reshape(N, L, H, -1).transpose(1, 2)
+    v = v.reshape(N, L, H, -1).transpose(1, 2)
+    if attn_mask is not None:
+        if attn_mask.ndim == 3:
+            attn_mask = attn_mask.reshape(N, H, L, L)
+        if attn_mask.dtype == torch.bool:
+            attn_mask = torch.zeros_like(attn_mask, dtype=q.dtype).masked_fill(attn_mask, float("-inf"))
+        else:
+            attn_mask = attn_mask.to(q.dtype)
+    if getattr(attn, "logit_scale", None) is not None:
+        scores = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-1, -2)
+        scores = scores * torch.clamp(attn.logit_scale, max=attn.logit_scale_max).exp()
+    else:
+        q, k = attn.ln_q(q), attn.ln_k(k)
+        scores = (q * attn.scale) @ k.transpose(-1, -2)
+    if attn_mask is not None:
+        scores = scores + attn_mask
+    probs = scores.softmax(dim=-1)
+    out = F.dropout(probs, attn.attn_drop.p, attn.training) @ v
+    if getattr(attn, "head_scale", None) is not None:
+        out = out * attn.head_scale
+    out = out.transpose(1, 2).reshape(N, L, C)
+    out = attn.out_drop(attn.out_proj(attn.ln_inner(out)))
+    return out, probs
+
+
+@contextlib.contextmanager
+def block_attention_probabilities(blocks, sink: Callable[[torch.Tensor], None]) -> Iterator[None]:
+    """For the ``with`` block, every block's attention of these blocks hands its per-head
+    probabilities to ``sink`` (in call order). Instance attributes only; removed on exit."""
+    mhas = [blk.attn for blk in blocks if isinstance(blk.attn, torch.nn.MultiheadAttention)]
+    customs = [blk.attn for blk in blocks if not isinstance(blk.attn, torch.nn.MultiheadAttention)]
+    patched = []
+    try:
+        for attn in customs:
+
+            def forward(x, attn_mask=None, _attn=attn):
+                out, probs = open_clip_attention(_attn, x, attn_mask)
+                sink(probs)
+                return out
+
+            patched.append((attn, "forward" in attn.__dict__, attn.__dict__.get("forward")))
+            attn.forward = forward
+        with mha_probabilities(mhas, lambda i, p: sink(p)):
+            yield
+    finally:
+        for attn, had, previous in reversed(patched):
+            if had:
+                attn.forward = previous
+            else:
+                attn.__dict__.pop("forward", None)
+
+
+# ---- the adapter ------------------------------------------------------------------------------
+
+
+class OpenClipAdapter(ModelAdapter):
+    family = "open_clip"
+
+    def __init__(self, model, tokenizer=None, preprocess: Preprocess | None = None, name: str | None = None):
+        check_supported(model)
+        self.model = model
+        self.text = _text_parts(model)
+        if tokenizer is None:
+            tokenizer = default_tokenizer(model)
+        self.tokenizer = tokenizer
+        self.preprocess = preprocess or preprocess_for(model)
+        self.name = name or type(model).__name__
+        self.pair_probability = "sigmoid" if getattr(model, "logit_bias", None) is not None else "softmax"
+
+    @staticmethod
+    def matches(model) -> bool:
+        return type(model).__module__.split(".")[0] == "open_clip" and hasattr(model, "visual")
+
+    # ---- facts -------------------------------------------------------------------------
+    @property
+    def patch_size(self) -> tuple[int, int]:
+        p = self.model.visual.patch_size
+        return (p, p) if isinstance(p, int) else (int(p[0]), int(p[1]))
+
+    @property
+    def num_layers(self) -> dict[str, int]:
+        return {"image": len(self.model.visual.transformer.resblocks), "text": len(self.text.transformer.resblocks)}
+
+    @property
+    def context_length(self) -> int:
+        return int(self.text.positional_embedding.shape[0])
+
+    def logit_scale(self) -> torch.Tensor:
+        return self.model.logit_scale.detach().exp().reshape(())
+
+    def logit_bias(self) -> torch.Tensor | None:
+        bias = getattr(self.model, "logit_bias", None)
+        return None if bias is None else bias.detach().reshape(())
+
+    @property
+    def _text_pool(self) -> str:
+        return getattr(self.model, "text_pool_type", getattr(self.text, "pool_type", "argmax"))
+
+    @property
+    def _pad_id(self) -> int:
+        return int(getattr(self.text, "pad_id", 0) or 0)
+
+    @property
+    def _causal(self) -> torch.Tensor | None:
+        return getattr(self.model, "attn_mask", None) if self.text is self.model else self.text.attn_mask
+
+    # ---- inputs ------------------------------------------------------------------------
+    def tokenize(self, texts: list[str]) -> TextBatch:
+        tok = self.tokenizer
+        limit = self.context_length
+        ids = tok(list(texts), context_length=limit) if _takes_context_length(tok) else tok(list(texts))
+        ids = torch.as_tensor(ids, dtype=torch.long)
+        P, T = ids.shape
+        pad = self._pad_id
+        positions = torch.arange(T)[None]
+        nonpad = ids != pad
+        # real tokens: up to the last non-padding one (a text token may share the padding id)
+        length = torch.where(nonpad.any(1), T - nonpad.flip(1).int().argmax(1), torch.zeros(P, dtype=torch.long))
+        valid = positions < length[:, None]
+        content = self._content(ids, valid)
+        readout = self._readout_positions(ids)
+        if self._causal is not None and self._text_pool != "last":
+            # causal towers: the padding after the readout token cannot change anything before
+            # it, so the batch is cut after the longest prompt (same numbers, less work)
+            width = int(max(int(length.max()), int(readout.max()) + 1))
+            ids, valid, content = ids[:, :width], valid[:, :width], content[:, :width]
+        tokens = [[_decode(tok, t) for t in row[: int(n)].tolist()] for row, n in zip(ids, length)]
+        truncated = [_truncated(tok, t, limit) for t in texts]
+        return TextBatch(list(texts), ids.to(self.device), valid.long().to(self.device), tokens, truncated, content.to(self.device))
+
+    def _content(self, ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Real tokens that are not start/end markers."""
+        tok = self.tokenizer
+        special = {getattr(tok, a) for a in ("sot_token_id", "eot_token_id") if getattr(tok, a, None) is not None}
+        special |= set(getattr(tok, "all_special_ids", []) or [])
+        return valid & ~torch.isin(ids, torch.tensor(sorted(special), dtype=torch.long, device=ids.device))
+
+    def _readout_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The token the text tower pools, as open_clip's ``text_global_pool`` chooses it."""
+        pool = self._text_pool
+        rows = input_ids.shape[0]
+        if pool == "argmax":
+            return input_ids.argmax(dim=-1).long()
+        if pool == "eos":
+            eos = getattr(self.model, "text_eos_id", getattr(self.text, "eos_id", None))
+            return (input_ids == eos).int().argmax(dim=-1).long()
+        if pool == "last":
+            return torch.full((rows,), input_ids.shape[1] - 1, dtype=torch.long, device=input_ids.device)
+        return torch.zeros(rows, dtype=torch.long, device=input_ids.device)
+
+    # ---- running -----------------------------------------------------------------------
+    @contextlib.contextmanager
+    def explaining(self) -> Iterator[None]:
+        with frozen_eval(self.model):
+            yield
+
+    def _blocks(self, transformer, x: torch.Tensor, attn_mask, run: TowerRun, detach_blocks: bool) -> torch.Tensor:
+        """Every block of ``transformer`` over a (B, n, C) stream, capturing what the contract asks."""
+        batch_first = getattr(transformer, "batch_first", True)
+        with block_attention_probabilities(transformer.resblocks, run.attentions.append):
+            for i, blk in enumerate(transformer.resblocks):
+                if detach_blocks and i > 0:
+                    # a new leaf with the same values: gradients reach this block's attention
+                    # but stop here instead of flowing into earlier blocks
+                    x = x.detach().requires_grad_(x.requires_grad)
+                run.block_inputs.append(x)
+                out = blk(x if batch_first else x.transpose(0, 1), attn_mask=attn_mask)
+                x = out if batch_first else out.transpose(0, 1)
+                run.block_outputs.append(x)
+        return x
+
+    def _positions(self, gh: int, gw: int) -> torch.Tensor:
+        """(1 + gh*gw, C) position embeddings for a gh x gw grid: the checkpoint's own at its
+        grid, else the patch part resampled bicubically (as transformers' CLIP does)."""
+        visual = self.model.visual
+        pos = visual.positional_embedding
+        g0h, g0w = visual.grid_size
+        if (gh, gw) == (g0h, g0w):
+            return pos
+        cls_pos, patch_pos = pos[:1], pos[1:]
+        c = patch_pos.shape[-1]
+        grid = patch_pos.reshape(1, g0h, g0w, c).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid, size=(gh, gw), mode="bicubic", align_corners=False)
+        return torch.cat([cls_pos, grid.permute(0, 2, 3, 1).reshape(gh * gw, c)])
+
+    def run_image(
+        self, pixel_values: torch.Tensor, *, detach_blocks: bool = False, input_embeds: torch.Tensor | None = None
+    ) -> TowerRun:
+        visual = self.model.visual
+        b, _, h, w = pixel_values.shape
+        ph, pw = self.patch_size
+        if h % ph or w % pw:
+            raise InputError(f"image input {h}x{w} is not a multiple of the patch size {ph}x{pw}")
+        gh, gw = h // ph, w // pw
+        n = 1 + gh * gw
+        dev = pixel_values.device
+        pooled_head = getattr(visual, "attn_pool", None) is not None
+        content = torch.zeros(b, n, dtype=torch.bool, device=dev)
+        content[:, 1:] = True
+        layout = TokenLayout(
+            readout=torch.full((b,), -1 if pooled_head else 0, dtype=torch.long, device=dev),
+            content=content,
+            valid=torch.ones(b, n, dtype=torch.bool, device=dev),
+            grid=(gh, gw),
+            patches=torch.arange(1, n, device=dev),
+        )
+        run = TowerRun("image", embeds=None, layout=layout, pixel_values=pixel_values)  # type: ignore[arg-type]
+        dtype = visual.conv1.weight.dtype
+        x = visual.conv1(pixel_values.to(dtype))  # (B, C, gh, gw)
+        x = x.reshape(b, x.shape[1], -1).permute(0, 2, 1)
+        cls = visual.class_embedding.to(x.dtype).reshape(1, 1, -1).expand(b, 1, -1)
+        x = torch.cat([cls, x], dim=1) + self._positions(gh, gw).to(x.dtype)
+        if input_embeds is not None:
+            if input_embeds.shape != x.shape:
+                raise InputError(
+                    f"input_embeds of shape {tuple(input_embeds.shape)} do not fit this input "
+                    f"(the embeddings are {tuple(x.shape)})"
+                )
+            x = input_embeds.to(x.dtype)
+        x = as_grad_leaf(x)
+        run.input_embeds = x
+        x = visual.ln_pre(visual.patch_dropout(x))
+        x = self._blocks(visual.transformer, x, None, run, detach_blocks)
+        run.embeds, run.pool_attention, run.pooled = self._image_readout(x)
+        return run
+
+    def _image_readout(self, x: torch.Tensor):
+        """(B, n, C) last block output -> (embeds, pool_attention or None, pooled)."""
+        visual = self.model.visual
+        if getattr(visual, "attn_pool", None) is not None:
+            # the first query of the attentional pooler is read out (pool_type "tok"); queries do
+            # not interact, so that query alone is computed (its probabilities stay in the graph)
+            pooler = visual.attn_pool
+            keys = pooler.ln_k(x)
+            probe = pooler.ln_q(pooler.query[:1]).unsqueeze(0).expand(x.shape[0], -1, -1)
+            if not pooler.attn.batch_first:
+                probe, keys = probe.transpose(0, 1), keys.transpose(0, 1)
+            out, probs = mha_with_probabilities(pooler.attn, probe, keys, keys)
+            if not pooler.attn.batch_first:
+                out = out.transpose(0, 1)
+            pooled = visual.ln_post(out)[:, 0]
+            pool_attention = probs
+        else:
+            pooled = visual.ln_post(x[:, 0])
+            pool_attention = None
+        embeds = pooled @ visual.proj if visual.proj is not None else pooled
+        return embeds, pool_attention, pooled
+
+    def run_text(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, detach_blocks: bool = False
+    ) -> TowerRun:
+        text = self.text
+        P, T = input_ids.shape
+        if T > self.context_length:
+            raise InputError(f"{T} text tokens exceed the model's context of {self.context_length}")
+        readout = self._readout_positions(input_ids)
+        valid = attention_mask.bool()
+        layout = TokenLayout(readout=readout, content=self._content(input_ids, valid), valid=valid)
+        run = TowerRun("text", embeds=None, layout=layout)  # type: ignore[arg-type]
+        dtype = text.transformer.get_cast_dtype() if hasattr(text.transformer, "get_cast_dtype") else self.dtype
+        x = text.token_embedding(input_ids).to(dtype) + text.positional_embedding[:T].to(dtype)
+        x = as_grad_leaf(x)
+        run.input_embeds = x
+        mask = self._causal
+        mask = mask[:T, :T] if mask is not None else None
+        if getattr(text, "use_pad_mask", False):
+            keep = input_ids != self._pad_id
+            pad = torch.zeros(P, T, T, dtype=x.dtype, device=x.device)
+            pad = pad.masked_fill(~keep[:, None, :], float("-inf"))
+            pad = pad.repeat_interleave(text.transformer.resblocks[0].attn.num_heads, 0)
+            mask = pad if mask is None else mask[None] + pad
+        x = self._blocks(text.transformer, x, mask, run, detach_blocks)
+        rows = torch.arange(P, device=x.device)
+        run.pooled = text.ln_final(x[rows, readout])
+        run.embeds = self._text_project(run.pooled)
+        return run
+
+    def _text_project(self, pooled: torch.Tensor) -> torch.Tensor:
+        proj = self.text.text_projection
+        if proj is None:
+            return pooled
+        if isinstance(proj, torch.nn.Linear):
+            return proj(pooled)
+        return pooled @ proj
+
+    def readout(self, tower: str, hidden: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+        return self.readout_with_attention(tower, hidden, layout)[0]
+
+    def readout_with_attention(
+        self, tower: str, hidden: torch.Tensor, layout: TokenLayout
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if tower == "image":
+            embeds, pool_attention, _ = self._image_readout(hidden)
+            return embeds, pool_attention
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        return self._text_project(self.text.ln_final(hidden[rows, layout.readout])), None
+
+    # ---- linear pieces (see ModelAdapter) ------------------------------------------------
+    def _block(self, tower: str, layer_index: int):
+        transformer = self.model.visual.transformer if tower == "image" else self.text.transformer
+        blk = transformer.resblocks[layer_index]
+        if not isinstance(blk.attn, torch.nn.MultiheadAttention):
+            raise NotImplementedError(
+                "open_clip custom attention blocks (qk norm, scaled cosine, inner norms) have no exact linear split"
+            )
+        return blk
+
+    @staticmethod
+    def _scale(layer_scale) -> torch.Tensor | None:
+        return getattr(layer_scale, "gamma", None)
+
+    def attention_value_heads(self, tower: str, layer_index: int, block_input: torch.Tensor) -> torch.Tensor:
+        blk = self._block(tower, layer_index)
+        mha = blk.attn
+        c = mha.embed_dim
+        h = mha.num_heads
+        w_v = mha.in_proj_weight[2 * c :]
+        b_v = mha.in_proj_bias[2 * c :] if mha.in_proj_bias is not None else None
+        values = F.linear(blk.ln_1(block_input), w_v, b_v)  # (B, n, C)
+        b, n, _ = values.shape
+        w_o = mha.out_proj.weight.reshape(c, h, c // h)
+        heads = torch.einsum("bnhd,chd->bhnc", values.reshape(b, n, h, c // h), w_o)
+        gamma = self._scale(blk.ls_1)
+        return heads * gamma if gamma is not None else heads
+
+    def attention_out_bias(self, tower: str, layer_index: int) -> torch.Tensor | None:
+        blk = self._block(tower, layer_index)
+        bias = blk.attn.out_proj.bias
+        gamma = self._scale(blk.ls_1)
+        if bias is None or gamma is None:
+            return bias
+        return bias * gamma
+
+    def mlp_output(self, tower: str, layer_index: int, hidden: torch.Tensor) -> torch.Tensor:
+        blk = self._block(tower, layer_index)
+        return blk.ls_2(blk.mlp(blk.ln_2(hidden)))
+
+    def readout_parts(self, tower: str) -> ReadoutParts:
+        if tower == "image":
+            visual = self.model.visual
+            if getattr(visual, "attn_pool", None) is not None:
+                raise NotImplementedError("an attention-pooled open_clip image tower has no linear readout")
+            norm, proj = visual.ln_post, visual.proj
+            weight = proj.T if proj is not None else None
+            return ReadoutParts("layernorm", norm.weight, norm.bias, float(norm.eps), weight, None)
+        norm, proj = self.text.ln_final, self.text.text_projection
+        if isinstance(proj, torch.nn.Linear):
+            return ReadoutParts("layernorm", norm.weight, norm.bias, float(norm.eps), proj.weight, proj.bias)
+        weight = proj.T if proj is not None else None
+        return ReadoutParts("layernorm", norm.weight, norm.bias, float(norm.eps), weight, None)
+
+
+# ---- tokenizers ---------------------------------------------------------------------------------
+
+
+def default_tokenizer(model):
+    """open_clip's CLIP BPE tokenizer (it ships its vocabulary, so it works offline)."""
+    open_clip = import_open_clip()
+    vocab = getattr(model, "vocab_size", None) or getattr(getattr(model, "text", None), "vocab_size", None)
+    if vocab not in (None, 49408):
+        raise ModelLoadError(
+            f"this open_clip model has a {vocab}-token vocabulary; pass its tokenizer= (open_clip.get_tokenizer(name))"
+        )
+    return open_clip.tokenizer.SimpleTokenizer()
+
+
+def _takes_context_length(tok) -> bool:
+    import inspect
+
+    try:
+        return "context_length" in inspect.signature(tok.__call__).parameters
+    except (TypeError, ValueError):  # pragma: no cover
+        return False
+
+
+def _decode(tok, token_id: int) -> str:
+    try:
+        return tok.decode([token_id]).strip() or str(token_id)
+    except Exception:  # tokenizers without single-id decoding: show the id
+        return str(token_id)
+
+
+def _truncated(tok, text: str, limit: int) -> bool:
+    encode = getattr(tok, "encode", None)
+    if encode is None:
+        return False
+    try:
+        return len(encode(text)) + 2 > limit
+    except Exception:  # pragma: no cover
+        return False
+
+
+# ---- loading ------------------------------------------------------------------------------------
+
+
+def adapt_open_clip(model, tokenizer=None, *, preprocess=None, name: str | None = None) -> OpenClipAdapter:
+    return OpenClipAdapter(model, tokenizer, preprocess=preprocess, name=name)
+
+
+def _hf_cached(repo: str, filenames: list[str]) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover
+        return False
+    return any(isinstance(try_to_load_from_cache(repo, f), str) for f in filenames)
+
+
+def _weights_cached(cfg: dict, cache_dir: str | None) -> bool:
+    if "file" in cfg:
+        return os.path.isfile(cfg["file"])
+    hub = cfg.get("hf_hub", "")
+    if hub:
+        repo, filename = os.path.split(hub)
+        names = [filename] if filename else []
+        names += ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+        if filename.endswith(".bin"):
+            names.append(filename[: -len(".bin")] + ".safetensors")
+        if _hf_cached(repo, names):
+            return True
+    url = cfg.get("url", "")
+    if url:
+        root = cache_dir or os.path.expanduser("~/.cache/clip")
+        return os.path.isfile(os.path.join(root, os.path.basename(url)))
+    return False
+
+
+def load_open_clip(body: str, *, dtype: torch.dtype = torch.float32, tokenizer=None, spec: str | None = None):
+    """``"NAME/PRETRAINED"`` (a built-in config and a pretrained tag or a checkpoint file, e.g.
+    ``ViT-B-16/openai``) or ``"hf-hub:ORG/REPO"``. Weights come from the local cache; they
+    are downloaded only when the hub is reachable. OpenAI-trained tags get QuickGELU, as
+    their pretrained config says (open_clip itself only warns when the name lacks
+    ``-quickgelu``)."""
+    from . import _hub_reachable, _offline
+
+    spec = spec or f"open_clip:{body}"
+    open_clip = import_open_clip(spec)
+    unreachable = "not in the local cache and the hub {why}; pass a local checkpoint: open_clip:NAME/path/to/weights.pt"
+    kwargs: dict = {}
+    if body.startswith("hf-hub:"):
+        repo = body[len("hf-hub:") :]
+        name, pretrained = body, None
+        if not _hf_cached(repo, ["open_clip_config.json"]) or not _hf_cached(
+            repo, ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+        ):
+            if _offline():
+                raise ModelLoadError(f"{spec}: " + unreachable.format(why="is off (offline mode)"))
+            if not _hub_reachable():
+                raise ModelLoadError(f"{spec}: " + unreachable.format(why="cannot be reached"))
+    else:
+        name, _, pretrained = body.partition("/")
+        if name not in open_clip.list_models():
+            raise ModelLoadError(f"{spec}: unknown open_clip model {name!r} (see open_clip.list_models())")
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        if not pretrained:
+            hint = f" (tags: {', '.join(tags)})" if tags else ""
+            raise ModelLoadError(f"{spec}: name the weights as open_clip:{name}/TAG or open_clip:{name}/FILE{hint}")
+        cfg = open_clip.get_pretrained_cfg(name, pretrained)
+        if cfg:
+            if cfg.get("quick_gelu", False):
+                kwargs["force_quick_gelu"] = True
+            if not _weights_cached(cfg, None):
+                if _offline():
+                    raise ModelLoadError(f"{spec}: weights " + unreachable.format(why="is off (offline mode)"))
+                if not _hub_reachable():
+                    raise ModelLoadError(f"{spec}: weights " + unreachable.format(why="cannot be reached"))
+        elif not os.path.isfile(pretrained):
+            hint = f"; tags for {name}: {', '.join(tags)}" if tags else ""
+            raise ModelLoadError(f"{spec}: {pretrained!r} is neither a pretrained tag nor a checkpoint file{hint}")
+    try:
+        model = open_clip.create_model(name, pretrained=pretrained, precision="fp32", **kwargs)
+        if tokenizer is None:
+            tokenizer = open_clip.get_tokenizer(name)
+    except Exception as exc:  # open_clip raises RuntimeError/ValueError/OSError/... for a bad checkpoint
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelLoadError(f"{spec}: could not load the open_clip model ({first})") from None
+    model = model.to(dtype)
+    return OpenClipAdapter(model, tokenizer, name=spec)
