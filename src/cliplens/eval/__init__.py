@@ -1,10 +1,13 @@
-"""Evaluation: model-free metrics (:mod:`.metrics`) and dataset readers (:mod:`.datasets`).
+"""Evaluation: model-free metrics (:mod:`.metrics`), dataset readers (:mod:`.datasets`) and the
+harness that scores explanation methods with them (:func:`evaluate`, :mod:`.harness`).
 
-Both modules need only numpy and PIL; the ImageNet-Segmentation reader imports h5py when
-it is used (the ``eval`` extra).
+The metrics and readers need only numpy and PIL; the ImageNet-Segmentation reader imports
+h5py when it is used (the ``eval`` extra).
 """
 
+from .classifier import ClassContrastTarget, ClassifierTarget, ZeroShotClassifier
 from .datasets import DATASET_KINDS, DatasetError, EvalDataset, EvalItem, open_dataset
+from .harness import ALL_METRICS, EvalConfig, EvalResults, evaluate
 from .metrics import (
     CHEFER_FRACTIONS,
     PerturbationCurve,
@@ -25,20 +28,29 @@ from .metrics import (
     segmentation_scores,
     spearman_correlation,
 )
+from .templates import IMAGENET_TEMPLATES
 
 __all__ = [
+    "ALL_METRICS",
     "CHEFER_FRACTIONS",
     "DATASET_KINDS",
+    "IMAGENET_TEMPLATES",
+    "ClassContrastTarget",
+    "ClassifierTarget",
     "DatasetError",
+    "EvalConfig",
     "EvalDataset",
     "EvalItem",
+    "EvalResults",
     "PerturbationCurve",
     "PointIoUAccumulator",
     "SegmentationAccumulator",
+    "ZeroShotClassifier",
     "apply_patch_removal",
     "average_precision",
     "centre_prior",
     "deletion_curve",
+    "evaluate",
     "insertion_curve",
     "open_dataset",
     "oracle_map",
