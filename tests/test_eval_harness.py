@@ -355,6 +355,30 @@ def test_class_target_on_shapes(adapter, shapes_dir):
         harness.evaluate(adapter, ["chefer"], f"shapes:{shapes_dir}", target="class", classes=[])
 
 
+def test_a_method_that_refuses_the_target_is_reported_not_fatal(adapter, shapes_dir, monkeypatch):
+    from cliplens.methods import REGISTRY, Method
+
+    class Refuses(Method):
+        name = "_refuses"
+        towers = ("image",)
+
+        def compute(self, *args, **kwargs):
+            raise InputError("this method cannot explain that target")
+
+    monkeypatch.setitem(REGISTRY, "_refuses", Refuses)
+    res = harness.evaluate(
+        adapter,
+        ["chefer", "_refuses"],
+        f"shapes:{shapes_dir}",
+        limit=2,
+        metrics="pointing,sanity",
+        sanity_items=1,
+    )
+    assert res.row("_refuses")["n_pairs"] == 0 and res.row("chefer")["n_pairs"] > 0
+    assert res.refused["_refuses"] == {"items": 2, "reason": "this method cannot explain that target"}
+    assert "`_refuses` did not explain 2 item(s)" in res.report_markdown()
+
+
 def test_bad_arguments_are_input_errors(adapter, shapes_dir):
     spec = f"shapes:{shapes_dir}"
     with pytest.raises(InputError, match="unknown method"):

@@ -53,7 +53,7 @@ import torch
 
 from ..adapters import ModelAdapter, adapt, load_model
 from ..api import explain
-from ..errors import InputError
+from ..errors import CliplensError, InputError
 from ..methods import REGISTRY, get_method
 from ..targets import resolve_target
 from .classifier import ZeroShotClassifier, encode_images, encode_texts, resolve_templates
@@ -74,7 +74,7 @@ from .metrics import (
     segmentation_counts,
     spearman_correlation,
 )
-from .perturbation import REMOVAL_MODES, CurveBatch, mask_to_grid
+from .perturbation import REMOVAL_MODES, CurveBatch, mask_to_grid, target_scores
 from .report import Column, Panel, csv_text, line_chart, markdown_table, text_table
 from .sanity import CascadingRandomization
 
@@ -387,13 +387,16 @@ class _Runner:
         grid = (pixels.shape[1] // ph, pixels.shape[2] // pw)
         texts, target, info = self._target(labels, pixels)
 
+        text_embeds = encode_texts(adapter, texts)
+        values = target_scores(adapter, encode_images(adapter, pixels[None]), text_embeds, target)[0]
         maps: dict[str, np.ndarray] = {}
-        values = None
         for m in cfg.methods:
-            ex = explain(adapter, [item.image], texts, method=m, target=target, towers=("image",))
+            try:
+                ex = explain(adapter, [item.image], texts, method=m, target=target, towers=("image",))
+            except CliplensError as exc:  # e.g. a method that cannot explain this kind of target
+                record.setdefault("refused", {})[m] = str(exc)
+                continue
             maps[m] = np.asarray(ex.image_maps[0], dtype=np.float64)  # type: ignore[index]
-            if values is None:
-                values = ex.target_values[0]
         P = len(labels)
         maps["random"] = np.stack([random_map(grid, seed=_item_seed(cfg.seed, index, p)) for p in range(P)])
         maps["centre"] = np.stack([centre_prior(grid)] * P)
@@ -454,7 +457,6 @@ class _Runner:
                     if "deletion" in self.metrics:
                         batch.add((s, p, "deletion"), deletion_curve, r, p, n_steps=cfg.steps)
                         batch.add((s, p, "insertion"), insertion_curve, r, p, n_steps=cfg.steps)
-            text_embeds = encode_texts(adapter, texts)
             curves = batch.run(adapter, text_embeds, target)
             for (s, p, kind), curve in curves.items():
                 pairs[p]["scores"][s][kind] = [_f(v) for v in curve.scores]
@@ -466,13 +468,15 @@ class _Runner:
             rhos: dict[str, list[list[float]]] = {s: [[] for _ in range(P)] for s in sources}
             for _d, rand_adapter in self.randomizer.depths():
                 for m in cfg.methods:
+                    if m not in maps:
+                        continue
                     ex = explain(
                         rand_adapter, [item.image], texts, method=m, target=target, towers=("image",)
                     )
                     for p in range(P):
                         rhos[m][p].append(spearman_correlation(maps[m][p], ex.grid_map(0, p)))
                 for s in sources:
-                    if s in cfg.methods:
+                    if s not in BASELINES:
                         continue
                     # a baseline does not read the model: its map under a random model is itself
                     for p in range(P):
@@ -495,10 +499,10 @@ COLUMNS = [
     Column("pixel_accuracy", "pixel acc", better="up"),
     Column("map", "mAP", better="up"),
     Column("pmiou", "p-mIoU", better="up"),
-    Column("positive_auc", "pos AUC", better="down"),
-    Column("negative_auc", "neg AUC", better="up"),
-    Column("deletion_auc", "del AUC", better="down"),
-    Column("insertion_auc", "ins AUC", better="up"),
+    Column("positive_auc", "pos AUC", "{:.4g}", better="down"),
+    Column("negative_auc", "neg AUC", "{:.4g}", better="up"),
+    Column("deletion_auc", "del AUC", "{:.4g}", better="down"),
+    Column("insertion_auc", "ins AUC", "{:.4g}", better="up"),
     Column("sanity_change", "sanity change", better="up"),
 ]
 CSV_KEYS = [
@@ -549,6 +553,7 @@ class EvalResults:
     n_skipped: int = 0
     accuracy: float | None = None
     command: str | None = None
+    refused: dict[str, dict] = field(default_factory=dict)  # method -> {"items": n, "reason": first message}
 
     def row(self, source: str) -> dict:
         for r in self.rows:
@@ -606,6 +611,10 @@ class EvalResults:
                 f"- zero-shot accuracy of the classifier on the explained classes: {self.accuracy:.3f}"
             )
         lines += ["", self.markdown(), ""]
+        for m, info in self.refused.items():
+            lines.append(f"- `{m}` did not explain {info['items']} item(s): {info['reason']}")
+        if self.refused:
+            lines.append("")
         best = self.best()
         if best:
             titles = {c.key: c.heading for c in COLUMNS}
@@ -638,6 +647,7 @@ class EvalResults:
             "n_skipped": self.n_skipped,
             "accuracy": self.accuracy,
             "command": self.command,
+            "refused": self.refused,
         }
 
     def write(self, out: str | Path) -> list[Path]:
@@ -762,6 +772,11 @@ def summarise(config: EvalConfig, records: Sequence[dict], command: str | None =
             row["sanity_change"] = 1.0 - _nanmean(per_depth)
             row["sanity_rho_last"] = per_depth[-1]
         rows.append(row)
+    refused: dict[str, dict] = {}
+    for r in records:
+        for m, reason in r.get("refused", {}).items():
+            info = refused.setdefault(m, {"items": 0, "reason": reason})
+            info["items"] += 1
     correct = [p["class"] == p["predicted"] for p in pairs if "class" in p and "predicted" in p]
     return EvalResults(
         config=config.to_dict(),
@@ -773,6 +788,7 @@ def summarise(config: EvalConfig, records: Sequence[dict], command: str | None =
         n_skipped=len(records) - len(done),
         accuracy=float(np.mean(correct)) if correct else None,
         command=command,
+        refused=refused,
     )
 
 
@@ -1035,6 +1051,8 @@ def cmd_evaluate(args) -> int:
         command=_command_line(args),
     )
     print(results.table())
+    for m, info in results.refused.items():
+        print(f"note: {m} did not explain {info['items']} item(s): {info['reason']}")
     best = results.best()
     if best:
         titles = {c.key: c.heading for c in COLUMNS}

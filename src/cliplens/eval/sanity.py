@@ -42,6 +42,8 @@ def image_blocks(adapter: ModelAdapter) -> list[torch.nn.Module]:
         return list(blocks("image"))
     if adapter.family in ("hf-clip", "hf-siglip"):
         return list(adapter.model.vision_model.encoder.layers)
+    if adapter.family == "open_clip":
+        return list(adapter.model.visual.transformer.resblocks)
     raise InputError(
         f"the sanity check does not know where the image blocks of a {adapter.family!r} model are"
     )
