@@ -355,6 +355,20 @@ def test_class_target_on_shapes(adapter, shapes_dir):
         harness.evaluate(adapter, ["chefer"], f"shapes:{shapes_dir}", target="class", classes=[])
 
 
+def test_point_labels_give_p_miou_and_no_oracle(adapter, tmp_path):
+    from test_eval_datasets import _write_openimages
+
+    _write_openimages(tmp_path / "oi")
+    res = harness.evaluate(
+        adapter, ["chefer"], f"openimages-points:{tmp_path / 'oi'}", metrics="pmiou,perturbation"
+    )
+    rows = _rows(res)
+    assert list(rows) == ["chefer", "random", "centre"]  # no masks, no oracle
+    assert all(0.0 <= r["pmiou"] <= 1.0 for r in rows.values())
+    assert "miou" not in rows["chefer"] and np.isfinite(rows["chefer"]["positive_auc"])
+    assert res.config["prompt"] == "a photo of a {}."
+
+
 def test_a_method_that_refuses_the_target_is_reported_not_fatal(adapter, shapes_dir, monkeypatch):
     from cliplens.methods import REGISTRY, Method
 

@@ -116,6 +116,10 @@ class EvalConfig:
     blur_sigma: float = 5.0
     version: int = HARNESS_VERSION
 
+    def _chart_title(self) -> str:
+        kind, _, path = str(self.config["dataset"]).partition(":")
+        return f"{Path(str(self.config['model'])).name} · {kind}:{Path(path).name} · {self.n_pairs} pairs"
+
     def to_dict(self) -> dict:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
 
@@ -685,9 +689,7 @@ class EvalResults:
             ]
             if panels:
                 tmp = out / f".{name}.tmp.png"
-                line_chart(
-                    panels, tmp, dashed=dashed, title=f"{self.config['model']} · {self.config['dataset']}"
-                )
+                line_chart(panels, tmp, dashed=dashed, title=self._chart_title())
                 os.replace(tmp, out / name)
                 written.append(out / name)
         if self.sanity:

@@ -203,7 +203,7 @@ def line_chart(
                 names.append(name)
     colours: dict[str, tuple[int, int, int]] = {}
     k = 0
-    greys = [(90, 90, 90), (150, 150, 150), (40, 40, 40), (185, 185, 185)]
+    greys = [(175, 175, 175), (110, 110, 110), (20, 20, 20), (140, 140, 140)]
     g = 0
     for name in names:
         if name in dashed:
