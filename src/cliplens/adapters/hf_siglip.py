@@ -25,8 +25,8 @@ What differs from CLIP, and how the adapter handles it:
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -36,6 +36,7 @@ from ..errors import InputError, ModelLoadError
 from ..images import Geometry, Preprocess
 from .base import (
     ModelAdapter,
+    ReadoutParts,
     TextBatch,
     TokenLayout,
     TowerRun,
@@ -166,7 +167,14 @@ class HFSiglipAdapter(ModelAdapter):
         kept = mask.sum(-1).tolist()
         truncated = [len(f) > k for f, k in zip(full, kept)]
         content = mask.bool() & ~torch.isin(input_ids, torch.tensor(sorted(special), dtype=torch.long))
-        return TextBatch(list(texts), input_ids.to(self.device), mask.to(self.device), tokens, truncated, content.to(self.device))
+        return TextBatch(
+            list(texts),
+            input_ids.to(self.device),
+            mask.to(self.device),
+            tokens,
+            truncated,
+            content.to(self.device),
+        )
 
     # ---- running -----------------------------------------------------------------------
     @contextlib.contextmanager
@@ -174,7 +182,9 @@ class HFSiglipAdapter(ModelAdapter):
         with frozen_eval(self.model), eager_attention(self.model):
             yield
 
-    def _capture(self, tower_module, run: TowerRun, detach_blocks: bool, input_embeds: torch.Tensor | None = None):
+    def _capture(
+        self, tower_module, run: TowerRun, detach_blocks: bool, input_embeds: torch.Tensor | None = None
+    ):
         regs = []
 
         def on_embed(module, args, output):
@@ -209,7 +219,9 @@ class HFSiglipAdapter(ModelAdapter):
             def on_attn(module, args, output):
                 weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
                 if weights is None:
-                    raise RuntimeError("attention probabilities were not returned; eager attention is required")
+                    raise RuntimeError(
+                        "attention probabilities were not returned; eager attention is required"
+                    )
                 run.attentions.append(weights)
 
             regs.append(lambda layer=layer, pre=pre: layer.register_forward_pre_hook(pre, with_kwargs=True))
@@ -218,7 +230,11 @@ class HFSiglipAdapter(ModelAdapter):
         return module_hooks(regs)
 
     def run_image(
-        self, pixel_values: torch.Tensor, *, detach_blocks: bool = False, input_embeds: torch.Tensor | None = None
+        self,
+        pixel_values: torch.Tensor,
+        *,
+        detach_blocks: bool = False,
+        input_embeds: torch.Tensor | None = None,
     ) -> TowerRun:
         vm = self.model.vision_model
         b, _, h, w = pixel_values.shape
@@ -237,7 +253,10 @@ class HFSiglipAdapter(ModelAdapter):
         )
         run = TowerRun("image", embeds=None, layout=layout, pixel_values=pixel_values)  # type: ignore[arg-type]
         pool: list[torch.Tensor] = []
-        with self._capture(vm, run, detach_blocks, input_embeds), mha_probabilities([vm.head.attention], lambda i, p: pool.append(p)):
+        with (
+            self._capture(vm, run, detach_blocks, input_embeds),
+            mha_probabilities([vm.head.attention], lambda i, p: pool.append(p)),
+        ):
             out = vm(pixel_values=pixel_values, interpolate_pos_encoding=True)
         run.pool_attention = pool[-1]
         # the head's output is the embedding: SigLIP has no projection after the pooling head
@@ -247,18 +266,24 @@ class HFSiglipAdapter(ModelAdapter):
 
     def _readout_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
         """SigLIP's text tower pools the last position, whatever token sits there."""
-        return torch.full((input_ids.shape[0],), input_ids.shape[1] - 1, dtype=torch.long, device=input_ids.device)
+        return torch.full(
+            (input_ids.shape[0],), input_ids.shape[1] - 1, dtype=torch.long, device=input_ids.device
+        )
 
     def run_text(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, detach_blocks: bool = False
     ) -> TowerRun:
         tm = self.model.text_model
-        specials = [getattr(self.tokenizer, a, None) for a in ("bos_token_id", "eos_token_id", "pad_token_id")]
+        specials = [
+            getattr(self.tokenizer, a, None) for a in ("bos_token_id", "eos_token_id", "pad_token_id")
+        ]
         content = attention_mask.bool()
         for sid in specials:
             if sid is not None:
                 content = content & (input_ids != sid)
-        layout = TokenLayout(readout=self._readout_positions(input_ids), content=content, valid=attention_mask.bool())
+        layout = TokenLayout(
+            readout=self._readout_positions(input_ids), content=content, valid=attention_mask.bool()
+        )
         run = TowerRun("text", embeds=None, layout=layout)  # type: ignore[arg-type]
         with self._capture(tm, run, detach_blocks):
             out = tm(input_ids=input_ids, attention_mask=attention_mask if self.text_uses_mask else None)
@@ -282,19 +307,55 @@ class HFSiglipAdapter(ModelAdapter):
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         return tm.head(tm.final_layer_norm(hidden[rows, layout.readout])), None
 
+    # ---- linear pieces (see ModelAdapter): the blocks are CLIP's; the image readout is not linear
+    def _layer(self, tower: str, layer_index: int):
+        tm = self.model.vision_model if tower == "image" else self.model.text_model
+        return tm.encoder.layers[layer_index]
 
-def load_hf_siglip(source, dtype: torch.dtype, name: str, *, local_files_only: bool = True, processor_config=None):
+    def attention_value_heads(self, tower: str, layer_index: int, block_input: torch.Tensor) -> torch.Tensor:
+        layer = self._layer(tower, layer_index)
+        attn = layer.self_attn
+        values = attn.v_proj(layer.layer_norm1(block_input))  # (B, n, C)
+        b, n, c = values.shape
+        h, d = attn.num_heads, attn.head_dim
+        w_o = attn.out_proj.weight.reshape(c, h, d)
+        return torch.einsum("bnhd,chd->bhnc", values.reshape(b, n, h, d), w_o)
+
+    def attention_out_bias(self, tower: str, layer_index: int) -> torch.Tensor | None:
+        return self._layer(tower, layer_index).self_attn.out_proj.bias
+
+    def mlp_output(self, tower: str, layer_index: int, hidden: torch.Tensor) -> torch.Tensor:
+        layer = self._layer(tower, layer_index)
+        return layer.mlp(layer.layer_norm2(hidden))
+
+    def readout_parts(self, tower: str) -> ReadoutParts:
+        if tower == "image":
+            raise NotImplementedError(
+                "SigLIP's image tower reads out through an attention-pooling head and an MLP"
+            )
+        tm = self.model.text_model
+        norm, head = tm.final_layer_norm, tm.head
+        return ReadoutParts("layernorm", norm.weight, norm.bias, float(norm.eps), head.weight, head.bias)
+
+
+def load_hf_siglip(
+    source, dtype: torch.dtype, name: str, *, local_files_only: bool = True, processor_config=None
+):
     """A :class:`HFSiglipAdapter` from a local directory or a cached/reachable hub name."""
     from transformers import AutoTokenizer, SiglipModel
 
     try:
         model = SiglipModel.from_pretrained(source, dtype=dtype, local_files_only=local_files_only)
     except (OSError, ValueError, RuntimeError) as exc:
-        raise ModelLoadError(f"{name}: could not load the SigLIP checkpoint ({str(exc).splitlines()[0]})") from None
+        raise ModelLoadError(
+            f"{name}: could not load the SigLIP checkpoint ({str(exc).splitlines()[0]})"
+        ) from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_files_only)
     except (OSError, ValueError, ImportError) as exc:
         # SigLIP's own tokenizer is SentencePiece; name the missing piece rather than fail later
-        raise ModelLoadError(f"{name}: could not load the SigLIP tokenizer ({str(exc).splitlines()[0]})") from None
+        raise ModelLoadError(
+            f"{name}: could not load the SigLIP tokenizer ({str(exc).splitlines()[0]})"
+        ) from None
     pre = siglip_preprocess_from_config(processor_config, model.config.vision_config.image_size)
     return HFSiglipAdapter(model, tokenizer, preprocess=pre, name=name)

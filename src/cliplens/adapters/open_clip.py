@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -107,25 +107,32 @@ def check_supported(model) -> None:
     if visual is None:
         raise ModelLoadError(f"{type(model).__name__} has no image tower (visual)")
     if type(model).__name__ == "CoCa":
-        raise ModelLoadError("open_clip CoCa models are not supported (text tower with an appended class token)")
+        raise ModelLoadError(
+            "open_clip CoCa models are not supported (text tower with an appended class token)"
+        )
     if hasattr(visual, "trunk"):
         raise ModelLoadError(
-            f"open_clip model with a timm image tower ({type(visual.trunk).__name__}, e.g. SigLIP or ConvNeXt "
-            "inside open_clip): not supported; cliplens reads attention from open_clip's own VisionTransformer "
-            "(for SigLIP weights use the transformers SiglipModel)"
+            f"open_clip model with a timm image tower ({type(visual.trunk).__name__}, e.g. SigLIP or "
+            "ConvNeXt inside open_clip): not supported; cliplens reads attention from open_clip's own "
+            "VisionTransformer (for SigLIP weights use the transformers SiglipModel)"
         )
-    missing = [a for a in ("conv1", "class_embedding", "positional_embedding", "transformer", "ln_post") if not hasattr(visual, a)]
+    missing = [
+        a
+        for a in ("conv1", "class_embedding", "positional_embedding", "transformer", "ln_post")
+        if not hasattr(visual, a)
+    ]
     if missing:
         raise ModelLoadError(
-            f"open_clip image tower {type(visual).__name__} is not a ViT (no {', '.join(missing)}): not supported"
+            f"open_clip image tower {type(visual).__name__} is not a ViT "
+            f"(no {', '.join(missing)}): not supported"
         )
     attn_pool = getattr(visual, "attn_pool", None)
     if attn_pool is not None and getattr(visual, "attn_pool_contrastive", None) is not None:
         raise ModelLoadError("open_clip image tower with parallel/cascade attentional pooling: not supported")
     if getattr(visual, "pool_type", "tok") != "tok":
         raise ModelLoadError(
-            f"open_clip image tower with pool_type={visual.pool_type!r}: not supported (needs a class-token readout "
-            "or an attentional pooler)"
+            f"open_clip image tower with pool_type={visual.pool_type!r}: not supported "
+            "(needs a class-token readout or an attentional pooler)"
         )
     text = _text_parts(model)
     pool = getattr(model, "text_pool_type", getattr(text, "pool_type", "argmax"))
@@ -133,8 +140,12 @@ def check_supported(model) -> None:
         raise ModelLoadError(f"open_clip text tower with pool_type={pool!r}: not supported")
     for tower, blocks in (("image", visual.transformer.resblocks), ("text", text.transformer.resblocks)):
         for blk in blocks:
-            if not isinstance(blk.attn, torch.nn.MultiheadAttention) and not hasattr(blk.attn, "in_proj_weight"):
-                raise ModelLoadError(f"open_clip {tower} block with a {type(blk.attn).__name__} attention: not supported")
+            if not isinstance(blk.attn, torch.nn.MultiheadAttention) and not hasattr(
+                blk.attn, "in_proj_weight"
+            ):
+                raise ModelLoadError(
+                    f"open_clip {tower} block with a {type(blk.attn).__name__} attention: not supported"
+                )
 
 
 def preprocess_for(model) -> Preprocess:
@@ -147,7 +158,9 @@ def preprocess_for(model) -> Preprocess:
     mean = tuple(cfg.get("mean") or OPENAI_MEAN)
     std = tuple(cfg.get("std") or OPENAI_STD)
     if cfg.get("resize_mode", "shortest") == "squash":
-        return SquashPreprocess(size=min(h, w), crop=(h, w), mean=mean, std=std, resample=resample, do_center_crop=False)
+        return SquashPreprocess(
+            size=min(h, w), crop=(h, w), mean=mean, std=std, resample=resample, do_center_crop=False
+        )
     # "shortest" (the CLIP recipe); "longest" (resize-and-pad) is approximated by it
     return Preprocess(size=min(h, w), crop=(h, w), mean=mean, std=std, resample=resample, do_center_crop=True)
 
@@ -155,7 +168,9 @@ def preprocess_for(model) -> Preprocess:
 # ---- attention with probabilities, for the call -------------------------------------------------
 
 
-def open_clip_attention(attn, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def open_clip_attention(
+    attn, x: torch.Tensor, attn_mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """open_clip's ``Attention.forward`` (batch first, self-attention), computed with explicit
     per-head probabilities: returns ``(output, probs)`` with probs (N, H, L, L)."""
     N, L, C = x.shape
@@ -244,7 +259,10 @@ class OpenClipAdapter(ModelAdapter):
 
     @property
     def num_layers(self) -> dict[str, int]:
-        return {"image": len(self.model.visual.transformer.resblocks), "text": len(self.text.transformer.resblocks)}
+        return {
+            "image": len(self.model.visual.transformer.resblocks),
+            "text": len(self.text.transformer.resblocks),
+        }
 
     @property
     def context_length(self) -> int:
@@ -280,7 +298,9 @@ class OpenClipAdapter(ModelAdapter):
         positions = torch.arange(T)[None]
         nonpad = ids != pad
         # real tokens: up to the last non-padding one (a text token may share the padding id)
-        length = torch.where(nonpad.any(1), T - nonpad.flip(1).int().argmax(1), torch.zeros(P, dtype=torch.long))
+        length = torch.where(
+            nonpad.any(1), T - nonpad.flip(1).int().argmax(1), torch.zeros(P, dtype=torch.long)
+        )
         valid = positions < length[:, None]
         content = self._content(ids, valid)
         readout = self._readout_positions(ids)
@@ -291,12 +311,21 @@ class OpenClipAdapter(ModelAdapter):
             ids, valid, content = ids[:, :width], valid[:, :width], content[:, :width]
         tokens = [[_decode(tok, t) for t in row[: int(n)].tolist()] for row, n in zip(ids, length)]
         truncated = [_truncated(tok, t, limit) for t in texts]
-        return TextBatch(list(texts), ids.to(self.device), valid.long().to(self.device), tokens, truncated, content.to(self.device))
+        return TextBatch(
+            list(texts),
+            ids.to(self.device),
+            valid.long().to(self.device),
+            tokens,
+            truncated,
+            content.to(self.device),
+        )
 
     def _content(self, ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Real tokens that are not start/end markers."""
         tok = self.tokenizer
-        special = {getattr(tok, a) for a in ("sot_token_id", "eot_token_id") if getattr(tok, a, None) is not None}
+        special = {
+            getattr(tok, a) for a in ("sot_token_id", "eot_token_id") if getattr(tok, a, None) is not None
+        }
         special |= set(getattr(tok, "all_special_ids", []) or [])
         return valid & ~torch.isin(ids, torch.tensor(sorted(special), dtype=torch.long, device=ids.device))
 
@@ -319,7 +348,9 @@ class OpenClipAdapter(ModelAdapter):
         with frozen_eval(self.model):
             yield
 
-    def _blocks(self, transformer, x: torch.Tensor, attn_mask, run: TowerRun, detach_blocks: bool) -> torch.Tensor:
+    def _blocks(
+        self, transformer, x: torch.Tensor, attn_mask, run: TowerRun, detach_blocks: bool
+    ) -> torch.Tensor:
         """Every block of ``transformer`` over a (B, n, C) stream, capturing what the contract asks."""
         batch_first = getattr(transformer, "batch_first", True)
         with block_attention_probabilities(transformer.resblocks, run.attentions.append):
@@ -349,7 +380,11 @@ class OpenClipAdapter(ModelAdapter):
         return torch.cat([cls_pos, grid.permute(0, 2, 3, 1).reshape(gh * gw, c)])
 
     def run_image(
-        self, pixel_values: torch.Tensor, *, detach_blocks: bool = False, input_embeds: torch.Tensor | None = None
+        self,
+        pixel_values: torch.Tensor,
+        *,
+        detach_blocks: bool = False,
+        input_embeds: torch.Tensor | None = None,
     ) -> TowerRun:
         visual = self.model.visual
         b, _, h, w = pixel_values.shape
@@ -422,7 +457,9 @@ class OpenClipAdapter(ModelAdapter):
         valid = attention_mask.bool()
         layout = TokenLayout(readout=readout, content=self._content(input_ids, valid), valid=valid)
         run = TowerRun("text", embeds=None, layout=layout)  # type: ignore[arg-type]
-        dtype = text.transformer.get_cast_dtype() if hasattr(text.transformer, "get_cast_dtype") else self.dtype
+        dtype = (
+            text.transformer.get_cast_dtype() if hasattr(text.transformer, "get_cast_dtype") else self.dtype
+        )
         x = text.token_embedding(input_ids).to(dtype) + text.positional_embedding[:T].to(dtype)
         x = as_grad_leaf(x)
         run.input_embeds = x
@@ -466,7 +503,8 @@ class OpenClipAdapter(ModelAdapter):
         blk = transformer.resblocks[layer_index]
         if not isinstance(blk.attn, torch.nn.MultiheadAttention):
             raise NotImplementedError(
-                "open_clip custom attention blocks (qk norm, scaled cosine, inner norms) have no exact linear split"
+                "open_clip custom attention blocks (qk norm, scaled cosine, inner norms) "
+                "have no exact linear split"
             )
         return blk
 
@@ -524,7 +562,8 @@ def default_tokenizer(model):
     vocab = getattr(model, "vocab_size", None) or getattr(getattr(model, "text", None), "vocab_size", None)
     if vocab not in (None, 49408):
         raise ModelLoadError(
-            f"this open_clip model has a {vocab}-token vocabulary; pass its tokenizer= (open_clip.get_tokenizer(name))"
+            f"this open_clip model has a {vocab}-token vocabulary; "
+            "pass its tokenizer= (open_clip.get_tokenizer(name))"
         )
     return open_clip.tokenizer.SimpleTokenizer()
 
@@ -599,7 +638,9 @@ def load_open_clip(body: str, *, dtype: torch.dtype = torch.float32, tokenizer=N
 
     spec = spec or f"open_clip:{body}"
     open_clip = import_open_clip(spec)
-    unreachable = "not in the local cache and the hub {why}; pass a local checkpoint: open_clip:NAME/path/to/weights.pt"
+    unreachable = (
+        "not in the local cache and the hub {why}; pass a local checkpoint: open_clip:NAME/path/to/weights.pt"
+    )
     kwargs: dict = {}
     if body.startswith("hf-hub:"):
         repo = body[len("hf-hub:") :]
@@ -618,19 +659,25 @@ def load_open_clip(body: str, *, dtype: torch.dtype = torch.float32, tokenizer=N
         tags = open_clip.list_pretrained_tags_by_model(name)
         if not pretrained:
             hint = f" (tags: {', '.join(tags)})" if tags else ""
-            raise ModelLoadError(f"{spec}: name the weights as open_clip:{name}/TAG or open_clip:{name}/FILE{hint}")
+            raise ModelLoadError(
+                f"{spec}: name the weights as open_clip:{name}/TAG or open_clip:{name}/FILE{hint}"
+            )
         cfg = open_clip.get_pretrained_cfg(name, pretrained)
         if cfg:
             if cfg.get("quick_gelu", False):
                 kwargs["force_quick_gelu"] = True
             if not _weights_cached(cfg, None):
                 if _offline():
-                    raise ModelLoadError(f"{spec}: weights " + unreachable.format(why="is off (offline mode)"))
+                    raise ModelLoadError(
+                        f"{spec}: weights " + unreachable.format(why="is off (offline mode)")
+                    )
                 if not _hub_reachable():
                     raise ModelLoadError(f"{spec}: weights " + unreachable.format(why="cannot be reached"))
         elif not os.path.isfile(pretrained):
             hint = f"; tags for {name}: {', '.join(tags)}" if tags else ""
-            raise ModelLoadError(f"{spec}: {pretrained!r} is neither a pretrained tag nor a checkpoint file{hint}")
+            raise ModelLoadError(
+                f"{spec}: {pretrained!r} is neither a pretrained tag nor a checkpoint file{hint}"
+            )
     try:
         model = open_clip.create_model(name, pretrained=pretrained, precision="fp32", **kwargs)
         if tokenizer is None:
