@@ -112,7 +112,9 @@ ADAPTER_FACTORIES = [("hf-clip", hf_clip_factory)]
 # ---- more families (SigLIP, open_clip) ----------------------------------------------------------
 
 
-def tiny_siglip_config(image_size=32, patch_size=8, vision_layers=3, text_layers=2, width=32, heads=4, context=16):
+def tiny_siglip_config(
+    image_size=32, patch_size=8, vision_layers=3, text_layers=2, width=32, heads=4, context=16
+):
     """A tiny SigLIP; its text side uses the CLIP tokenizer's ids (SigLIP's own is SentencePiece)."""
     from transformers import SiglipConfig
 
@@ -158,13 +160,22 @@ def make_tiny_siglip(seed=0, dtype=torch.float32, **kw):
     return model.to(dtype)
 
 
-def tiny_open_clip_cfg(image_size=32, patch_size=8, vision_layers=3, text_layers=2, width=32, heads=4, context=16, **vision):
+def tiny_open_clip_cfg(
+    image_size=32, patch_size=8, vision_layers=3, text_layers=2, width=32, heads=4, context=16, **vision
+):
     """(embed_dim, vision_cfg, text_cfg) of a tiny OpenAI-layout open_clip ViT CLIP."""
     vision_cfg = dict(
-        layers=vision_layers, width=width, head_width=width // heads, mlp_ratio=2.0,
-        patch_size=patch_size, image_size=image_size, **vision,
+        layers=vision_layers,
+        width=width,
+        head_width=width // heads,
+        mlp_ratio=2.0,
+        patch_size=patch_size,
+        image_size=image_size,
+        **vision,
     )
-    text_cfg = dict(context_length=context, vocab_size=49408, width=width, heads=heads, layers=text_layers, mlp_ratio=2.0)
+    text_cfg = dict(
+        context_length=context, vocab_size=49408, width=width, heads=heads, layers=text_layers, mlp_ratio=2.0
+    )
     return 16, vision_cfg, text_cfg
 
 
@@ -202,3 +213,40 @@ ADAPTER_FACTORIES.append(("hf-siglip", hf_siglip_factory))
 # open_clip is an optional extra (it needs torchvision): its factory joins only where it is installed
 if importlib.util.find_spec("open_clip") is not None:
     ADAPTER_FACTORIES.append(("open_clip", open_clip_factory))
+
+
+def make_tiny_siglip2(seed=0, dtype=torch.float32, patch_size=8, num_patches=16, **kw):
+    """A random Siglip2Model (NaFlex) with the tiny SigLIP's sizes, attention sharpened."""
+    from transformers import Siglip2Config, Siglip2Model
+
+    base = tiny_siglip_config(patch_size=patch_size, **kw)
+    shared = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+    vision = {k: v for k, v in base.vision_config.to_dict().items() if k in (*shared, "patch_size")}
+    vision["num_patches"] = num_patches
+    text_keys = (*shared, "vocab_size", "max_position_embeddings", "pad_token_id", "bos_token_id")
+    text_keys += ("eos_token_id",)
+    text = {k: v for k, v in base.text_config.to_dict().items() if k in text_keys}
+    torch.manual_seed(seed)
+    model = Siglip2Model(Siglip2Config(text_config=text, vision_config=vision))
+    width = model.config.vision_config.hidden_size
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                p.mul_(6.0)
+        model.vision_model.head.attention.in_proj_weight[: 2 * width].mul_(6.0)
+        model.vision_model.head.probe.normal_()
+        model.logit_scale.fill_(np.log(10.0))
+        model.logit_bias.fill_(-2.0)
+    return model.to(dtype)
+
+
+def hf_siglip2_factory(seed=0, dtype=torch.float32):
+    from cliplens.adapters import HFSiglip2Adapter
+
+    model = make_tiny_siglip2(seed=seed, dtype=dtype)
+    return HFSiglip2Adapter(model, clip_tokenizer(), name="tiny-hf-siglip2")
+
+
+# hf_siglip2_factory joins ADAPTER_FACTORIES once tests/test_contract.py lists
+# ("decomposition", "hf-siglip2") as unsupported and accepts per-image maps of different grids
+# (NaFlex keeps each image's aspect ratio, so a batch of mixed shapes gives a list of maps).

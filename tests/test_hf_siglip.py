@@ -17,11 +17,11 @@ import pytest
 import torch
 
 import cliplens
-from cliplens.adapters import HFSiglipAdapter, load_model
-from cliplens.adapters.hf_siglip import SquashPreprocess
+from cliplens.adapters import HFSiglip2Adapter, HFSiglipAdapter, load_model
+from cliplens.adapters.hf_siglip import NaFlexPreprocess, SquashPreprocess
 from cliplens.errors import InputError
 from cliplens.methods import REGISTRY
-from conftest import clip_tokenizer, make_tiny_siglip, random_image
+from conftest import clip_tokenizer, make_tiny_siglip, make_tiny_siglip2, random_image
 
 TEXTS = ["a red triangle", "a photo of a small dog", "cat"]
 
@@ -299,3 +299,102 @@ def test_load_model_dispatches_siglip_checkpoints(tmp_path):
     ex = cliplens.explain(adapter, [random_image(5)], ["a cat"], method="chefer")
     assert ex.meta["family"] == "hf-siglip"
     assert cliplens.adapters.adapt(model, clip_tokenizer()).family == "hf-siglip"
+
+
+# ---- SigLIP 2 (NaFlex) ----------------------------------------------------------------------------
+
+
+def test_naflex_size_and_patch_order_follow_the_processor():
+    from transformers.models.siglip2.image_processing_pil_siglip2 import (
+        convert_image_to_patches,
+        get_image_size_for_max_num_patches,
+    )
+
+    from cliplens.adapters.hf_siglip import size_for_max_patches
+
+    for h, w in [(480, 640), (640, 480), (224, 224), (100, 1000), (17, 23)]:
+        assert size_for_max_patches(h, w, 16, 256) == get_image_size_for_max_num_patches(h, w, 16, 256)
+    adapter = HFSiglip2Adapter(make_tiny_siglip2(), clip_tokenizer())
+    pixels = torch.randn(1, 3, 16, 24)
+    captured = {}
+
+    def grab(module, args, kwargs):
+        captured["patches"] = kwargs["pixel_values"]
+
+    handle = adapter.model.vision_model.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with adapter.explaining(), torch.no_grad():
+            adapter.run_image(pixels)
+    finally:
+        handle.remove()
+    expected = convert_image_to_patches(pixels[0].numpy(), 8)
+    np.testing.assert_array_equal(captured["patches"][0].numpy(), expected)
+
+
+@pytest.mark.parametrize("size", [(32, 32), (448, 448), (336, 448)])
+def test_siglip2_matches_model_at_any_size(size):
+    model = make_tiny_siglip2(patch_size=16, dtype=torch.float64)
+    adapter = HFSiglip2Adapter(model, clip_tokenizer())
+    h, w = size
+    pixels = torch.randn(2, 3, h, w, dtype=torch.float64)
+    with adapter.explaining(), torch.no_grad():
+        run = adapter.run_image(pixels)
+    gh, gw = h // 16, w // 16
+    patches = pixels.reshape(2, 3, gh, 16, gw, 16).permute(0, 2, 4, 3, 5, 1).reshape(2, gh * gw, -1)
+    reference = copy.deepcopy(model).eval()
+    reference.set_attn_implementation("eager")
+    with torch.no_grad():
+        ref = reference.get_image_features(
+            pixel_values=patches,
+            pixel_attention_mask=torch.ones(2, gh * gw, dtype=torch.long),
+            spatial_shapes=torch.tensor([[gh, gw]] * 2),
+        ).pooler_output
+    torch.testing.assert_close(run.embeds, ref, rtol=1e-9, atol=1e-10)
+    assert run.pool_attention.shape == (2, 4, 1, gh * gw) and run.layout.grid == (gh, gw)
+
+
+def test_siglip2_chefer_starts_from_the_pooling_head_and_matches_the_logits():
+    model = make_tiny_siglip2(dtype=torch.float64)
+    adapter = HFSiglip2Adapter(model, clip_tokenizer())
+    image = random_image(3, size=(48, 40))
+    ex = cliplens.explain(adapter, [image], TEXTS, method="chefer", towers=("image",))
+    pixels = adapter.preprocess(image)[0][None].double()
+    batch = adapter.tokenize(TEXTS)
+    with adapter.explaining():
+        with torch.enable_grad():
+            img = adapter.run_image(pixels)
+        with torch.no_grad():
+            txt = adapter.run_text(batch.input_ids, batch.attention_mask).embeds
+        for p in range(len(TEXTS)):
+            cos = torch.nn.functional.cosine_similarity(img.embeds[0], txt[p], dim=0)
+            y = adapter.logit_scale() * cos + adapter.logit_bias()
+            assert y.item() == pytest.approx(ex.logits[0, p], rel=1e-9)
+            g_pool, g_last = torch.autograd.grad(
+                y, [img.pool_attention, img.attentions[-1]], retain_graph=True
+            )
+            r = abar(img.pool_attention[0].detach(), g_pool[0])[0]
+            r = r + r @ abar(img.attentions[-1][0].detach(), g_last[0])
+            np.testing.assert_allclose(ex.image_maps[0, p].reshape(-1), r.numpy(), rtol=1e-8, atol=1e-12)
+
+
+def test_siglip2_checkpoint_loads_and_every_method_runs_or_refuses(tmp_path):
+    model = make_tiny_siglip2()
+    path = tmp_path / "tiny-siglip2"
+    model.save_pretrained(path)
+    clip_tokenizer().save_pretrained(path)
+    (path / "preprocessor_config.json").write_text(json.dumps({"max_num_patches": 16, "patch_size": 8}))
+    adapter = load_model(str(path))
+    assert isinstance(adapter, HFSiglip2Adapter) and adapter.family == "hf-siglip2"
+    assert isinstance(adapter.preprocess, NaFlexPreprocess) and adapter.preprocess.max_patches == 16
+    assert cliplens.adapters.adapt(model, clip_tokenizer()).family == "hf-siglip2"
+    for name in REGISTRY:
+        try:
+            ex = cliplens.explain(
+                adapter, [random_image(4, size=(60, 40))], ["a red cat", "dog"], method=name
+            )
+        except InputError as exc:
+            assert str(exc) and "\n" not in str(exc)
+            continue
+        if ex.image_maps is not None:
+            assert np.asarray(ex.image_maps).shape[:2] == (1, 2)
+            assert np.isfinite(np.asarray(ex.image_maps)).all(), name

@@ -2,9 +2,14 @@
 
 Accepted model specs:
 
-- an adapter (returned as is) or a model object of a known family (``CLIPModel``);
+- an adapter (returned as is) or a model object of a known family (transformers ``CLIPModel``,
+  ``SiglipModel``, ``Siglip2Model``; open_clip ``CLIP`` / ``CustomTextCLIP`` ViT models);
 - ``"shapes"``: the small CLIP shipped inside cliplens (trained on the shapes world);
-- a local directory holding a transformers checkpoint (``config.json``);
+- a local directory holding a transformers checkpoint (``config.json`` with model_type
+  ``clip``, ``siglip`` or ``siglip2``);
+- ``"open_clip:NAME/PRETRAINED"`` (e.g. ``open_clip:ViT-B-16/openai``; PRETRAINED a tag or a
+  checkpoint file) or ``"open_clip:hf-hub:ORG/REPO"``: needs the open_clip extra; weights from
+  the local cache, downloaded only when the hub is reachable (see docs/models.md);
 - a Hugging Face hub name such as ``"openai/clip-vit-base-patch16"``: taken from the local
   cache first; downloaded only when the hub is reachable and offline mode is off.
 """
@@ -22,7 +27,7 @@ import torch
 from ..errors import ModelLoadError
 from .base import ModelAdapter, TextBatch, TokenLayout, TowerRun
 from .hf_clip import HFClipAdapter, preprocess_from_config, read_processor_config
-from .hf_siglip import HF_SIGLIP_TYPES, HFSiglipAdapter, load_hf_siglip
+from .hf_siglip import HF_SIGLIP_TYPES, HFSiglip2Adapter, HFSiglipAdapter, load_hf_siglip, siglip_adapter
 
 __all__ = [
     "ModelAdapter",
@@ -30,6 +35,7 @@ __all__ = [
     "TokenLayout",
     "TowerRun",
     "HFClipAdapter",
+    "HFSiglip2Adapter",
     "HFSiglipAdapter",
     "OpenClipAdapter",
     "load_model",
@@ -61,10 +67,10 @@ def adapt(model, tokenizer=None, *, name: str | None = None, preprocess=None) ->
         if tokenizer is None:
             tokenizer = _tokenizer_for(model)
         return HFClipAdapter(model, tokenizer, preprocess=preprocess, name=name)
-    if HFSiglipAdapter.matches(model):
+    if HFSiglipAdapter.matches(model) or HFSiglip2Adapter.matches(model):
         if tokenizer is None:
             tokenizer = _tokenizer_for(model)
-        return HFSiglipAdapter(model, tokenizer, preprocess=preprocess, name=name)
+        return siglip_adapter(model, tokenizer, preprocess=preprocess, name=name)
     if _is_open_clip_model(model):
         from .open_clip import adapt_open_clip
 
@@ -182,7 +188,8 @@ def _load_hub(name: str, dtype: torch.dtype) -> ModelAdapter:
             raise ModelLoadError(f"model '{name}': {str(exc).splitlines()[0]}") from None
         local = False
     if getattr(config, "model_type", None) in HF_SIGLIP_TYPES:
-        return load_hf_siglip(name, dtype, name, local_files_only=local, processor_config=_cached_processor_config(name))
+        processor_config = _cached_processor_config(name)
+        return load_hf_siglip(name, dtype, name, local_files_only=local, processor_config=processor_config)
     if getattr(config, "model_type", None) not in HF_CLIP_TYPES:
         raise ModelLoadError(
             f"model '{name}' is not a CLIP or SigLIP checkpoint (model_type is {config.model_type!r})"

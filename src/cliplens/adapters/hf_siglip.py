@@ -25,6 +25,7 @@ What differs from CLIP, and how the adapter handles it:
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -50,8 +51,8 @@ from .hf_clip import eager_attention
 SIGLIP_MEAN = (0.5, 0.5, 0.5)
 SIGLIP_STD = (0.5, 0.5, 0.5)
 
-#: config.json model_type values this adapter takes
-HF_SIGLIP_TYPES = {"siglip"}
+#: config.json model_type values this file's adapters take
+HF_SIGLIP_TYPES = {"siglip", "siglip2"}
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,65 @@ def siglip_preprocess_from_config(processor_config: dict | None, image_size: int
     )
 
 
+def size_for_max_patches(height: int, width: int, patch: int, max_patches: int) -> tuple[int, int]:
+    """SigLIP 2's NaFlex size: the aspect ratio kept, each side rounded up to whole patches, the
+    largest such size with at most ``max_patches`` patches (a bisection on the scale, as the
+    transformers image processor does it)."""
+
+    def side(scale: float, size: int) -> int:
+        return max(patch, math.ceil(size * scale / patch) * patch)
+
+    lo, hi = 1e-6, 100.0
+    while hi - lo >= 1e-5:
+        mid = (lo + hi) / 2
+        if (side(mid, height) // patch) * (side(mid, width) // patch) <= max_patches:
+            lo = mid
+        else:
+            hi = mid
+    return side(lo, height), side(lo, width)
+
+
+@dataclass(frozen=True)
+class NaFlexPreprocess(Preprocess):
+    """SigLIP 2 (NaFlex): ``resize="model"`` keeps the aspect ratio and resizes to the largest
+    whole-patch size with at most ``max_patches`` patches (no crop, no padding patches);
+    ``resize="full"`` is the common shortest-edge recipe of :class:`Preprocess`."""
+
+    patch: int = 16
+    max_patches: int = 256
+
+    def __call__(
+        self, image: Image.Image, *, resize: str = "model", patch_size: int | None = None
+    ) -> tuple[torch.Tensor, Geometry]:
+        if resize != "model":
+            return super().__call__(image, resize=resize, patch_size=patch_size)
+        w, h = image.size
+        new_h, new_w = size_for_max_patches(h, w, self.patch, self.max_patches)
+        resized = image.resize((new_w, new_h), resample=self.resample)
+        arr = np.asarray(resized, dtype=np.float32) / 255.0
+        mean = np.asarray(self.mean, dtype=np.float32)
+        std = np.asarray(self.std, dtype=np.float32)
+        pixels = torch.from_numpy(((arr - mean) / std).transpose(2, 0, 1).copy())
+        return pixels, Geometry(w, h, new_w / w, new_h / h, (0.0, 0.0), (new_w, new_h))
+
+
+def naflex_preprocess_from_config(processor_config: dict | None, patch: int, num_patches: int) -> Preprocess:
+    """The SigLIP 2 recipe from a ``preprocessor_config.json`` dict (or its defaults)."""
+    cfg = processor_config or {}
+    max_patches = int(cfg.get("max_num_patches", num_patches))
+    side = int(round(math.sqrt(max_patches))) * patch
+    return NaFlexPreprocess(
+        size=side,
+        crop=(side, side),
+        mean=tuple(cfg.get("image_mean", SIGLIP_MEAN)),
+        std=tuple(cfg.get("image_std", SIGLIP_STD)),
+        resample=int(cfg.get("resample", Image.BILINEAR)),
+        do_center_crop=False,
+        patch=int(cfg.get("patch_size", patch)),
+        max_patches=max_patches,
+    )
+
+
 class HFSiglipAdapter(ModelAdapter):
     family = "hf-siglip"
     pair_probability = "sigmoid"
@@ -104,11 +164,15 @@ class HFSiglipAdapter(ModelAdapter):
             raise ModelLoadError("this SigLIP model has no attention-pooling head (vision_use_head=False)")
         self.model = model
         self.tokenizer = tokenizer
-        self.preprocess = preprocess or siglip_preprocess_from_config(None, vcfg.image_size)
+        self.preprocess = preprocess or self._default_preprocess(vcfg)
         self.name = name or getattr(model.config, "_name_or_path", "") or type(model).__name__
         # Whether the model sees the padding mask: as in ``model(**tokenizer(...))``. SigLIP was
         # trained without one (pads are attended to); tokenizers that return a mask pass it on.
         self.text_uses_mask = "attention_mask" in (getattr(tokenizer, "model_input_names", None) or [])
+
+    @staticmethod
+    def _default_preprocess(vcfg) -> Preprocess:
+        return siglip_preprocess_from_config(None, vcfg.image_size)
 
     @staticmethod
     def matches(model) -> bool:
@@ -257,12 +321,16 @@ class HFSiglipAdapter(ModelAdapter):
             self._capture(vm, run, detach_blocks, input_embeds),
             mha_probabilities([vm.head.attention], lambda i, p: pool.append(p)),
         ):
-            out = vm(pixel_values=pixel_values, interpolate_pos_encoding=True)
+            out = self._vision_forward(vm, pixel_values, gh, gw)
         run.pool_attention = pool[-1]
         # the head's output is the embedding: SigLIP has no projection after the pooling head
         run.pooled = out.pooler_output
         run.embeds = out.pooler_output
         return run
+
+    def _vision_forward(self, vm, pixel_values: torch.Tensor, gh: int, gw: int):
+        """The vision tower on (B, 3, h, w) pixels, positions interpolated to the gh x gw grid."""
+        return vm(pixel_values=pixel_values, interpolate_pos_encoding=True)
 
     def _readout_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
         """SigLIP's text tower pools the last position, whatever token sits there."""
@@ -338,14 +406,54 @@ class HFSiglipAdapter(ModelAdapter):
         return ReadoutParts("layernorm", norm.weight, norm.bias, float(norm.eps), head.weight, head.bias)
 
 
+class HFSiglip2Adapter(HFSiglipAdapter):
+    """transformers ``Siglip2Model`` (NaFlex): the SigLIP towers and pooling head, with the image
+    given as a sequence of flattened patches plus its grid (``spatial_shapes``); the model itself
+    resizes its position embeddings to that grid (bilinear, antialiased). Pixels (B, 3, h, w)
+    are cut into patches here in the processor's order (row-major patches, each patch row-major
+    with the channels innermost), every patch real (no padding patches)."""
+
+    family = "hf-siglip2"
+
+    @staticmethod
+    def _default_preprocess(vcfg) -> Preprocess:
+        return naflex_preprocess_from_config(None, vcfg.patch_size, vcfg.num_patches)
+
+    @staticmethod
+    def matches(model) -> bool:
+        try:
+            from transformers import Siglip2Model
+        except ImportError:  # pragma: no cover
+            return False
+        return isinstance(model, Siglip2Model)
+
+    def _vision_forward(self, vm, pixel_values: torch.Tensor, gh: int, gw: int):
+        b, c = pixel_values.shape[:2]
+        p = self.patch_size[0]
+        patches = (
+            pixel_values.reshape(b, c, gh, p, gw, p).permute(0, 2, 4, 3, 5, 1).reshape(b, gh * gw, p * p * c)
+        )
+        mask = torch.ones(b, gh * gw, dtype=torch.long, device=pixel_values.device)
+        shapes = torch.tensor([[gh, gw]] * b, dtype=torch.long, device=pixel_values.device)
+        return vm(pixel_values=patches, pixel_attention_mask=mask, spatial_shapes=shapes)
+
+
+def siglip_adapter(model, tokenizer, preprocess: Preprocess | None = None, name: str | None = None):
+    """The adapter of this file that fits ``model`` (SiglipModel or Siglip2Model)."""
+    cls = HFSiglip2Adapter if HFSiglip2Adapter.matches(model) else HFSiglipAdapter
+    return cls(model, tokenizer, preprocess=preprocess, name=name)
+
+
 def load_hf_siglip(
     source, dtype: torch.dtype, name: str, *, local_files_only: bool = True, processor_config=None
 ):
     """A :class:`HFSiglipAdapter` from a local directory or a cached/reachable hub name."""
-    from transformers import AutoTokenizer, SiglipModel
+    from transformers import AutoConfig, AutoTokenizer, Siglip2Model, SiglipModel
 
     try:
-        model = SiglipModel.from_pretrained(source, dtype=dtype, local_files_only=local_files_only)
+        config = AutoConfig.from_pretrained(source, local_files_only=local_files_only)
+        model_class = Siglip2Model if config.model_type == "siglip2" else SiglipModel
+        model = model_class.from_pretrained(source, dtype=dtype, local_files_only=local_files_only)
     except (OSError, ValueError, RuntimeError) as exc:
         raise ModelLoadError(
             f"{name}: could not load the SigLIP checkpoint ({str(exc).splitlines()[0]})"
@@ -357,5 +465,9 @@ def load_hf_siglip(
         raise ModelLoadError(
             f"{name}: could not load the SigLIP tokenizer ({str(exc).splitlines()[0]})"
         ) from None
-    pre = siglip_preprocess_from_config(processor_config, model.config.vision_config.image_size)
-    return HFSiglipAdapter(model, tokenizer, preprocess=pre, name=name)
+    vcfg = model.config.vision_config
+    if isinstance(model, Siglip2Model):
+        pre = naflex_preprocess_from_config(processor_config, vcfg.patch_size, vcfg.num_patches)
+    else:
+        pre = siglip_preprocess_from_config(processor_config, vcfg.image_size)
+    return siglip_adapter(model, tokenizer, preprocess=pre, name=name)
