@@ -1,0 +1,296 @@
+"""Exact additive decomposition of the embedding into per-(layer, head, token) terms, dotted
+with the other tower's normalised embedding: the seed blog's "forward tracing", done so the
+parts sum to the whole.
+
+For a tower that reads out token r (class token / end-of-text token), the residual stream z
+at r leaving the last block is exactly
+
+    z = x_r                                            (the stream entering block 0; for HF
+                                                        CLIP's image tower that is AFTER
+                                                        pre_layrnorm)
+      + sum_l sum_h sum_j A^{l,h}_{rj} V^{l,h}_j       (V: head h's value of token j mapped by
+                                                        its slice of W_O; adapter contract
+                                                        ``attention_value_heads``)
+      + sum_l b_O^l                                    (attention output bias)
+      + sum_l MLP^l(.)_r                               (the MLP branch at r)
+
+With the final norm frozen at its observed statistics (mean mu and scale sigma of z), the
+readout ``embed = W_p (gamma * (z - mu) / sigma + beta) + b_p`` is affine in z. Centring is
+linear, so each term t is centred by its own mean; the constant ``W_p beta + b_p`` belongs to
+no term and is split evenly over the K terms (K = 1 + L*H*n_valid + L [+ L biases]):
+
+    e(t) = W_p (gamma * (t - mean(t)) / sigma) + (W_p beta + b_p) / K
+
+and the e(t) sum to the embedding exactly (to float rounding). Each term's share of the
+explained logit is ``logit_scale * <e(t), u> / |embed|`` with u the other tower's normalised
+embedding; the shares sum to the logit (minus a logit bias, for sigmoid models).
+
+Image map: per patch j, the sum over layers and heads of its (l, h, j) terms. Text scores: the
+same per token on the text tower (against the normalised image embedding). Extras (image;
+the text tower's carry a ``text_`` prefix):
+
+- ``head_terms`` (B, P, L, H): each head's share, summed over all its tokens;
+- ``embedding_term``, ``other_tokens_term`` (B, P): the block-0 input's share, and the share
+  of token columns that are not patches (the class token);
+- ``attn_bias_terms``, ``mlp_terms`` (B, P, L);
+- ``norm_bias_share`` (B, P): the total share of the split constant (every token term carries
+  1/K of it, so a uniform offset of ``L*H/K`` times it sits in each patch value);
+- ``dims`` (B, P, D): per embedding dimension ``logit_scale * i_d * u_d / (|i| |u|)``, which
+  sums to the explained logit: which dimensions carry the match;
+- ``head_embeddings`` (B, L, H, D): each head's term in embedding space (TextSpan-style);
+- ``delta_embedding`` (B, P): |sum of all terms in embedding space - embedding| / |embedding|;
+- ``delta_similarity`` (B, P): |sum of shares + constants - y| / max(|y|, |pair logit|).
+
+Targets: ``logit`` is explained exactly. ``contrast`` is exact on the image side (the image
+terms are dotted with ``t_p/|t_p| - t_q/|t_q|``); on the text side prompt p's terms explain its
+own logit and the other prompt's logit is a constant in the completeness check. Other targets
+(``probability``: not additive in the embedding) are refused with an InputError rather than
+answered with a first-order approximation.
+
+Paper: Y. Gandelsman, A. Efros, J. Steinhardt, "Interpreting CLIP's Image Representation via
+Text-Based Decomposition", ICLR 2024 (TextSpan).
+
+Differences from the reference (yossigandelsman/clip_text_span, ``prs_hook.py``): the
+reference hooks the model's internals and divides the final norm's bias and mean by the
+number of components it collects; here the terms come from the adapter contract, each term is
+centred by its own mean (exact), the bias constant is split over every term, the text tower is
+decomposed too, and completeness is returned with every call.
+
+Cost: one forward of each tower over the B images and P prompts (no B*P replication, no
+backward) plus, per block, the value heads of the readout tower (about 2 n C^2 multiply-adds:
+one sixth of a block's forward) and the MLP of one token.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..adapters.base import ImageBatch, ModelAdapter, TextBatch, TowerRun
+from ..engine import forward_pairs
+from ..errors import InputError
+from ..targets import Contrast, PairLogit, Target
+from .base import Method, MethodResult, register, require_readout_token
+
+
+def _to_pairs(x: torch.Tensor, tower: str, B: int, P: int) -> torch.Tensor:
+    """Per-row values (rows, ...) of a tower -> (B, P, ...)."""
+    if tower == "image":
+        return x[:, None].expand(B, P, *x.shape[1:])
+    return x[None].expand(B, P, *x.shape[1:])
+
+
+def _dot_pairs(t: torch.Tensor, w: torch.Tensor, tower: str) -> torch.Tensor:
+    """<t[row, ..., :], w[b, p, :]>: (rows, K, C) x (B, P, C) -> (B, P, K)."""
+    return torch.einsum("bkc,bpc->bpk" if tower == "image" else "pkc,bpc->bpk", t, w)
+
+
+class TowerDecomposition:
+    """The frozen readout of one tower and its terms' shares for every pair."""
+
+    def __init__(
+        self, adapter: ModelAdapter, run: TowerRun, u: torch.Tensor, scale: torch.Tensor, B: int, P: int
+    ):
+        self.adapter, self.run, self.tower, self.B, self.P = adapter, run, run.tower, B, P
+        parts = adapter.readout_parts(self.tower)
+        rows = run.layout.readout.shape[0]
+        self.ar, self.r = torch.arange(rows, device=u.device), run.layout.readout
+        z = run.block_outputs[-1][self.ar, self.r]  # (rows, C)
+        C = z.shape[-1]
+        self.centre = parts.norm == "layernorm"
+        if parts.norm == "layernorm":
+            sigma = (z.var(-1, unbiased=False) + parts.eps).sqrt()
+        elif parts.norm == "rmsnorm":
+            sigma = (z.pow(2).mean(-1) + parts.eps).sqrt()
+        elif parts.norm == "none":
+            sigma = torch.ones_like(z[:, 0])
+        else:
+            raise InputError(f"decomposition does not know the final norm {parts.norm!r}")
+        one = torch.ones(C, dtype=z.dtype, device=z.device)
+        self.gamma = parts.norm_weight if parts.norm_weight is not None else one
+        beta = parts.norm_bias if parts.norm_bias is not None else torch.zeros_like(one)
+        self.Wp = (
+            parts.proj_weight
+            if parts.proj_weight is not None
+            else torch.eye(C, dtype=z.dtype, device=z.device)
+        )
+        const_d = self.Wp @ beta + (parts.proj_bias if parts.proj_bias is not None else 0.0)  # (D,)
+        self.sigma = sigma
+        L = len(run.attentions)
+        H = run.attentions[0].shape[1]
+        self.n_valid = run.layout.valid.sum(1).to(z.dtype)  # (rows,)
+        self.has_bias = [adapter.attention_out_bias(self.tower, l) is not None for l in range(L)]
+        self.K = 1 + L * H * self.n_valid + sum(self.has_bias) + L  # (rows,)
+        self.const_d_share = const_d[None] / self.K[:, None]  # (rows, D)
+        norm_embed = run.embeds.norm(dim=-1)  # (rows,)
+        # share(t) = coef * <t, w> + bias_share   for a C-space term t of a row
+        self.coef = _to_pairs(scale / (sigma * norm_embed), self.tower, B, P)  # (B, P)
+        w = self.gamma * (u @ self.Wp)  # (B, P, C)
+        self.w = w - w.mean(-1, keepdim=True) if self.centre else w
+        beta_u = u @ const_d  # (B, P)
+        self.bias_share = (
+            _to_pairs(scale / norm_embed, self.tower, B, P) * beta_u / _to_pairs(self.K, self.tower, B, P)
+        )
+
+    def share(self, t: torch.Tensor) -> torch.Tensor:
+        """(rows, C) one term per row -> (B, P) its share of the explained value."""
+        return self.coef * _dot_pairs(t[:, None], self.w, self.tower)[..., 0] + self.bias_share
+
+    def to_embedding(self, t: torch.Tensor, count: torch.Tensor | float = 1.0) -> torch.Tensor:
+        """(rows, ..., C) terms -> (rows, ..., D) in embedding space, each carrying ``count``
+        ((rows,) or a number) shares of the split constant."""
+        c = t - t.mean(-1, keepdim=True) if self.centre else t
+        lead = (slice(None),) + (None,) * (t.dim() - 2)
+        sigma = self.sigma[lead + (None,)]
+        share = self.const_d_share[lead[:1] + (None,) * (t.dim() - 2)]
+        if isinstance(count, torch.Tensor):
+            count = count[lead + (None,)]
+        return (self.gamma * c / sigma) @ self.Wp.T + count * share
+
+    def run_terms(self) -> dict[str, torch.Tensor]:
+        adapter, run, tower = self.adapter, self.run, self.tower
+        B, P = self.B, self.P
+        ar, r = self.ar, self.r
+        valid = _to_pairs(run.layout.valid.to(self.sigma.dtype), tower, B, P)[:, :, None]  # (B, P, 1, n)
+        x0 = run.block_inputs[0][ar, r]
+        z_sum = x0  # the terms' sum in stream space, for the embedding-space check
+        out = {"embedding_term": self.share(x0)}
+        heads, tokens, biases, mlps, head_sums = [], 0.0, [], [], []
+        for l, (x, attn) in enumerate(zip(run.block_inputs, run.attentions)):
+            V = adapter.attention_value_heads(tower, l, x)  # (rows, H, n, C)
+            rows, H, n, C = V.shape
+            a = attn[ar, :, r]  # (rows, H, n): the readout token's attention rows
+            # token term (h, j) is a_hj V_hj; its share: coef * a_hj <V_hj, w> + the constant's share
+            vw = _dot_pairs(V.reshape(rows, H * n, C), self.w, tower).reshape(B, P, H, n)
+            tok = (
+                self.coef[..., None, None] * _to_pairs(a, tower, B, P) * vw
+                + self.bias_share[..., None, None] * valid
+            )
+            heads.append(tok.sum(-1))
+            tokens = tokens + tok.sum(2)
+            head_sum = (a.unsqueeze(-2) @ V).squeeze(-2)  # (rows, H, C): sum_j a_hj V_hj
+            head_sums.append(head_sum)
+            attn_out = head_sum.sum(1)
+            b_o = adapter.attention_out_bias(tower, l)
+            if b_o is not None:
+                biases.append(self.share(b_o.expand_as(x0)))
+                attn_out = attn_out + b_o
+            else:
+                biases.append(torch.zeros_like(self.coef))
+            mid = x[ar, r] + attn_out
+            mlp = adapter.mlp_output(tower, l, mid[:, None])[:, 0]
+            mlps.append(self.share(mlp))
+            z_sum = z_sum + attn_out + mlp
+        out["head_terms"] = torch.stack(heads, 2)
+        out["token_terms"] = tokens  # (B, P, n)
+        out["attn_bias_terms"] = torch.stack(biases, 2)
+        out["mlp_terms"] = torch.stack(mlps, 2)
+        out["head_embeddings"] = self.to_embedding(torch.stack(head_sums, 1), self.n_valid)  # (rows, L, H, D)
+        # the map to embedding space is linear: the sum of every term's e(t) is e(sum of terms)
+        # carrying all K shares of the constant
+        total_d = self.to_embedding(z_sum, self.K)
+        out["norm_bias_share"] = self.bias_share * _to_pairs(self.K, tower, B, P)
+        embeds = run.embeds
+        delta = (total_d - embeds).norm(dim=-1) / embeds.norm(dim=-1)
+        out["delta_embedding"] = _to_pairs(delta, tower, B, P)
+        out["total"] = (
+            out["embedding_term"]
+            + out["head_terms"].sum((2, 3))
+            + out["attn_bias_terms"].sum(2)
+            + out["mlp_terms"].sum(2)
+        )
+        return out
+
+
+def _decompose(adapter, run, u, scale, B, P) -> dict[str, torch.Tensor]:
+    try:
+        return TowerDecomposition(adapter, run, u, scale, B, P).run_terms()
+    except NotImplementedError as exc:  # an adapter without the contract's linear pieces
+        raise InputError(
+            f"decomposition is not available for {adapter.family or type(adapter).__name__}: {exc}"
+        ) from None
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=-1, keepdim=True)
+
+
+@register
+class Decomposition(Method):
+    name = "decomposition"
+    summary = "exact additive decomposition of the logit over layers, heads and tokens (TextSpan-style, no gradient)"
+    reference = "Gandelsman, Efros, Steinhardt. Interpreting CLIP's Image Representation via Text-Based Decomposition. ICLR 2024"
+
+    def compute(
+        self,
+        adapter: ModelAdapter,
+        images: ImageBatch,
+        texts: TextBatch,
+        target: Target,
+        *,
+        towers: tuple[str, ...] = ("image", "text"),
+        **_,
+    ) -> MethodResult:
+        if isinstance(target, Contrast):
+            versus: int | None = int(target.versus)
+        elif isinstance(target, PairLogit):
+            versus = None
+        else:
+            raise InputError(
+                f"decomposition explains the logit and contrasts of logits exactly; the target "
+                f"{target.describe()!r} is not additive in the embedding (use target='logit' or 'contrast:OTHER')"
+            )
+        with adapter.explaining(), torch.no_grad():
+            fw = forward_pairs(adapter, images, texts, target, image_grad=False, text_grad=False)
+            B, P = fw.B, fw.P
+            img, txt = fw.image.embeds, fw.text.embeds
+            scale = adapter.logit_scale().to(img.dtype)
+            bias = adapter.logit_bias()
+            bias_v = 0.0 if bias is None else bias
+            i_hat, t_hat = _unit(img), _unit(txt)
+            y = fw.y
+            logits = fw.logits
+            extras: dict[str, torch.Tensor] = {}
+            image_maps = token_scores = None
+            if "image" in towers:
+                require_readout_token(self.name, fw.image)
+                u = t_hat[None].expand(B, P, -1)
+                const = torch.full_like(y, 1.0) * bias_v
+                if versus is not None:
+                    u = u - t_hat[versus]
+                    const = const * 0.0
+                terms = _decompose(adapter, fw.image, u, scale, B, P)
+                gh, gw = fw.image.layout.grid
+                patches = fw.image.layout.patches
+                image_maps = terms["token_terms"][:, :, patches].reshape(B, P, gh, gw)
+                other = torch.ones(terms["token_terms"].shape[-1], dtype=torch.bool, device=y.device)
+                other[patches] = False
+                terms["other_tokens_term"] = terms["token_terms"][:, :, other].sum(-1)
+                terms["dims"] = scale * i_hat[:, None] * u
+                extras.update(self._finish(terms, const, y, logits, prefix=""))
+            if "text" in towers:
+                require_readout_token(self.name, fw.text)
+                u = i_hat[:, None].expand(B, P, -1)
+                const = torch.full_like(y, 1.0) * bias_v
+                if versus is not None:
+                    const = const - logits[:, versus : versus + 1]
+                terms = _decompose(adapter, fw.text, u, scale, B, P)
+                tok = terms["token_terms"]
+                token_scores = tok.masked_fill(~fw.text.layout.valid[None].expand_as(tok), float("nan"))
+                terms.pop("head_embeddings")  # per prompt, not per image: not kept as an extra
+                extras.update(self._finish(terms, const, y, logits, prefix="text_"))
+        return MethodResult(
+            image_maps=image_maps,
+            token_scores=token_scores,
+            logits=fw.logits,
+            probs=fw.probs,
+            target_values=y.detach(),
+            extras=extras,
+        )
+
+    @staticmethod
+    def _finish(terms: dict, const: torch.Tensor, y: torch.Tensor, logits: torch.Tensor, prefix: str) -> dict:
+        total = terms.pop("total")
+        terms.pop("token_terms")
+        denom = torch.maximum(y.abs(), logits.abs()).clamp_min(torch.finfo(y.dtype).tiny)
+        terms["delta_similarity"] = (total + const - y).abs() / denom
+        return {prefix + k: v for k, v in terms.items()}

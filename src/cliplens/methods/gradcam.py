@@ -1,0 +1,80 @@
+"""Grad-CAM for vision transformers, on the residual stream entering a block.
+
+Features F are the patch tokens of the residual stream entering block ``layer`` (default:
+the last block), i.e. the input of that block's first norm, as (C, Gh*Gw). With y the target:
+
+    alpha_c = mean over patches j of dy/dF[j, c]
+    cam[j]  = sum_c alpha_c F[j, c]                 map = (cam)^+
+
+The signed cam (before the ReLU) is in ``extras["signed"]`` (B, P, Gh, Gw).
+
+Why not the last block's output: with a class-token readout, the patch tokens leaving the
+last block reach nothing (only the class token is read out), so their gradient is zero. The
+stream entering the last block still reaches the class token through that block's attention.
+
+Paper: R. R. Selvaraju et al., "Grad-CAM: Visual Explanations from Deep Networks via
+Gradient-based Localization", ICCV 2017; the ViT adaptation (tokens as a feature map,
+taken before the last block) as in pytorch-grad-cam's ViT recipe.
+
+Differences from pytorch-grad-cam's ViT recipe: the features are the residual stream
+entering the block (that recipe hooks the output of the block's first norm, which rescales
+each token); raw map, no min-max, no upsampling; all pairs in one backward; image tower only
+(the text tower has no grid).
+
+Cost: one forward of the image tower over the B*P pairs and of the text tower over the P
+prompts, and one backward that stops at the features (it runs through the blocks from
+``layer`` on only).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..adapters.base import ImageBatch, ModelAdapter, TextBatch
+from ..engine import forward_pairs
+from ..targets import Target
+from .base import Method, MethodResult, register, resolve_layer
+
+
+@register
+class GradCAM(Method):
+    name = "gradcam"
+    summary = "Grad-CAM on the patch tokens entering the last block (image map only)"
+    reference = "Selvaraju et al. Grad-CAM. ICCV 2017 (ViT variant: tokens as the feature map)"
+    towers = ("image",)
+    options = {
+        "layer": "block whose input stream is the feature map (default: the last; negative counts from the end)"
+    }
+
+    def compute(
+        self,
+        adapter: ModelAdapter,
+        images: ImageBatch,
+        texts: TextBatch,
+        target: Target,
+        *,
+        towers: tuple[str, ...] = ("image",),
+        layer: int | None = None,
+        **_,
+    ) -> MethodResult:
+        with adapter.explaining():
+            fw = forward_pairs(adapter, images, texts, target, image_grad=True, text_grad=False)
+            run = fw.image
+            n_layers = len(run.block_inputs)
+            feats = run.block_inputs[resolve_layer(layer, n_layers, n_layers - 1)]
+            (grad,) = torch.autograd.grad(fw.y.sum(), [feats])
+        patches = run.layout.patches
+        f = feats.detach()[:, patches]  # (rows, N, C)
+        alpha = grad[:, patches].mean(dim=1)  # (rows, C)
+        cam = torch.einsum("rnc,rc->rn", f, alpha)
+        B, P = fw.B, fw.P
+        gh, gw = run.layout.grid
+        signed = cam.reshape(B, P, gh, gw)
+        return MethodResult(
+            image_maps=signed.clamp(min=0),
+            token_scores=None,
+            logits=fw.logits,
+            probs=fw.probs,
+            target_values=fw.y.detach(),
+            extras={"signed": signed},
+        )

@@ -1,0 +1,201 @@
+"""Gradient sensitivity of the target to the input, per patch: the seed blog's
+"deoptimization", done carefully.
+
+x is the embedding input of the image tower (``TowerRun.input_embeds``: for HF CLIP the patch
+convolution plus position embeddings, class token included, before ``pre_layrnorm``), g = dy/dx
+per pair. Per patch token j, ``variant``:
+
+- ``"grad_norm"`` (default): ``|g_j|_2`` over the C channels.
+- ``"grad_x_input"``: ``sum_c g_jc x_jc`` (signed; first-order change of y when the patch's
+  embedding is set to zero).
+- ``"pixel_grad"``: the gradient with respect to the preprocessed pixels, L2 norm over the 3
+  channels and the patch's ph x pw pixels. ``extras["pixel_saliency"]`` (B, P, h, w) keeps the
+  per-pixel L2 norm over channels.
+- ``"iterative"``: ``steps`` normalised gradient-descent steps on the patch embeddings that
+  lower y (class token and the rest of the model fixed):
+  ``x <- x - step_size * rms(x0) * g / |g|_F`` with rms(x0) the root mean square norm of the
+  original patch embeddings and |g|_F the norm of the patch gradient of that pair, so each step
+  moves the image by the same distance whatever the gradient's scale. Map: ``|x_k,j - x_0,j|_2``
+  per patch. ``extras["target_path"]`` (B, P, steps + 1) is y along the descent (it should
+  fall: that is the check that the descent worked).
+
+The text side (``grad_norm`` and ``grad_x_input`` only) applies the same rule to the token
+embeddings of the text tower (token + position embedding); the other variants have no text
+side and return no token scores.
+
+What the seed blog found, and what holds here: pixel gradients of a ViT show the patch grid.
+The patch embedding is a stride = kernel convolution, so dy/dpixel inside patch j is W^T g_j:
+every patch shows the same fixed pattern of the convolution filters, weighted by that patch's
+embedding gradient. The pixel map therefore carries the grid and filter texture, not object
+boundaries; pooled per patch it is a re-weighted ``grad_norm`` (the norm of W^T g_j instead of
+g_j). Read pixel maps at patch resolution.
+
+Papers: K. Simonyan, A. Vedaldi, A. Zisserman, "Deep Inside Convolutional Networks", 2014
+(gradient saliency); A. Shrikumar et al. 2016 / M. Ancona et al. 2018 (gradient x input).
+There is no reference implementation for CLIP; the blog's deoptimization had no fixed step
+rule and measured pixels; here the descent runs in embedding space with a normalised step.
+
+Cost: ``grad_norm``, ``grad_x_input``, ``pixel_grad``: one forward of the image tower over
+the B*P pairs (and of the text tower over B*P rows when the text side is asked for, else P)
+and one full backward to the input. ``iterative``: 1 + k image-tower forwards and k full
+backward passes (k = ``steps``), with the text embeddings computed once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ..adapters.base import ImageBatch, ModelAdapter, TextBatch, TowerRun
+from ..engine import forward_pairs, per_pair
+from ..errors import InputError
+from ..targets import PairContext, Target
+from .base import Method, MethodResult, grid_maps, register, token_rows
+from .legrad import constant_pairs
+
+VARIANTS = ("grad_norm", "grad_x_input", "pixel_grad", "iterative")
+TEXT_VARIANTS = ("grad_norm", "grad_x_input")
+
+
+def token_values(variant: str, grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(rows, n, C) gradient and input -> (rows, n) per-token values."""
+    if variant == "grad_norm":
+        return grad.norm(dim=-1)
+    return (grad * x).sum(dim=-1)
+
+
+def pixel_patch_norms(grad: torch.Tensor, run: TowerRun) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, 3, h, w) pixel gradient -> per-patch L2 norm (rows, Gh, Gw) and the per-pixel
+    L2 norm over channels (rows, h, w)."""
+    gh, gw = run.layout.grid
+    rows, ch, h, w = grad.shape
+    ph, pw = h // gh, w // gw
+    blocks = grad.reshape(rows, ch, gh, ph, gw, pw)
+    return blocks.pow(2).sum(dim=(1, 3, 5)).sqrt(), grad.pow(2).sum(1).sqrt()
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InputError(f"sensitivity option {name} must be a positive integer, got {value!r}")
+    return value
+
+
+@register
+class Sensitivity(Method):
+    name = "sensitivity"
+    summary = "input-gradient sensitivity per patch: gradient norm, gradient x input, pixel gradient, iterative descent"
+    reference = "Simonyan et al. 2014 (saliency); the seed blog's deoptimization"
+    options = {
+        "variant": "grad_norm (default), grad_x_input, pixel_grad or iterative",
+        "steps": "iterative: number of descent steps (default 10)",
+        "step_size": "iterative: step length as a fraction of the patch embeddings' RMS norm (default 0.05)",
+    }
+
+    def compute(
+        self,
+        adapter: ModelAdapter,
+        images: ImageBatch,
+        texts: TextBatch,
+        target: Target,
+        *,
+        towers: tuple[str, ...] = ("image", "text"),
+        variant: str = "grad_norm",
+        steps: int = 10,
+        step_size: float = 0.05,
+        **_,
+    ) -> MethodResult:
+        if variant not in VARIANTS:
+            raise InputError(
+                f"sensitivity option variant must be one of {', '.join(VARIANTS)}, got {variant!r}"
+            )
+        steps = _positive_int("steps", steps)
+        if isinstance(step_size, bool) or not isinstance(step_size, (int, float)) or not step_size > 0:
+            raise InputError(f"sensitivity option step_size must be a positive number, got {step_size!r}")
+        want_image = "image" in towers
+        want_text = "text" in towers and variant in TEXT_VARIANTS
+        if variant == "pixel_grad" and want_image:
+            # a pixel tensor that requires grad: its per-pair copy made by the engine is then
+            # the point the gradient is asked at (the adapter keeps the embeddings in the graph)
+            images = dataclasses.replace(
+                images, pixel_values=images.pixel_values.detach().requires_grad_(True)
+            )
+        extras: dict[str, torch.Tensor] = {}
+        with adapter.explaining():
+            fw = forward_pairs(adapter, images, texts, target, image_grad=want_image, text_grad=want_text)
+            B, P = fw.B, fw.P
+            img_vals = txt_vals = None
+            if want_image or want_text:
+                inputs: list[torch.Tensor] = []
+                if want_image:
+                    inputs.append(fw.image.pixel_values if variant == "pixel_grad" else fw.image.input_embeds)
+                if want_text:
+                    inputs.append(fw.text.input_embeds)
+                grads = list(torch.autograd.grad(fw.y.sum(), inputs))
+                if want_image:
+                    g = grads.pop(0)
+                    run = fw.image
+                    if variant == "pixel_grad":
+                        patch_norms, pixel = pixel_patch_norms(g, run)
+                        img_vals = patch_norms.reshape(B, P, *patch_norms.shape[1:])
+                        extras["pixel_saliency"] = pixel.reshape(B, P, *pixel.shape[1:])
+                    elif variant == "iterative":
+                        img_vals, path = self._descend(adapter, fw, target, g, steps, float(step_size))
+                        extras["target_path"] = path
+                    else:
+                        img_vals = grid_maps(run, token_values(variant, g, run.input_embeds.detach()), B, P)
+                if want_text:
+                    g = grads.pop(0)
+                    txt_vals = token_rows(
+                        fw.text, token_values(variant, g, fw.text.input_embeds.detach()), B, P
+                    )
+        return MethodResult(
+            image_maps=img_vals,
+            token_scores=txt_vals,
+            logits=fw.logits,
+            probs=fw.probs,
+            target_values=fw.y.detach(),
+            extras=extras,
+        )
+
+    @staticmethod
+    def _descend(
+        adapter, fw, target, grad, steps: int, step_size: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """k normalised descent steps on the patch embeddings of every pair (the first gradient
+        comes from the call's forward pass). Returns the per-patch change (B, P, Gh, Gw) and
+        y along the way (B, P, k + 1)."""
+        run = fw.image
+        B, P = fw.B, fw.P
+        patches = run.layout.patches
+        x0 = run.input_embeds.detach()
+        pixels = run.pixel_values.detach()
+        txt_c = constant_pairs(fw, "text")
+        scale, bias = adapter.logit_scale().to(x0.dtype), adapter.logit_bias()
+        mask = torch.zeros(x0.shape[1], 1, dtype=x0.dtype, device=x0.device)
+        mask[patches] = 1.0
+        rms = x0[:, patches].pow(2).sum(-1).mean(-1).sqrt()  # (rows,)
+        x = x0
+        path = [fw.y.detach()]
+        for k in range(steps):
+            if k > 0:
+                with torch.enable_grad():
+                    x_in = x.detach().requires_grad_(True)
+                    new = adapter.run_image(pixels, input_embeds=x_in)
+                    e = per_pair(new.embeds, B, P)
+                    ctx = PairContext(
+                        e, txt_c, e.detach()[:, 0], txt_c[0], scale, bias, adapter.pair_probability
+                    )
+                    y = target(ctx)
+                    (grad,) = torch.autograd.grad(y.sum(), [x_in])
+                path.append(y.detach())
+            g = grad.detach() * mask
+            norm = g.flatten(1).norm(dim=1).clamp_min(torch.finfo(g.dtype).tiny)
+            x = x - (step_size * rms / norm)[:, None, None] * g
+        with torch.no_grad():
+            final = adapter.run_image(pixels, input_embeds=x)
+            e = per_pair(final.embeds, B, P)
+            ctx = PairContext(e, txt_c, e[:, 0], txt_c[0], scale, bias, adapter.pair_probability)
+            path.append(target(ctx))
+        change = (x - x0).norm(dim=-1)  # (rows, n)
+        return grid_maps(run, change, B, P), torch.stack(path, -1)
