@@ -247,6 +247,6 @@ def hf_siglip2_factory(seed=0, dtype=torch.float32):
     return HFSiglip2Adapter(model, clip_tokenizer(), name="tiny-hf-siglip2")
 
 
-# hf_siglip2_factory joins ADAPTER_FACTORIES once tests/test_contract.py lists
-# ("decomposition", "hf-siglip2") as unsupported and accepts per-image maps of different grids
-# (NaFlex keeps each image's aspect ratio, so a batch of mixed shapes gives a list of maps).
+# NaFlex keeps each image's aspect ratio, so a batch of mixed shapes gives a list of maps;
+# tests/test_contract.py accepts that and lists ("decomposition", "hf-siglip2") as unsupported.
+ADAPTER_FACTORIES.append(("hf-siglip2", hf_siglip2_factory))

@@ -1,0 +1,286 @@
+"""Contract tests: every registered method x every adapter family (conftest.ADAPTER_FACTORIES).
+
+For each pair: shapes, finite values, a batch of 2 images x 3 prompts equals the 6 calls one
+by one, determinism, and the model left exactly as found (no hooks, same flags and modes,
+bit-identical outputs), also after an exception injected in the forward pass, in the backward
+pass or in the target.
+
+A family that cannot support a method lists (method, family) in UNSUPPORTED; explain must then
+fail with a one-line InputError, which is checked instead.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import cliplens
+from cliplens.methods import REGISTRY
+from conftest import ADAPTER_FACTORIES, random_image
+
+METHODS = [name for name in REGISTRY if not name.startswith("_")]
+#: (method, family) pairs a family does not support; explain must raise InputError for them
+UNSUPPORTED: set[tuple[str, str]] = {
+    ("decomposition", "hf-siglip"),  # the MAP pooling head (attention + MLP) is not additive
+    ("decomposition", "hf-siglip2"),
+}
+
+TEXTS = ["a red triangle", "a photo of a small dog", "cat"]
+IMAGES = [random_image(1), random_image(2, size=(40, 64))]
+
+
+class Boom(Exception):
+    pass
+
+
+@pytest.fixture(scope="module", params=ADAPTER_FACTORIES, ids=[name for name, _ in ADAPTER_FACTORIES])
+def family(request):
+    name, factory = request.param
+    return name, factory(seed=0)
+
+
+def _hooks(model) -> int:
+    n = 0
+    for m in model.modules():
+        n += len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+        n += len(getattr(m, "_backward_pre_hooks", {}))
+        n += int("forward" in m.__dict__)  # an instance-level forward patch
+    return n
+
+
+def _state(model) -> dict:
+    configs = []
+    cfg = getattr(model, "config", None)
+    if cfg is not None:
+        from cliplens.adapters.hf_clip import _all_configs
+
+        configs = [c._attn_implementation for c in _all_configs(cfg)]
+    return {
+        "attn": configs,
+        "grad": [p.requires_grad for p in model.parameters()],
+        "param_grads": [p.grad is None for p in model.parameters()],
+        "train": [m.training for m in model.modules()],
+        "hooks": _hooks(model),
+    }
+
+
+def _outputs(adapter) -> list[torch.Tensor]:
+    """Both towers' embeddings (adapter runs only, no method)."""
+    batch = adapter.tokenize(TEXTS)
+    pixels = adapter.prepare_images(IMAGES[:1])[0].pixel_values
+    with adapter.explaining(), torch.no_grad():
+        img = adapter.run_image(pixels).embeds.clone()
+        txt = adapter.run_text(batch.input_ids, batch.attention_mask).embeds.clone()
+    return [img, txt]
+
+
+def _skip_unsupported(method: str, family_name: str, adapter):
+    if (method, family_name) in UNSUPPORTED:
+        with pytest.raises(cliplens.InputError):
+            cliplens.explain(adapter, IMAGES, TEXTS, method=method)
+        pytest.skip(f"{method} is documented as unsupported on {family_name}")
+
+
+def _check_finite(x: np.ndarray | None, what: str) -> None:
+    if x is None:
+        return
+    x = np.asarray(x, dtype=float)
+    assert np.isfinite(x[~np.isnan(x)]).all(), f"{what} has infinite values"
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_shapes_and_finite(method, family):
+    name, adapter = family
+    _skip_unsupported(method, name, adapter)
+    ex = cliplens.explain(adapter, IMAGES, TEXTS, method=method)
+    meth = REGISTRY[method]
+    B, P = len(IMAGES), len(TEXTS)
+    assert ex.shape == (B, P)
+    for key in ("logits", "probs", "target_values"):
+        assert getattr(ex, key).shape == (B, P)
+        assert np.isfinite(getattr(ex, key)).all()
+    if "image" in meth.towers:
+        # one array (B, P, Gh, Gw), or per image (P, Gh_b, Gw_b) when the grids differ
+        assert len(ex.image_maps) == B
+        ph, pw = adapter.patch_size
+        for b in range(B):
+            w, h = ex.geometries[b].input_size
+            maps = np.asarray(ex.image_maps[b])
+            assert maps.shape == (P, h // ph, w // pw)
+            assert np.isfinite(maps).all()
+    else:
+        assert ex.image_maps is None
+    if "text" in meth.towers and ex.token_scores is not None:
+        assert ex.token_scores.shape[:2] == (B, P)
+        valid = np.zeros(ex.token_scores.shape[1:], dtype=bool)
+        for p, toks in enumerate(ex.tokens):
+            valid[p, : len(toks)] = True
+        assert np.isfinite(ex.token_scores[:, valid]).all()
+        assert np.isnan(ex.token_scores[:, ~valid]).all()
+    if "text" not in meth.towers:
+        assert ex.token_scores is None
+    for key, value in ex.extras.items():
+        assert value.shape[0] == B, key
+        _check_finite(value, f"extras[{key!r}]")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_batch_equals_one_by_one(method, family):
+    name, adapter = family
+    _skip_unsupported(method, name, adapter)
+    ex = cliplens.explain(adapter, IMAGES, TEXTS, method=method)
+    for b, img in enumerate(IMAGES):
+        for p, text in enumerate(TEXTS):
+            one = cliplens.explain(adapter, [img], [text], method=method)
+            assert one.logits[0, 0] == pytest.approx(ex.logits[b, p], rel=1e-5, abs=1e-6)
+            assert one.target_values[0, 0] == pytest.approx(ex.target_values[b, p], rel=1e-5, abs=1e-6)
+            if ex.image_maps is not None:
+                batched = np.asarray(ex.image_maps[b][p])
+                scale = np.abs(batched).max() + 1e-12
+                np.testing.assert_allclose(
+                    np.asarray(one.image_maps[0][0]), batched, rtol=1e-4, atol=1e-5 * scale
+                )
+            if ex.token_scores is not None:
+                t = len(one.tokens[0])
+                scale = np.nanmax(np.abs(ex.token_scores[b, p])) + 1e-12
+                np.testing.assert_allclose(
+                    one.token_scores[0, 0, :t], ex.token_scores[b, p, :t], rtol=1e-4, atol=1e-5 * scale
+                )
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_deterministic(method, family):
+    name, adapter = family
+    _skip_unsupported(method, name, adapter)
+    a = cliplens.explain(adapter, IMAGES[:1], TEXTS[:2], method=method)
+    b = cliplens.explain(adapter, IMAGES[:1], TEXTS[:2], method=method)
+    for x, y in (
+        (a.image_maps, b.image_maps),
+        (a.token_scores, b.token_scores),
+        (a.target_values, b.target_values),
+    ):
+        if x is not None:
+            for xb, yb in zip(x, y):
+                np.testing.assert_array_equal(xb, yb)
+    assert a.extras.keys() == b.extras.keys()
+    for key in a.extras:
+        np.testing.assert_array_equal(a.extras[key], b.extras[key])
+
+
+@pytest.fixture
+def prepared(family):
+    """The family's model in train mode with mixed requires_grad flags (a user's model as it
+    may come), its state and outputs; restored to that afterwards for the next test."""
+    name, adapter = family
+    model = adapter.model
+    modes = {m: m.training for m in model.modules()}
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    model.eval()
+    before_out = _outputs(adapter)
+    model.train()
+    first = next(model.parameters())
+    first.requires_grad_(False)
+    try:
+        yield name, adapter, _state(model), before_out
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def _unchanged(adapter, before_state, before_out):
+    assert _state(adapter.model) == before_state
+    modes = {m: m.training for m in adapter.model.modules()}
+    adapter.model.eval()
+    after = _outputs(adapter)
+    for m, mode in modes.items():
+        m.training = mode
+    for x, y in zip(before_out, after):
+        assert torch.equal(x, y)  # bit-identical
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_model_unchanged_after_explain(method, prepared):
+    name, adapter, before_state, before_out = prepared
+    _skip_unsupported(method, name, adapter)
+    cliplens.explain(adapter, IMAGES, TEXTS[:2], method=method)
+    _unchanged(adapter, before_state, before_out)
+
+
+def _last_image_block(adapter) -> torch.nn.Module:
+    """The module whose output is the last captured image block output: found by running the
+    tower once and matching tensors (no module paths in the tests)."""
+    pixels = adapter.prepare_images(IMAGES[:1])[0].pixel_values
+    seen: list[tuple[torch.nn.Module, torch.Tensor]] = []  # references keep every output alive
+
+    def hook(module, args, output):
+        out = output[0] if isinstance(output, tuple) else output
+        if isinstance(out, torch.Tensor):
+            seen.append((module, out))
+
+    handles = [m.register_forward_hook(hook) for m in adapter.model.modules()]
+    try:
+        with adapter.explaining(), torch.no_grad():
+            run = adapter.run_image(pixels)
+    finally:
+        for h in handles:
+            h.remove()
+    return next(module for module, out in seen if out is run.block_outputs[-1])
+
+
+@pytest.mark.parametrize("where", ["forward", "backward", "target"])
+@pytest.mark.parametrize("method", METHODS)
+def test_model_restored_after_injected_exception(method, where, prepared):
+    name, adapter, before_state, before_out = prepared
+    _skip_unsupported(method, name, adapter)
+    handle = None
+    target = "logit"
+    if where == "target":
+
+        class BadTarget(cliplens.Target):
+            name = "bad"
+
+            def __call__(self, ctx):
+                raise Boom("target failed")
+
+        target = BadTarget()
+        expected: tuple[type[Exception], ...] = (
+            Boom,
+            cliplens.InputError,
+        )  # a method may refuse the target first
+    else:
+        block = _last_image_block(adapter)
+        if where == "forward":
+
+            def hook(module, args, output):
+                raise Boom("forward failed")
+
+        else:
+
+            def explode(grad):
+                raise Boom("backward failed")
+
+            def hook(module, args, output):
+                out = output[0] if isinstance(output, tuple) else output
+                if out.requires_grad:
+                    out.register_hook(explode)
+
+        handle = block.register_forward_hook(hook)
+        before_state = {**before_state, "hooks": before_state["hooks"] + 1}
+        expected = (Boom,)
+    try:
+        try:
+            cliplens.explain(adapter, IMAGES[:1], TEXTS[:2], method=method, target=target)
+            raised = False
+        except expected:
+            raised = True
+        if where != "backward":  # methods without a backward pass finish normally there
+            assert raised
+        assert _state(adapter.model) == before_state
+    finally:
+        if handle is not None:
+            handle.remove()
+    before_state = {**before_state, "hooks": before_state["hooks"] - (handle is not None)}
+    _unchanged(adapter, before_state, before_out)
