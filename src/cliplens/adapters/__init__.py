@@ -37,14 +37,14 @@ __all__ = [
     "HFClipAdapter",
     "HFSiglip2Adapter",
     "HFSiglipAdapter",
-    "OpenClipAdapter",
     "load_model",
     "adapt",
 ]
 
 
 def __getattr__(name):
-    # open_clip (and with it torchvision) is an optional extra: import its adapter on demand only
+    # open_clip (and with it torchvision) is an optional extra: its adapter is imported on demand
+    # only (and kept out of __all__, so that a star import never pulls it in)
     if name == "OpenClipAdapter":
         from .open_clip import OpenClipAdapter
 
