@@ -23,7 +23,9 @@ else
 fi
 python3 -m venv "$env_dir"
 "$env_dir/bin/pip" install -q torch torchvision
-"$env_dir/bin/pip" install -q -e ".[open_clip,test]"
+# the extra "open_clip" under its normalised name: older pips (23.2) do not normalise a request
+# for "open_clip" and then silently install without it
+"$env_dir/bin/pip" install -q -e ".[open-clip,test]"
 # torch and torchvision must import together, or open_clip (and transformers) break at import
 "$env_dir/bin/python" -c "import torch, torchvision, open_clip; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'open_clip', open_clip.__version__)"
 "$env_dir/bin/python" -m pytest -m open_clip -q -p no:cacheprovider
