@@ -74,19 +74,11 @@ def plain_pass(adapter, image, texts):
             p.requires_grad_(f)
 
 
-def median_time(fn, repeats: int = 3, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def paired_ratio(fn, base, repeats: int = 3) -> tuple[float, float, float]:
+    """(median time of fn, median time of base, median of the per-repeat ratios fn / base).
 
-
-def interleaved_ratio(fn, base, repeats: int = 3) -> tuple[float, float, float]:
-    """Median times of fn and base, measured alternately so load on the machine hits both."""
+    The two are timed back to back in each repeat, so load from other processes hits both
+    and the per-repeat ratio stays steady even when absolute times drift."""
     fn(), base()
     tf, tb = [], []
     for _ in range(repeats):
@@ -96,8 +88,8 @@ def interleaved_ratio(fn, base, repeats: int = 3) -> tuple[float, float, float]:
         t0 = time.perf_counter()
         fn()
         tf.append(time.perf_counter() - t0)
-    mf, mb = statistics.median(tf), statistics.median(tb)
-    return mf, mb, mf / mb
+    ratios = [f / b for f, b in zip(tf, tb)]
+    return statistics.median(tf), statistics.median(tb), statistics.median(ratios)
 
 
 def current_rss_mb() -> float:
@@ -136,8 +128,9 @@ class PeakRSS:
         return False
 
 
-def measure_peak_in_subprocess(script: str, args: list[str]) -> dict:
+def measure_peak_in_subprocess(script: str, args: list[str], threads: int = 0) -> dict:
     """Run ``script --measure ...`` in a fresh interpreter; it prints one JSON line."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
-    out = subprocess.run([sys.executable, script, "--measure", *args], capture_output=True, text=True, env=env, check=True)
+    cmd = [sys.executable, script, "--measure", *args] + (["--threads", str(threads)] if threads else [])
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])

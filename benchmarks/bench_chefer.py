@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -53,23 +54,29 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--prompts", default="1,8,32")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (default: all available cores)")
     ap.add_argument("--measure", nargs=3, metavar=("SIZE", "MODE", "P"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.measure:
+        torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
         measure(args.measure[0], args.measure[1], int(args.measure[2]))
         return
+    torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
     size = "quick" if args.quick else "b16"
     adapter, image = setup(size)
     print(f"model: random CLIP ({size}), torch {torch.__version__}, threads {torch.get_num_threads()}")
     print(f"{'P':>3} {'chefer s':>9} {'plain s':>8} {'time x':>7} {'mem x':>6} {'mem x (eager plain)':>20}")
     for P in [int(p) for p in args.prompts.split(",")]:
         texts = C.PROMPTS[:P]
-        t_ex, t_plain, ratio = C.interleaved_ratio(
+        t_ex, t_plain, ratio = C.paired_ratio(
             lambda: cliplens.explain(adapter, image, texts, method="chefer"),
             lambda: C.plain_pass(adapter, image, texts),
             repeats=args.repeats,
         )
-        mem = {m: C.measure_peak_in_subprocess(__file__, [size, m, str(P)])["peak_mb"] for m in ("chefer", "plain", "plain-eager")}
+        mem = {
+            m: C.measure_peak_in_subprocess(__file__, [size, m, str(P)], threads=torch.get_num_threads())["peak_mb"]
+            for m in ("chefer", "plain", "plain-eager")
+        }
         print(
             f"{P:>3} {t_ex:>9.3f} {t_plain:>8.3f} {ratio:>7.2f} {mem['chefer'] / mem['plain']:>6.2f} "
             f"{mem['chefer'] / mem['plain-eager']:>20.2f}   (peak MB: chefer {mem['chefer']:.0f}, "

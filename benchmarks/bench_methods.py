@@ -53,21 +53,6 @@ CASES = [
 NO_BACKWARD = {"rollout", "raw_attention", "decomposition"}
 
 
-def paired_ratio(fn, base, repeats: int) -> tuple[float, float, float]:
-    """(median time of fn, median time of base, median of the per-repeat ratios fn / base)."""
-    fn(), base()
-    tf, tb = [], []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        base()
-        tb.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        fn()
-        tf.append(time.perf_counter() - t0)
-    ratios = [f / b for f, b in zip(tf, tb)]
-    return statistics.median(tf), statistics.median(tb), statistics.median(ratios)
-
-
 def setup(size: str):
     adapter = HFClipAdapter(C.build_clip(size), C.tokenizer(), name=f"random-{size}")
     rng = np.random.default_rng(0)
@@ -119,10 +104,10 @@ def main() -> None:
             def forward(texts=texts):
                 plain_forward(adapter, image, texts)
 
-            t_m, t_plain, ratio = paired_ratio(run, plain, args.repeats)
+            t_m, t_plain, ratio = C.paired_ratio(run, plain, args.repeats)
             fwd = ""
             if method in NO_BACKWARD:
-                _, t_fwd, r_fwd = paired_ratio(run, forward, args.repeats)
+                _, t_fwd, r_fwd = C.paired_ratio(run, forward, args.repeats)
                 fwd = f"{r_fwd:.2f} ({t_fwd:.2f} s)"
             print(
                 f"| {label:<26} | {P:>2} | {t_m:>8.2f} | {t_plain:>7.2f} | {ratio:>12.2f} | {fwd:>15} |",
