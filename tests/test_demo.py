@@ -33,15 +33,20 @@ def test_demo_writes_complete_page(tmp_path):
 
 
 def test_peak_object_reads_the_masks():
+    from cliplens.images import Geometry
+
     scene = shapes.make_scene(2, n_objects=2, size=96)
+    geom = Geometry(96, 96, 64 / 96, 64 / 96, (0.0, 0.0), (64, 64))  # 96 px scene -> 64 px input, 8 x 8 grid
     obj = scene.objects[-1]  # drawn last: never occluded
-    heat = np.zeros((96, 96))
-    ys, xs = np.nonzero(obj.mask)
-    heat[ys[0], xs[0]] = 1.0
-    assert peak_object(heat, scene) == obj.label
-    background = ~np.any([o.mask for o in scene.objects], axis=0)
-    by, bx = np.argwhere(background)[0]
-    heat2 = np.zeros((96, 96))
-    heat2[by, bx] = 1.0
-    assert peak_object(heat2, scene) == "background"
-    assert peak_object(np.full((96, 96), np.nan), scene) == "nothing"
+    cy, cx = (np.array(np.nonzero(obj.mask)).mean(1) / 12).astype(int)  # 12 original px per patch
+    grid = np.zeros((8, 8))
+    grid[cy, cx] = 1.0
+    assert peak_object(grid, geom, scene) == obj.label
+    covered = np.zeros((8, 8), dtype=bool)
+    for o in scene.objects:
+        covered |= o.mask.reshape(8, 12, 8, 12).any((1, 3))
+    by, bx = np.argwhere(~covered)[0]
+    grid2 = np.zeros((8, 8))
+    grid2[by, bx] = 1.0
+    assert peak_object(grid2, geom, scene) == "background"
+    assert peak_object(np.full((8, 8), np.nan), geom, scene) == "nothing"

@@ -30,21 +30,32 @@ class DemoRow:
     peak_on: list[str] = field(default_factory=list)  # label of the object under the peak, or "background"
 
 
-def peak_object(heat: np.ndarray, scene: shapes.Scene) -> str:
-    """Label of the object whose visible mask holds the map's maximum (NaN ignored)."""
-    if not np.isfinite(heat).any():
+def peak_object(grid_map: np.ndarray, geometry, scene: shapes.Scene) -> str:
+    """Label of the object the map's top patch lies on: the object covering most pixels of
+    that patch's footprint on the original image; "background" if none does."""
+    if not np.isfinite(grid_map).any():
         return "nothing"
-    y, x = np.unravel_index(np.nanargmax(heat), heat.shape)
-    for obj in scene.objects:
-        if obj.mask[y, x]:
-            return obj.label
-    return "background"
+    gh, gw = grid_map.shape
+    i, j = np.unravel_index(np.nanargmax(grid_map), grid_map.shape)
+    w_in, h_in = geometry.input_size
+    ph, pw = h_in / gh, w_in / gw
+    x0, y0, x1, y1 = geometry.input_to_original_box((j * pw, i * ph, (j + 1) * pw, (i + 1) * ph))
+    h, w = scene.objects[0].mask.shape
+    ys = slice(max(0, int(np.floor(y0))), min(h, int(np.ceil(y1))))
+    xs = slice(max(0, int(np.floor(x0))), min(w, int(np.ceil(x1))))
+    cover = [int(obj.mask[ys, xs].sum()) for obj in scene.objects]
+    if max(cover, default=0) == 0:
+        return "background"
+    return scene.objects[int(np.argmax(cover))].label
 
 
 def run_demo(out: str | Path, *, seed: int = 0, model="shapes", methods: list[str] | None = None,
              n_objects: int = 3, size: int = 224, progress: bool = True) -> list[DemoRow]:
     """Draw scene ``seed``, explain each object's caption and one absent caption with every
-    method, and write ``index.html`` plus PNGs into ``out``. Returns one row per method."""
+    method, and write ``index.html`` plus PNGs into ``out``. Returns one row per method.
+
+    A method "hits" when its top patch lies on the object the caption names (the object
+    covering most of that patch; see :func:`peak_object`)."""
     names = methods or [m for m in REGISTRY if not m.startswith("_")]
     for name in names:
         if name not in REGISTRY:
@@ -72,8 +83,7 @@ def run_demo(out: str | Path, *, seed: int = 0, model="shapes", methods: list[st
             row = DemoRow(name, time.perf_counter() - t0)
             section = Section(heading=f"{name} — {REGISTRY[name].summary}")
             for p, prompt in enumerate(prompts):
-                heat = ex.map_on_original(0, p)
-                on = peak_object(heat, scene)
+                on = peak_object(ex.grid_map(0, p), ex.geometries[0], scene)
                 hit = (on == labels[p]) if present[p] else None
                 row.hits.append(hit)
                 row.peak_on.append(on)
