@@ -116,10 +116,6 @@ class EvalConfig:
     blur_sigma: float = 5.0
     version: int = HARNESS_VERSION
 
-    def _chart_title(self) -> str:
-        kind, _, path = str(self.config["dataset"]).partition(":")
-        return f"{Path(str(self.config['model'])).name} · {kind}:{Path(path).name} · {self.n_pairs} pairs"
-
     def to_dict(self) -> dict:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
 
@@ -637,6 +633,10 @@ class EvalResults:
             "",
         ]
         return "\n".join(lines)
+
+    def _chart_title(self) -> str:
+        kind, _, path = str(self.config["dataset"]).partition(":")
+        return f"{Path(str(self.config['model'])).name} · {kind}:{Path(path).name} · {self.n_pairs} pairs"
 
     def to_dict(self) -> dict:
         return {
