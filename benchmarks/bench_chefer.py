@@ -55,6 +55,7 @@ def main() -> None:
     ap.add_argument("--prompts", default="1,8,32")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: all available cores)")
+    ap.add_argument("--skip-memory", action="store_true", help="time only (memory runs two extra passes per mode)")
     ap.add_argument("--measure", nargs=3, metavar=("SIZE", "MODE", "P"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.measure:
@@ -73,6 +74,9 @@ def main() -> None:
             lambda: C.plain_pass(adapter, image, texts),
             repeats=args.repeats,
         )
+        if args.skip_memory:
+            print(f"{P:>3} {t_ex:>9.3f} {t_plain:>8.3f} {ratio:>7.2f}  (memory not measured)", flush=True)
+            continue
         mem = {
             m: C.measure_peak_in_subprocess(__file__, [size, m, str(P)], threads=torch.get_num_threads())["peak_mb"]
             for m in ("chefer", "plain", "plain-eager")
