@@ -28,6 +28,15 @@ from cliplens.worlds.shapes import write_dataset
 from conftest import clip_tokenizer, make_tiny_clip
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models on a shared machine: one thread is many times faster; restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def shapes_dir(tmp_path_factory) -> Path:
     return write_dataset(tmp_path_factory.mktemp("data") / "shapes", 5, seed=11, size=64)
