@@ -106,7 +106,7 @@ class EvalConfig:
     removal: str = "mean"
     metrics: tuple[str, ...] = ALL_METRICS
     seed: int = 0
-    steps: int = 16
+    steps: int = 10
     fractions: tuple[float, ...] = CHEFER_FRACTIONS
     pointing_tolerance: float = 0.0
     sanity_items: int = 16
@@ -811,7 +811,7 @@ def evaluate(
     templates: str | Sequence[str] | None = None,
     classes: str | Sequence[str] | None = None,
     prompt: str | None = None,
-    steps: int = 16,
+    steps: int = 10,
     sanity_items: int = 16,
     pointing_tolerance: float = 0.0,
     make_shapes: int | None = None,
@@ -968,7 +968,7 @@ def add_arguments(p) -> None:
     )
     p.add_argument("--classes", default=None, help="class targets: a file with one class name per line")
     p.add_argument("--prompt", default=None, help="pair prompt template with {} (default: 'a {}' on shapes)")
-    p.add_argument("--steps", type=int, default=16, help="deletion/insertion steps. Default: 16")
+    p.add_argument("--steps", type=int, default=10, help="deletion/insertion steps. Default: 10")
     p.add_argument("--sanity-items", type=int, default=16, help="items given the sanity check. Default: 16")
     p.add_argument(
         "--pointing-tolerance", type=float, default=0.0, help="pointing game tolerance in pixels. Default: 0"
@@ -1011,7 +1011,7 @@ def _command_line(args) -> str:
         ("--templates", args.templates, None),
         ("--classes", args.classes, None),
         ("--prompt", args.prompt, None),
-        ("--steps", args.steps, 16),
+        ("--steps", args.steps, 10),
         ("--sanity-items", args.sanity_items, 16),
         ("--pointing-tolerance", args.pointing_tolerance, 0.0),
     ):
