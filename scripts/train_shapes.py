@@ -1,0 +1,361 @@
+"""Train the small CLIP shipped in ``src/cliplens/assets/shapes-clip`` on the shapes world.
+
+CPU only, seeded, two threads. Run ``scripts/build_tokenizer.py`` first: the tokenizer is
+read from the output folder, and the model, its config and ``preprocessor_config.json``
+are written next to it::
+
+    .venv/bin/python scripts/train_shapes.py            # defaults = the shipped model
+    nohup .venv/bin/python scripts/train_shapes.py > /tmp/train_shapes.log 2>&1 &
+
+Model: a standard Hugging Face ``CLIPModel`` (ViT image tower, causal text tower with the
+real 49,408-token CLIP vocabulary and 77 positions). Weights are stored as float16 (the
+token embedding dominates the size); ``config.json`` says float32 so that a plain
+``CLIPModel.from_pretrained`` computes in float32.
+
+Data: scenes drawn by :mod:`cliplens.worlds.shapes` directly at the model's input size
+(128 px), from training seeds ``scene_seed(TRAIN_SEED, i)``; a pool is drawn once and
+each step samples from it with a random flip / quarter turn (labels do not change).
+Each image is paired with one caption: its only object, one present object of a multi-
+object scene, or (sometimes) two present objects joined by "and".
+
+Loss: the symmetric contrastive loss over the batch's image-caption similarities, with
+ground-truth positives (a caption is a positive for every image in the batch that holds
+its objects, so repeated captions are not treated as negatives); each positive is
+contrasted against the negatives only. A second image-to-text term of the same form
+ranks each image against the caption of every label (positives: the objects present),
+which is what zero-shot use and the "present above absent" evaluation ask of the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+try:
+    import cliplens  # noqa: F401
+except ImportError:  # running from a checkout without an install
+    sys.path.insert(0, str(ROOT / "src"))
+
+from cliplens.worlds import shapes  # noqa: E402
+
+DEFAULT_OUT = ROOT / "src" / "cliplens" / "assets" / "shapes-clip"
+TRAIN_SEED = 1  # dataset seed of the training scenes (scene_seed(TRAIN_SEED, i))
+VAL_SEED = 2  # a small held-out set watched during training
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# Share of scenes with 1, 2, 3, 4 objects in the training pool.
+N_OBJECTS_P = (0.3, 0.3, 0.2, 0.2)
+
+
+def build_config(image_size: int, patch_size: int):
+    from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
+
+    text = CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=96,
+        intermediate_size=384,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+        projection_dim=128,
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=128,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        image_size=image_size,
+        patch_size=patch_size,
+        projection_dim=128,
+    )
+    return CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=128)
+
+
+def render_pool(n: int, size: int, dataset_seed: int, rng: np.random.Generator, n_objects=None):
+    """Draw n scenes; returns (uint8 N x H x W x 3, list of label lists)."""
+    images = np.empty((n, size, size, 3), np.uint8)
+    labels: list[list[str]] = []
+    counts = rng.choice(4, size=n, p=N_OBJECTS_P) + 1 if n_objects is None else np.full(n, n_objects)
+    t0 = time.time()
+    for i in range(n):
+        scene = shapes.make_scene(shapes.scene_seed(dataset_seed, i), n_objects=int(counts[i]), size=size)
+        images[i] = np.asarray(scene.image)
+        labels.append(scene.labels)
+        if (i + 1) % 4000 == 0:
+            print(f"  drew {i + 1}/{n} scenes ({time.time() - t0:.0f}s)", flush=True)
+    return images, labels
+
+
+def to_pixels(batch_u8: torch.Tensor) -> torch.Tensor:
+    """uint8 B x H x W x 3 -> normalised float B x 3 x H x W (CLIP mean/std)."""
+    x = batch_u8.permute(0, 3, 1, 2).float().div_(255.0)
+    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def augment(imgs: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """Apply one of the 8 flips / quarter turns (``codes``, 0..7) to each B x H x W x C image."""
+    out = torch.empty_like(imgs)
+    for code in range(8):
+        sel = codes == code
+        if sel.any():
+            x = imgs[sel]
+            if code >= 4:
+                x = x.flip(2)
+            out[sel] = torch.rot90(x, code % 4, dims=(1, 2))
+    return out
+
+
+def multi_positive_loss(logits: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of the mean over each row's positives p of
+    -log(exp(s_p) / (exp(s_p) + sum_negatives exp(s_n))). Every row needs a positive."""
+    neg = logits.masked_fill(pos, float("-inf")).logsumexp(dim=1, keepdim=True)
+    per = F.softplus(neg - logits)
+    return ((per * pos).sum(1) / pos.sum(1)).mean()
+
+
+class CaptionBank:
+    """Every caption the trainer can use, tokenised once, and which labels each one needs."""
+
+    def __init__(self, tokenizer, labels: list[str]):
+        self.labels = labels
+        self.label_index = {label: i for i, label in enumerate(labels)}
+        texts, needs = [], []
+        for a in labels:  # single-object captions first: rows 0..L-1 follow `labels`
+            texts.append(shapes.caption(a))
+            needs.append([self.label_index[a]])
+        for a in labels:
+            for b in labels:
+                if a != b:
+                    texts.append(shapes.compositional_caption([a, b]))
+                    needs.append([self.label_index[a], self.label_index[b]])
+        self.texts = texts
+        self.index = {t: i for i, t in enumerate(texts)}
+        enc = tokenizer(texts, padding=True, return_tensors="pt")
+        self.input_ids = enc["input_ids"]
+        self.attention_mask = enc["attention_mask"]
+        self.needs = torch.zeros(len(texts), len(labels), dtype=torch.bool)
+        for i, need in enumerate(needs):
+            self.needs[i, need] = True
+
+
+def sample_captions(rng: np.random.Generator, labels: list[list[str]], p_comp: float) -> list[str]:
+    out = []
+    for present in labels:
+        if len(present) >= 2 and rng.random() < p_comp:
+            a, b = rng.choice(len(present), size=2, replace=False)
+            out.append(shapes.compositional_caption([present[a], present[b]]))
+        else:
+            out.append(shapes.caption(present[int(rng.integers(len(present)))]))
+    return out
+
+
+@torch.no_grad()
+def zero_shot_accuracy(model, pixels: torch.Tensor, truth: torch.Tensor, bank: CaptionBank) -> float:
+    model.eval()
+    n_lab = len(bank.labels)
+    text = model.get_text_features(input_ids=bank.input_ids[:n_lab], attention_mask=bank.attention_mask[:n_lab])
+    text = getattr(text, "pooler_output", text)
+    img = model.get_image_features(pixel_values=pixels)
+    img = getattr(img, "pooler_output", img)
+    pred = (F.normalize(img, dim=-1) @ F.normalize(text, dim=-1).T).argmax(1)
+    model.train()
+    n_shapes = len(shapes.SHAPES)  # labels are colour-major
+    colour = (pred // n_shapes == truth // n_shapes).float().mean().item()
+    shape = (pred % n_shapes == truth % n_shapes).float().mean().item()
+    return (pred == truth).float().mean().item(), colour, shape
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="Train the shapes-world CLIP on CPU.")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--steps", type=int, default=1200)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--warmup", type=int, default=60)
+    ap.add_argument("--weight-decay", type=float, default=0.05)
+    ap.add_argument("--pool", type=int, default=16384, help="training scenes drawn up front")
+    ap.add_argument("--image-size", type=int, default=128)
+    ap.add_argument("--patch-size", type=int, default=16)
+    ap.add_argument("--p-comp", type=float, default=0.25, help="share of compositional captions (multi-object)")
+    ap.add_argument("--label-loss", type=float, default=1.0, help="weight of the image-vs-all-labels term")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--eval-every", type=int, default=100)
+    ap.add_argument("--cache-dir", type=Path, default=None,
+                    help="keep the drawn training scenes here (e.g. /tmp) to skip drawing on a rerun")
+    args = ap.parse_args()
+
+    from transformers import CLIPModel, CLIPTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    t_start = time.time()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+
+    tokenizer = CLIPTokenizer.from_pretrained(args.out)
+    labels = shapes.all_labels()
+    bank = CaptionBank(tokenizer, labels)
+    n_lab = len(labels)
+
+    cache = None
+    if args.cache_dir is not None:
+        cache = args.cache_dir / f"shapes-pool-seed{TRAIN_SEED}-rng{args.seed}-n{args.pool}-{args.image_size}px.npz"
+    if cache is not None and cache.is_file():
+        print(f"reading the training scenes from {cache}", flush=True)
+        with np.load(cache) as z:
+            pool_u8 = z["images"]
+            pool_labels = json.loads(str(z["labels"]))
+        rng.choice(4, size=args.pool, p=N_OBJECTS_P)  # keep the random stream as if drawn
+    else:
+        print(f"drawing {args.pool} training scenes at {args.image_size}px ...", flush=True)
+        pool_u8, pool_labels = render_pool(args.pool, args.image_size, TRAIN_SEED, rng)
+        if cache is not None:
+            args.cache_dir.mkdir(parents=True, exist_ok=True)
+            np.savez(cache, images=pool_u8, labels=json.dumps(pool_labels))
+    pool = torch.from_numpy(pool_u8)
+    val_u8, val_labels = render_pool(3 * n_lab, args.image_size, VAL_SEED, rng, n_objects=1)
+    val_pixels = to_pixels(torch.from_numpy(val_u8))
+    val_truth = torch.tensor([bank.label_index[v[0]] for v in val_labels])
+    present = torch.zeros(len(pool_labels), n_lab, dtype=torch.bool)
+    for i, labs in enumerate(pool_labels):
+        present[i, [bank.label_index[a] for a in labs]] = True
+    t_data = time.time() - t_start
+    print(f"data ready in {t_data:.0f}s", flush=True)
+
+    config = build_config(args.image_size, args.patch_size)
+    model = CLIPModel(config)
+    model.train()
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"CLIPModel with {n_params / 1e6:.2f}M parameters", flush=True)
+
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim < 2 or name == "logit_scale" else decay).append(p)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr,
+        betas=(0.9, 0.98),
+        eps=1e-6,
+        foreach=True,
+    )
+
+    def lr_at(step: int) -> float:
+        if step < args.warmup:
+            return args.lr * (step + 1) / args.warmup
+        t = (step - args.warmup) / max(1, args.steps - args.warmup)
+        return args.lr * 0.5 * (1.0 + math.cos(math.pi * t))
+
+    max_scale = math.log(100.0)
+    t_train = time.time()
+    running = None
+    for step in range(args.steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step)
+        idx = torch.from_numpy(rng.choice(len(pool), size=args.batch, replace=False))
+        imgs = augment(pool[idx], torch.from_numpy(rng.integers(0, 8, size=args.batch)))
+        pixels = to_pixels(imgs)
+        caps = sample_captions(rng, [pool_labels[i] for i in idx.tolist()], args.p_comp)
+        rows = torch.tensor([bank.index[c] for c in caps])
+        # Encode each distinct caption once: the batch's captions and every label's caption
+        # (bank rows 0..L-1), then gather the columns.
+        uniq = torch.unique(torch.cat([rows, torch.arange(n_lab)]))  # sorted
+        ids, mask = bank.input_ids[uniq], bank.attention_mask[uniq]
+        width = int(mask.sum(1).max())
+        txt = model.get_text_features(input_ids=ids[:, :width], attention_mask=mask[:, :width]).pooler_output
+        img = model.get_image_features(pixel_values=pixels).pooler_output
+        sims = model.logit_scale.exp() * F.normalize(img, dim=-1) @ F.normalize(txt, dim=-1).T  # B x U
+        batch_logits = sims[:, torch.searchsorted(uniq, rows)]  # B images x B captions
+        label_logits = sims[:, :n_lab]  # uniq starts with rows 0..L-1
+        img_present = present[idx]  # B x L
+        # caption c is a positive for image i iff i holds every label c needs
+        needs = bank.needs[rows].float()  # B x L
+        pos = (img_present.float() @ needs.T) >= needs.sum(1)[None, :]  # B x B
+        loss_i2t = multi_positive_loss(batch_logits, pos)
+        loss_t2i = multi_positive_loss(batch_logits.T, pos.T)
+        loss_lab = multi_positive_loss(label_logits, img_present)
+        loss = 0.5 * (loss_i2t + loss_t2i) + args.label_loss * loss_lab
+
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0.0, max_scale)
+
+        running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
+        if (step + 1) % 20 == 0 or step == 0:
+            el = time.time() - t_train
+            print(
+                f"step {step + 1}/{args.steps} loss {loss.item():.3f} (avg {running:.3f}) "
+                f"i2t {loss_i2t.item():.3f} t2i {loss_t2i.item():.3f} labels {loss_lab.item():.3f} "
+                f"scale {model.logit_scale.exp().item():.1f} lr {lr_at(step):.2e} "
+                f"{el:.0f}s ({el / (step + 1):.2f}s/step)",
+                flush=True,
+            )
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+            acc, colour, shape = zero_shot_accuracy(model, val_pixels, val_truth, bank)
+            print(f"  val zero-shot accuracy ({len(val_truth)} single-object scenes): {acc:.3f} "
+                  f"(colour {colour:.3f}, shape {shape:.3f})", flush=True)
+
+    t_total = time.time() - t_start
+    print(f"trained {args.steps} steps in {time.time() - t_train:.0f}s (total {t_total:.0f}s)", flush=True)
+    save(model, args, t_total, time.time() - t_train, t_data, n_params)
+
+
+def save(model, args, t_total: float, t_train: float, t_data: float, n_params: int) -> None:
+    out: Path = args.out
+    model.eval()
+    model.to(torch.float16).save_pretrained(out, safe_serialization=True)
+    cfg_path = out / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    # Weights are stored in float16 to keep the package small; compute in float32.
+    cfg["dtype"] = "float32"
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    pre = {
+        "image_processor_type": "CLIPImageProcessor",
+        "do_resize": True,
+        "size": {"shortest_edge": args.image_size},
+        "resample": 3,
+        "do_center_crop": True,
+        "crop_size": {"height": args.image_size, "width": args.image_size},
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(CLIP_MEAN),
+        "image_std": list(CLIP_STD),
+        "do_convert_rgb": True,
+    }
+    (out / "preprocessor_config.json").write_text(json.dumps(pre, indent=2) + "\n")
+    info = {
+        "trained_by": "scripts/train_shapes.py",
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"},
+        "train_seed": TRAIN_SEED,
+        "n_parameters": n_params,
+        "seconds_total": round(t_total),
+        "seconds_training_steps": round(t_train),
+        "seconds_drawing_data": round(t_data),
+        "torch": torch.__version__,
+    }
+    (out / "training_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    size = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
+    print(f"saved to {out} ({size / 1e6:.1f} MB on disk)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
