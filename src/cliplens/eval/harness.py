@@ -504,6 +504,7 @@ COLUMNS = [
     Column("deletion_auc", "del AUC", "{:.4g}", better="down"),
     Column("insertion_auc", "ins AUC", "{:.4g}", better="up"),
     Column("sanity_change", "sanity change", better="up"),
+    Column("sanity_rho_last", "rho all random"),
 ]
 CSV_KEYS = [
     "source",
@@ -628,8 +629,9 @@ class EvalResults:
             "perturbation test (target value while 0..90% of patches are removed, most / least relevant first;",
             "trapezoid area, unnormalised); del/ins AUC: deletion / insertion (Petsiuk et al.) over 0..100%;",
             "sanity change: 1 - mean Spearman correlation between the map of the trained model and the map after",
-            "randomising the top 1..L image blocks (0 = the map ignores the weights). Baselines do not read the",
-            "model, so their sanity change is 0 by construction.",
+            "randomising the top 1..L image blocks (0 = the map ignores the weights; above 1 = anti-correlated);",
+            "rho all random: that correlation with every image block randomised (near 0 passes the check).",
+            "Baselines do not read the model, so their sanity change is 0 by construction.",
             "",
         ]
         return "\n".join(lines)
