@@ -609,7 +609,8 @@ class EvalResults:
         ]
         if self.accuracy is not None:
             lines.append(
-                f"- zero-shot accuracy of the classifier on the explained classes: {self.accuracy:.3f}"
+                f"- share of explained pairs whose class is the classifier's top-1 class: {self.accuracy:.3f}"
+                " (at most one per image)"
             )
         lines += ["", self.markdown(), ""]
         for m, info in self.refused.items():
