@@ -71,8 +71,8 @@ SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross")
 CLEAN_BACKGROUND: tuple[int, int, int] = (128, 128, 128)
 
 # Object diameter as a fraction of the image side.
-_MIN_DIAMETER = 0.18
-_MAX_DIAMETER = 0.38
+_MIN_DIAMETER = 0.3
+_MAX_DIAMETER = 0.42
 # An object must keep at least this fraction of its own pixels visible after occlusion.
 _MIN_VISIBLE_FRACTION = 0.6
 _MAX_OBJECTS = 4
