@@ -13,7 +13,7 @@ token embedding dominates the size); ``config.json`` says float32 so that a plai
 ``CLIPModel.from_pretrained`` computes in float32.
 
 Data: scenes drawn by :mod:`cliplens.worlds.shapes` directly at the model's input size
-(128 px), from training seeds ``scene_seed(TRAIN_SEED, i)``; a pool is drawn once and
+(64 px), from training seeds ``scene_seed(TRAIN_SEED, i)``; a pool is drawn once and
 each step samples from it with a random flip / quarter turn (labels do not change).
 Each image is paired with one caption: its only object, one present object of a multi-
 object scene, or (sometimes) two present objects joined by "and".
@@ -24,6 +24,9 @@ its objects, so repeated captions are not treated as negatives); each positive i
 contrasted against the negatives only. A second image-to-text term of the same form
 ranks each image against the caption of every label (positives: the objects present),
 which is what zero-shot use and the "present above absent" evaluation ask of the model.
+A third, training-only term gives each final-layer patch token a linear head that names
+the object covering its patch (or background), from the world's masks; the head is not
+saved.
 """
 
 from __future__ import annotations
