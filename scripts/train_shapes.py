@@ -108,8 +108,6 @@ def patch_labels(scene, patch: int, label_index: dict[str, int]) -> np.ndarray:
     """G x G uint8 map: 1 + the label index of the object covering most of each patch,
     or 0 (background) where no object covers at least PATCH_COVER of it."""
     g = scene.size // patch
-    if not scene.objects:
-        return np.zeros((g, g), np.uint8)
     cover = np.stack([o.mask.reshape(g, patch, g, patch).mean(axis=(1, 3)) for o in scene.objects])
     best = cover.argmax(0)
     ids = np.array([label_index[o.label] + 1 for o in scene.objects], np.uint8)
