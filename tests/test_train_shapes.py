@@ -1,0 +1,137 @@
+"""The trainer of the shipped shapes model (scripts/train_shapes.py): its reduced-token image
+forward, its patch labels and its loss against direct computations, and a few-step run that
+writes a model `load_model` reads."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cliplens.worlds import shapes
+
+ROOT = Path(__file__).resolve().parent.parent
+ASSET = ROOT / "src" / "cliplens" / "assets" / "shapes-clip"
+
+
+@pytest.fixture(scope="module")
+def ts():
+    spec = importlib.util.spec_from_file_location("train_shapes", ROOT / "scripts" / "train_shapes.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(ts):
+    from transformers import CLIPModel
+
+    torch.manual_seed(0)
+    model = CLIPModel(ts.build_config(32, 8, vision_width=32, layers=2)).double().eval()
+    model.set_attn_implementation("eager")
+    ts.reinit_vision_tower(model)
+    return model.double()
+
+
+def test_vision_forward_with_every_token_is_clip_vision_model(ts, tiny_clip):
+    px = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+    want = tiny_clip.vision_model(pixel_values=px)
+    last, pooled = ts.vision_forward(tiny_clip.vision_model, px)
+    torch.testing.assert_close(last, want.last_hidden_state, rtol=0, atol=1e-12)
+    torch.testing.assert_close(pooled, want.pooler_output, rtol=0, atol=1e-12)
+
+
+def test_vision_forward_keeps_the_chosen_tokens(ts, tiny_clip):
+    """Positions are added before tokens are dropped, so the class token does not depend on
+    the order of `keep`, each kept token's output follows it, and keeping every patch in any
+    order gives the full forward pass."""
+    g = torch.Generator().manual_seed(1)
+    px = torch.randn(2, 3, 32, 32, dtype=torch.float64, generator=g)
+    n = 16  # 4 x 4 grid
+    perm = torch.stack([torch.randperm(n, generator=g) for _ in range(2)])
+    tol = {"rtol": 0, "atol": 1e-6}  # eager attention takes its softmax in float32
+    full_last, full_pooled = ts.vision_forward(tiny_clip.vision_model, px)
+    last, pooled = ts.vision_forward(tiny_clip.vision_model, px, perm)
+    torch.testing.assert_close(pooled, full_pooled, **tol)
+    torch.testing.assert_close(last[:, 1:], full_last[:, 1:].gather(1, perm[..., None].expand(-1, -1, 32)), **tol)
+
+    keep = perm[:, :6]
+    sub_last, sub_pooled = ts.vision_forward(tiny_clip.vision_model, px, keep)
+    shuffled = keep[:, torch.tensor([5, 3, 0, 1, 4, 2])]
+    sub_last2, sub_pooled2 = ts.vision_forward(tiny_clip.vision_model, px, shuffled)
+    torch.testing.assert_close(sub_pooled2, sub_pooled, **tol)
+    assert sub_last.shape == (2, 7, 32)
+    # Dropping tokens changes what the class token sees.
+    assert (sub_pooled - full_pooled).abs().max() > 1e-3
+
+
+def test_patch_labels_name_the_object_covering_each_patch(ts):
+    label_index = {label: i for i, label in enumerate(shapes.all_labels())}
+    for seed in range(5):
+        scene = shapes.make_scene(seed, n_objects=3, size=64)
+        got = ts.patch_labels(scene, 8, label_index)
+        for r in range(8):
+            for c in range(8):
+                cover = [o.mask[r * 8 : (r + 1) * 8, c * 8 : (c + 1) * 8].mean() for o in scene.objects]
+                best = int(np.argmax(cover))
+                want = label_index[scene.objects[best].label] + 1 if cover[best] >= ts.PATCH_COVER else 0
+                assert got[r, c] == want, (seed, r, c)
+
+
+def test_multi_positive_loss_matches_its_definition(ts):
+    logits = torch.tensor([[2.0, -1.0, 0.5, 0.0], [0.3, 1.2, -0.7, 2.2]], dtype=torch.float64)
+    pos = torch.tensor([[True, False, True, False], [False, True, False, False]])
+    rows = []
+    for s, p in zip(logits.tolist(), pos.tolist()):
+        neg = sum(math.exp(v) for v, q in zip(s, p) if not q)
+        per = [-math.log(math.exp(v) / (math.exp(v) + neg)) for v, q in zip(s, p) if q]
+        rows.append(sum(per) / len(per))
+    want = sum(rows) / len(rows)
+    assert ts.multi_positive_loss(logits, pos).item() == pytest.approx(want, rel=1e-12)
+
+
+@pytest.mark.slow
+def test_a_few_training_steps_write_a_model_load_model_reads(ts, tmp_path, monkeypatch):
+    out = tmp_path / "model"
+    out.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(ASSET / name, out / name)
+    argv = ["train_shapes.py", "--out", str(out), "--steps", "4", "--batch", "8", "--pool", "24",
+            "--keep-patches", "20", "--full-tail", "0.5", "--warmup", "2", "--eval-every", "2", "--threads", "1"]
+    monkeypatch.setattr(sys, "argv", argv)
+    ts.main()
+
+    info = json.loads((out / "training_info.json").read_text())
+    assert info["args"]["steps"] == 4 and info["args"]["keep_patches"] == 20
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float32"
+
+    from cliplens import load_model
+
+    adapter = load_model(str(out))
+    assert adapter.patch_size in (8, (8, 8))
+    # The token embedding is a plain dense one again ...
+    assert adapter.model.text_model.embeddings.token_embedding.sparse is False
+    # ... and the saved weights are the trained ones: the script seeds torch before building
+    # the model, so the same seed rebuilds its initialisation.
+    from transformers import CLIPModel
+
+    torch.manual_seed(0)
+    init = CLIPModel(ts.build_config(64, 8))
+    ts.reinit_vision_tower(init)
+    for name in ("visual_projection.weight", "text_projection.weight"):
+        before = init.state_dict()[name].half().float()
+        after = adapter.model.state_dict()[name].float()
+        assert (after - before).abs().max() > 1e-3, name
+    # A vocabulary row no caption uses keeps its initial value (sparse Adam leaves it alone).
+    used = {i for ids in adapter.tokenizer(shapes.all_captions() + ["a red circle and a blue star"])["input_ids"]
+            for i in ids}
+    assert 1000 not in used
+    emb = "text_model.embeddings.token_embedding.weight"
+    torch.testing.assert_close(adapter.model.state_dict()[emb][1000].float(), init.state_dict()[emb][1000].half().float())
