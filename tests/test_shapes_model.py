@@ -16,7 +16,7 @@ ASSET = Path(__file__).resolve().parent.parent / "src" / "cliplens" / "assets" /
 GOLDEN = Path(__file__).resolve().parent / "data" / "clip_token_ids.json"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-TEST_SEED = 777  # a dataset seed used neither in training (1, 2) nor in the evaluation script
+TEST_SEED = 777  # dataset seeds 777-779 are used neither in training (1, 2, 12-14) nor in the evaluation script
 
 
 def _golden() -> dict:
@@ -100,9 +100,10 @@ def test_preprocessor_matches_training_input(model):
 
 NOT_YET = pytest.mark.xfail(
     strict=True,
-    reason="the shipped model tells shapes apart (92% zero-shot) but does not yet rank every "
-    "present object above every absent one in most multi-object scenes (docs/shapes-model.md); "
-    "a model that passes turns this into a failure so the marker comes off",
+    reason="the issue asks that every present object's caption outrank every absent one in >= 95% "
+    "of scenes of 2-4 objects; the shipped model does so in 67% (90% of two-object scenes, 42% of "
+    "four-object ones; docs/shapes-model.md). A model that passes turns this into a failure so the "
+    "marker comes off",
 )
 
 
@@ -133,19 +134,32 @@ def test_zero_shot_on_fresh_single_object_scenes(model, tokenizer):
     assert correct >= 11, f"{correct}/12 correct"
 
 
-@NOT_YET
-@torch.no_grad()
-def test_present_objects_outrank_absent_ones(model, tokenizer):
+def _scenes_ranked_right(model, tokenizer, counts: list[int], dataset_seed: int) -> int:
+    """How many scenes (one per entry of counts, with that many objects) have every present
+    object's caption above every absent one."""
     size = model.config.vision_config.image_size
     captions = shapes.all_captions()
     enc = tokenizer(captions, padding=True, return_tensors="pt")
-    text = torch.nn.functional.normalize(model.get_text_features(**enc).pooler_output, dim=-1)
+    scenes = [shapes.make_scene(shapes.scene_seed(dataset_seed, i), n_objects=k, size=size) for i, k in enumerate(counts)]
+    with torch.no_grad():
+        text = torch.nn.functional.normalize(model.get_text_features(**enc).pooler_output, dim=-1)
+        x = torch.stack([torch.from_numpy(np.asarray(s.image)) for s in scenes]).permute(0, 3, 1, 2).float() / 255.0
+        x = (x - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+        img = torch.nn.functional.normalize(model.get_image_features(pixel_values=x).pooler_output, dim=-1)
     ok = 0
-    scenes = [shapes.make_scene(shapes.scene_seed(TEST_SEED + 1, i), n_objects=2, size=size) for i in range(10)]
-    x = torch.stack([torch.from_numpy(np.asarray(s.image)) for s in scenes]).permute(0, 3, 1, 2).float() / 255.0
-    x = (x - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(CLIP_STD).view(1, 3, 1, 1)
-    sims = (torch.nn.functional.normalize(model.get_image_features(pixel_values=x).pooler_output, dim=-1) @ text.T)
-    for scene, row in zip(scenes, sims):
+    for scene, row in zip(scenes, img @ text.T):
         present = torch.tensor([c in scene.captions for c in captions])
         ok += bool(row[present].min() > row[~present].max())
-    assert ok >= 9, f"{ok}/10 two-object scenes ranked correctly"
+    return ok
+
+
+def test_both_objects_of_two_object_scenes_outrank_absent_ones(model, tokenizer):
+    ok = _scenes_ranked_right(model, tokenizer, [2] * 10, TEST_SEED + 1)
+    assert ok >= 8, f"{ok}/10 two-object scenes ranked correctly"
+
+
+@NOT_YET
+def test_present_objects_outrank_absent_ones(model, tokenizer):
+    """The issue's target on scenes of 2, 3 and 4 objects."""
+    ok = _scenes_ranked_right(model, tokenizer, [2, 3, 4] * 6, TEST_SEED + 2)
+    assert ok >= 17, f"{ok}/18 scenes of 2-4 objects ranked correctly"
