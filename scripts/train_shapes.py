@@ -135,7 +135,8 @@ def render_pool(
     draw_size = size if draw_size is None else draw_size
     if draw_size % (size // patch):
         raise ValueError(f"draw size {draw_size} is not a multiple of the {size // patch}-patch grid")
-    draw_patch = draw_size // (size // patch)
+    g = size // patch
+    draw_patch = draw_size // g
     images = np.empty((n, size, size, 3), np.uint8)
     grids = np.empty((n, size // patch, size // patch), np.uint8)
     touched = np.empty((n, size // patch, size // patch), bool)
@@ -148,7 +149,6 @@ def render_pool(
         image = scene.image if draw_size == size else scene.image.resize((size, size), Image.BICUBIC)
         images[i] = np.asarray(image)
         grids[i] = patch_labels(scene, draw_patch, label_index)
-        g = size // patch
         touched[i] = np.any([o.mask for o in scene.objects], axis=0).reshape(g, draw_patch, g, draw_patch).any((1, 3))
         labels.append(scene.labels)
         if (i + 1) % 4000 == 0:
@@ -183,7 +183,8 @@ def vision_forward(vision_model, pixels: torch.Tensor, keep: torch.Tensor | None
     Returns (last hidden states B x (1 + K) x D, pooled class token B x D).
 
     Dropping tokens after the position embedding is what FLIP does to cut the cost of a step;
-    here the dropped tokens are background ones, so every object pixel is still seen."""
+    the trainer drops background tokens first, so object pixels are seen unless an image has
+    more object patches than it keeps."""
     h = vision_model.embeddings(pixels)
     if keep is not None:
         patches = h[:, 1:].gather(1, keep[..., None].expand(-1, -1, h.shape[-1]))
@@ -327,7 +328,8 @@ def main() -> None:
             pool_touched = z["touched"]
         rng.choice(4, size=args.pool, p=N_OBJECTS_P)  # keep the random stream as if drawn
     else:
-        print(f"drawing {args.pool} training scenes at {args.image_size}px ...", flush=True)
+        drawn = args.draw_size or args.image_size
+        print(f"drawing {args.pool} training scenes at {drawn}px for a {args.image_size}px input ...", flush=True)
         pool_u8, pool_labels, pool_grids, pool_touched = render_pool(
             args.pool, args.image_size, args.patch_size, TRAIN_SEED, rng, draw_size=args.draw_size
         )
