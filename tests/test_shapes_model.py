@@ -107,17 +107,23 @@ NOT_YET = pytest.mark.xfail(
 )
 
 
+@torch.no_grad()
+def _similarities(model, tokenizer, scenes) -> tuple[list[str], torch.Tensor]:
+    """Every colour x shape caption, and the cosine similarity of each scene with each."""
+    captions = shapes.all_captions()
+    enc = tokenizer(captions, padding=True, return_tensors="pt")
+    text = torch.nn.functional.normalize(model.get_text_features(**enc).pooler_output, dim=-1)
+    x = torch.stack([torch.from_numpy(np.array(s.image)) for s in scenes]).permute(0, 3, 1, 2).float() / 255.0
+    x = (x - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    img = torch.nn.functional.normalize(model.get_image_features(pixel_values=x).pooler_output, dim=-1)
+    return captions, img @ text.T
+
+
 def _single_object_predictions(model, tokenizer, n=12):
     size = model.config.vision_config.image_size
-    captions = shapes.all_captions()
     scenes = [shapes.make_scene(shapes.scene_seed(TEST_SEED, i), n_objects=1, size=size) for i in range(n)]
-    enc = tokenizer(captions, padding=True, return_tensors="pt")
-    with torch.no_grad():
-        text = torch.nn.functional.normalize(model.get_text_features(**enc).pooler_output, dim=-1)
-        x = torch.stack([torch.from_numpy(np.asarray(s.image)) for s in scenes]).permute(0, 3, 1, 2).float() / 255.0
-        x = (x - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(CLIP_STD).view(1, 3, 1, 1)
-        img = torch.nn.functional.normalize(model.get_image_features(pixel_values=x).pooler_output, dim=-1)
-    return [captions[p] for p in (img @ text.T).argmax(1).tolist()], scenes
+    captions, sims = _similarities(model, tokenizer, scenes)
+    return [captions[p] for p in sims.argmax(1).tolist()], scenes
 
 
 def test_colour_of_single_objects_is_known(model, tokenizer):
@@ -127,7 +133,6 @@ def test_colour_of_single_objects_is_known(model, tokenizer):
     assert right >= 11, f"colour right in {right}/12"
 
 
-@torch.no_grad()
 def test_zero_shot_on_fresh_single_object_scenes(model, tokenizer):
     preds, scenes = _single_object_predictions(model, tokenizer)
     correct = sum(p == s.captions[0] for p, s in zip(preds, scenes))
@@ -138,16 +143,10 @@ def _scenes_ranked_right(model, tokenizer, counts: list[int], dataset_seed: int)
     """How many scenes (one per entry of counts, with that many objects) have every present
     object's caption above every absent one."""
     size = model.config.vision_config.image_size
-    captions = shapes.all_captions()
-    enc = tokenizer(captions, padding=True, return_tensors="pt")
     scenes = [shapes.make_scene(shapes.scene_seed(dataset_seed, i), n_objects=k, size=size) for i, k in enumerate(counts)]
-    with torch.no_grad():
-        text = torch.nn.functional.normalize(model.get_text_features(**enc).pooler_output, dim=-1)
-        x = torch.stack([torch.from_numpy(np.asarray(s.image)) for s in scenes]).permute(0, 3, 1, 2).float() / 255.0
-        x = (x - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(CLIP_STD).view(1, 3, 1, 1)
-        img = torch.nn.functional.normalize(model.get_image_features(pixel_values=x).pooler_output, dim=-1)
+    captions, sims = _similarities(model, tokenizer, scenes)
     ok = 0
-    for scene, row in zip(scenes, img @ text.T):
+    for scene, row in zip(scenes, sims):
         present = torch.tensor([c in scene.captions for c in captions])
         ok += bool(row[present].min() > row[~present].max())
     return ok

@@ -36,8 +36,8 @@ def tiny_clip(ts):
     torch.manual_seed(0)
     model = CLIPModel(ts.build_config(32, 8, vision_width=32, layers=2)).double().eval()
     model.set_attn_implementation("eager")
-    ts.reinit_vision_tower(model)
-    return model.double()
+    ts.reinit_vision_tower(model)  # resets in place, keeping float64
+    return model
 
 
 def test_vision_forward_with_every_token_is_clip_vision_model(ts, tiny_clip):
