@@ -48,6 +48,37 @@ def test_vision_forward_with_every_token_is_clip_vision_model(ts, tiny_clip):
     torch.testing.assert_close(pooled, want.pooler_output, rtol=0, atol=1e-12)
 
 
+def test_vision_forward_hidden_states_are_clip_vision_models(ts, tiny_clip):
+    """The per-block outputs that the earlier-block patch heads read are the ones
+    `CLIPVisionModel` reports (entry 0: the encoder input; entry k: the output of block k)."""
+    px = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    want = tiny_clip.vision_model(pixel_values=px, output_hidden_states=True)
+    last, pooled, hidden = ts.vision_forward(tiny_clip.vision_model, px, with_hidden=True)
+    assert len(hidden) == len(want.hidden_states) == 3
+    for got, ref in zip(hidden, want.hidden_states):
+        torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(last, want.last_hidden_state, rtol=0, atol=1e-12)
+    torch.testing.assert_close(pooled, want.pooler_output, rtol=0, atol=1e-12)
+
+
+def test_render_pool_draws_the_same_scenes_in_parallel(ts):
+    serial = ts.render_pool(6, 64, 8, 5, np.random.default_rng(0))
+    forked = ts.render_pool(6, 64, 8, 5, np.random.default_rng(0), workers=2)
+    images, labels, grids, touched = forked
+    for a, b in zip(serial, forked):
+        assert (np.array_equal(a, b) if isinstance(a, np.ndarray) else a == b)
+    # ... and they are the world's scenes of dataset seed 5, with the counts the rng drew.
+    counts = np.random.default_rng(0).choice(4, size=6, p=ts.N_OBJECTS_P) + 1
+    label_index = {label: i for i, label in enumerate(shapes.all_labels())}
+    for i in range(6):
+        scene = shapes.make_scene(shapes.scene_seed(5, i), n_objects=int(counts[i]), size=64)
+        assert np.array_equal(images[i], np.asarray(scene.image))
+        assert labels[i] == scene.labels
+        assert np.array_equal(grids[i], ts.patch_labels(scene, 8, label_index))
+        union = np.any([o.mask for o in scene.objects], axis=0)
+        assert np.array_equal(touched[i], union.reshape(8, 8, 8, 8).any((1, 3)))
+
+
 def test_vision_forward_keeps_the_chosen_tokens(ts, tiny_clip):
     """Positions are added before tokens are dropped, so the class token does not depend on
     the order of `keep`, each kept token's output follows it, and keeping every patch in any
@@ -103,13 +134,16 @@ def test_a_few_training_steps_write_a_model_load_model_reads(ts, tmp_path, monke
     out.mkdir()
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(ASSET / name, out / name)
+    monkeypatch.setattr(sys, "argv", ["train_shapes.py", "--out", str(out), "--mid-blocks", "2,4"])
+    with pytest.raises(SystemExit):  # block 4 is the last one: its tokens already get the patch head
+        ts.main()
     argv = ["train_shapes.py", "--out", str(out), "--steps", "4", "--batch", "8", "--pool", "24",
             "--keep-patches", "20", "--full-tail", "0.5", "--warmup", "2", "--eval-every", "2", "--threads", "1"]
     monkeypatch.setattr(sys, "argv", argv)
     ts.main()
 
     info = json.loads((out / "training_info.json").read_text())
-    assert info["args"]["steps"] == 4 and info["args"]["keep_patches"] == 20
+    assert info["args"]["steps"] == 4 and info["args"]["keep_patches"] == 20 and info["args"]["mid_blocks"] == "3"
     assert json.loads((out / "config.json").read_text())["dtype"] == "float32"
 
     from cliplens import load_model
