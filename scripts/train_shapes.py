@@ -227,7 +227,8 @@ def augment(imgs: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
 def vision_forward(vision_model, pixels: torch.Tensor, keep: torch.Tensor | None = None, with_hidden: bool = False):
     """The image tower's forward pass as ``CLIPVisionModel`` computes it, optionally on a subset
     of the patch tokens (``keep``: B x K patch indices; the class token is always kept).
-    Returns (last hidden states B x (1 + K) x D, pooled class token B x D).
+    Returns (last hidden states B x (1 + K) x D, pooled class token B x D), and with
+    ``with_hidden`` also the list of the encoder input and every block's output.
 
     Dropping tokens after the position embedding is what FLIP does to cut the cost of a step;
     the trainer drops background tokens first, so object pixels are seen unless an image has
@@ -236,14 +237,12 @@ def vision_forward(vision_model, pixels: torch.Tensor, keep: torch.Tensor | None
     if keep is not None:
         patches = h[:, 1:].gather(1, keep[..., None].expand(-1, -1, h.shape[-1]))
         h = torch.cat([h[:, :1], patches], dim=1)
-    h = vision_model.pre_layrnorm(h)
-    if with_hidden:
-        hidden = [h]
-        for layer in vision_model.encoder.layers:
-            hidden.append(layer(hidden[-1], None))
-        return hidden[-1], vision_model.post_layernorm(hidden[-1][:, 0]), hidden
-    last = vision_model.encoder(inputs_embeds=h).last_hidden_state
-    return last, vision_model.post_layernorm(last[:, 0])
+    hidden = [vision_model.pre_layrnorm(h)]
+    for layer in vision_model.encoder.layers:
+        hidden.append(layer(hidden[-1], None))
+    last = hidden[-1]
+    pooled = vision_model.post_layernorm(last[:, 0])
+    return (last, pooled, hidden) if with_hidden else (last, pooled)
 
 
 def multi_positive_loss(logits: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -363,6 +362,8 @@ def main() -> None:
     if any(not 1 <= b < args.vision_layers for b in mid_blocks):
         ap.error(f"--mid-blocks must name blocks 1..{args.vision_layers - 1} of the image tower, "
                  f"got {args.mid_blocks!r}")
+    if args.mid_patch_loss <= 0:
+        mid_blocks = []
 
     from transformers import CLIPModel, CLIPTokenizer
     from transformers.utils import logging as hf_logging
@@ -453,8 +454,8 @@ def main() -> None:
     token_embedding.sparse = True
     opt_tokens = torch.optim.SparseAdam([token_embedding.weight], lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
     decay, no_decay = [], []
-    for name, p in list(model.named_parameters()) + list(patch_head.named_parameters(prefix="patch_head")) + (
-        list(mid_heads.named_parameters(prefix="mid_heads")) if args.mid_patch_loss > 0 else []):
+    for name, p in list(model.named_parameters()) + list(patch_head.named_parameters(prefix="patch_head")) + list(
+        mid_heads.named_parameters(prefix="mid_heads")):
         if p is token_embedding.weight:
             continue
         (no_decay if p.ndim < 2 or name == "logit_scale" else decay).append(p)
@@ -517,12 +518,11 @@ def main() -> None:
             loss = loss + args.patch_loss * loss_patch
         else:
             loss_patch = torch.zeros(())
-        loss_mid = torch.zeros(())
-        if args.mid_patch_loss > 0:
-            for block, head in zip(mid_blocks, mid_heads):
-                mid_logits = head(hidden[block][:, 1:])
-                loss_mid = loss_mid + F.cross_entropy(mid_logits.flatten(0, 1), grid.flatten()) / len(mid_blocks)
-            loss = loss + args.mid_patch_loss * len(mid_blocks) * loss_mid
+        mid_losses = [F.cross_entropy(head(hidden[block][:, 1:]).flatten(0, 1), grid.flatten())
+                      for block, head in zip(mid_blocks, mid_heads)]
+        for term in mid_losses:
+            loss = loss + args.mid_patch_loss * term
+        loss_mid = torch.stack(mid_losses).mean() if mid_losses else torch.zeros(())
 
         opt.zero_grad(set_to_none=True)
         opt_tokens.zero_grad(set_to_none=True)
