@@ -29,8 +29,8 @@ def test_clean_scene_masks_are_exactly_the_visible_pixels(seed):
     """In a clean scene every pixel is either background or exactly one object's colour.
 
     The pixels of each colour must be exactly the union of the visible masks of the objects
-    of that colour; when the colours in a scene are all different, this pins each object's
-    mask to exactly where its colour shows (occlusion included).
+    of that colour, and objects of one colour never touch; so each object's mask is exactly
+    where its colour shows (occlusion included), a whole region apart from the others.
     """
     scene = make_scene(seed, size=96, clean=True)
     img = np.asarray(scene.image)
@@ -49,6 +49,10 @@ def test_clean_scene_masks_are_exactly_the_visible_pixels(seed):
             if o.colour == colour:
                 expected |= o.mask
         assert (shows == expected).all(), colour
+        same = [o for o in scene.objects if o.colour == colour]
+        for i, a in enumerate(same):
+            for b in same[i + 1:]:
+                assert _min_distance(a.mask, b.mask) > 2.9, (a.label, b.label)
 
 
 def test_distinct_colour_scenes_are_covered():
@@ -62,6 +66,40 @@ def test_distinct_colour_scenes_are_covered():
             distinct += 1
             occluded += any((o.shape_mask & ~o.mask).any() for o in scene.objects)
     assert distinct >= 15 and occluded >= 3
+
+
+def _min_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Smallest Euclidean distance between a pixel of mask a and a pixel of mask b."""
+    pa, pb = np.argwhere(a).astype(float), np.argwhere(b).astype(float)
+    return float(np.sqrt(((pa[:, None, :] - pb[None, :, :]) ** 2).sum(-1)).min())
+
+
+def test_objects_of_one_colour_never_touch():
+    """Two objects of the same colour keep a gap between their whole shapes (3 px at 96 px),
+    so their pixels never merge into one blob: where a colour shows, each of its objects is
+    a separate region, and every mask is pinned by the pixels even when colours repeat."""
+    pairs = 0
+    for seed in range(40):
+        scene = make_scene(seed, n_objects=4, size=96)
+        for i, a in enumerate(scene.objects):
+            for b in scene.objects[i + 1:]:
+                if a.colour == b.colour:
+                    pairs += 1
+                    assert _min_distance(a.shape_mask, b.shape_mask) > 2.9, (seed, a.label, b.label)
+    assert pairs >= 15  # repeated colours are common in four-object scenes
+
+
+def test_a_crowded_scene_with_no_room_left_starts_its_layout_again():
+    """Scene 39327 of dataset seed 1 (three orange objects of four) leaves no room for its
+    last object on the first layout; the layout is drawn again and keeps every rule."""
+    scene = make_scene(shapes.scene_seed(1, 39327), n_objects=4, size=64)
+    assert len(scene.objects) == 4
+    assert sum(o.colour == "orange" for o in scene.objects) == 3
+    for i, a in enumerate(scene.objects):
+        assert a.area >= 0.6 * a.shape_mask.sum()
+        for b in scene.objects[i + 1:]:
+            if a.colour == b.colour:
+                assert _min_distance(a.shape_mask, b.shape_mask) > 1.9  # 2 px at 64 px
 
 
 @pytest.mark.parametrize("seed", range(10))
@@ -124,7 +162,7 @@ def test_write_dataset_round_trip(tmp_path: Path):
     out = tmp_path / "ds"
     shapes.write_dataset(out, n=6, seed=11, size=64)
     meta = json.loads((out / "dataset.json").read_text())
-    assert meta["kind"] == "shapes" and meta["version"] == 1
+    assert meta["kind"] == "shapes" and meta["version"] == shapes.DATASET_VERSION == 2
     assert (meta["seed"], meta["n"], meta["size"]) == (11, 6, 64)
     records = [json.loads(line) for line in (out / "index.jsonl").read_text().splitlines()]
     assert [r["id"] for r in records] == [f"{i:06d}" for i in range(6)]

@@ -3,7 +3,9 @@
 A scene holds 1 to 4 objects (one of :data:`COLOURS` x one of :data:`SHAPES`, never the
 same colour-and-shape twice) drawn in order on a textured, noisy background; later objects
 occlude earlier ones. Every object carries its *visible* mask: exactly the pixels where
-that object shows in the final image.
+that object shows in the final image. Objects of different colours may overlap; two of the
+same colour keep a small gap, so that the pixels always show where one ends and the other
+begins (otherwise they would merge into one blob whose parts no model could name).
 
 Everything is deterministic by seed and uses only numpy and PIL. Geometry (which objects,
 where, how big, how rotated) and appearance (background texture, colour jitter, pixel
@@ -14,7 +16,7 @@ nominal colour, and every other pixel is background. The tests check masks that 
 
 Dataset layout written by :func:`write_dataset` (paths relative to the dataset folder)::
 
-    dataset.json        {"kind": "shapes", "version": 1, "seed", "n", "size", ...}
+    dataset.json        {"kind": "shapes", "version": 2, "seed", "n", "size", ...}
     index.jsonl         one JSON object per scene (see :func:`scene_record`)
     images/000000.png   RGB
     masks/000000_0.png  mode "L", 255 where object 0 is visible, else 0
@@ -52,7 +54,7 @@ __all__ = [
     "DATASET_VERSION",
 ]
 
-DATASET_VERSION = 1
+DATASET_VERSION = 2
 
 #: Nominal RGB of each colour name: well-separated hues, all saturated, none grey.
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -75,6 +77,9 @@ _MIN_DIAMETER = 0.3
 _MAX_DIAMETER = 0.42
 # An object must keep at least this fraction of its own pixels visible after occlusion.
 _MIN_VISIBLE_FRACTION = 0.6
+# Two objects of the same colour keep at least this gap (a fraction of the image side)
+# between their whole shapes, so that they never merge into one blob of that colour.
+_SAME_COLOUR_GAP = 0.03
 _MAX_OBJECTS = 4
 
 
@@ -223,13 +228,40 @@ def _visible_masks(shape_masks: Sequence[np.ndarray]) -> list[np.ndarray]:
     return visible
 
 
+def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
+    """``mask`` grown by every offset within ``radius`` pixels (a disc)."""
+    out = mask.copy()
+    h, w = mask.shape
+    for dy in range(-radius, radius + 1):
+        for dx in range(-radius, radius + 1):
+            if (dy or dx) and dy * dy + dx * dx <= radius * radius:
+                out[max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] |= mask[
+                    max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)]
+    return out
+
+
 def _layout(rng: np.random.Generator, n: int, size: int) -> list[tuple[str, str, float, float, float, float, np.ndarray]]:
-    """Pick n distinct (colour, shape) pairs and place them so that each stays visible enough."""
+    """Pick n distinct (colour, shape) pairs and place them so that each stays visible enough
+    and no two of the same colour touch."""
     colours = list(COLOURS)
     picks = rng.choice(len(colours) * len(SHAPES), size=n, replace=False)
+    gap = max(1, round(_SAME_COLOUR_GAP * size))
+    # A crowded scene can paint itself into a corner (about 1 four-object scene in 10,000
+    # leaves no room for its last object); the whole layout then starts again, drawing on.
+    for _restart in range(50):
+        placed = _place(rng, [(colours[p // len(SHAPES)], SHAPES[p % len(SHAPES)]) for p in picks.tolist()], size,
+                        gap)
+        if placed is not None:
+            return placed
+    raise RuntimeError("could not place the objects; scene too crowded")  # pragma: no cover - never seen
+
+
+def _place(rng: np.random.Generator, objects: list[tuple[str, str]], size: int,
+           gap: int) -> list[tuple[str, str, float, float, float, float, np.ndarray]] | None:
+    """Place ``objects`` (colour, shape) in order, or None if one of them finds no room."""
     placed: list[tuple[str, str, float, float, float, float, np.ndarray]] = []
-    for pick in picks.tolist():
-        colour, shape = colours[pick // len(SHAPES)], SHAPES[pick % len(SHAPES)]
+    keep_out: dict[str, np.ndarray] = {}  # per colour: its shapes grown by the gap
+    for colour, shape in objects:
         for attempt in range(400):
             # Crowded scenes: after many failed tries, lower the largest allowed size.
             hi = max(_MIN_DIAMETER, _MAX_DIAMETER * (1.0 - 0.4 * min(attempt / 300.0, 1.0)))
@@ -238,22 +270,18 @@ def _layout(rng: np.random.Generator, n: int, size: int) -> list[tuple[str, str,
             cx, cy = rng.uniform(0, size, size=2)
             rot = float(rng.uniform(0.0, 360.0))
             m = _shape_mask(shape, float(cx), float(cy), r, rot, size)
-            if m is None:
+            if m is None or (colour in keep_out and (m & keep_out[colour]).any()):
                 continue
             # Every object so far (earlier ones counting everything on top of them) must
             # keep enough of its pixels in view.
-            ok = True
             trial = [p[6] for p in placed] + [m]
-            vis = _visible_masks(trial)
-            for v, s in zip(vis, trial):
-                if v.sum() < _MIN_VISIBLE_FRACTION * s.sum():
-                    ok = False
-                    break
-            if ok:
+            if all(v.sum() >= _MIN_VISIBLE_FRACTION * t.sum() for v, t in zip(_visible_masks(trial), trial)):
                 placed.append((colour, shape, float(cx), float(cy), d, rot, m))
+                grown = _dilate(m, gap)
+                keep_out[colour] = grown if colour not in keep_out else keep_out[colour] | grown
                 break
-        else:  # pragma: no cover - 400 failures in a 4-object scene does not happen
-            raise RuntimeError("could not place object; scene too crowded")
+        else:
+            return None
     return placed
 
 
