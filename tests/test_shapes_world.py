@@ -89,10 +89,19 @@ def test_objects_of_one_colour_never_touch():
     assert pairs >= 15  # repeated colours are common in four-object scenes
 
 
-def test_a_crowded_scene_with_no_room_left_starts_its_layout_again():
+def test_a_crowded_scene_with_no_room_left_starts_its_layout_again(monkeypatch):
     """Scene 39327 of dataset seed 1 (three orange objects of four) leaves no room for its
     last object on the first layout; the layout is drawn again and keeps every rule."""
+    tries = []
+    place = shapes._place
+
+    def counted(*args, **kwargs):
+        tries.append(place(*args, **kwargs))
+        return tries[-1]
+
+    monkeypatch.setattr(shapes, "_place", counted)
     scene = make_scene(shapes.scene_seed(1, 39327), n_objects=4, size=64)
+    assert len(tries) >= 2 and tries[0] is None and tries[-1] is not None
     assert len(scene.objects) == 4
     assert sum(o.colour == "orange" for o in scene.objects) == 3
     for i, a in enumerate(scene.objects):
