@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from cliplens.eval import metrics as M
+from cliplens.masks import dilate_disk
 
 
 def _mask() -> np.ndarray:
@@ -199,7 +200,7 @@ def test_disk_dilation_matches_brute_force():
     mask = rng.random((12, 15)) < 0.05
     ys, xs = np.nonzero(mask)
     for radius in (0, 1, 1.5, 3):
-        got = M._dilate_disk(mask, radius)
+        got = dilate_disk(mask, radius)
         yy, xx = np.mgrid[:12, :15]
         d2 = (yy[..., None] - ys) ** 2 + (xx[..., None] - xs) ** 2
         want = (d2 <= radius * radius).any(-1)

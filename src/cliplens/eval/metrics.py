@@ -36,6 +36,8 @@ from typing import Literal
 
 import numpy as np
 
+from ..masks import dilate_disk
+
 __all__ = [
     "CHEFER_FRACTIONS",
     "PerturbationCurve",
@@ -279,23 +281,6 @@ class SegmentationAccumulator:
 # ----------------------------------------------------------------------------- pointing game
 
 
-def _dilate_disk(mask: np.ndarray, radius: float) -> np.ndarray:
-    """Pixels within Euclidean distance ``radius`` of a True pixel of ``mask``."""
-    r = math.floor(radius)
-    if r <= 0:
-        return mask.copy()
-    h, w = mask.shape
-    out = mask.copy()
-    for dy in range(-r, r + 1):
-        for dx in range(-r, r + 1):
-            if (dy == 0 and dx == 0) or dy * dy + dx * dx > radius * radius:
-                continue
-            ys, yd = (slice(0, h - dy), slice(dy, h)) if dy >= 0 else (slice(-dy, h), slice(0, h + dy))
-            xs, xd = (slice(0, w - dx), slice(dx, w)) if dx >= 0 else (slice(-dx, w), slice(0, w + dx))
-            out[yd, xd] |= mask[ys, xs]
-    return out
-
-
 def _near_mask(mask: np.ndarray, y: int, x: int, radius: float) -> bool:
     r = math.floor(radius)
     y0, y1 = max(y - r, 0), min(y + r + 1, mask.shape[0])
@@ -338,7 +323,7 @@ def pointing_game(heatmap, mask, *, tolerance: float = 0.0, ties: Literal["first
         return _near_mask(gt, int(y), int(x), tolerance)
     if ties == "any":
         peaks = valid & (filled == filled.max())
-        return bool((peaks & _dilate_disk(gt, tolerance)).any())
+        return bool((peaks & dilate_disk(gt, tolerance)).any())
     raise ValueError(f"ties must be 'first' or 'any', got {ties!r}")
 
 

@@ -35,6 +35,8 @@ from typing import Iterable, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+from cliplens.masks import dilate_disk
+
 __all__ = [
     "COLOURS",
     "SHAPES",
@@ -228,18 +230,6 @@ def _visible_masks(shape_masks: Sequence[np.ndarray]) -> list[np.ndarray]:
     return visible
 
 
-def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
-    """``mask`` grown by every offset within ``radius`` pixels (a disc)."""
-    out = mask.copy()
-    h, w = mask.shape
-    for dy in range(-radius, radius + 1):
-        for dx in range(-radius, radius + 1):
-            if (dy or dx) and dy * dy + dx * dx <= radius * radius:
-                out[max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] |= mask[
-                    max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)]
-    return out
-
-
 def _layout(rng: np.random.Generator, n: int, size: int) -> list[tuple[str, str, float, float, float, float, np.ndarray]]:
     """Pick n distinct (colour, shape) pairs and place them so that each stays visible enough
     and no two of the same colour touch."""
@@ -277,7 +267,7 @@ def _place(rng: np.random.Generator, objects: list[tuple[str, str]], size: int,
             trial = [p[6] for p in placed] + [m]
             if all(v.sum() >= _MIN_VISIBLE_FRACTION * t.sum() for v, t in zip(_visible_masks(trial), trial)):
                 placed.append((colour, shape, float(cx), float(cy), d, rot, m))
-                grown = _dilate(m, gap)
+                grown = dilate_disk(m, gap)
                 keep_out[colour] = grown if colour not in keep_out else keep_out[colour] | grown
                 break
         else:
