@@ -50,7 +50,7 @@ def peak_object(grid_map: np.ndarray, geometry, scene: shapes.Scene) -> str:
 
 
 def run_demo(out: str | Path, *, seed: int = 0, model="shapes", methods: list[str] | None = None,
-             n_objects: int = 3, size: int = 224, progress: bool = True) -> list[DemoRow]:
+             n_objects: int = 3, size: int = shapes.DEFAULT_SIZE, progress: bool = True) -> list[DemoRow]:
     """Draw scene ``seed``, explain each object's caption and one absent caption with every
     method, and write ``index.html`` plus PNGs into ``out``. Returns one row per method.
 

@@ -84,6 +84,9 @@ _MIN_VISIBLE_FRACTION = 0.6
 _SAME_COLOUR_GAP = 0.03
 _MAX_OBJECTS = 4
 
+#: Side in pixels of scenes drawn without a ``size``; models resize them to their input.
+DEFAULT_SIZE = 224
+
 
 @dataclass(frozen=True, eq=False)
 class ShapeObject:
@@ -306,7 +309,7 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
 def make_scene(
     seed: int,
     n_objects: int | None = None,
-    size: int = 224,
+    size: int = DEFAULT_SIZE,
     *,
     clean: bool = False,
 ) -> Scene:
@@ -412,7 +415,7 @@ def write_dataset(
     out_dir: str | os.PathLike,
     n: int,
     seed: int,
-    size: int = 224,
+    size: int = DEFAULT_SIZE,
     *,
     n_objects: int | None = None,
     overwrite: bool = False,
