@@ -15,9 +15,11 @@ Three numbers, each on its own fresh dataset seed (training used dataset seeds 1
    stricter rule "the object covers at least half of that patch", and the chance rate (a
    patch drawn uniformly at random from the grid), for scale.
 
-Scenes are drawn at the model's input size unless ``--draw-size`` says otherwise (the image
-processor then resizes them); patch (i, j) covers scene pixels [i*p:(i+1)*p, j*p:(j+1)*p]
-with p = draw size / grid side.
+Scenes are drawn at the world's default size (224 px), the way ``cliplens demo`` and the
+evaluation harness draw them, and the model's image processor resizes them to its input, as
+it does any image; ``--draw-size`` draws them at another size (``--draw-size 64`` feeds the
+64-px model its input size unresized, with the jagged edges of a small drawing). Patch
+(i, j) covers scene pixels [i*p:(i+1)*p, j*p:(j+1)*p] with p = draw size / grid side.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from cliplens.worlds import shapes  # noqa: E402
 DEFAULT_MODEL = ROOT / "src" / "cliplens" / "assets" / "shapes-clip"
 SINGLE_SEED, MULTI_SEED, CHEFER_SEED = 1000, 1001, 1002
 TRAINING_SEEDS = (1, 2, 12, 13, 14)  # train_shapes.py: training and validation
+DRAW_SIZE = shapes.DEFAULT_SIZE
 
 
 def load(model_dir: Path):
@@ -164,8 +167,9 @@ def main() -> None:
     ap.add_argument("--chefer", type=int, default=300, help="scenes of 2-3 objects for Chefer relevance")
     ap.add_argument("--chefer-start-layer", type=int, nargs="*", default=[None, 0],
                     help="start_layer values to report (None = the method's default)")
-    ap.add_argument("--draw-size", type=int, default=None,
-                    help="draw the scenes at this size (default: the model's input size; the processor resizes)")
+    ap.add_argument("--draw-size", type=int, default=DRAW_SIZE,
+                    help="draw the scenes at this size; the model's processor resizes them to its input "
+                         f"(default {DRAW_SIZE}, the world's default size)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path, help="also write the numbers here")
     args = ap.parse_args()
@@ -177,7 +181,7 @@ def main() -> None:
     assert not {SINGLE_SEED, MULTI_SEED, CHEFER_SEED} & set(TRAINING_SEEDS)
     model, tokenizer, processor = load(args.model)
     grid = model.config.vision_config.image_size // model.config.vision_config.patch_size
-    size = args.draw_size or model.config.vision_config.image_size
+    size = args.draw_size
     if size % grid:
         raise SystemExit(f"--draw-size must be a multiple of the {grid} x {grid} patch grid")
     results: dict = {"model": str(args.model), "image_size": size}

@@ -134,16 +134,21 @@ def test_a_few_training_steps_write_a_model_load_model_reads(ts, tmp_path, monke
     out.mkdir()
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(ASSET / name, out / name)
-    monkeypatch.setattr(sys, "argv", ["train_shapes.py", "--out", str(out), "--mid-blocks", "2,4"])
-    with pytest.raises(SystemExit):  # block 4 is the last one: its tokens already get the patch head
+    monkeypatch.setattr(sys, "argv", ["train_shapes.py", "--out", str(out), "--mid-blocks", "2,5"])
+    with pytest.raises(SystemExit):  # block 5 is the last one: its tokens already get the patch head
         ts.main()
+    for bad in ("100", "32"):  # not a multiple of the 8-patch grid side; smaller than the input
+        monkeypatch.setattr(sys, "argv", ["train_shapes.py", "--out", str(out), "--draw-size", bad])
+        with pytest.raises(SystemExit):
+            ts.main()
     argv = ["train_shapes.py", "--out", str(out), "--steps", "4", "--batch", "8", "--pool", "24",
             "--keep-patches", "20", "--full-tail", "0.5", "--warmup", "2", "--eval-every", "2", "--threads", "1"]
     monkeypatch.setattr(sys, "argv", argv)
     ts.main()
 
     info = json.loads((out / "training_info.json").read_text())
-    assert info["args"]["steps"] == 4 and info["args"]["keep_patches"] == 20 and info["args"]["mid_blocks"] == "3"
+    assert info["args"]["steps"] == 4 and info["args"]["keep_patches"] == 20 and info["args"]["mid_blocks"] == "4"
+    assert info["args"]["draw_size"] == 128
     assert json.loads((out / "config.json").read_text())["dtype"] == "float32"
 
     from cliplens import load_model
