@@ -182,8 +182,8 @@ def main() -> None:
     model, tokenizer, processor = load(args.model)
     grid = model.config.vision_config.image_size // model.config.vision_config.patch_size
     size = args.draw_size
-    if size % grid:
-        raise SystemExit(f"--draw-size must be a multiple of the {grid} x {grid} patch grid")
+    if size <= 0 or size % grid:
+        raise SystemExit(f"--draw-size must be a positive multiple of the {grid} x {grid} patch grid, got {size}")
     results: dict = {"model": str(args.model), "image_size": size}
 
     t = time.time()
