@@ -162,9 +162,9 @@ def eval_chefer(model_dir: Path, n: int, size: int, options: dict) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description="Evaluate the shapes-world CLIP on fresh seeds.")
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
-    ap.add_argument("--single", type=int, default=1500, help="single-object scenes")
-    ap.add_argument("--multi", type=int, default=600, help="scenes of 2-4 objects")
-    ap.add_argument("--chefer", type=int, default=300, help="scenes of 2-3 objects for Chefer relevance")
+    ap.add_argument("--single", type=int, default=1500, help="single-object scenes (0: skip)")
+    ap.add_argument("--multi", type=int, default=600, help="scenes of 2-4 objects (0: skip)")
+    ap.add_argument("--chefer", type=int, default=300, help="scenes of 2-3 objects for Chefer relevance (0: skip)")
     ap.add_argument("--chefer-start-layer", type=int, nargs="*", default=[None, 0],
                     help="start_layer values to report (None = the method's default)")
     ap.add_argument("--draw-size", type=int, default=DRAW_SIZE,
@@ -186,21 +186,23 @@ def main() -> None:
         raise SystemExit(f"--draw-size must be a positive multiple of the {grid} x {grid} patch grid, got {size}")
     results: dict = {"model": str(args.model), "image_size": size}
 
-    t = time.time()
-    r = eval_single(model, tokenizer, processor, args.single, size)
-    results["single"] = r
-    print(f"single-object zero-shot ({r['classes']}-way, {r['n']} scenes, dataset seed {SINGLE_SEED}): "
-          f"{r['accuracy']:.2%} ({r['correct']}/{r['n']})  [{time.time() - t:.0f}s]")
-    if r["errors"]:
-        print("  most common errors (truth -> predicted):", ", ".join(f"{e} x{c}" for e, c in r["errors"]))
+    if args.single > 0:
+        t = time.time()
+        r = eval_single(model, tokenizer, processor, args.single, size)
+        results["single"] = r
+        print(f"single-object zero-shot ({r['classes']}-way, {r['n']} scenes, dataset seed {SINGLE_SEED}): "
+              f"{r['accuracy']:.2%} ({r['correct']}/{r['n']})  [{time.time() - t:.0f}s]")
+        if r["errors"]:
+            print("  most common errors (truth -> predicted):", ", ".join(f"{e} x{c}" for e, c in r["errors"]))
 
-    t = time.time()
-    r = eval_multi(model, tokenizer, processor, args.multi, size)
-    results["multi"] = r
-    by = ", ".join(f"{k} objects {v:.1%}" for k, v in r["by_objects"].items())
-    print(f"multi-object ranking ({r['n']} scenes of 2-4 objects, dataset seed {MULTI_SEED}): every present "
-          f"caption above every absent one in {r['scenes_all_present_above_all_absent']:.2%} of scenes "
-          f"({by}); (present, absent) pairs ordered: {r['pairs_ordered']:.2%}  [{time.time() - t:.0f}s]")
+    if args.multi > 0:
+        t = time.time()
+        r = eval_multi(model, tokenizer, processor, args.multi, size)
+        results["multi"] = r
+        by = ", ".join(f"{k} objects {v:.1%}" for k, v in r["by_objects"].items())
+        print(f"multi-object ranking ({r['n']} scenes of 2-4 objects, dataset seed {MULTI_SEED}): every present "
+              f"caption above every absent one in {r['scenes_all_present_above_all_absent']:.2%} of scenes "
+              f"({by}); (present, absent) pairs ordered: {r['pairs_ordered']:.2%}  [{time.time() - t:.0f}s]")
 
     if args.chefer > 0:
         results["chefer"] = []
