@@ -36,6 +36,11 @@ Image tower: 5 blocks with an MLP 3x the width (``--vision-layers``, ``--mlp-rat
 costs about 7% more than with 4 blocks and 4x, and in equal time they learnt to rank scenes
 of several objects better (probes in docs/shapes-model.md).
 
+Optimiser (``--optimizer``): Muon for the weight matrices inside both towers' transformer
+blocks (their momentum-averaged gradient is orthogonalised before the step), AdamW for the
+rest. It learnt about three times as much per step as AdamW alone on this task (probes in
+docs/shapes-model.md), which is what lifted the multi-object ranking within the budget.
+
 Speed (what decides the quality reached in the 20-minute budget): the image tower sees
 only ``--keep-patches`` of its 64 patch tokens per image for most of the run (every patch
 that an object touches, then random background ones; the class token always), which
@@ -251,6 +256,52 @@ def vision_forward(vision_model, pixels: torch.Tensor, keep: torch.Tensor | None
     return (last, pooled, hidden) if with_hidden else (last, pooled)
 
 
+def orthogonalise(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """Push every matrix of a stack (N x R x C, R <= C) towards the nearest semi-orthogonal
+    matrix, U V^T of its SVD U S V^T, by a quintic Newton-Schulz iteration on the
+    Frobenius-normalised matrix. The coefficients trade exactness for speed: the singular
+    values land roughly in [0.7, 1.2] after five steps rather than at exactly 1, which is all
+    Muon needs."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g / (g.flatten(1).norm(dim=1)[:, None, None] + 1e-7)
+    for _ in range(steps):
+        gram = x @ x.transpose(1, 2)
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon (momentum, orthogonalised): SGD with Nesterov momentum in which each weight
+    matrix's update is replaced by its orthogonalised form, so that every direction of the
+    update moves at the same rate instead of a few dominant ones; scaled by
+    sqrt(max(1, rows / cols)). Meant for the 2-D weights inside transformer blocks; the
+    embeddings, norms, biases and output heads stay with AdamW. Matrices of one shape (up to
+    a transpose) are orthogonalised together as a batch. (Keller Jordan et al., 2024.)"""
+
+    def __init__(self, params, lr: float, momentum: float = 0.95):
+        super().__init__(params, {"lr": lr, "momentum": momentum})
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            grads = [p.grad for p in params]
+            bufs = [self.state[p].setdefault("momentum", torch.zeros_like(p)) for p in params]
+            torch._foreach_mul_(bufs, group["momentum"])
+            torch._foreach_add_(bufs, grads)
+            updates = torch._foreach_add(grads, bufs, alpha=group["momentum"])  # Nesterov
+            by_shape: dict[tuple[int, int], list[int]] = {}  # (short side, long side) -> params
+            for i, p in enumerate(params):
+                by_shape.setdefault((min(p.shape), max(p.shape)), []).append(i)
+            for idx in by_shape.values():
+                wide = [updates[i] if updates[i].shape[0] <= updates[i].shape[1] else updates[i].T for i in idx]
+                ortho = orthogonalise(torch.stack(wide)).unbind(0)
+                for i, o in zip(idx, ortho):
+                    p = params[i]
+                    rows, cols = p.shape
+                    p.add_(o if rows <= cols else o.T, alpha=-group["lr"] * max(1.0, rows / cols) ** 0.5)
+
+
 def multi_positive_loss(logits: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     """Mean over rows of the mean over each row's positives p of
     -log(exp(s_p) / (exp(s_p) + sum_negatives exp(s_n))). Every row needs a positive."""
@@ -328,9 +379,14 @@ def validate(model, single: torch.Tensor, truth: torch.Tensor, multi: torch.Tens
 def main() -> None:
     ap = argparse.ArgumentParser(description="Train the shapes-world CLIP on CPU.")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    ap.add_argument("--steps", type=int, default=9000)
+    ap.add_argument("--steps", type=int, default=8400)
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of AdamW")
+    ap.add_argument("--optimizer", choices=["muon", "adamw"], default="muon",
+                    help="muon: Muon for the weight matrices inside the transformer blocks, AdamW for the rest; "
+                         "adamw: AdamW for everything (the recipe of the models before Muon, though the fused "
+                         "AdamW used now rounds differently, so not their exact weights)")
+    ap.add_argument("--muon-lr", type=float, default=0.02, help="peak learning rate of Muon")
     ap.add_argument("--warmup", type=int, default=200)
     ap.add_argument("--weight-decay", type=float, default=0.05)
     ap.add_argument("--pool", type=int, default=40960, help="training scenes drawn up front")
@@ -357,7 +413,7 @@ def main() -> None:
                     help="with --keep-patches: share of the last steps that see every patch token")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--eval-every", type=int, default=500)
+    ap.add_argument("--eval-every", type=int, default=1000)
     ap.add_argument("--cache-dir", type=Path, default=None,
                     help="keep the drawn training scenes here (e.g. /tmp) to skip drawing on a rerun")
     args = ap.parse_args()
@@ -463,32 +519,41 @@ def main() -> None:
     token_embedding = model.text_model.embeddings.token_embedding
     token_embedding.sparse = True
     opt_tokens = torch.optim.SparseAdam([token_embedding.weight], lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
-    decay, no_decay = [], []
+    # With --optimizer muon the 2-D weights inside both towers' transformer blocks go to Muon
+    # (no weight decay); everything else (embeddings, norms, biases, projections, heads) to AdamW.
+    decay, no_decay, block_matrices = [], [], []
     for name, p in list(model.named_parameters()) + list(patch_head.named_parameters(prefix="patch_head")) + list(
         mid_heads.named_parameters(prefix="mid_heads")):
         if p is token_embedding.weight:
             continue
-        (no_decay if p.ndim < 2 or name == "logit_scale" else decay).append(p)
+        if args.optimizer == "muon" and p.ndim == 2 and ".encoder.layers." in name:
+            block_matrices.append(p)
+        else:
+            (no_decay if p.ndim < 2 or name == "logit_scale" else decay).append(p)
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=args.lr,
         betas=(0.9, 0.98),
         eps=1e-6,
-        foreach=True,
+        fused=True,
     )
+    optimisers = [opt, opt_tokens] + ([Muon(block_matrices, lr=args.muon_lr)] if block_matrices else [])
+    base_lr = {id(group): group["lr"] for o in optimisers for group in o.param_groups}
 
-    def lr_at(step: int) -> float:
+    def schedule(step: int) -> float:
+        """Linear warm-up, then cosine decay to 0: the factor on every optimiser's lr."""
         if step < args.warmup:
-            return args.lr * (step + 1) / args.warmup
+            return (step + 1) / args.warmup
         t = (step - args.warmup) / max(1, args.steps - args.warmup)
-        return args.lr * 0.5 * (1.0 + math.cos(math.pi * t))
+        return 0.5 * (1.0 + math.cos(math.pi * t))
 
     max_scale = math.log(100.0)
     t_train = time.time()
     running = None
     for step in range(args.steps):
-        for group in opt.param_groups + opt_tokens.param_groups:
-            group["lr"] = lr_at(step)
+        for o in optimisers:
+            for group in o.param_groups:
+                group["lr"] = base_lr[id(group)] * schedule(step)
         idx = torch.from_numpy(rng.choice(len(pool), size=args.batch, replace=False))
         codes = torch.from_numpy(rng.integers(0, 8, size=args.batch))
         imgs = augment(pool[idx], codes)
@@ -534,12 +599,12 @@ def main() -> None:
             loss = loss + args.mid_patch_loss * term
         loss_mid = torch.stack(mid_losses).mean() if mid_losses else torch.zeros(())
 
-        opt.zero_grad(set_to_none=True)
-        opt_tokens.zero_grad(set_to_none=True)
+        for o in optimisers:
+            o.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(decay + no_decay, 1.0)
-        opt.step()
-        opt_tokens.step()
+        torch.nn.utils.clip_grad_norm_(decay + no_decay + block_matrices, 1.0, foreach=True)
+        for o in optimisers:
+            o.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0.0, max_scale)
 
@@ -550,7 +615,7 @@ def main() -> None:
                 f"step {step + 1}/{args.steps} loss {loss.item():.3f} (avg {running:.3f}) "
                 f"i2t {loss_i2t.item():.3f} t2i {loss_t2i.item():.3f} labels {loss_lab.item():.3f} patches {loss_patch.item():.3f} "
                 f"(earlier blocks {loss_mid.item():.3f}) "
-                f"scale {model.logit_scale.exp().item():.1f} lr {lr_at(step):.2e} "
+                f"scale {model.logit_scale.exp().item():.1f} lr {args.lr * schedule(step):.2e} "
                 f"{el:.0f}s ({el / (step + 1):.2f}s/step)",
                 flush=True,
             )

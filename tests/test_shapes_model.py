@@ -102,15 +102,6 @@ def test_preprocessor_matches_training_input(model, processor):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-NOT_YET = pytest.mark.xfail(
-    strict=True,
-    reason="the issue asks that every present object's caption outrank every absent one in >= 95% "
-    "of scenes of 2-4 objects; the shipped model does so in 85.5% (98% of two-object scenes, 67% of "
-    "four-object ones; docs/shapes-model.md). A model that passes turns this into a failure so the "
-    "marker comes off",
-)
-
-
 @torch.no_grad()
 def _similarities(model, tokenizer, processor, scenes) -> tuple[list[str], torch.Tensor]:
     """Every colour x shape caption, and the cosine similarity of each scene with each
@@ -159,8 +150,10 @@ def test_both_objects_of_two_object_scenes_outrank_absent_ones(model, tokenizer,
     assert ok >= 8, f"{ok}/10 two-object scenes ranked correctly"
 
 
-@NOT_YET
 def test_present_objects_outrank_absent_ones(model, tokenizer, processor):
-    """The issue's target on scenes of 2, 3 and 4 objects."""
+    """A quick check of the issue's multi-object target on scenes of 2, 3 and 4 objects. 18
+    scenes cannot tell 94% from 95%: the target itself (every present caption above every
+    absent one in >= 95% of scenes) is measured by scripts/eval_shapes_model.py, and the
+    shipped model reaches 93.8% on its 600 scenes and 94.6% on 3,000 (docs/shapes-model.md)."""
     ok = _scenes_ranked_right(model, tokenizer, processor, [2, 3, 4] * 6, TEST_SEED + 2)
     assert ok >= 17, f"{ok}/18 scenes of 2-4 objects ranked correctly"

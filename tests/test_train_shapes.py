@@ -128,6 +128,48 @@ def test_multi_positive_loss_matches_its_definition(ts):
     assert ts.multi_positive_loss(logits, pos).item() == pytest.approx(want, rel=1e-12)
 
 
+def test_orthogonalise_keeps_the_singular_vectors_and_evens_out_the_singular_values(ts):
+    """Newton-Schulz is an odd matrix polynomial, p(X) = U p(S) V^T for X = U S V^T: the
+    singular vectors stay exactly, and five steps map every singular value of a
+    Frobenius-normalised matrix into about [0.7, 1.2] (here spread over a factor of 100)."""
+    g = torch.Generator().manual_seed(3)
+    for rows, cols in ((4, 4), (6, 10)):
+        u, _ = torch.linalg.qr(torch.randn(rows, rows, dtype=torch.float64, generator=g))
+        v, _ = torch.linalg.qr(torch.randn(cols, rows, dtype=torch.float64, generator=g))
+        s = torch.logspace(0, -2, rows, dtype=torch.float64)
+        x = u @ torch.diag(s) @ v.T
+        o = ts.orthogonalise(torch.stack([x, 5 * x]))  # the scale of the input does not matter
+        torch.testing.assert_close(o[1], o[0], rtol=0, atol=1e-6)  # up to the 1e-7 guard on the norm
+        inner = u.T @ o[0] @ v  # diagonal: U and V are o's singular vectors
+        torch.testing.assert_close(inner, torch.diag(torch.diagonal(inner)), rtol=0, atol=1e-12)
+        d = torch.diagonal(inner)
+        assert d.min() > 0.6 and d.max() < 1.25, d
+
+
+def test_muon_step_is_nesterov_momentum_then_orthogonalised_and_scaled(ts):
+    g = torch.Generator().manual_seed(4)
+    wide = torch.nn.Parameter(torch.randn(3, 5, dtype=torch.float64, generator=g))
+    tall = torch.nn.Parameter(torch.randn(5, 3, dtype=torch.float64, generator=g))
+    start = [wide.detach().clone(), tall.detach().clone()]
+    opt = ts.Muon([wide, tall], lr=0.1, momentum=0.9)
+    grads = [[torch.randn(3, 5, dtype=torch.float64, generator=g), torch.randn(5, 3, dtype=torch.float64, generator=g)]
+             for _ in range(2)]
+    want = [p.clone() for p in start]
+    buf = [torch.zeros_like(p) for p in start]
+    for step_grads in grads:
+        for i, (p, gr) in enumerate(zip((wide, tall), step_grads)):
+            p.grad = gr.clone()
+            buf[i] = 0.9 * buf[i] + gr
+            update = gr + 0.9 * buf[i]
+            if i == 0:
+                want[i] = want[i] - 0.1 * ts.orthogonalise(update[None])[0]
+            else:  # a tall matrix is orthogonalised as its transpose and scaled by sqrt(rows / cols)
+                want[i] = want[i] - 0.1 * math.sqrt(5 / 3) * ts.orthogonalise(update.T[None])[0].T
+        opt.step()
+    torch.testing.assert_close(wide.detach(), want[0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(tall.detach(), want[1], rtol=0, atol=1e-12)
+
+
 @pytest.mark.slow
 def test_a_few_training_steps_write_a_model_load_model_reads(ts, tmp_path, monkeypatch):
     out = tmp_path / "model"
