@@ -157,3 +157,26 @@ def test_present_objects_outrank_absent_ones(model, tokenizer, processor):
     shipped model reaches 93.8% on its 600 scenes and 94.6% on 3,000 (docs/shapes-model.md)."""
     ok = _scenes_ranked_right(model, tokenizer, processor, [2, 3, 4] * 6, TEST_SEED + 2)
     assert ok >= 17, f"{ok}/18 scenes of 2-4 objects ranked correctly"
+
+
+def test_eval_script_skips_a_part_given_zero_scenes_and_ranks_like_a_direct_count(
+        model, tokenizer, processor, tmp_path, monkeypatch):
+    """`scripts/eval_shapes_model.py --single 0 --chefer 0` measures only the multi-object
+    ranking, and its share is the one counted directly on the same scenes."""
+    import importlib.util
+    import sys
+
+    script = ASSET.parents[3] / "scripts" / "eval_shapes_model.py"
+    spec = importlib.util.spec_from_file_location("eval_shapes_model", script)
+    ev = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ev)
+    out = tmp_path / "numbers.json"
+    monkeypatch.setattr(sys, "argv", ["eval_shapes_model.py", "--single", "0", "--multi", "6", "--chefer", "0",
+                                      "--threads", "1", "--json", str(out)])
+    ev.main()
+    got = json.loads(out.read_text())
+    assert "single" not in got and "chefer" not in got
+    counts = [2 + i % 3 for i in range(6)]  # the script's scenes: 2, 3, 4 objects in turn
+    ok = _scenes_ranked_right(model, tokenizer, processor, counts, ev.MULTI_SEED)
+    assert got["multi"]["n"] == 6
+    assert got["multi"]["scenes_all_present_above_all_absent"] == pytest.approx(ok / 6)
