@@ -197,14 +197,18 @@ def test_pointing_game_ignores_nan_and_rejects_empty_mask():
 
 def test_disk_dilation_matches_brute_force():
     rng = np.random.default_rng(3)
-    mask = rng.random((12, 15)) < 0.05
-    ys, xs = np.nonzero(mask)
-    for radius in (0, 1, 1.5, 3):
-        got = dilate_disk(mask, radius)
-        yy, xx = np.mgrid[:12, :15]
-        d2 = (yy[..., None] - ys) ** 2 + (xx[..., None] - xs) ** 2
-        want = (d2 <= radius * radius).any(-1)
-        assert np.array_equal(got, want)
+    corner = np.zeros((20, 17), bool)  # a blob at an edge: the dilation's box gets clipped
+    corner[0:3, 13:17] = rng.random((3, 4)) < 0.6
+    middle = np.zeros((20, 17), bool)  # a lone pixel far from every edge
+    middle[9, 7] = True
+    for mask in (rng.random((12, 15)) < 0.05, corner, middle, np.zeros((5, 6), bool)):
+        ys, xs = np.nonzero(mask)
+        yy, xx = np.mgrid[: mask.shape[0], : mask.shape[1]]
+        for radius in (0, 1, 1.5, 3, 4.2):
+            got = dilate_disk(mask, radius)
+            d2 = (yy[..., None] - ys) ** 2 + (xx[..., None] - xs) ** 2
+            want = (d2 <= radius * radius).any(-1)
+            assert np.array_equal(got, want), (mask.shape, radius)
 
 
 # ----------------------------------------------------------------------------- p-mIoU
