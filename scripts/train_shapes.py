@@ -15,8 +15,11 @@ token embedding dominates the size); ``config.json`` says float32 so that a plai
 Data: scenes drawn by :mod:`cliplens.worlds.shapes` at 128 px (``--draw-size``) and
 resized to the model's 64-px input the way its image processor resizes (PIL bicubic), so
 edges are anti-aliased as in any resized image; from training seeds
-``scene_seed(TRAIN_SEED, i)``. A pool is drawn once and each step samples from it with a
-random flip / quarter turn (labels do not change).
+``scene_seed(TRAIN_SEED, i)``. Each step samples its scenes from a pool, with a random flip
+/ quarter turn (labels do not change). With ``--pool-start`` the pool grows during the run:
+the first scenes are drawn up front, and one process draws the rest beside the training
+(which then runs on one thread fewer); they join the pool a chunk at a time, on steps fixed
+by ``--draw-rate``, so the run is reproducible whatever the machine's speed.
 Each image is paired with one caption: its only object, one present object of a multi-
 object scene, or (sometimes) two present objects joined by "and".
 
@@ -46,8 +49,12 @@ only ``--keep-patches`` of its 64 patch tokens per image for most of the run (ev
 that an object touches, then random background ones; the class token always), which
 makes a step ~1.8x cheaper; the last ``--full-tail`` share of the steps sees all tokens so
 that the model is used the way it is trained. The token embedding gets a sparse gradient
-and a sparse Adam, since the captions use a few dozen of its 49,408 rows. The training
-scenes are drawn by one process per thread (``--threads``).
+and a sparse Adam, since the captions use a few dozen of its 49,408 rows. The first
+``--pool-start`` training scenes are drawn by one process per thread (``--threads``), the
+rest by one process beside the training: a second thread makes a step only ~1.5x faster
+(0.17 s on one thread, 0.11-0.12 s on two), so drawing on that core while training on the
+other gives the run three times the distinct scenes for about 15% fewer steps, and the
+distinct scenes are what lifted the multi-object ranking last (docs/shapes-model.md).
 """
 
 from __future__ import annotations
@@ -165,35 +172,35 @@ def _draw_child(conn, *args) -> None:
     conn.close()
 
 
-def render_pool(
-    n: int, size: int, patch: int, dataset_seed: int, rng: np.random.Generator, n_objects=None, draw_size=None,
-    workers: int = 1,
-):
-    """Draw n scenes; returns (uint8 N x H x W x 3, list of label lists, uint8 N x G x G patch
-    labels, bool N x G x G "some object pixel lies in this patch").
+def pool_counts(rng: np.random.Generator, n: int, n_objects=None) -> np.ndarray:
+    """Objects per scene for a pool of n scenes: N_OBJECTS_P from ``rng``, or all ``n_objects``."""
+    return rng.choice(4, size=n, p=N_OBJECTS_P) + 1 if n_objects is None else np.full(n, n_objects)
 
-    Scenes are drawn at ``draw_size`` (None or 0: ``size``) and, when that differs, resized to
-    ``size`` the way the model's image processor resizes (PIL bicubic). With ``workers`` > 1
-    the scenes are split into contiguous shares drawn by forked processes into shared memory;
-    every scene depends only on its seed, so the result is the same for any ``workers``."""
+
+def pool_arrays(n: int, size: int, patch: int, shared: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Empty (images, grids, touched) for n scenes; ``shared``: anonymous shared memory that
+    forked drawing processes write into."""
     import mmap
+
+    g = size // patch
+    shapes_dtypes = [((n, size, size, 3), np.uint8), ((n, g, g), np.uint8), ((n, g, g), np.bool_)]
+    if not shared:
+        return tuple(np.empty(shp, dt) for shp, dt in shapes_dtypes)
+    return tuple(
+        np.frombuffer(mmap.mmap(-1, max(1, int(np.prod(shp)) * np.dtype(dt).itemsize)), dt)[: int(np.prod(shp))]
+        .reshape(shp)
+        for shp, dt in shapes_dtypes
+    )
+
+
+def draw_into(out, start: int, stop: int, counts, dataset_seed: int, size: int, patch: int, draw_size: int,
+              workers: int = 1) -> list[list[str]]:
+    """Draw scenes start..stop-1 into ``out`` (from :func:`pool_arrays`, shared when workers > 1)
+    with ``workers`` processes (contiguous shares, forked); return their labels."""
     import multiprocessing
 
-    draw_size = draw_size or size
-    if draw_size % (size // patch):
-        raise ValueError(f"draw size {draw_size} is not a multiple of the {size // patch}-patch grid")
-    g = size // patch
-    counts = rng.choice(4, size=n, p=N_OBJECTS_P) + 1 if n_objects is None else np.full(n, n_objects)
-    shapes_dtypes = [((n, size, size, 3), np.uint8), ((n, g, g), np.uint8), ((n, g, g), np.bool_)]
-    workers = max(1, min(workers, n))
-    if workers == 1:
-        out = tuple(np.empty(shp, dt) for shp, dt in shapes_dtypes)
-    else:  # anonymous shared memory, inherited by the forked children
-        out = tuple(
-            np.frombuffer(mmap.mmap(-1, int(np.prod(shp)) * np.dtype(dt).itemsize), dt).reshape(shp)
-            for shp, dt in shapes_dtypes
-        )
-    bounds = np.linspace(0, n, workers + 1).astype(int)
+    workers = max(1, min(workers, stop - start))
+    bounds = np.linspace(start, stop, workers + 1).astype(int)
     ctx = multiprocessing.get_context("fork")
     children = []
     for w in range(1, workers):
@@ -210,8 +217,77 @@ def render_pool(
             proc.join()
             raise RuntimeError(f"a scene-drawing process failed (exit code {proc.exitcode})") from None
         proc.join()
+    return labels
+
+
+def render_pool(
+    n: int, size: int, patch: int, dataset_seed: int, rng: np.random.Generator, n_objects=None, draw_size=None,
+    workers: int = 1,
+):
+    """Draw n scenes; returns (uint8 N x H x W x 3, list of label lists, uint8 N x G x G patch
+    labels, bool N x G x G "some object pixel lies in this patch").
+
+    Scenes are drawn at ``draw_size`` (None or 0: ``size``) and, when that differs, resized to
+    ``size`` the way the model's image processor resizes (PIL bicubic). With ``workers`` > 1
+    the scenes are split into contiguous shares drawn by forked processes into shared memory;
+    every scene depends only on its seed, so the result is the same for any ``workers``."""
+    draw_size = draw_size or size
+    if draw_size % (size // patch):
+        raise ValueError(f"draw size {draw_size} is not a multiple of the {size // patch}-patch grid")
+    counts = pool_counts(rng, n, n_objects)
+    out = pool_arrays(n, size, patch, shared=min(workers, n) > 1)
+    labels = draw_into(out, 0, n, counts, dataset_seed, size, patch, draw_size, workers)
     images, grids, touched = out
     return images, labels, grids, touched
+
+
+def release_steps(start: int, n: int, chunk: int, rate: float) -> list[int]:
+    """The step at which each chunk of a growing pool joins it: scenes start..n-1 come in
+    chunks of ``chunk`` (the last may be smaller), chunk k at step ceil(scenes drawn by then / rate).
+
+    Fixed by the arguments, not by how fast the drawing process is, so that a run is
+    reproducible: if a chunk is late, training waits for it."""
+    ends = list(range(start + chunk, n, chunk)) + [n] if n > start else []
+    return [math.ceil((end - start) / rate) for end in ends]
+
+
+class PoolDrawer:
+    """Draws scenes start..n-1 of a pool in one forked process, ``chunk`` at a time, into the
+    shared arrays ``out`` (see :func:`pool_arrays`), while the parent trains on the scenes
+    it already has. ``next_chunk()`` returns the labels of the next chunk, waiting for it."""
+
+    def __init__(self, out, start: int, n: int, chunk: int, counts, dataset_seed: int, size: int, patch: int,
+                 draw_size: int):
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("fork")
+        self._recv, send = ctx.Pipe(duplex=False)
+        self._proc = ctx.Process(target=_draw_chunks, args=(send, out, start, n, chunk, counts, dataset_seed, size,
+                                                            patch, draw_size))
+        self._proc.daemon = True  # ends with the parent (an interrupted run leaves no process drawing on)
+        self._proc.start()
+        send.close()
+        self.waited = 0.0  # seconds the parent spent waiting for late chunks
+
+    def next_chunk(self) -> list[list[str]]:
+        t0 = time.time()
+        try:
+            labels = self._recv.recv()
+        except EOFError:
+            self._proc.join()
+            raise RuntimeError(f"the scene-drawing process failed (exit code {self._proc.exitcode})") from None
+        self.waited += time.time() - t0
+        return labels
+
+    def close(self) -> None:
+        self._recv.close()
+        self._proc.join()
+
+
+def _draw_chunks(conn, out, start: int, n: int, chunk: int, *args) -> None:
+    for a in range(start, n, chunk):
+        conn.send(_draw_range(out, a, min(a + chunk, n), *args, False))
+    conn.close()
 
 
 def to_pixels(batch_u8: torch.Tensor) -> torch.Tensor:
@@ -379,7 +455,7 @@ def validate(model, single: torch.Tensor, truth: torch.Tensor, multi: torch.Tens
 def main() -> None:
     ap = argparse.ArgumentParser(description="Train the shapes-world CLIP on CPU.")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    ap.add_argument("--steps", type=int, default=8400)
+    ap.add_argument("--steps", type=int, default=7000)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of AdamW")
     ap.add_argument("--optimizer", choices=["muon", "adamw"], default="muon",
@@ -389,7 +465,17 @@ def main() -> None:
     ap.add_argument("--muon-lr", type=float, default=0.02, help="peak learning rate of Muon")
     ap.add_argument("--warmup", type=int, default=200)
     ap.add_argument("--weight-decay", type=float, default=0.05)
-    ap.add_argument("--pool", type=int, default=40960, help="training scenes drawn up front")
+    ap.add_argument("--pool", type=int, default=131072, help="training scenes in all")
+    ap.add_argument("--pool-start", type=int, default=16384,
+                    help="draw this many training scenes up front (one process per thread; at most --pool), and "
+                         "the rest in one process beside the training, which uses one thread fewer until they "
+                         "are all drawn")
+    ap.add_argument("--pool-chunk", type=int, default=2048,
+                    help="with --pool-start: scenes drawn beside the training join the pool this many at a time")
+    ap.add_argument("--draw-rate", type=float, default=28.0,
+                    help="with --pool-start: scenes the drawing process is expected to draw per training step; a "
+                         "chunk joins the pool at the step this rate predicts (training waits if it is late), so "
+                         "the run does not depend on the machine's speed")
     ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--patch-size", type=int, default=8)
     ap.add_argument("--vision-width", type=int, default=64)
@@ -426,6 +512,12 @@ def main() -> None:
                  f"got {args.mid_blocks!r}")
     if args.mid_patch_loss <= 0:
         mid_blocks = []
+    args.pool_start = min(args.pool_start, args.pool)
+    if not 1 <= args.pool_start <= args.pool or args.pool < args.batch:
+        ap.error(f"need --batch <= --pool and 1 <= --pool-start <= --pool, got --batch {args.batch}, "
+                 f"--pool {args.pool}, --pool-start {args.pool_start}")
+    if args.pool_start < args.batch or args.pool_chunk < 1 or args.draw_rate <= 0:
+        ap.error("need --pool-start >= --batch, --pool-chunk >= 1 and --draw-rate > 0")
     grid_side = args.image_size // args.patch_size
     if args.draw_size and (args.draw_size < args.image_size or args.draw_size % grid_side):
         ap.error(f"--draw-size must be at least --image-size and a multiple of the {grid_side}-patch grid side, "
@@ -454,6 +546,9 @@ def main() -> None:
             f"shapes-pool-{world}-seed{TRAIN_SEED}-rng{args.seed}-n{args.pool}-{args.image_size}px"
             f"-p{args.patch_size}-d{args.draw_size}-k{'-'.join(map(str, N_OBJECTS_P))}-v2.npz"
         )
+    drawn = args.draw_size or args.image_size
+    growing = args.pool_start < args.pool
+    drawer = None
     if cache is not None and cache.is_file():
         print(f"reading the training scenes from {cache}", flush=True)
         with np.load(cache) as z:
@@ -461,19 +556,27 @@ def main() -> None:
             pool_labels = json.loads(str(z["labels"]))
             pool_grids = z["grids"]
             pool_touched = z["touched"]
-        rng.choice(4, size=args.pool, p=N_OBJECTS_P)  # keep the random stream as if drawn
+        pool_counts(rng, args.pool)  # keep the random stream as if drawn
+        late_labels = pool_labels[args.pool_start:]  # joins the pool on the same steps as when drawn
+        pool_labels = pool_labels[: args.pool_start]
     else:
-        drawn = args.draw_size or args.image_size
-        print(f"drawing {args.pool} training scenes at {drawn}px for a {args.image_size}px input ...", flush=True)
-        pool_u8, pool_labels, pool_grids, pool_touched = render_pool(
-            args.pool, args.image_size, args.patch_size, TRAIN_SEED, rng, draw_size=args.draw_size,
-            workers=args.threads,
-        )
-        if cache is not None:
-            args.cache_dir.mkdir(parents=True, exist_ok=True)
-            np.savez(cache, images=pool_u8, labels=json.dumps(pool_labels), grids=pool_grids, touched=pool_touched)
+        counts = pool_counts(rng, args.pool)
+        pool_u8, pool_grids, pool_touched = pool_arrays(args.pool, args.image_size, args.patch_size,
+                                                        shared=args.threads > 1 or growing)
+        print(f"drawing {args.pool_start} training scenes at {drawn}px for a {args.image_size}px input ...",
+              flush=True)
+        pool_labels = draw_into((pool_u8, pool_grids, pool_touched), 0, args.pool_start, counts, TRAIN_SEED,
+                                args.image_size, args.patch_size, drawn, workers=args.threads)
+        if growing:
+            print(f"drawing the other {args.pool - args.pool_start} in a process beside the training: "
+                  f"{args.pool_chunk} scenes join the pool every {args.pool_chunk / args.draw_rate:.0f} steps",
+                  flush=True)
+            drawer = PoolDrawer((pool_u8, pool_grids, pool_touched), args.pool_start, args.pool, args.pool_chunk,
+                                counts, TRAIN_SEED, args.image_size, args.patch_size, drawn)
+        late_labels = None
+    releases = release_steps(args.pool_start, args.pool, args.pool_chunk, args.draw_rate)
     pool = torch.from_numpy(pool_u8)
-    grids = torch.from_numpy(pool_grids).long()
+    grids = torch.from_numpy(pool_grids)
     touched = torch.from_numpy(pool_touched)
     val_u8, val_labels, _, _ = render_pool(
         10 * n_lab, args.image_size, args.patch_size, VAL_SEED, rng, n_objects=1, draw_size=args.draw_size
@@ -489,9 +592,16 @@ def main() -> None:
     val_multi_present = torch.zeros(len(val_multi_pixels), n_lab, dtype=torch.bool)
     for i, labs in enumerate(labs for _, ls in val_multi for labs in ls):
         val_multi_present[i, [bank.label_index[a] for a in labs]] = True
-    present = torch.zeros(len(pool_labels), n_lab, dtype=torch.bool)
-    for i, labs in enumerate(pool_labels):
-        present[i, [bank.label_index[a] for a in labs]] = True
+    present = torch.zeros(args.pool, n_lab, dtype=torch.bool)
+
+    def join_pool(new_labels: list[list[str]]) -> None:
+        """Scenes len(pool_labels).. (already in the arrays) join the pool."""
+        for i, labs in enumerate(new_labels, start=len(pool_labels)):
+            present[i, [bank.label_index[a] for a in labs]] = True
+        pool_labels.extend(new_labels)
+
+    first_labels, pool_labels = pool_labels, []
+    join_pool(first_labels)
     t_data = time.time() - t_start
     print(f"data ready in {t_data:.0f}s", flush=True)
 
@@ -548,16 +658,31 @@ def main() -> None:
         return 0.5 * (1.0 + math.cos(math.pi * t))
 
     max_scale = math.log(100.0)
+    if releases:  # one core draws, the other trains, until the pool is whole
+        torch.set_num_threads(max(1, args.threads - 1))
     t_train = time.time()
     running = None
     for step in range(args.steps):
+        while len(pool_labels) < args.pool and releases[0] <= step:
+            releases.pop(0)
+            if drawer is not None:
+                join_pool(drawer.next_chunk())
+            else:  # read from the cache
+                a = len(pool_labels) - args.pool_start
+                join_pool(late_labels[a : a + args.pool_chunk])
+            if not releases:
+                torch.set_num_threads(args.threads)
+                if drawer is not None:
+                    drawer.close()
+                print(f"  the pool is whole ({len(pool_labels)} scenes) at step {step}"
+                      + (f"; waited {drawer.waited:.0f}s for late scenes" if drawer is not None else ""), flush=True)
         for o in optimisers:
             for group in o.param_groups:
                 group["lr"] = base_lr[id(group)] * schedule(step)
-        idx = torch.from_numpy(rng.choice(len(pool), size=args.batch, replace=False))
+        idx = torch.from_numpy(rng.choice(len(pool_labels), size=args.batch, replace=False))
         codes = torch.from_numpy(rng.integers(0, 8, size=args.batch))
         imgs = augment(pool[idx], codes)
-        grid = augment(grids[idx], codes).flatten(1)  # B x G*G
+        grid = augment(grids[idx], codes).flatten(1).long()  # B x G*G
         keep = None
         n_patches = grid.shape[1]
         if 0 < args.keep_patches < n_patches and step < args.steps * (1.0 - args.full_tail):
@@ -628,11 +753,19 @@ def main() -> None:
 
     t_total = time.time() - t_start
     print(f"trained {args.steps} steps in {time.time() - t_train:.0f}s (total {t_total:.0f}s)", flush=True)
+    if len(pool_labels) < args.pool:
+        print(f"  note: the run ended before the pool was whole ({len(pool_labels)} of {args.pool} scenes joined)",
+              flush=True)
+        if drawer is not None:
+            drawer.close()
+    elif cache is not None and late_labels is None:  # drawn in this run
+        args.cache_dir.mkdir(parents=True, exist_ok=True)
+        np.savez(cache, images=pool_u8, labels=json.dumps(pool_labels), grids=pool_grids, touched=pool_touched)
     token_embedding.sparse = False
-    save(model, args, t_total, time.time() - t_train, t_data, n_params)
+    save(model, args, t_total, time.time() - t_train, t_data, n_params, drawer.waited if drawer is not None else 0.0)
 
 
-def save(model, args, t_total: float, t_train: float, t_data: float, n_params: int) -> None:
+def save(model, args, t_total: float, t_train: float, t_data: float, n_params: int, t_waited: float = 0.0) -> None:
     out: Path = args.out
     model.eval()
     model.to(torch.float16).save_pretrained(out, safe_serialization=True)
@@ -664,6 +797,7 @@ def save(model, args, t_total: float, t_train: float, t_data: float, n_params: i
         "seconds_total": round(t_total),
         "seconds_training_steps": round(t_train),
         "seconds_drawing_data": round(t_data),
+        "seconds_waiting_for_scenes": round(t_waited, 1),
         "torch": torch.__version__,
     }
     (out / "training_info.json").write_text(json.dumps(info, indent=2) + "\n")

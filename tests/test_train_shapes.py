@@ -79,6 +79,28 @@ def test_render_pool_draws_the_same_scenes_in_parallel(ts):
         assert np.array_equal(touched[i], union.reshape(8, 8, 8, 8).any((1, 3)))
 
 
+def test_release_steps_follow_the_draw_rate(ts):
+    # scenes 10..39 in chunks of 8 (the last one 6), 4 scenes drawn per step
+    assert ts.release_steps(10, 40, 8, 4.0) == [2, 4, 6, 8]
+    assert ts.release_steps(10, 41, 10, 3.0) == [4, 7, 10, 11]
+    assert ts.release_steps(40, 40, 8, 4.0) == []
+
+
+def test_pool_drawer_draws_the_scenes_render_pool_draws(ts):
+    rng = np.random.default_rng(0)
+    want_images, want_labels, want_grids, want_touched = ts.render_pool(7, 64, 8, 5, np.random.default_rng(0))
+    counts = ts.pool_counts(rng, 7)
+    out = ts.pool_arrays(7, 64, 8, shared=True)
+    labels = ts.draw_into(out, 0, 2, counts, 5, 64, 8, 64, workers=2)
+    drawer = ts.PoolDrawer(out, 2, 7, 3, counts, 5, 64, 8, 64)
+    first, second = drawer.next_chunk(), drawer.next_chunk()  # scenes 2-4, then 5-6
+    drawer.close()
+    assert len(first) == 3 and len(second) == 2
+    assert labels + first + second == want_labels
+    for got, want in zip(out, (want_images, want_grids, want_touched)):
+        assert np.array_equal(got, want)
+
+
 def test_vision_forward_keeps_the_chosen_tokens(ts, tiny_clip):
     """Positions are added before tokens are dropped, so the class token does not depend on
     the order of `keep`, each kept token's output follows it, and keeping every patch in any
@@ -216,3 +238,26 @@ def test_a_few_training_steps_write_a_model_load_model_reads(ts, tmp_path, monke
     assert 1000 not in used
     emb = "text_model.embeddings.token_embedding.weight"
     torch.testing.assert_close(adapter.model.state_dict()[emb][1000].float(), init.state_dict()[emb][1000].half().float())
+
+
+def test_a_growing_pool_run_is_reproducible_and_reads_back_from_the_cache(ts, tmp_path, monkeypatch):
+    """Scenes drawn beside the training join the pool on fixed steps, so a run that draws them
+    and one that reads them from the cache train the same weights."""
+    weights = []
+    for run in ("draws", "reads the cache"):
+        out = tmp_path / run
+        out.mkdir()
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(ASSET / name, out / name)
+        argv = ["train_shapes.py", "--out", str(out), "--steps", "8", "--batch", "8", "--pool", "40",
+                "--pool-start", "16", "--pool-chunk", "8", "--draw-rate", "4", "--warmup", "2", "--eval-every", "8",
+                "--draw-size", "64", "--threads", "2", "--cache-dir", str(tmp_path / "cache")]
+        monkeypatch.setattr(sys, "argv", argv)
+        ts.main()
+        weights.append((out / "model.safetensors").read_bytes())
+        assert len(list((tmp_path / "cache").glob("*.npz"))) == 1
+    assert weights[0] == weights[1]
+    # a pool that starts smaller than a batch is refused
+    monkeypatch.setattr(sys, "argv", argv[:10] + ["4"] + argv[11:])
+    with pytest.raises(SystemExit):
+        ts.main()
