@@ -180,3 +180,4 @@ def test_eval_script_skips_a_part_given_zero_scenes_and_ranks_like_a_direct_coun
     ok = _scenes_ranked_right(model, tokenizer, processor, counts, ev.MULTI_SEED)
     assert got["multi"]["n"] == 6
     assert got["multi"]["scenes_all_present_above_all_absent"] == pytest.approx(ok / 6)
+    assert got["multi"]["standard_error"] == pytest.approx(((ok / 6) * (1 - ok / 6) / 6) ** 0.5)
