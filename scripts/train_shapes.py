@@ -279,7 +279,10 @@ class PoolDrawer:
         self.waited += time.time() - t0
         return labels
 
-    def close(self) -> None:
+    def close(self, stop: bool = False) -> None:
+        """Wait for the process to end (``stop``: end it now, leaving the rest undrawn)."""
+        if stop:
+            self._proc.terminate()
         self._recv.close()
         self._proc.join()
 
@@ -757,7 +760,7 @@ def main() -> None:
         print(f"  note: the run ended before the pool was whole ({len(pool_labels)} of {args.pool} scenes joined)",
               flush=True)
         if drawer is not None:
-            drawer.close()
+            drawer.close(stop=True)
     elif cache is not None and late_labels is None:  # drawn in this run
         args.cache_dir.mkdir(parents=True, exist_ok=True)
         np.savez(cache, images=pool_u8, labels=json.dumps(pool_labels), grids=pool_grids, touched=pool_touched)

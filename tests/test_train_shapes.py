@@ -9,6 +9,7 @@ import json
 import math
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -261,3 +262,20 @@ def test_a_growing_pool_run_is_reproducible_and_reads_back_from_the_cache(ts, tm
     monkeypatch.setattr(sys, "argv", argv[:10] + ["4"] + argv[11:])
     with pytest.raises(SystemExit):
         ts.main()
+
+
+def test_a_run_that_ends_before_the_pool_is_whole_stops_the_drawing(ts, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "model"
+    out.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(ASSET / name, out / name)
+    # A drawing process that would take two minutes: the run must stop it, not wait for it.
+    monkeypatch.setattr(ts, "_draw_chunks", lambda *args: time.sleep(120))
+    monkeypatch.setattr(sys, "argv", ["train_shapes.py", "--out", str(out), "--steps", "3", "--batch", "8",
+                                      "--pool", "20000", "--pool-start", "16", "--pool-chunk", "8", "--draw-rate",
+                                      "1", "--warmup", "1", "--eval-every", "3", "--draw-size", "64", "--threads", "2"])
+    t0 = time.time()
+    ts.main()
+    assert time.time() - t0 < 60
+    assert "ended before the pool was whole (16 of 20000 scenes joined)" in capsys.readouterr().out
+    assert (out / "model.safetensors").is_file()
