@@ -516,11 +516,10 @@ def main() -> None:
     if args.mid_patch_loss <= 0:
         mid_blocks = []
     args.pool_start = min(args.pool_start, args.pool)
-    if not 1 <= args.pool_start <= args.pool or args.pool < args.batch:
-        ap.error(f"need --batch <= --pool and 1 <= --pool-start <= --pool, got --batch {args.batch}, "
-                 f"--pool {args.pool}, --pool-start {args.pool_start}")
     if args.pool_start < args.batch or args.pool_chunk < 1 or args.draw_rate <= 0:
-        ap.error("need --pool-start >= --batch, --pool-chunk >= 1 and --draw-rate > 0")
+        ap.error(f"need min(--pool-start, --pool) >= --batch, --pool-chunk >= 1 and --draw-rate > 0, got "
+                 f"--pool {args.pool}, --pool-start {args.pool_start}, --batch {args.batch}, "
+                 f"--pool-chunk {args.pool_chunk}, --draw-rate {args.draw_rate}")
     grid_side = args.image_size // args.patch_size
     if args.draw_size and (args.draw_size < args.image_size or args.draw_size % grid_side):
         ap.error(f"--draw-size must be at least --image-size and a multiple of the {grid_side}-patch grid side, "
@@ -666,7 +665,7 @@ def main() -> None:
     t_train = time.time()
     running = None
     for step in range(args.steps):
-        while len(pool_labels) < args.pool and releases[0] <= step:
+        while releases and releases[0] <= step:
             releases.pop(0)
             if drawer is not None:
                 join_pool(drawer.next_chunk())
