@@ -1,0 +1,101 @@
+"""Writes tests/golden/<family>.npz: every method (and the options that change its path) on a
+tiny seeded float64 model of every family, so that a refactor which changes a number is caught
+by tests/test_golden.py.
+
+Run from the repository root: ``python tests/make_golden.py [FAMILY ...]`` (open_clip needs the
+open_clip extra). Regenerate only for a change that is meant to change numbers, and say which in
+the commit message.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import cliplens  # noqa: E402
+from conftest import ADAPTER_FACTORIES, random_image  # noqa: E402
+
+GOLDEN = Path(__file__).resolve().parent / "golden"
+TEXTS = ["a red triangle", "a photo of a small dog", "cat"]
+IMAGES = [random_image(1), random_image(2, size=(40, 64))]
+
+#: (case name, method, explain keyword arguments)
+CASES: list[tuple[str, str, dict]] = [
+    ("chefer", "chefer", {}),
+    ("chefer-all", "chefer", {"start_layer": 0}),
+    ("chefer-probability", "chefer", {"target": "probability"}),
+    ("chefer-contrast", "chefer", {"target": "contrast:cat"}),
+    ("chefer-full", "chefer", {"resize": "full"}),
+    ("legrad", "legrad", {}),
+    ("legrad-mean-2", "legrad", {"pooling": "mean", "layers": 2}),
+    ("legrad-probability", "legrad", {"target": "probability"}),
+    ("legrad-full", "legrad", {"resize": "full"}),
+    ("rollout", "rollout", {}),
+    ("rollout-1", "rollout", {"start_layer": 1}),
+    ("raw_attention", "raw_attention", {}),
+    ("raw_attention-0", "raw_attention", {"layer": 0}),
+    ("gradcam", "gradcam", {}),
+    ("gradcam-0", "gradcam", {"layer": 0}),
+    ("sensitivity", "sensitivity", {}),
+    ("sensitivity-gxi", "sensitivity", {"variant": "grad_x_input"}),
+    ("sensitivity-pixel", "sensitivity", {"variant": "pixel_grad"}),
+    ("sensitivity-iterative", "sensitivity", {"variant": "iterative", "steps": 3}),
+    ("sensitivity-full", "sensitivity", {"variant": "pixel_grad", "resize": "full"}),
+    ("decomposition", "decomposition", {}),
+    ("decomposition-contrast", "decomposition", {"target": "contrast:0"}),
+]
+
+
+def run_case(adapter, method: str, kwargs: dict) -> dict[str, np.ndarray] | None:
+    """The arrays of one case, flattened to names; None where the family refuses the method."""
+    try:
+        ex = cliplens.explain(adapter, IMAGES, TEXTS, method=method, **kwargs)
+    except cliplens.InputError:
+        return None
+    out = {"logits": ex.logits, "probs": ex.probs, "target_values": ex.target_values}
+    if ex.image_maps is not None:
+        for b in range(len(IMAGES)):
+            out[f"image_maps_{b}"] = np.asarray(ex.image_maps[b])
+    if ex.token_scores is not None:
+        out["token_scores"] = ex.token_scores
+    for key, value in ex.extras.items():
+        if isinstance(value, list):
+            for b, v in enumerate(value):
+                out[f"extra__{key}_{b}"] = np.asarray(v)
+        else:
+            out[f"extra__{key}"] = np.asarray(value)
+    return out
+
+
+def family_arrays(factory) -> dict[str, np.ndarray]:
+    adapter = factory(seed=0, dtype=torch.float64)
+    arrays: dict[str, np.ndarray] = {}
+    for case, method, kwargs in CASES:
+        result = run_case(adapter, method, kwargs)
+        if result is None:
+            arrays[f"{case}/refused"] = np.array(True)
+            continue
+        for key, value in result.items():
+            arrays[f"{case}/{key}"] = np.asarray(value, dtype=np.float64)
+    return arrays
+
+
+def main(argv: list[str]) -> int:
+    GOLDEN.mkdir(exist_ok=True)
+    wanted = set(argv) or {name for name, _ in ADAPTER_FACTORIES}
+    for name, factory in ADAPTER_FACTORIES:
+        if name not in wanted:
+            continue
+        arrays = family_arrays(factory)
+        np.savez_compressed(GOLDEN / f"{name}.npz", **arrays)
+        print(f"{name}: {len(arrays)} arrays")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

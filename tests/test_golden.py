@@ -1,0 +1,47 @@
+"""Golden files: every method on a tiny seeded float64 model of every family gives the numbers
+committed in tests/golden/ (written by tests/make_golden.py before the consolidation), so a
+refactor that changes a number fails here. A case may gain arrays (a bug fix that stops dropping
+them) but never lose or change one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ADAPTER_FACTORIES
+from make_golden import CASES, run_case
+
+GOLDEN = Path(__file__).resolve().parent / "golden"
+FAMILIES = [(name, factory) for name, factory in ADAPTER_FACTORIES if (GOLDEN / f"{name}.npz").is_file()]
+
+
+@pytest.fixture(scope="module", params=FAMILIES, ids=[name for name, _ in FAMILIES])
+def golden_family(request):
+    name, factory = request.param
+    with np.load(GOLDEN / f"{name}.npz") as z:
+        golden = {k: z[k] for k in z.files}
+    return factory(seed=0, dtype=torch.float64), golden
+
+
+@pytest.mark.parametrize("case,method,kwargs", CASES, ids=[c[0] for c in CASES])
+def test_numbers_unchanged(golden_family, case, method, kwargs):
+    adapter, golden = golden_family
+    expected = {k.split("/", 1)[1]: v for k, v in golden.items() if k.split("/", 1)[0] == case}
+    assert expected, f"no golden arrays for case {case}"
+    got = run_case(adapter, method, kwargs)
+    if "refused" in expected:
+        assert got is None, f"{case} was refused when the golden files were written"
+        return
+    assert got is not None, f"{case} is refused now"
+    missing = sorted(set(expected) - set(got))
+    assert not missing, f"{case} lost arrays: {missing}"
+    for key, want in expected.items():
+        have = np.asarray(got[key], dtype=np.float64)
+        assert have.shape == want.shape, key
+        assert np.array_equal(np.isnan(have), np.isnan(want)), key
+        scale = np.nanmax(np.abs(want)) if np.isfinite(want).any() else 1.0
+        # float64 on tiny models: BLAS differences between machines stay near 1e-13 relative
+        np.testing.assert_allclose(have, want, rtol=1e-9, atol=1e-10 * (scale + 1e-300), err_msg=key)
