@@ -284,3 +284,22 @@ def test_model_restored_after_injected_exception(method, where, prepared):
             handle.remove()
     before_state = {**before_state, "hooks": before_state["hooks"] - (handle is not None)}
     _unchanged(adapter, before_state, before_out)
+
+
+@pytest.fixture(scope="module")
+def shapes_scenes(tmp_path_factory):
+    from cliplens.worlds.shapes import write_dataset
+
+    return write_dataset(tmp_path_factory.mktemp("contract") / "shapes", 1, seed=3, size=64)
+
+
+def test_evaluate_runs_on_every_family(family, shapes_scenes):
+    """``cliplens evaluate`` with its default metrics (sanity check included) on one item of each
+    family; it once failed on SigLIP 2, whose image blocks the sanity check did not know."""
+    from cliplens.eval import harness
+
+    name, adapter = family
+    res = harness.evaluate(adapter, ["chefer"], f"shapes:{shapes_scenes}", limit=1, sanity_items=1)
+    row = next(r for r in res.rows if r["source"] == "chefer")
+    assert row["n_pairs"] >= 1
+    assert np.isfinite(row["sanity_change"])

@@ -13,6 +13,7 @@ Gh x Gw patch grid.
 from __future__ import annotations
 
 import contextlib
+import copy
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -157,6 +158,18 @@ class ModelAdapter(ABC):
     @property
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
+
+    @abstractmethod
+    def blocks(self, tower: str) -> list[torch.nn.Module]:
+        """The residual blocks of ``tower`` ("image" or "text"), first to last (the modules
+        whose weights a sanity check randomises; what each method's per-block captures refer to)."""
+
+    def with_model(self, model: torch.nn.Module) -> "ModelAdapter":
+        """The same adapter (tokenizer, preprocessing, name) around another instance of the same
+        architecture, e.g. a deep copy whose weights are changed."""
+        clone = copy.copy(self)
+        clone.model = model
+        return clone
 
     # ---- inputs ------------------------------------------------------------------------
     @abstractmethod

@@ -132,6 +132,9 @@ class HFClipAdapter(ModelAdapter):
     def logit_scale(self) -> torch.Tensor:
         return self.model.logit_scale.detach().exp()
 
+    def blocks(self, tower: str) -> list[torch.nn.Module]:
+        return list(self._tower(tower).encoder.layers)
+
     # ---- inputs ------------------------------------------------------------------------
     def tokenize(self, texts: list[str]) -> TextBatch:
         tok = self.tokenizer

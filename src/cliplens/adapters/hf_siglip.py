@@ -205,6 +205,10 @@ class HFSiglipAdapter(ModelAdapter):
     def logit_bias(self) -> torch.Tensor | None:
         return self.model.logit_bias.detach().reshape(())
 
+    def blocks(self, tower: str) -> list[torch.nn.Module]:
+        tm = self.model.vision_model if tower == "image" else self.model.text_model
+        return list(tm.encoder.layers)
+
     # ---- inputs ------------------------------------------------------------------------
     def tokenize(self, texts: list[str]) -> TextBatch:
         tok = self.tokenizer

@@ -271,6 +271,15 @@ class OpenClipAdapter(ModelAdapter):
     def logit_scale(self) -> torch.Tensor:
         return self.model.logit_scale.detach().exp().reshape(())
 
+    def blocks(self, tower: str) -> list[torch.nn.Module]:
+        tm = self.model.visual if tower == "image" else self.text
+        return list(tm.transformer.resblocks)
+
+    def with_model(self, model) -> "OpenClipAdapter":
+        clone = super().with_model(model)
+        clone.text = _text_parts(model)
+        return clone
+
     def logit_bias(self) -> torch.Tensor | None:
         bias = getattr(self.model, "logit_bias", None)
         return None if bias is None else bias.detach().reshape(())

@@ -32,21 +32,8 @@ __all__ = ["CascadingRandomization", "image_blocks"]
 
 
 def image_blocks(adapter: ModelAdapter) -> list[torch.nn.Module]:
-    """The image tower's blocks, first to last.
-
-    Uses the adapter's ``blocks("image")`` when it has one; otherwise the module path of the
-    families known here (kept in this one function).
-    """
-    blocks = getattr(adapter, "blocks", None)
-    if callable(blocks):
-        return list(blocks("image"))
-    if adapter.family in ("hf-clip", "hf-siglip"):
-        return list(adapter.model.vision_model.encoder.layers)
-    if adapter.family == "open_clip":
-        return list(adapter.model.visual.transformer.resblocks)
-    raise InputError(
-        f"the sanity check does not know where the image blocks of a {adapter.family!r} model are"
-    )
+    """The image tower's blocks, first to last (the adapter contract's ``blocks``)."""
+    return list(adapter.blocks("image"))
 
 
 def _seed_for(seed: int, block: int, name: str) -> int:
@@ -64,8 +51,7 @@ class CascadingRandomization:
 
     def __init__(self, adapter: ModelAdapter, seed: int = 0):
         self.seed = int(seed)
-        self.adapter = copy.copy(adapter)
-        self.adapter.model = copy.deepcopy(adapter.model)
+        self.adapter = adapter.with_model(copy.deepcopy(adapter.model))
         self.blocks = image_blocks(self.adapter)
         if not self.blocks:
             raise InputError("the model's image tower has no blocks to randomise")
