@@ -47,6 +47,11 @@ def test_numbers_unchanged(golden_family, case, method, kwargs):
         have = np.asarray(got[key], dtype=np.float64)
         assert have.shape == want.shape, key
         assert np.array_equal(np.isnan(have), np.isnan(want)), key
+        if "delta_" in key:  # completeness errors are rounding noise: both must stay at it
+            assert np.nanmax(have) < 1e-10 and np.nanmax(want) < 1e-10, key
+            continue
         scale = np.nanmax(np.abs(want)) if np.isfinite(want).any() else 1.0
-        # float64 on tiny models: BLAS differences between machines stay near 1e-13 relative
-        np.testing.assert_allclose(have, want, rtol=1e-9, atol=1e-10 * (scale + 1e-300), err_msg=key)
+        # float64, but the tiny models' sharpened attention amplifies rounding: the same code
+        # differs by up to 1.5e-7 of an array's scale between 1 and 2 threads. A refactor
+        # mistake (a float32 step, a wrong index, a changed default) is far above 1e-5.
+        np.testing.assert_allclose(have, want, rtol=1e-5, atol=1e-5 * (scale + 1e-300), err_msg=key)

@@ -7,7 +7,7 @@ import torch
 
 import cliplens
 from cliplens.adapters import HFClipAdapter
-from cliplens.methods import chefer as chefer_mod
+from cliplens.methods import relevance as relevance_mod
 from conftest import clip_tokenizer, make_tiny_clip, random_image
 
 
@@ -93,7 +93,7 @@ def test_restored_when_backward_hook_raises(model_and_adapter, monkeypatch):
     def exploding(attn, grad):
         raise Boom("mid-backward")
 
-    monkeypatch.setattr(chefer_mod, "gradient_weighted", exploding)
+    monkeypatch.setattr(relevance_mod, "gradient_weighted", exploding)
     with pytest.raises(Boom):
         cliplens.explain(adapter, [random_image(1)], ["a cat"], method="chefer")
     assert _state(model) == before

@@ -22,6 +22,46 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
+class PairScores:
+    """THE formula of a pair's score, written once: ``logit = scale * cos(image, text) (+ bias)``
+    and its probability (softmax over the prompts for CLIP, each pair's sigmoid for SigLIP-style
+    models). Every path that scores pairs (the explained targets, the reported logits,
+    :func:`cliplens.similarity`, the evaluation's perturbation curves) goes through it, so they
+    agree to the last bit on the same embeddings."""
+
+    scale: torch.Tensor
+    bias: torch.Tensor | None
+    probability: str  # "softmax" or "sigmoid"
+
+    @classmethod
+    def of(cls, adapter, dtype: torch.dtype | None = None) -> "PairScores":
+        scale = adapter.logit_scale()
+        bias = adapter.logit_bias()
+        if dtype is not None:
+            scale = scale.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
+        return cls(scale, bias, adapter.pair_probability)
+
+    def logits(self, img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
+        """Broadcast (..., D) image and text embeddings (not normalised) -> (...) pair logits."""
+        y = self.scale * (_unit(img) * _unit(txt)).sum(-1)
+        return y if self.bias is None else y + self.bias
+
+    def against(self, img: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
+        """(..., D) image embeddings against each of K text embeddings (K, D) -> (..., K)."""
+        y = self.scale * torch.einsum("...d,kd->...k", _unit(img), _unit(others))
+        return y if self.bias is None else y + self.bias
+
+    def table(self, img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
+        """(B, D) images x (P, D) prompts -> (B, P) logits, every pair by :meth:`logits`."""
+        return self.logits(img[:, None], txt[None])
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """(B, P) logits -> (B, P) probabilities of each prompt for each image."""
+        return torch.sigmoid(logits) if self.probability == "sigmoid" else logits.softmax(-1)
+
+
+@dataclass(frozen=True)
 class PairContext:
     """Inputs of a target. ``img``/``txt`` are (B, P, D) live per-pair embeddings;
     ``img_all`` (B, D) and ``txt_all`` (P, D) are the same embeddings, detached."""
@@ -30,21 +70,34 @@ class PairContext:
     txt: torch.Tensor
     img_all: torch.Tensor
     txt_all: torch.Tensor
-    scale: torch.Tensor
-    bias: torch.Tensor | None
-    probability: str  # "softmax" or "sigmoid"
+    scores: PairScores
+
+    @classmethod
+    def of(cls, img: torch.Tensor, txt: torch.Tensor, scores: PairScores) -> "PairContext":
+        """A context from (B, P, D) per-pair embeddings (live or not); the detached per-image
+        and per-prompt embeddings are read off their first prompt / first image."""
+        return cls(img, txt, img.detach()[:, 0], txt.detach()[0], scores)
+
+    @property
+    def scale(self) -> torch.Tensor:
+        return self.scores.scale
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.scores.bias
+
+    @property
+    def probability(self) -> str:
+        return self.scores.probability
 
     def pair_logits(self) -> torch.Tensor:
         """(B, P) logit of each pair from the live copies."""
-        y = self.scale * (_unit(self.img) * _unit(self.txt)).sum(-1)
-        return y if self.bias is None else y + self.bias
+        return self.scores.logits(self.img, self.txt)
 
     def logits_against_all(self) -> torch.Tensor:
         """(B, P, Q): live image copy of pair (b, p) against every prompt q, prompt q live
         only where q == p."""
-        const = self.scale * torch.einsum("bpd,qd->bpq", _unit(self.img), _unit(self.txt_all))
-        if self.bias is not None:
-            const = const + self.bias
+        const = self.scores.against(self.img, self.txt_all)
         own = self.pair_logits()
         eye = torch.eye(self.txt_all.shape[0], dtype=torch.bool, device=own.device)
         return torch.where(eye[None], own[:, :, None], const)

@@ -164,6 +164,17 @@ class ModelAdapter(ABC):
         """The residual blocks of ``tower`` ("image" or "text"), first to last (the modules
         whose weights a sanity check randomises; what each method's per-block captures refer to)."""
 
+    def capabilities(self, tower: str) -> frozenset[str]:
+        """What ``tower`` offers the methods (their ``requires`` flags are checked against it):
+
+        - ``"readout_token"``: the tower reads its embedding out of one token (class token,
+          end-of-text token), not through an attention-pooling head;
+        - ``"linear_split"``: its blocks and readout are exposed as exact linear pieces
+          (:meth:`attention_value_heads`, :meth:`attention_out_bias`, :meth:`mlp_output`,
+          :meth:`readout_parts`), for exact decompositions.
+        """
+        return frozenset()
+
     def with_model(self, model: torch.nn.Module) -> "ModelAdapter":
         """The same adapter (tokenizer, preprocessing, name) around another instance of the same
         architecture, e.g. a deep copy whose weights are changed."""

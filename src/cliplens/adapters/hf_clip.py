@@ -135,6 +135,9 @@ class HFClipAdapter(ModelAdapter):
     def blocks(self, tower: str) -> list[torch.nn.Module]:
         return list(self._tower(tower).encoder.layers)
 
+    def capabilities(self, tower: str) -> frozenset[str]:
+        return frozenset({"readout_token", "linear_split"})
+
     # ---- inputs ------------------------------------------------------------------------
     def tokenize(self, texts: list[str]) -> TextBatch:
         tok = self.tokenizer

@@ -209,6 +209,11 @@ class HFSiglipAdapter(ModelAdapter):
         tm = self.model.vision_model if tower == "image" else self.model.text_model
         return list(tm.encoder.layers)
 
+    def capabilities(self, tower: str) -> frozenset[str]:
+        # the image tower pools with an attention head (MAP) followed by an MLP: neither a
+        # readout token nor a linear readout; the text tower reads out its last position
+        return frozenset() if tower == "image" else frozenset({"readout_token", "linear_split"})
+
     # ---- inputs ------------------------------------------------------------------------
     def tokenize(self, texts: list[str]) -> TextBatch:
         tok = self.tokenizer

@@ -275,6 +275,15 @@ class OpenClipAdapter(ModelAdapter):
         tm = self.model.visual if tower == "image" else self.text
         return list(tm.transformer.resblocks)
 
+    def capabilities(self, tower: str) -> frozenset[str]:
+        pooled = tower == "image" and getattr(self.model.visual, "attn_pool", None) is not None
+        if pooled:
+            return frozenset()
+        found = {"readout_token"}
+        if all(isinstance(blk.attn, torch.nn.MultiheadAttention) for blk in self.blocks(tower)):
+            found.add("linear_split")  # custom attention (qk norm, scaled cosine) has no exact split
+        return frozenset(found)
+
     def with_model(self, model) -> "OpenClipAdapter":
         clone = super().with_model(model)
         clone.text = _text_parts(model)

@@ -6,10 +6,10 @@ The CLI choices, ``cliplens methods``, the docs list and the contract tests all 
 
 from __future__ import annotations
 
-from .base import REGISTRY, Method, MethodResult, get_method, list_methods, register
+from .base import REGISTRY, Attribution, Method, MethodResult, get_method, list_methods, register
 
 # Importing the modules registers the methods.
 from . import chefer  # noqa: E402,F401
 from . import legrad, rollout, raw_attention, gradcam, sensitivity, decomposition  # noqa: E402,F401
 
-__all__ = ["REGISTRY", "Method", "MethodResult", "get_method", "list_methods", "register"]
+__all__ = ["REGISTRY", "Attribution", "Method", "MethodResult", "get_method", "list_methods", "register"]

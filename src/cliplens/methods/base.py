@@ -1,26 +1,44 @@
-"""The method interface and the registry."""
+"""The method template, typed options, capability flags and the registry.
+
+A method is only its idea: it declares what it needs (which towers run per pair with a
+gradient, whether blocks get detached inputs, what a tower must offer) and implements
+:meth:`Method.attribute`, which turns the pair runs into an :class:`Attribution`. The template
+(:meth:`Method.compute`) validates the options, checks the model can express the method, runs
+both towers inside ``adapter.explaining()`` and assembles the :class:`MethodResult`.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
-from ..adapters.base import ImageBatch, ModelAdapter, TextBatch, TowerRun
+from ..adapters.base import ImageBatch, ModelAdapter, TextBatch
 from ..errors import InputError
 from ..targets import Target
+from .pairs import PairRuns, forward_pairs
 
 
 @dataclass
-class MethodResult:
-    """Raw output of a method for B images x P prompts, in the tower's own units.
+class Attribution:
+    """What a method's idea gives for B images x P prompts, in the tower's own units.
 
     image_maps:   (B, P, Gh, Gw) or None
     token_scores: (B, P, T) with NaN on padding, or None
     extras:       named arrays a method exposes besides the maps (per-layer maps, ...)
-    logits, probs, target_values: (B, P)
     """
+
+    image_maps: torch.Tensor | None = None
+    token_scores: torch.Tensor | None = None
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class MethodResult:
+    """Raw output of a method for B images x P prompts: the attribution plus the pairs'
+    logits, probabilities and explained values, each (B, P)."""
 
     image_maps: torch.Tensor | None
     token_scores: torch.Tensor | None
@@ -30,15 +48,124 @@ class MethodResult:
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+# ---- typed options -------------------------------------------------------------------------
+
+#: value kinds an option can take (checked before any model runs)
+KINDS = ("int", "positive_int", "positive_number", "choice")
+
+
+def option(default: Any, help: str, kind: str, choices: tuple[str, ...] = ()) -> Any:
+    """A field of a method's ``Options`` dataclass: its default, one line of help, and the kind
+    of value it takes (``None`` is always allowed where the default is ``None``)."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown option kind {kind!r}")
+    return field(default=default, metadata={"help": help, "kind": kind, "choices": choices})
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    pass
+
+
+def _check_value(method: str, f: dataclasses.Field, value: Any) -> Any:
+    kind, choices = f.metadata["kind"], f.metadata["choices"]
+    if value is None and f.default is None:
+        return None
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind == "int" and number and isinstance(value, int):
+        return value
+    if kind == "positive_int" and number and isinstance(value, int) and value >= 1:
+        return value
+    if kind == "positive_number" and number and value > 0:
+        return value
+    if kind == "choice" and value in choices:
+        return value
+    wanted = {
+        "int": "an integer",
+        "positive_int": "a positive integer",
+        "positive_number": "a positive number",
+        "choice": "one of " + ", ".join(choices),
+    }[kind]
+    raise InputError(f"{method} option {f.name} must be {wanted}, got {value!r}")
+
+
+# ---- the template ----------------------------------------------------------------------------
+
+
 class Method:
-    """Base class. Subclasses set the class attributes and implement :meth:`compute`."""
+    """Base class. A method sets the class attributes and implements :meth:`attribute`
+    (or, for a method that does not fit the pair template, overrides :meth:`compute`)."""
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""  # one line for `cliplens methods`
     reference: ClassVar[str] = ""
-    towers: ClassVar[tuple[str, ...]] = ("image", "text")  # towers it gives a map for
-    options: ClassVar[dict[str, str]] = {}  # option name -> one-line help
+    towers: ClassVar[tuple[str, ...]] = ("image", "text")  # towers it gives a result for
+    Options: ClassVar[type] = NoOptions
+    #: option name -> one-line help (derived from ``Options``)
+    options: ClassVar[dict[str, str]] = {}
 
+    # capability flags, read by the template and by the contract tests
+    #: the explained towers run per pair with a gradient (else: one forward each, no graph)
+    needs_gradient: ClassVar[bool] = True
+    #: every block receives a detached copy of the previous block's output (LeGrad)
+    detach_blocks: ClassVar[bool] = False
+    #: what an explained tower must offer (``ModelAdapter.capabilities``)
+    requires: ClassVar[frozenset[str]] = frozenset()
+    #: the result carries a completeness check (``delta_*`` extras: how far the parts' sum is
+    #: from the explained value)
+    complete: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "Options" in cls.__dict__ or "options" not in cls.__dict__:
+            cls.options = {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls.Options)}
+
+    # ---- what the template asks of a method --------------------------------------------
+    def parse_options(self, options: dict) -> Any:
+        """The typed options from user values; a one-line InputError for an unknown name or a
+        value of the wrong kind (before any model runs)."""
+        known = {f.name: f for f in dataclasses.fields(self.Options)}
+        unknown = set(options) - set(known)
+        if unknown:
+            names = ", ".join(sorted(known)) or "none"
+            raise InputError(f"method {self.name!r} has no option {sorted(unknown)[0]!r} (options: {names})")
+        return self.Options(**{k: _check_value(self.name, known[k], v) for k, v in options.items()})
+
+    def check_options(self, options: dict) -> None:
+        self.parse_options(options)
+
+    def requirements(self, tower: str, opts: Any) -> frozenset[str]:
+        """What ``tower`` must offer for this method with these options (default: :attr:`requires`)."""
+        return self.requires
+
+    def unsupported(self, adapter: ModelAdapter, towers: tuple[str, ...], opts: Any) -> str | None:
+        """Why this method cannot explain ``towers`` of this model, or None."""
+        for tower in towers:
+            missing = self.requirements(tower, opts) - adapter.capabilities(tower)
+            if missing:
+                return (
+                    f"method {self.name!r} cannot explain the {tower} tower of a {adapter.family or 'this'} model: "
+                    + "; ".join(CAPABILITY_TEXT.get(m, m) for m in sorted(missing))
+                )
+        return None
+
+    def check_target(self, target: Target) -> None:
+        """Refuse a target this method cannot explain (InputError); default: any target."""
+
+    def gradient_towers(self, towers: tuple[str, ...], opts: Any) -> tuple[bool, bool]:
+        """(image per pair with a gradient, text per pair with a gradient)."""
+        return (self.needs_gradient and "image" in towers, self.needs_gradient and "text" in towers)
+
+    def prepare_images(self, images: ImageBatch, opts: Any) -> ImageBatch:
+        """The images as the forward pass takes them (default: unchanged)."""
+        return images
+
+    def attribute(
+        self, adapter: ModelAdapter, runs: PairRuns, target: Target, towers: tuple[str, ...], opts: Any
+    ) -> Attribution:
+        raise NotImplementedError
+
+    # ---- the template ------------------------------------------------------------------
     def compute(
         self,
         adapter: ModelAdapter,
@@ -46,16 +173,44 @@ class Method:
         texts: TextBatch,
         target: Target,
         *,
-        towers: tuple[str, ...],
+        towers: tuple[str, ...] | None = None,
         **options,
     ) -> MethodResult:
-        raise NotImplementedError
+        towers = tuple(self.towers if towers is None else towers)
+        opts = self.parse_options(options)
+        self.check_target(target)
+        reason = self.unsupported(adapter, towers, opts)
+        if reason:
+            raise InputError(reason)
+        image_grad, text_grad = self.gradient_towers(towers, opts)
+        with adapter.explaining():
+            runs = forward_pairs(
+                adapter,
+                self.prepare_images(images, opts),
+                texts,
+                target,
+                image_grad=image_grad,
+                text_grad=text_grad,
+                detach_blocks=self.detach_blocks,
+            )
+            out = self.attribute(adapter, runs, target, towers, opts)
+        return MethodResult(
+            image_maps=out.image_maps,
+            token_scores=out.token_scores,
+            logits=runs.logits,
+            probs=runs.probs,
+            target_values=runs.y.detach(),
+            extras=out.extras,
+        )
 
-    def check_options(self, options: dict) -> None:
-        unknown = set(options) - set(self.options)
-        if unknown:
-            known = ", ".join(sorted(self.options)) or "none"
-            raise InputError(f"method {self.name!r} has no option {sorted(unknown)[0]!r} (options: {known})")
+
+#: how a missing capability reads in an error message
+CAPABILITY_TEXT = {
+    "readout_token": "it needs a tower that reads its embedding out of one token (class / end-of-text), "
+    "and this one pools with an attention head",
+    "linear_split": "it needs the tower's blocks and readout as exact linear pieces, which this model's "
+    "tower does not have",
+}
 
 
 REGISTRY: dict[str, type[Method]] = {}
@@ -79,49 +234,25 @@ def list_methods() -> dict[str, str]:
     return {name: cls.summary for name, cls in REGISTRY.items()}
 
 
-# ---- helpers shared by methods -------------------------------------------------------------
+# ---- layer selection: one convention for every layer option ----------------------------------
 
 
-def grid_maps(run: TowerRun, token_values: torch.Tensor, B: int, P: int) -> torch.Tensor:
-    """(B*P or B, n) per-token values of an image tower -> (B, P, Gh, Gw) patch maps."""
-    gh, gw = run.layout.grid
-    vals = token_values[:, run.layout.patches]
-    if vals.shape[0] == B:
-        vals = vals[:, None].expand(B, P, -1)
-    return vals.reshape(B, P, gh, gw)
-
-
-def token_rows(run: TowerRun, token_values: torch.Tensor, B: int, P: int) -> torch.Tensor:
-    """(B*P or P, T) per-token values of a text tower -> (B, P, T), NaN on padding."""
-    vals = token_values.masked_fill(~run.layout.valid, float("nan"))
-    if vals.shape[0] == P:
-        vals = vals[None].expand(B, P, -1)
-    return vals.reshape(B, P, -1)
-
-
-def resolve_layer(start_layer: int | None, num_layers: int, default: int) -> int:
-    """A block index from a user option: None -> default, negative counts from the end."""
-    if start_layer is None:
+def resolve_layer(value: int | None, num_layers: int, default: int, option: str = "layer") -> int:
+    """One block index from a user option: None -> ``default``; negative counts from the end."""
+    if value is None:
         return default
-    idx = start_layer + num_layers if start_layer < 0 else start_layer
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InputError(f"option {option} must be a block index (an integer), got {value!r}")
+    idx = value + num_layers if value < 0 else value
     if not 0 <= idx < num_layers:
-        raise InputError(f"layer {start_layer} is out of range for a tower with {num_layers} blocks")
+        raise InputError(f"{option} {value} is out of range for a tower with {num_layers} blocks")
     return idx
 
 
-def one_hot_rows(run: TowerRun) -> torch.Tensor:
-    """(rows, n) one-hot rows at each row's readout token."""
-    rows = run.layout.readout.shape[0]
-    n = run.layout.valid.shape[1]
-    dtype = run.attentions[0].dtype if run.attentions else torch.float32
-    out = torch.zeros(rows, n, dtype=dtype, device=run.layout.readout.device)
-    out[torch.arange(rows), run.layout.readout] = 1.0
-    return out
-
-
-def require_readout_token(method: str, run: TowerRun) -> None:
-    if not run.layout.has_readout_token:
-        raise InputError(
-            f"method {method!r} needs a {run.tower} tower that reads out a token (class token / end of text); "
-            "this model pools with an attention head"
-        )
+def last_layers(count: int | None, num_layers: int, option: str = "layers") -> list[int]:
+    """The last ``count`` blocks in forward order (None, or more than the tower has: all of them)."""
+    if count is None:
+        return list(range(num_layers))
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise InputError(f"option {option} must be a positive integer (the last K blocks), got {count!r}")
+    return list(range(max(0, num_layers - count), num_layers))

@@ -65,11 +65,11 @@ from __future__ import annotations
 
 import torch
 
-from ..adapters.base import ImageBatch, ModelAdapter, TextBatch, TowerRun
-from ..engine import forward_pairs
+from ..adapters.base import ModelAdapter, TowerRun
 from ..errors import InputError
 from ..targets import Contrast, PairLogit, Target
-from .base import Method, MethodResult, register, require_readout_token
+from .base import Attribution, Method, register
+from .pairs import PairRuns
 
 
 def _to_pairs(x: torch.Tensor, tower: str, B: int, P: int) -> torch.Tensor:
@@ -201,15 +201,6 @@ class TowerDecomposition:
         return out
 
 
-def _decompose(adapter, run, u, scale, B, P) -> dict[str, torch.Tensor]:
-    try:
-        return TowerDecomposition(adapter, run, u, scale, B, P).run_terms()
-    except NotImplementedError as exc:  # an adapter without the contract's linear pieces
-        raise InputError(
-            f"decomposition is not available for {adapter.family or type(adapter).__name__}: {exc}"
-        ) from None
-
-
 def _unit(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=-1, keepdim=True)
 
@@ -219,73 +210,54 @@ class Decomposition(Method):
     name = "decomposition"
     summary = "exact additive decomposition of the logit over layers, heads and tokens (TextSpan-style, no gradient)"
     reference = "Gandelsman, Efros, Steinhardt. Interpreting CLIP's Image Representation via Text-Based Decomposition. ICLR 2024"
+    needs_gradient = False
+    requires = frozenset({"readout_token", "linear_split"})
+    complete = True
 
-    def compute(
-        self,
-        adapter: ModelAdapter,
-        images: ImageBatch,
-        texts: TextBatch,
-        target: Target,
-        *,
-        towers: tuple[str, ...] = ("image", "text"),
-        **_,
-    ) -> MethodResult:
-        if isinstance(target, Contrast):
-            versus: int | None = int(target.versus)
-        elif isinstance(target, PairLogit):
-            versus = None
-        else:
+    def check_target(self, target: Target) -> None:
+        if not isinstance(target, (Contrast, PairLogit)):
             raise InputError(
                 f"decomposition explains the logit and contrasts of logits exactly; the target "
                 f"{target.describe()!r} is not additive in the embedding (use target='logit' or 'contrast:OTHER')"
             )
-        with adapter.explaining(), torch.no_grad():
-            fw = forward_pairs(adapter, images, texts, target, image_grad=False, text_grad=False)
-            B, P = fw.B, fw.P
-            img, txt = fw.image.embeds, fw.text.embeds
-            scale = adapter.logit_scale().to(img.dtype)
-            bias = adapter.logit_bias()
-            bias_v = 0.0 if bias is None else bias
-            i_hat, t_hat = _unit(img), _unit(txt)
-            y = fw.y
-            logits = fw.logits
-            extras: dict[str, torch.Tensor] = {}
-            image_maps = token_scores = None
+
+    def attribute(
+        self, adapter: ModelAdapter, runs: PairRuns, target: Target, towers: tuple[str, ...], opts
+    ) -> Attribution:
+        versus = int(target.versus) if isinstance(target, Contrast) else None
+        B, P = runs.B, runs.P
+        i_hat, t_hat = _unit(runs.image.embeds), _unit(runs.text.embeds)
+        scale = runs.scores.scale
+        bias_v = 0.0 if runs.scores.bias is None else runs.scores.bias
+        y, logits = runs.y, runs.logits
+        out = Attribution()
+        with torch.no_grad():
             if "image" in towers:
-                require_readout_token(self.name, fw.image)
                 u = t_hat[None].expand(B, P, -1)
                 const = torch.full_like(y, 1.0) * bias_v
                 if versus is not None:
                     u = u - t_hat[versus]
                     const = const * 0.0
-                terms = _decompose(adapter, fw.image, u, scale, B, P)
-                gh, gw = fw.image.layout.grid
-                patches = fw.image.layout.patches
-                image_maps = terms["token_terms"][:, :, patches].reshape(B, P, gh, gw)
+                terms = TowerDecomposition(adapter, runs.image, u, scale, B, P).run_terms()
+                gh, gw = runs.image.layout.grid
+                patches = runs.image.layout.patches
+                out.image_maps = terms["token_terms"][:, :, patches].reshape(B, P, gh, gw)
                 other = torch.ones(terms["token_terms"].shape[-1], dtype=torch.bool, device=y.device)
                 other[patches] = False
                 terms["other_tokens_term"] = terms["token_terms"][:, :, other].sum(-1)
                 terms["dims"] = scale * i_hat[:, None] * u
-                extras.update(self._finish(terms, const, y, logits, prefix=""))
+                out.extras.update(self._finish(terms, const, y, logits, prefix=""))
             if "text" in towers:
-                require_readout_token(self.name, fw.text)
                 u = i_hat[:, None].expand(B, P, -1)
                 const = torch.full_like(y, 1.0) * bias_v
                 if versus is not None:
                     const = const - logits[:, versus : versus + 1]
-                terms = _decompose(adapter, fw.text, u, scale, B, P)
+                terms = TowerDecomposition(adapter, runs.text, u, scale, B, P).run_terms()
                 tok = terms["token_terms"]
-                token_scores = tok.masked_fill(~fw.text.layout.valid[None].expand_as(tok), float("nan"))
+                out.token_scores = tok.masked_fill(~runs.text.layout.valid[None].expand_as(tok), float("nan"))
                 terms.pop("head_embeddings")  # per prompt, not per image: not kept as an extra
-                extras.update(self._finish(terms, const, y, logits, prefix="text_"))
-        return MethodResult(
-            image_maps=image_maps,
-            token_scores=token_scores,
-            logits=fw.logits,
-            probs=fw.probs,
-            target_values=y.detach(),
-            extras=extras,
-        )
+                out.extras.update(self._finish(terms, const, y, logits, prefix="text_"))
+        return out
 
     @staticmethod
     def _finish(terms: dict, const: torch.Tensor, y: torch.Tensor, logits: torch.Tensor, prefix: str) -> dict:

@@ -28,12 +28,14 @@ prompts, and one backward that stops at the features (it runs through the blocks
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from ..adapters.base import ImageBatch, ModelAdapter, TextBatch
-from ..engine import forward_pairs
+from ..adapters.base import ModelAdapter
 from ..targets import Target
-from .base import Method, MethodResult, register, resolve_layer
+from .base import Attribution, Method, option, register, resolve_layer
+from .pairs import PairRuns
 
 
 @register
@@ -42,39 +44,24 @@ class GradCAM(Method):
     summary = "Grad-CAM on the patch tokens entering the last block (image map only)"
     reference = "Selvaraju et al. Grad-CAM. ICCV 2017 (ViT variant: tokens as the feature map)"
     towers = ("image",)
-    options = {
-        "layer": "block whose input stream is the feature map (default: the last; negative counts from the end)"
-    }
 
-    def compute(
-        self,
-        adapter: ModelAdapter,
-        images: ImageBatch,
-        texts: TextBatch,
-        target: Target,
-        *,
-        towers: tuple[str, ...] = ("image",),
-        layer: int | None = None,
-        **_,
-    ) -> MethodResult:
-        with adapter.explaining():
-            fw = forward_pairs(adapter, images, texts, target, image_grad=True, text_grad=False)
-            run = fw.image
-            n_layers = len(run.block_inputs)
-            feats = run.block_inputs[resolve_layer(layer, n_layers, n_layers - 1)]
-            (grad,) = torch.autograd.grad(fw.y.sum(), [feats])
+    @dataclass(frozen=True)
+    class Options:
+        layer: int | None = option(
+            None, "block whose input stream is the feature map (default: the last; negative counts from the end)", "int"
+        )
+
+    def attribute(
+        self, adapter: ModelAdapter, runs: PairRuns, target: Target, towers: tuple[str, ...], opts: Options
+    ) -> Attribution:
+        run = runs.image
+        n_layers = len(run.block_inputs)
+        feats = run.block_inputs[resolve_layer(opts.layer, n_layers, n_layers - 1)]
+        (grad,) = torch.autograd.grad(runs.y.sum(), [feats])
         patches = run.layout.patches
         f = feats.detach()[:, patches]  # (rows, N, C)
         alpha = grad[:, patches].mean(dim=1)  # (rows, C)
         cam = torch.einsum("rnc,rc->rn", f, alpha)
-        B, P = fw.B, fw.P
         gh, gw = run.layout.grid
-        signed = cam.reshape(B, P, gh, gw)
-        return MethodResult(
-            image_maps=signed.clamp(min=0),
-            token_scores=None,
-            logits=fw.logits,
-            probs=fw.probs,
-            target_values=fw.y.detach(),
-            extras={"signed": signed},
-        )
+        signed = cam.reshape(runs.B, runs.P, gh, gw)
+        return Attribution(image_maps=signed.clamp(min=0), extras={"signed": signed})

@@ -54,26 +54,21 @@ probabilities (it never runs through the softmax or the earlier blocks).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from ..adapters.base import ImageBatch, ModelAdapter, TextBatch, TokenLayout, TowerRun
-from ..engine import PairsForward, forward_pairs, per_pair
-from ..errors import InputError
-from ..targets import PairContext, Target
-from .base import Method, MethodResult, grid_maps, register, token_rows
+from ..adapters.base import ModelAdapter, TokenLayout, TowerRun
+from ..targets import Target
+from .base import Attribution, Method, last_layers, option, register
+from .pairs import PairRuns, per_pair, tower_result
 
 POOLINGS = ("model", "mean")
 
 
 def explained_layers(layers: int | None, num_layers: int) -> list[int]:
     """The last ``layers`` blocks (all when None or when the tower has fewer), forward order."""
-    if layers is None:
-        return list(range(num_layers))
-    if isinstance(layers, bool) or not isinstance(layers, int) or layers < 1:
-        raise InputError(
-            f"legrad option layers must be a positive integer (the last K blocks), got {layers!r}"
-        )
-    return list(range(max(0, num_layers - layers), num_layers))
+    return last_layers(layers, num_layers, "layers")
 
 
 def layer_readout(adapter: ModelAdapter, run: TowerRun, hidden: torch.Tensor, pooling: str) -> torch.Tensor:
@@ -100,15 +95,6 @@ def positive_mean(grad: torch.Tensor, valid: torch.Tensor | None) -> torch.Tenso
     return torch.einsum("rij,ri->rj", per_row, w) / w.sum(1, keepdim=True)
 
 
-def constant_pairs(fw: PairsForward, tower: str) -> torch.Tensor:
-    """(B, P, D) the final embeddings of a tower for every pair, detached."""
-    if tower == "image":
-        e = fw.image.embeds.detach()
-        return per_pair(e, fw.B, fw.P) if fw.image_per_pair else e[:, None].expand(fw.B, fw.P, -1)
-    e = fw.text.embeds.detach()
-    return per_pair(e, fw.B, fw.P) if fw.text_per_pair else e[None].expand(fw.B, fw.P, -1)
-
-
 @register
 class LeGrad(Method):
     name = "legrad"
@@ -119,102 +105,61 @@ class LeGrad(Method):
         "Bousselham, Boggust, Chaybouti, Strobelt, Kuehne. LeGrad: An Explainability Method for Vision "
         "Transformers via Feature Formation Sensitivity. 2024"
     )
-    options = {
-        "layers": "explain the last K blocks of each tower (default: all blocks)",
-        "pooling": "image readout of a layer: 'model' (the tower's own, default) or 'mean' (over all tokens, as the reference)",
-    }
+    detach_blocks = True
 
-    def compute(
-        self,
-        adapter: ModelAdapter,
-        images: ImageBatch,
-        texts: TextBatch,
-        target: Target,
-        *,
-        towers: tuple[str, ...] = ("image", "text"),
-        layers: int | None = None,
-        pooling: str = "model",
-        **_,
-    ) -> MethodResult:
-        if pooling not in POOLINGS:
-            raise InputError(f"legrad option pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
-        with adapter.explaining():
-            fw = forward_pairs(
-                adapter,
-                images,
-                texts,
-                target,
-                image_grad="image" in towers,
-                text_grad="text" in towers,
-                detach_blocks=True,
-            )
-            B, P = fw.B, fw.P
-            img_c, txt_c = constant_pairs(fw, "image"), constant_pairs(fw, "text")
-            scale, bias = adapter.logit_scale().to(img_c.dtype), adapter.logit_bias()
-            plan: dict[str, tuple[TowerRun, list[tuple[torch.Tensor, bool]]]] = {}
-            total = fw.y.new_zeros(())
-            with torch.enable_grad():
-                for tower, run in (("image", fw.image), ("text", fw.text)):
-                    if tower not in towers:
-                        continue
-                    if tower == "image" and pooling == "mean" and not run.layout.has_readout_token:
-                        raise InputError("legrad pooling='mean' needs an image tower that reads out a token")
-                    chosen = explained_layers(layers, len(run.attentions))
-                    wrt: list[tuple[torch.Tensor, bool]] = []  # (where the gradient is taken, pooling head?)
-                    plan[tower] = (run, wrt)
-                    for l in chosen:
-                        hidden = run.block_outputs[l]
-                        if pooling == "model" or tower == "text":
-                            rows_e, pool = adapter.readout_with_attention(tower, hidden, run.layout)
-                        else:
-                            rows_e, pool = layer_readout(adapter, run, hidden, pooling), None
-                        # the gradient is taken at the pooling head's attention for pooled towers
-                        wrt.append((run.attentions[l], False) if pool is None else (pool, True))
-                        e = per_pair(rows_e, B, P)
-                        if tower == "image":
-                            ctx = PairContext(
-                                e, txt_c, e.detach()[:, 0], txt_c[0], scale, bias, adapter.pair_probability
-                            )
-                        else:
-                            ctx = PairContext(
-                                img_c, e, img_c[:, 0], e.detach()[0], scale, bias, adapter.pair_probability
-                            )
-                        total = total + target(ctx).sum()
-                attns = [a for _, wrt in plan.values() for a, _ in wrt]
-                grads = list(torch.autograd.grad(total, attns, allow_unused=True)) if attns else []
-        maps: dict[str, torch.Tensor] = {}
-        per_layer: dict[str, torch.Tensor] = {}
+    @dataclass(frozen=True)
+    class Options:
+        layers: int | None = option(None, "explain the last K blocks of each tower (default: all blocks)", "positive_int")
+        pooling: str = option(
+            "model",
+            "image readout of a layer: 'model' (the tower's own, default) or 'mean' (over all tokens, as the reference)",
+            "choice",
+            POOLINGS,
+        )
+
+    def requirements(self, tower: str, opts: Options) -> frozenset[str]:
+        # the reference's mean readout goes through the image tower's token readout (norm + projection)
+        return frozenset({"readout_token"}) if tower == "image" and opts.pooling == "mean" else frozenset()
+
+    def attribute(
+        self, adapter: ModelAdapter, runs: PairRuns, target: Target, towers: tuple[str, ...], opts: Options
+    ) -> Attribution:
+        B, P = runs.B, runs.P
+        # per tower: the run and, per explained layer, where the gradient is taken and whether
+        # that is a pooling head's attention
+        plan: dict[str, tuple[TowerRun, list[tuple[torch.Tensor, bool]]]] = {}
+        total = runs.y.new_zeros(())
+        with torch.enable_grad():
+            for tower in towers:
+                run = runs.run(tower)
+                wrt: list[tuple[torch.Tensor, bool]] = []
+                plan[tower] = (run, wrt)
+                for l in explained_layers(opts.layers, len(run.attentions)):
+                    hidden = run.block_outputs[l]
+                    if opts.pooling == "model" or tower == "text":
+                        rows_e, pool = adapter.readout_with_attention(tower, hidden, run.layout)
+                    else:
+                        rows_e, pool = layer_readout(adapter, run, hidden, opts.pooling), None
+                    wrt.append((run.attentions[l], False) if pool is None else (pool, True))
+                    total = total + target(runs.context_with(tower, per_pair(rows_e, B, P))).sum()
+            attns = [a for _, wrt in plan.values() for a, _ in wrt]
+            grads = list(torch.autograd.grad(total, attns, allow_unused=True)) if attns else []
+        out = Attribution()
         k = 0
         for tower, (run, wrt) in plan.items():
             layer_vals = []
             for a, pooled in wrt:
-                g = grads[k]
+                g = grads[k] if grads[k] is not None else torch.zeros_like(a)
                 k += 1
-                if g is None:
-                    g = torch.zeros_like(a)
                 # query rows: the tower's valid tokens, or all of the pooling head's queries
                 layer_vals.append(positive_mean(g.detach(), None if pooled else run.layout.valid))
             stacked = torch.stack(layer_vals, 1)  # (rows, L', n)
-            maps[tower] = stacked.sum(1)
-            per_layer[tower] = stacked
-        extras = {}
-        image_maps = token_scores = None
-        if "image" in maps:
-            run = plan["image"][0]
-            image_maps = grid_maps(run, maps["image"], B, P)
-            lay = per_layer["image"]
-            gh, gw = run.layout.grid
-            extras["layer_maps"] = lay[:, :, run.layout.patches].reshape(B, P, lay.shape[1], gh, gw)
-        if "text" in maps:
-            run = plan["text"][0]
-            token_scores = token_rows(run, maps["text"], B, P)
-            lay = per_layer["text"].masked_fill(~run.layout.valid[:, None], float("nan"))
-            extras["text_layer_scores"] = lay.reshape(B, P, *lay.shape[1:])
-        return MethodResult(
-            image_maps=image_maps,
-            token_scores=token_scores,
-            logits=fw.logits,
-            probs=fw.probs,
-            target_values=fw.y.detach(),
-            extras=extras,
-        )
+            if tower == "image":
+                out.image_maps = tower_result(runs, tower, stacked.sum(1))
+                gh, gw = run.layout.grid
+                out.extras["layer_maps"] = stacked[:, :, run.layout.patches].reshape(B, P, stacked.shape[1], gh, gw)
+            else:
+                out.token_scores = tower_result(runs, tower, stacked.sum(1))
+                lay = stacked.masked_fill(~run.layout.valid[:, None], float("nan"))
+                out.extras["text_layer_scores"] = lay.reshape(B, P, *lay.shape[1:])
+        return out

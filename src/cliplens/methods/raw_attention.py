@@ -24,30 +24,13 @@ backward, no B*P replication; O(H n) per explained row.
 
 from __future__ import annotations
 
-import torch
+from dataclasses import dataclass
 
-from ..adapters.base import ImageBatch, ModelAdapter, TextBatch, TowerRun
-from ..engine import forward_pairs
-from ..errors import InputError
+from ..adapters.base import ModelAdapter
 from ..targets import Target
-from .base import Method, MethodResult, grid_maps, one_hot_rows, register, resolve_layer, token_rows
-
-
-def readout_rows(method: str, run: TowerRun) -> torch.Tensor:
-    """(rows, n): the one-hot row of each readout token, or the pooling head's attention row
-    (mean over heads and queries) for towers without one."""
-    if run.layout.has_readout_token:
-        return one_hot_rows(run)
-    if run.pool_attention is not None:
-        return run.pool_attention.mean(dim=(1, 2))
-    raise InputError(
-        f"method {method!r} needs a {run.tower} tower that reads out a token or exposes its pooling attention"
-    )
-
-
-def head_mean_row(attn: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
-    """row @ mean_h A: (rows, H, n, n), (rows, n) -> (rows, n), without forming mean_h A."""
-    return torch.einsum("ri,rhij->rj", row, attn) / attn.shape[1]
+from .base import Attribution, Method, option, register, resolve_layer
+from .pairs import PairRuns, tower_result
+from .relevance import head_mean_row, readout_rows
 
 
 @register
@@ -57,32 +40,21 @@ class RawAttention(Method):
     reference = (
         "Abnar, Zuidema. Quantifying Attention Flow in Transformers. ACL 2020 (raw attention baseline)"
     )
-    options = {"layer": "block whose attention is shown (default: the last; negative counts from the end)"}
+    needs_gradient = False
 
-    def compute(
-        self,
-        adapter: ModelAdapter,
-        images: ImageBatch,
-        texts: TextBatch,
-        target: Target,
-        *,
-        towers: tuple[str, ...] = ("image", "text"),
-        layer: int | None = None,
-        **_,
-    ) -> MethodResult:
-        with adapter.explaining():
-            fw = forward_pairs(adapter, images, texts, target, image_grad=False, text_grad=False)
-        rows = {}
-        for tower, run in (("image", fw.image), ("text", fw.text)):
-            if tower in towers:
-                n_layers = len(run.attentions)
-                l = resolve_layer(layer, n_layers, n_layers - 1)
-                rows[tower] = head_mean_row(run.attentions[l], readout_rows(self.name, run))
-        B, P = fw.B, fw.P
-        return MethodResult(
-            image_maps=grid_maps(fw.image, rows["image"], B, P) if "image" in rows else None,
-            token_scores=token_rows(fw.text, rows["text"], B, P) if "text" in rows else None,
-            logits=fw.logits,
-            probs=fw.probs,
-            target_values=fw.y.detach(),
+    @dataclass(frozen=True)
+    class Options:
+        layer: int | None = option(
+            None, "block whose attention is shown (default: the last; negative counts from the end)", "int"
         )
+
+    def attribute(
+        self, adapter: ModelAdapter, runs: PairRuns, target: Target, towers: tuple[str, ...], opts: Options
+    ) -> Attribution:
+        out = {}
+        for tower in towers:
+            run = runs.run(tower)
+            n_layers = len(run.attentions)
+            l = resolve_layer(opts.layer, n_layers, n_layers - 1)
+            out[tower] = tower_result(runs, tower, head_mean_row(run.attentions[l], readout_rows(self.name, run)))
+        return Attribution(image_maps=out.get("image"), token_scores=out.get("text"))

@@ -28,23 +28,13 @@ backward, no B*P replication; O(H n^2) per block.
 
 from __future__ import annotations
 
-import torch
+from dataclasses import dataclass
 
-from ..adapters.base import ImageBatch, ModelAdapter, TextBatch, TowerRun
-from ..engine import forward_pairs
+from ..adapters.base import ModelAdapter
 from ..targets import Target
-from .base import Method, MethodResult, grid_maps, register, resolve_layer, token_rows
-from .raw_attention import readout_rows
-
-
-def rollout_row(run: TowerRun, row: torch.Tensor, start: int) -> torch.Tensor:
-    """row @ Ahat^{L-1} @ ... @ Ahat^{start}: (rows, n) -> (rows, n)."""
-    for attn in reversed(run.attentions[start:]):
-        H = attn.shape[1]
-        sums = attn.sum(dim=(1, 3)) / H + 1.0  # (rows, n): row sums of mean_h A + I
-        scaled = row / sums
-        row = torch.einsum("ri,rhij->rj", scaled, attn) / H + scaled
-    return row
+from .base import Attribution, Method, option, register, resolve_layer
+from .pairs import PairRuns, tower_result
+from .relevance import readout_rows, rollout_row
 
 
 @register
@@ -52,31 +42,20 @@ class Rollout(Method):
     name = "rollout"
     summary = "attention rollout, Abnar & Zuidema 2020 (no gradient; same map for every prompt)"
     reference = "Abnar, Zuidema. Quantifying Attention Flow in Transformers. ACL 2020"
-    options = {"start_layer": "first block to include (default 0 = all blocks; negative counts from the end)"}
+    needs_gradient = False
 
-    def compute(
-        self,
-        adapter: ModelAdapter,
-        images: ImageBatch,
-        texts: TextBatch,
-        target: Target,
-        *,
-        towers: tuple[str, ...] = ("image", "text"),
-        start_layer: int | None = None,
-        **_,
-    ) -> MethodResult:
-        with adapter.explaining():
-            fw = forward_pairs(adapter, images, texts, target, image_grad=False, text_grad=False)
-        rows = {}
-        for tower, run in (("image", fw.image), ("text", fw.text)):
-            if tower in towers:
-                start = resolve_layer(start_layer, len(run.attentions), 0)
-                rows[tower] = rollout_row(run, readout_rows(self.name, run), start)
-        B, P = fw.B, fw.P
-        return MethodResult(
-            image_maps=grid_maps(fw.image, rows["image"], B, P) if "image" in rows else None,
-            token_scores=token_rows(fw.text, rows["text"], B, P) if "text" in rows else None,
-            logits=fw.logits,
-            probs=fw.probs,
-            target_values=fw.y.detach(),
+    @dataclass(frozen=True)
+    class Options:
+        start_layer: int | None = option(
+            None, "first block to include (default 0 = all blocks; negative counts from the end)", "int"
         )
+
+    def attribute(
+        self, adapter: ModelAdapter, runs: PairRuns, target: Target, towers: tuple[str, ...], opts: Options
+    ) -> Attribution:
+        out = {}
+        for tower in towers:
+            run = runs.run(tower)
+            start = resolve_layer(opts.start_layer, len(run.attentions), 0, "start_layer")
+            out[tower] = tower_result(runs, tower, rollout_row(run, readout_rows(self.name, run), start))
+        return Attribution(image_maps=out.get("image"), token_scores=out.get("text"))

@@ -44,15 +44,14 @@ backward passes (k = ``steps``), with the text embeddings computed once.
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 
 import torch
 
-from ..adapters.base import ImageBatch, ModelAdapter, TextBatch, TowerRun
-from ..engine import forward_pairs, per_pair
-from ..errors import InputError
-from ..targets import PairContext, Target
-from .base import Method, MethodResult, grid_maps, register, token_rows
-from .legrad import constant_pairs
+from ..adapters.base import ImageBatch, ModelAdapter, TowerRun
+from ..targets import Target
+from .base import Attribution, Method, option, register
+from .pairs import PairRuns, per_pair, tower_result
 
 VARIANTS = ("grad_norm", "grad_x_input", "pixel_grad", "iterative")
 TEXT_VARIANTS = ("grad_norm", "grad_x_input")
@@ -75,118 +74,89 @@ def pixel_patch_norms(grad: torch.Tensor, run: TowerRun) -> tuple[torch.Tensor, 
     return blocks.pow(2).sum(dim=(1, 3, 5)).sqrt(), grad.pow(2).sum(1).sqrt()
 
 
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InputError(f"sensitivity option {name} must be a positive integer, got {value!r}")
-    return value
-
-
 @register
 class Sensitivity(Method):
     name = "sensitivity"
     summary = "input-gradient sensitivity per patch: gradient norm, gradient x input, pixel gradient, iterative descent"
     reference = "Simonyan et al. 2014 (saliency); the seed blog's deoptimization"
-    options = {
-        "variant": "grad_norm (default), grad_x_input, pixel_grad or iterative",
-        "steps": "iterative: number of descent steps (default 10)",
-        "step_size": "iterative: step length as a fraction of the patch embeddings' RMS norm (default 0.05)",
-    }
 
-    def compute(
-        self,
-        adapter: ModelAdapter,
-        images: ImageBatch,
-        texts: TextBatch,
-        target: Target,
-        *,
-        towers: tuple[str, ...] = ("image", "text"),
-        variant: str = "grad_norm",
-        steps: int = 10,
-        step_size: float = 0.05,
-        **_,
-    ) -> MethodResult:
-        if variant not in VARIANTS:
-            raise InputError(
-                f"sensitivity option variant must be one of {', '.join(VARIANTS)}, got {variant!r}"
-            )
-        steps = _positive_int("steps", steps)
-        if isinstance(step_size, bool) or not isinstance(step_size, (int, float)) or not step_size > 0:
-            raise InputError(f"sensitivity option step_size must be a positive number, got {step_size!r}")
-        want_image = "image" in towers
-        want_text = "text" in towers and variant in TEXT_VARIANTS
-        if variant == "pixel_grad" and want_image:
-            # a pixel tensor that requires grad: its per-pair copy made by the engine is then
-            # the point the gradient is asked at (the adapter keeps the embeddings in the graph)
-            images = dataclasses.replace(
-                images, pixel_values=images.pixel_values.detach().requires_grad_(True)
-            )
-        extras: dict[str, torch.Tensor] = {}
-        with adapter.explaining():
-            fw = forward_pairs(adapter, images, texts, target, image_grad=want_image, text_grad=want_text)
-            B, P = fw.B, fw.P
-            img_vals = txt_vals = None
-            if want_image or want_text:
-                inputs: list[torch.Tensor] = []
-                if want_image:
-                    inputs.append(fw.image.pixel_values if variant == "pixel_grad" else fw.image.input_embeds)
-                if want_text:
-                    inputs.append(fw.text.input_embeds)
-                grads = list(torch.autograd.grad(fw.y.sum(), inputs))
-                if want_image:
-                    g = grads.pop(0)
-                    run = fw.image
-                    if variant == "pixel_grad":
-                        patch_norms, pixel = pixel_patch_norms(g, run)
-                        img_vals = patch_norms.reshape(B, P, *patch_norms.shape[1:])
-                        extras["pixel_saliency"] = pixel.reshape(B, P, *pixel.shape[1:])
-                    elif variant == "iterative":
-                        img_vals, path = self._descend(adapter, fw, target, g, steps, float(step_size))
-                        extras["target_path"] = path
-                    else:
-                        img_vals = grid_maps(run, token_values(variant, g, run.input_embeds.detach()), B, P)
-                if want_text:
-                    g = grads.pop(0)
-                    txt_vals = token_rows(
-                        fw.text, token_values(variant, g, fw.text.input_embeds.detach()), B, P
-                    )
-        return MethodResult(
-            image_maps=img_vals,
-            token_scores=txt_vals,
-            logits=fw.logits,
-            probs=fw.probs,
-            target_values=fw.y.detach(),
-            extras=extras,
+    @dataclass(frozen=True)
+    class Options:
+        variant: str = option(
+            "grad_norm", "grad_norm (default), grad_x_input, pixel_grad or iterative", "choice", VARIANTS
         )
+        steps: int = option(10, "iterative: number of descent steps (default 10)", "positive_int")
+        step_size: float = option(
+            0.05, "iterative: step length as a fraction of the patch embeddings' RMS norm (default 0.05)",
+            "positive_number",
+        )
+
+    def gradient_towers(self, towers: tuple[str, ...], opts: Options) -> tuple[bool, bool]:
+        return ("image" in towers, "text" in towers and opts.variant in TEXT_VARIANTS)
+
+    def prepare_images(self, images: ImageBatch, opts: Options) -> ImageBatch:
+        if opts.variant == "pixel_grad":
+            # a pixel tensor that requires grad: its per-pair copy made by the pair forward is
+            # then the point the gradient is asked at (the adapter keeps the embeddings in the graph)
+            return dataclasses.replace(images, pixel_values=images.pixel_values.detach().requires_grad_(True))
+        return images
+
+    def attribute(
+        self, adapter: ModelAdapter, runs: PairRuns, target: Target, towers: tuple[str, ...], opts: Options
+    ) -> Attribution:
+        variant = opts.variant
+        want_image, want_text = runs.image_per_pair, runs.text_per_pair
+        out = Attribution()
+        if not (want_image or want_text):
+            return out
+        inputs: list[torch.Tensor] = []
+        if want_image:
+            inputs.append(runs.image.pixel_values if variant == "pixel_grad" else runs.image.input_embeds)
+        if want_text:
+            inputs.append(runs.text.input_embeds)
+        grads = list(torch.autograd.grad(runs.y.sum(), inputs))
+        B, P = runs.B, runs.P
+        if want_image:
+            g = grads.pop(0)
+            run = runs.image
+            if variant == "pixel_grad":
+                patch_norms, pixel = pixel_patch_norms(g, run)
+                out.image_maps = patch_norms.reshape(B, P, *patch_norms.shape[1:])
+                out.extras["pixel_saliency"] = pixel.reshape(B, P, *pixel.shape[1:])
+            elif variant == "iterative":
+                out.image_maps, out.extras["target_path"] = self._descend(
+                    adapter, runs, target, g, opts.steps, float(opts.step_size)
+                )
+            else:
+                out.image_maps = tower_result(runs, "image", token_values(variant, g, run.input_embeds.detach()))
+        if want_text:
+            g = grads.pop(0)
+            out.token_scores = tower_result(runs, "text", token_values(variant, g, runs.text.input_embeds.detach()))
+        return out
 
     @staticmethod
     def _descend(
-        adapter, fw, target, grad, steps: int, step_size: float
+        adapter: ModelAdapter, runs: PairRuns, target: Target, grad: torch.Tensor, steps: int, step_size: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """k normalised descent steps on the patch embeddings of every pair (the first gradient
         comes from the call's forward pass). Returns the per-patch change (B, P, Gh, Gw) and
         y along the way (B, P, k + 1)."""
-        run = fw.image
-        B, P = fw.B, fw.P
+        run = runs.image
+        B, P = runs.B, runs.P
         patches = run.layout.patches
         x0 = run.input_embeds.detach()
         pixels = run.pixel_values.detach()
-        txt_c = constant_pairs(fw, "text")
-        scale, bias = adapter.logit_scale().to(x0.dtype), adapter.logit_bias()
         mask = torch.zeros(x0.shape[1], 1, dtype=x0.dtype, device=x0.device)
         mask[patches] = 1.0
         rms = x0[:, patches].pow(2).sum(-1).mean(-1).sqrt()  # (rows,)
         x = x0
-        path = [fw.y.detach()]
+        path = [runs.y.detach()]
         for k in range(steps):
             if k > 0:
                 with torch.enable_grad():
                     x_in = x.detach().requires_grad_(True)
                     new = adapter.run_image(pixels, input_embeds=x_in)
-                    e = per_pair(new.embeds, B, P)
-                    ctx = PairContext(
-                        e, txt_c, e.detach()[:, 0], txt_c[0], scale, bias, adapter.pair_probability
-                    )
-                    y = target(ctx)
+                    y = target(runs.context_with("image", per_pair(new.embeds, B, P)))
                     (grad,) = torch.autograd.grad(y.sum(), [x_in])
                 path.append(y.detach())
             g = grad.detach() * mask
@@ -194,8 +164,6 @@ class Sensitivity(Method):
             x = x - (step_size * rms / norm)[:, None, None] * g
         with torch.no_grad():
             final = adapter.run_image(pixels, input_embeds=x)
-            e = per_pair(final.embeds, B, P)
-            ctx = PairContext(e, txt_c, e[:, 0], txt_c[0], scale, bias, adapter.pair_probability)
-            path.append(target(ctx))
+            path.append(target(runs.context_with("image", per_pair(final.embeds, B, P))))
         change = (x - x0).norm(dim=-1)  # (rows, n)
-        return grid_maps(run, change, B, P), torch.stack(path, -1)
+        return tower_result(runs, "image", change), torch.stack(path, -1)
