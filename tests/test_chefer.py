@@ -137,6 +137,10 @@ def test_logits_and_probs_match_model_forward():
     pixels = torch.stack([adapter.preprocess(img)[0] for img in images])
     with torch.no_grad():
         out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, pixel_values=pixels)
-    np.testing.assert_allclose(ex.logits, out.logits_per_image.numpy(), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(ex.probs, out.logits_per_image.softmax(-1).numpy(), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(ex.target_values, ex.logits, rtol=1e-6)
+    # float32 through two code paths (ours and the model's forward): tolerances relative to the
+    # logits' scale, which hold on any BLAS; the explained logit and the reported one are the
+    # same formula on the same embeddings, so those two agree exactly
+    scale = np.abs(out.logits_per_image.numpy()).max()
+    np.testing.assert_allclose(ex.logits, out.logits_per_image.numpy(), rtol=1e-4, atol=1e-5 * scale)
+    np.testing.assert_allclose(ex.probs, out.logits_per_image.softmax(-1).numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(ex.target_values, ex.logits)

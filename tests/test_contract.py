@@ -5,8 +5,10 @@ by one, determinism, and the model left exactly as found (no hooks, same flags a
 bit-identical outputs), also after an exception injected in the forward pass, in the backward
 pass or in the target.
 
-A family that cannot support a method lists (method, family) in UNSUPPORTED; explain must then
-fail with a one-line InputError, which is checked instead.
+Which (method, family) pairs are supported is read from the method's capability flags
+(``Method.requires`` against ``ModelAdapter.capabilities``), not kept by hand: where a method
+declares itself unsupported, explain must fail with a one-line InputError, which is checked
+instead. Methods flagged ``complete`` must return completeness deltas at rounding level.
 """
 
 from __future__ import annotations
@@ -20,11 +22,6 @@ from cliplens.methods import REGISTRY
 from conftest import ADAPTER_FACTORIES, random_image
 
 METHODS = [name for name in REGISTRY if not name.startswith("_")]
-#: (method, family) pairs a family does not support; explain must raise InputError for them
-UNSUPPORTED: set[tuple[str, str]] = {
-    ("decomposition", "hf-siglip"),  # the MAP pooling head (attention + MLP) is not additive
-    ("decomposition", "hf-siglip2"),
-}
 
 TEXTS = ["a red triangle", "a photo of a small dog", "cat"]
 IMAGES = [random_image(1), random_image(2, size=(40, 64))]
@@ -75,8 +72,13 @@ def _outputs(adapter) -> list[torch.Tensor]:
     return [img, txt]
 
 
+def _unsupported(method: str, adapter) -> str | None:
+    meth = REGISTRY[method]()
+    return meth.unsupported(adapter, meth.towers, meth.parse_options({}))
+
+
 def _skip_unsupported(method: str, family_name: str, adapter):
-    if (method, family_name) in UNSUPPORTED:
+    if _unsupported(method, adapter):
         with pytest.raises(cliplens.InputError):
             cliplens.explain(adapter, IMAGES, TEXTS, method=method)
         pytest.skip(f"{method} is documented as unsupported on {family_name}")
@@ -121,8 +123,28 @@ def test_shapes_and_finite(method, family):
     if "text" not in meth.towers:
         assert ex.token_scores is None
     for key, value in ex.extras.items():
-        assert value.shape[0] == B, key
-        _check_finite(value, f"extras[{key!r}]")
+        # one (B, ...) array, or per image when the images' grids differ (as image_maps)
+        assert len(value) == B, key
+        for v in value:
+            _check_finite(v, f"extras[{key!r}]")
+    if meth.complete:
+        deltas = [k for k in ex.extras if k.startswith(("delta_", "text_delta_"))]
+        assert deltas, "a complete method reports how far its parts' sum is from the whole"
+        for key in deltas:
+            assert np.nanmax(np.asarray(ex.extras[key])) < 1e-4, key
+
+
+def test_capability_flags_are_what_explain_does():
+    """The flags are not decoration: a method that requires what a tower lacks is refused by
+    the template with its reason, and the families that lack it are the expected ones."""
+    refused = {
+        (method, name)
+        for name, factory in ADAPTER_FACTORIES
+        for method in METHODS
+        if _unsupported(method, factory(seed=0))
+    }
+    expected = {("decomposition", "hf-siglip"), ("decomposition", "hf-siglip2")}
+    assert refused == expected
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -165,7 +187,8 @@ def test_deterministic(method, family):
                 np.testing.assert_array_equal(xb, yb)
     assert a.extras.keys() == b.extras.keys()
     for key in a.extras:
-        np.testing.assert_array_equal(a.extras[key], b.extras[key])
+        for xa, xb in zip(a.extras[key], b.extras[key]):
+            np.testing.assert_array_equal(xa, xb)
 
 
 @pytest.fixture

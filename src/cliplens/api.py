@@ -1,9 +1,11 @@
-"""The public entry points: :func:`explain` and :func:`load_model`."""
+"""The public entry points: :func:`explain` and :func:`similarity`, and the request object they
+validate once."""
 
 from __future__ import annotations
 
 import os
 import warnings
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -15,10 +17,13 @@ from .adapters import ModelAdapter, adapt, load_model
 from .errors import InputError
 from .explanation import Explanation
 from .images import load_image
-from .methods import get_method
-from .targets import resolve_target
+from .methods import Method, get_method
+from .targets import PairScores, Target, resolve_target
 
 ImageLike = str | os.PathLike | Image.Image | np.ndarray
+
+
+RESIZE_MODES = ("model", "full")
 
 
 def check_texts(texts) -> list[str]:
@@ -33,6 +38,66 @@ def check_texts(texts) -> list[str]:
         if not t.strip():
             raise InputError(f"prompt {i} is empty")
     return texts
+
+
+def check_resize(resize) -> str:
+    if resize not in RESIZE_MODES:
+        raise InputError(f"resize must be 'model' or 'full', got {resize!r}")
+    return resize
+
+
+@dataclass(frozen=True)
+class ExplainRequest:
+    """Everything an explain call asks, except the model and the images, validated once and
+    before any model loads. :func:`explain`, the CLI and a web front end build one with
+    :meth:`build`; a bad value is a one-line :class:`~cliplens.errors.InputError`."""
+
+    texts: list[str]
+    method: Method
+    target: Target
+    towers: tuple[str, ...]
+    resize: str
+    options: dict
+
+    @classmethod
+    def build(
+        cls,
+        texts: str | Sequence[str],
+        method: str = "chefer",
+        *,
+        target="logit",
+        towers: str | Sequence[str] | None = None,
+        resize: str = "model",
+        options: dict | None = None,
+    ) -> "ExplainRequest":
+        texts = check_texts(texts)
+        meth = get_method(method)
+        options = dict(options or {})
+        meth.check_options(options)
+        if towers is None:
+            towers = meth.towers
+        if isinstance(towers, str):  # towers="image" means the image tower, not its letters
+            towers = (towers,)
+        towers = tuple(towers)
+        for t in towers:
+            if t not in meth.towers:
+                raise InputError(f"method {meth.name!r} gives no {t} map (it covers: {', '.join(meth.towers)})")
+        if not towers:
+            raise InputError("no towers to explain")
+        return cls(texts, meth, resolve_target(target, texts), towers, check_resize(resize), options)
+
+
+def _adapter(model, tokenizer) -> ModelAdapter:
+    return load_model(model) if isinstance(model, (str, os.PathLike)) else adapt(model, tokenizer)
+
+
+def _load_images(images, max_pixels: int | None) -> list[Image.Image]:
+    if isinstance(images, (str, os.PathLike, Image.Image, np.ndarray)):
+        images = [images]
+    pil_images = [load_image(img, max_pixels=max_pixels) for img in images]
+    if not pil_images:
+        raise InputError("no images given")
+    return pil_images
 
 
 def explain(
@@ -67,80 +132,52 @@ def explain(
     All pairs go through one forward pass per tower and one backward pass (per distinct
     input size when ``resize="full"`` mixes aspect ratios).
     """
-    adapter: ModelAdapter = load_model(model) if isinstance(model, (str, os.PathLike)) else adapt(model, tokenizer)
-    texts = check_texts(texts)
-    if isinstance(images, (str, os.PathLike, Image.Image, np.ndarray)):
-        images = [images]
-    pil_images = [load_image(img, max_pixels=max_pixels) for img in images]
-    if not pil_images:
-        raise InputError("no images given")
-    meth = get_method(method)
-    meth.check_options(options)
-    if towers is None:
-        towers = meth.towers
-    towers = tuple(towers)
-    for t in towers:
-        if t not in meth.towers:
-            raise InputError(f"method {meth.name!r} gives no {t} map (it covers: {', '.join(meth.towers)})")
-    if resize not in ("model", "full"):
-        raise InputError(f"resize must be 'model' or 'full', got {resize!r}")
+    request = ExplainRequest.build(texts, method, target=target, towers=towers, resize=resize, options=options)
+    adapter = _adapter(model, tokenizer)
+    return explain_request(adapter, _load_images(images, max_pixels), request)
 
+
+def explain_request(adapter: ModelAdapter, pil_images: list[Image.Image], request: ExplainRequest) -> Explanation:
+    """Run a validated request on loaded images (see :func:`explain`)."""
+    meth, texts, towers = request.method, request.texts, request.towers
     batch = adapter.tokenize(texts)
     for i, cut in enumerate(batch.truncated):
         if cut:
             warnings.warn(
                 f"prompt {i} is longer than the model's text context ({adapter.context_length} tokens) "
                 "and was truncated; token scores cover the kept tokens",
-                stacklevel=2,
+                stacklevel=3,
             )
-    tgt = resolve_target(target, texts)
     B, P = len(pil_images), len(texts)
-    maps: list[np.ndarray | None] = [None] * B
+    per_image: dict[str, list] = {"image_maps": [None] * B}
     tokens_out = np.full((B, P, batch.input_ids.shape[1]), np.nan)
-    logits = np.zeros((B, P))
-    probs = np.zeros((B, P))
-    values = np.zeros((B, P))
+    logits, probs, values = np.zeros((B, P)), np.zeros((B, P)), np.zeros((B, P))
     geometries = [None] * B
-    extras_parts: dict[str, list[tuple[list[int], np.ndarray]]] = {}
     has_tokens = False
-    for group in adapter.prepare_images(pil_images, resize=resize):
-        res = meth.compute(adapter, group, batch, tgt, towers=towers, **options)
+    for group in adapter.prepare_images(pil_images, resize=request.resize):
+        res = meth.compute(adapter, group, batch, request.target, towers=towers, **request.options)
         idx = group.indices
         for j, b in enumerate(idx):
             geometries[b] = group.geometries[j]
-            if res.image_maps is not None:
-                maps[b] = _np(res.image_maps[j])
+        named = {"image_maps": res.image_maps, **{f"extra__{k}": v for k, v in res.extras.items()}}
+        for key, value in named.items():
+            if value is not None:
+                rows = _np(value)
+                slots = per_image.setdefault(key, [None] * B)
+                for j, b in enumerate(idx):
+                    slots[b] = rows[j]
         if res.token_scores is not None:
             has_tokens = True
             tokens_out[idx] = _np(res.token_scores)
         logits[idx] = _np(res.logits)
         probs[idx] = _np(res.probs)
         values[idx] = _np(res.target_values)
-        for key, value in res.extras.items():
-            extras_parts.setdefault(key, []).append((idx, _np(value)))
-
-    image_maps: np.ndarray | list[np.ndarray] | None
-    if all(m is None for m in maps):
-        image_maps = None
-    elif len({m.shape for m in maps}) == 1:
-        image_maps = np.stack(maps)
-    else:
-        image_maps = maps  # type: ignore[assignment]
-    extras = {}
-    for key, parts in extras_parts.items():
-        if len(parts) == 1:
-            extras[key] = parts[0][1]
-        else:
-            try:
-                full = np.empty((B, *parts[0][1].shape[1:]), dtype=parts[0][1].dtype)
-                for idx, arr in parts:
-                    full[idx] = arr
-                extras[key] = full
-            except ValueError:
-                pass  # per-grid extras of mixed sizes are not kept
+    image_maps = _stack_or_list(per_image.pop("image_maps"))
+    # extras follow the maps: one array when every image has the same grid, else one per image
+    extras = {key[len("extra__") :]: _stack_or_list(v) for key, v in per_image.items()}
     return Explanation(
         method=meth.name,
-        target=tgt.describe(),
+        target=request.target.describe(),
         texts=texts,
         image_maps=image_maps,
         token_scores=tokens_out if has_tokens else None,
@@ -156,36 +193,40 @@ def explain(
         meta={
             "model": adapter.name,
             "family": adapter.family,
-            "options": {k: v for k, v in options.items()},
+            "options": dict(request.options),
             "towers": list(towers),
-            "resize": resize,
+            "resize": request.resize,
             "cliplens": __version__,
             "torch": torch.__version__,
         },
     )
 
 
+def _stack_or_list(rows: list[np.ndarray | None]) -> np.ndarray | list[np.ndarray] | None:
+    """Per-image arrays -> one (B, ...) array when their shapes agree, else the list itself."""
+    if all(r is None for r in rows):
+        return None
+    if len({r.shape for r in rows}) == 1:
+        return np.stack(rows)
+    return rows  # type: ignore[return-value]
+
+
 def similarity(model, images, texts, *, resize: str = "model", tokenizer=None) -> tuple[np.ndarray, np.ndarray]:
     """(logits, probabilities), each (B, P), of every image against every prompt: the model's
     own zero-shot scores, with no explanation (one forward per tower, no gradients)."""
-    adapter: ModelAdapter = load_model(model) if isinstance(model, (str, os.PathLike)) else adapt(model, tokenizer)
     texts = check_texts(texts)
-    if isinstance(images, (str, os.PathLike, Image.Image, np.ndarray)):
-        images = [images]
-    pil_images = [load_image(img) for img in images]
+    check_resize(resize)
+    adapter = _adapter(model, tokenizer)
+    pil_images = _load_images(images, None)
     batch = adapter.tokenize(texts)
     logits = np.zeros((len(pil_images), len(texts)))
     with adapter.explaining(), torch.no_grad():
         txt = adapter.run_text(batch.input_ids, batch.attention_mask).embeds
-        txt = txt / txt.norm(dim=-1, keepdim=True)
+        scores = PairScores.of(adapter, txt.dtype)
         for group in adapter.prepare_images(pil_images, resize=resize):
             img = adapter.run_image(group.pixel_values).embeds
-            img = img / img.norm(dim=-1, keepdim=True)
-            lg = adapter.logit_scale() * img @ txt.T
-            bias = adapter.logit_bias()
-            logits[group.indices] = _np(lg if bias is None else lg + bias)
-    t = torch.from_numpy(logits)
-    probs = torch.sigmoid(t) if adapter.pair_probability == "sigmoid" else t.softmax(-1)
+            logits[group.indices] = _np(scores.table(img, txt))
+    probs = scores.probs(torch.from_numpy(logits))
     return logits, probs.numpy()
 
 

@@ -25,7 +25,7 @@ import torch
 
 from ..adapters import ModelAdapter
 from ..images import Geometry
-from ..targets import PairContext, Target
+from ..targets import PairContext, PairScores, Target
 from .classifier import encode_images
 from .metrics import PerturbationCurve, apply_patch_removal, gaussian_blur
 
@@ -65,14 +65,8 @@ def target_scores(
     S, P = image_embeds.shape[0], text_embeds.shape[0]
     dtype = image_embeds.dtype
     text_embeds = text_embeds.to(dtype)
-    ctx = PairContext(
-        img=image_embeds[:, None].expand(S, P, -1),
-        txt=text_embeds[None].expand(S, P, -1),
-        img_all=image_embeds,
-        txt_all=text_embeds,
-        scale=adapter.logit_scale().to(dtype),
-        bias=adapter.logit_bias(),
-        probability=adapter.pair_probability,
+    ctx = PairContext.of(
+        image_embeds[:, None].expand(S, P, -1), text_embeds[None].expand(S, P, -1), PairScores.of(adapter, dtype)
     )
     with torch.no_grad():
         return target(ctx).detach().cpu().double().numpy()

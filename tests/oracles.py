@@ -1,0 +1,273 @@
+"""Slow, obvious float64 references of each method, written from the equations
+(../shared/design/ALGORITHMS.md), keyed by method name, for every family.
+
+An oracle sees a model only through the adapter's capture (the attention probabilities, block
+streams and embeddings of ONE forward of ONE image or ONE prompt: what the capture tests check
+against each model's own forward), and computes everything else itself: one pair at a time,
+the pair's score from the embeddings by hand, gradients by a separate autograd call per pair,
+full n x n matrices where the method is a matrix product, no batching, no row folds. The fast
+paths share none of that code.
+
+``ORACLES[method](adapter, images, texts, **options)`` returns ``(image_maps, token_scores)``:
+(B, P, Gh, Gw) and (B, P, T) numpy arrays (T: the prompt's own tokens; None where the method
+has no such side).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+TARGETS = ("logit", "probability")
+
+
+# ---- one pair at a time ------------------------------------------------------------------------
+
+
+def _image_run(adapter, image, *, grad: bool):
+    pixels = adapter.prepare_images([image])[0].pixel_values.double()
+    with torch.set_grad_enabled(grad):
+        return adapter.run_image(pixels)
+
+
+def _text_run(adapter, batch, p: int, *, grad: bool):
+    with torch.set_grad_enabled(grad):
+        return adapter.run_text(batch.input_ids[p : p + 1], batch.attention_mask[p : p + 1])
+
+
+def _score(adapter, img_e, txt_es, p: int, target: str) -> torch.Tensor:
+    """The explained value of pair (image, prompt p) from the image embedding (1, D) and the
+    embeddings of ALL prompts (list of (1, D)), written out: scale * cos (+ bias), then the
+    target (softmax over the prompts / the pair's sigmoid)."""
+    scale = adapter.logit_scale().double()
+    bias = adapter.logit_bias()
+    cos = [
+        (img_e[0] @ t[0]) / (torch.sqrt((img_e[0] ** 2).sum()) * torch.sqrt((t[0] ** 2).sum())) for t in txt_es
+    ]
+    logits = torch.stack([scale * c + (0.0 if bias is None else bias.double()) for c in cos])
+    if target == "logit":
+        return logits[p]
+    if adapter.pair_probability == "sigmoid":
+        return 1.0 / (1.0 + torch.exp(-logits[p]))
+    return torch.exp(logits[p]) / torch.exp(logits).sum()
+
+
+def _pairs(adapter, images, texts, target, *, image_grad: bool, text_grad: bool):
+    """Yield (b, p, image run, text run of prompt p, y): fresh forwards for every pair."""
+    batch = adapter.tokenize(texts)
+    for b, image in enumerate(images):
+        for p in range(len(texts)):
+            with adapter.explaining():
+                img = _image_run(adapter, image, grad=image_grad)
+                runs = [_text_run(adapter, batch, q, grad=text_grad and q == p) for q in range(len(texts))]
+                txt_es = [r.embeds if q == p else r.embeds.detach() for q, r in enumerate(runs)]
+                img_e = img.embeds
+                with torch.set_grad_enabled(image_grad or text_grad):
+                    y = _score(adapter, img_e, txt_es, p, target)
+                yield b, p, img, runs[p], y
+
+
+def _start_row(run, grads_pool=None) -> torch.Tensor:
+    """The readout row: one-hot at the readout token, or for a pooling head its attention
+    (mean over heads and queries; weighted by a gradient when given: (G*A)^+ summed over queries)."""
+    n = run.layout.valid.shape[1]
+    r = int(run.layout.readout[0])
+    if r >= 0:
+        row = torch.zeros(n, dtype=torch.float64)
+        row[r] = 1.0
+        return row
+    A = run.pool_attention[0].detach().double()  # (H, q, n)
+    if grads_pool is None:
+        return A.mean(dim=(0, 1))
+    return torch.clamp(grads_pool[0] * A, min=0).mean(0).sum(0)
+
+
+def _grid(run, row: np.ndarray) -> np.ndarray:
+    gh, gw = run.layout.grid
+    return row[run.layout.patches.cpu().numpy()].reshape(gh, gw)
+
+
+def _tokens(run, row: np.ndarray) -> np.ndarray:
+    return row[run.layout.valid[0].cpu().numpy()]
+
+
+def _collect(images, texts, results) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """{(b, p): (grid map or None, token row or None)} -> arrays; token rows NaN-padded."""
+    B, P = len(images), len(texts)
+    maps = [[results[b, p][0] for p in range(P)] for b in range(B)]
+    toks = [[results[b, p][1] for p in range(P)] for b in range(B)]
+    image_maps = None if maps[0][0] is None else maps
+    token_scores = None
+    if toks[0][0] is not None:
+        T = max(len(t) for row in toks for t in row)
+        token_scores = np.full((B, P, T), np.nan)
+        for b in range(B):
+            for p in range(P):
+                token_scores[b, p, : len(toks[b][p])] = toks[b][p]
+    return image_maps, token_scores
+
+
+def _first(value, num_layers: int, default: int) -> int:
+    if value is None:
+        return default
+    return value + num_layers if value < 0 else value
+
+
+# ---- the methods -----------------------------------------------------------------------------
+
+
+def oracle_chefer(adapter, images, texts, target="logit", start_layer=None):
+    """R = I; for l >= start: R += mean_h (dy/dA * A)^+ @ R (full matrices); the readout row."""
+    results = {}
+    for b, p, img, txt, y in _pairs(adapter, images, texts, target, image_grad=True, text_grad=True):
+        out = []
+        for run in (img, txt):
+            L = len(run.attentions)
+            wrt = list(run.attentions) + ([run.pool_attention] if run.pool_attention is not None else [])
+            grads = torch.autograd.grad(y, wrt, retain_graph=True, allow_unused=True)
+            grads = [torch.zeros_like(a) if g is None else g for g, a in zip(grads, wrt)]
+            n = run.attentions[0].shape[-1]
+            R = torch.eye(n, dtype=torch.float64)
+            for l in range(_first(start_layer, L, L - 1), L):
+                A, G = run.attentions[l][0].detach(), grads[l][0]
+                abar = sum(torch.clamp(G[h] * A[h], min=0) for h in range(A.shape[0])) / A.shape[0]
+                R = R + abar @ R
+            row = _start_row(run, grads[L] if run.pool_attention is not None else None) @ R
+            out.append(row.numpy())
+        results[b, p] = (_grid(img, out[0]), _tokens(txt, out[1]))
+    return _collect(images, texts, results)
+
+
+def oracle_rollout(adapter, images, texts, start_layer=None):
+    """R = prod over l >= start of rownormalise(mean_h A^l + I), full matrices; the readout row."""
+    results = {}
+    for b, p, img, txt, _ in _pairs(adapter, images, texts, "logit", image_grad=False, text_grad=False):
+        out = []
+        for run in (img, txt):
+            L, n = len(run.attentions), run.attentions[0].shape[-1]
+            R = torch.eye(n, dtype=torch.float64)
+            for A in run.attentions[_first(start_layer, L, 0) :]:
+                ahat = A[0].double().mean(0) + torch.eye(n, dtype=torch.float64)
+                R = (ahat / ahat.sum(-1, keepdim=True)) @ R
+            out.append((_start_row(run) @ R).numpy())
+        results[b, p] = (_grid(img, out[0]), _tokens(txt, out[1]))
+    return _collect(images, texts, results)
+
+
+def oracle_raw_attention(adapter, images, texts, layer=None):
+    """The readout row of mean_h A^layer."""
+    results = {}
+    for b, p, img, txt, _ in _pairs(adapter, images, texts, "logit", image_grad=False, text_grad=False):
+        out = []
+        for run in (img, txt):
+            L = len(run.attentions)
+            A = run.attentions[_first(layer, L, L - 1)][0].double().mean(0)
+            out.append((_start_row(run) @ A).numpy())
+        results[b, p] = (_grid(img, out[0]), _tokens(txt, out[1]))
+    return _collect(images, texts, results)
+
+
+def oracle_gradcam(adapter, images, texts, target="logit", layer=None):
+    """F = patch tokens entering block ``layer``; alpha_c = mean_j dy/dF_jc; (sum_c alpha_c F_c)^+."""
+    results = {}
+    for b, p, img, txt, y in _pairs(adapter, images, texts, target, image_grad=True, text_grad=False):
+        L = len(img.block_inputs)
+        F = img.block_inputs[_first(layer, L, L - 1)]
+        (G,) = torch.autograd.grad(y, [F])
+        idx = img.layout.patches
+        f, g = F[0, idx].detach(), G[0, idx]
+        alpha = g.mean(0)
+        cam = torch.stack([torch.clamp((f[j] * alpha).sum(), min=0) for j in range(f.shape[0])])
+        results[b, p] = (_grid(img, _scatter(img, cam)), None)
+    return _collect(images, texts, results)
+
+
+def _scatter(run, patch_values: torch.Tensor) -> np.ndarray:
+    """Per-patch values -> a per-token row (zeros elsewhere), so _grid reads them back."""
+    row = np.zeros(run.layout.valid.shape[1])
+    row[run.layout.patches.cpu().numpy()] = patch_values.detach().numpy()
+    return row
+
+
+def oracle_legrad(adapter, images, texts, target="logit", layers=None, pooling="model"):
+    """Per explained block l: s^l = the target on block l's output read out as the last block
+    (``adapter.readout``), the other tower's final embedding constant; map^l = mean over heads
+    and valid query rows of (ds^l / dA^l)^+ (for a pooling head: of its attention in that
+    readout); the map is the sum over l. Each layer gets its own backward (no detached blocks).
+    On the text side the other prompts' logits in a probability are their layer-l logits too."""
+    batch = adapter.tokenize(texts)
+    results = {}
+    for b, image in enumerate(images):
+        for p in range(len(texts)):
+            out = []
+            with adapter.explaining():
+                img = _image_run(adapter, image, grad=True)
+                txts = [_text_run(adapter, batch, q, grad=True) for q in range(len(texts))]
+                for tower, run in (("image", img), ("text", txts[p])):
+                    L = len(run.attentions)
+                    chosen = range(L) if layers is None else range(max(0, L - layers), L)
+                    total = np.zeros(run.layout.valid.shape[1])
+                    for l in chosen:
+                        hidden = run.block_outputs[l]
+                        if tower == "image" and pooling == "mean":
+                            mean = hidden.mean(1, keepdim=True)
+                            e, pool = adapter.readout(tower, mean, _zero_layout(mean)), None
+                        else:
+                            e, pool = adapter.readout_with_attention(tower, hidden, run.layout)
+                        if tower == "image":
+                            tes = [t.embeds.detach() for t in txts]
+                            s = _score(adapter, e, tes, p, target)
+                        else:
+                            # the other prompts enter at the same layer l, as constants
+                            tes = [e if q == p else _layer_embed(adapter, t, l) for q, t in enumerate(txts)]
+                            s = _score(adapter, img.embeds.detach(), tes, p, target)
+                        wrt = run.attentions[l] if pool is None else pool
+                        (G,) = torch.autograd.grad(s, [wrt], retain_graph=True, allow_unused=True)
+                        G = torch.zeros_like(wrt) if G is None else G
+                        pos = torch.clamp(G[0], min=0).mean(0)  # (q, n)
+                        if pool is None:
+                            valid = run.layout.valid[0]
+                            pos = pos[valid]
+                        total += pos.mean(0).detach().numpy()
+                    out.append(total)
+            results[b, p] = (_grid(img, out[0]), _tokens(txts[p], out[1]))
+    return _collect(images, texts, results)
+
+
+def _layer_embed(adapter, run, l: int) -> torch.Tensor:
+    return adapter.readout("text", run.block_outputs[l], run.layout).detach()
+
+
+def _zero_layout(hidden):
+    from cliplens.adapters.base import TokenLayout
+
+    one = torch.ones(hidden.shape[0], 1, dtype=torch.bool)
+    return TokenLayout(readout=torch.zeros(hidden.shape[0], dtype=torch.long), content=one, valid=one)
+
+
+def oracle_sensitivity(adapter, images, texts, target="logit", variant="grad_norm"):
+    """grad_norm: |dy/dx_j| per token of the embedding input; grad_x_input: sum_c g_jc x_jc."""
+    results = {}
+    for b, p, img, txt, y in _pairs(adapter, images, texts, target, image_grad=True, text_grad=True):
+        gi, gt = torch.autograd.grad(y, [img.input_embeds, txt.input_embeds])
+        out = []
+        for run, g in ((img, gi), (txt, gt)):
+            x = run.input_embeds.detach()[0]
+            g = g[0]
+            vals = [
+                torch.sqrt((g[j] ** 2).sum()) if variant == "grad_norm" else (g[j] * x[j]).sum()
+                for j in range(g.shape[0])
+            ]
+            out.append(torch.stack(vals).detach().numpy())
+        results[b, p] = (_grid(img, out[0]), _tokens(txt, out[1]))
+    return _collect(images, texts, results)
+
+
+ORACLES = {
+    "chefer": oracle_chefer,
+    "rollout": oracle_rollout,
+    "raw_attention": oracle_raw_attention,
+    "gradcam": oracle_gradcam,
+    "legrad": oracle_legrad,
+    "sensitivity": oracle_sensitivity,
+}
