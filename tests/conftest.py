@@ -1,60 +1,27 @@
-"""Tiny models built from configs: no network anywhere in the tests."""
+"""Fixtures for the tests. The tiny-model factories live in tests/families.py (imported here
+too, so that ``from conftest import make_tiny_clip`` keeps working)."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
-import numpy as np
 import pytest
-import torch
-from PIL import Image
 
-ASSET_TOKENIZER = Path(__file__).resolve().parent.parent / "src" / "cliplens" / "assets" / "shapes-clip"
-
-
-def tiny_clip_config(image_size=32, patch_size=8, vision_layers=3, text_layers=2, width=32, heads=4):
-    from transformers import CLIPConfig
-
-    return CLIPConfig(
-        text_config=dict(
-            hidden_size=width,
-            intermediate_size=2 * width,
-            num_hidden_layers=text_layers,
-            num_attention_heads=heads,
-            vocab_size=49408,
-            max_position_embeddings=16,
-        ),
-        vision_config=dict(
-            hidden_size=width,
-            intermediate_size=2 * width,
-            num_hidden_layers=vision_layers,
-            num_attention_heads=heads,
-            image_size=image_size,
-            patch_size=patch_size,
-        ),
-        projection_dim=16,
-    )
-
-
-def clip_tokenizer():
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(ASSET_TOKENIZER)
-
-
-def make_tiny_clip(seed=0, dtype=torch.float32, **kw):
-    """A random CLIPModel, with weights scaled up so attention is far from uniform."""
-    from transformers import CLIPModel
-
-    torch.manual_seed(seed)
-    model = CLIPModel(tiny_clip_config(**kw))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("q_proj.weight", "k_proj.weight")):
-                p.mul_(6.0)
-        model.logit_scale.fill_(np.log(10.0))
-    return model.to(dtype)
+from families import (  # noqa: F401  (re-exported for the test modules)
+    ADAPTER_FACTORIES,
+    ASSET_TOKENIZER,
+    clip_tokenizer,
+    hf_clip_factory,
+    hf_siglip2_factory,
+    hf_siglip_factory,
+    make_tiny_clip,
+    make_tiny_open_clip,
+    make_tiny_siglip,
+    make_tiny_siglip2,
+    open_clip_factory,
+    random_image,
+    tiny_clip_config,
+    tiny_open_clip_cfg,
+    tiny_siglip_config,
+)
 
 
 @pytest.fixture
@@ -62,12 +29,6 @@ def tiny_adapter():
     from cliplens.adapters import HFClipAdapter
 
     return HFClipAdapter(make_tiny_clip(), clip_tokenizer(), name="tiny")
-
-
-def random_image(seed=0, size=(48, 40)) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    w, h = size
-    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
 
 
 @pytest.fixture
@@ -92,161 +53,3 @@ def tiny_checkpoint(tmp_path):
         )
     )
     return path
-
-
-# ---- adapter factories for the contract tests ------------------------------------------------
-# Each entry: (name, factory); factory(seed=0, dtype=torch.float32) -> a ModelAdapter around a
-# tiny random model of that family. tests/test_contract.py runs every registered method on each.
-# A new adapter family appends its factory here.
-
-
-def hf_clip_factory(seed=0, dtype=torch.float32):
-    from cliplens.adapters import HFClipAdapter
-
-    return HFClipAdapter(make_tiny_clip(seed=seed, dtype=dtype), clip_tokenizer(), name="tiny-hf-clip")
-
-
-ADAPTER_FACTORIES = [("hf-clip", hf_clip_factory)]
-
-
-# ---- more families (SigLIP, open_clip) ----------------------------------------------------------
-
-
-def tiny_siglip_config(
-    image_size=32, patch_size=8, vision_layers=3, text_layers=2, width=32, heads=4, context=16
-):
-    """A tiny SigLIP; its text side uses the CLIP tokenizer's ids (SigLIP's own is SentencePiece)."""
-    from transformers import SiglipConfig
-
-    return SiglipConfig(
-        text_config=dict(
-            hidden_size=width,
-            intermediate_size=2 * width,
-            num_hidden_layers=text_layers,
-            num_attention_heads=heads,
-            vocab_size=49408,
-            max_position_embeddings=context,
-            pad_token_id=49407,
-            bos_token_id=49406,
-            eos_token_id=49407,
-        ),
-        vision_config=dict(
-            hidden_size=width,
-            intermediate_size=2 * width,
-            num_hidden_layers=vision_layers,
-            num_attention_heads=heads,
-            image_size=image_size,
-            patch_size=patch_size,
-        ),
-    )
-
-
-def make_tiny_siglip(seed=0, dtype=torch.float32, **kw):
-    """A random SiglipModel, attention sharpened (blocks and pooling head), bias set."""
-    from transformers import SiglipModel
-
-    torch.manual_seed(seed)
-    model = SiglipModel(tiny_siglip_config(**kw))
-    width = model.config.vision_config.hidden_size
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("q_proj.weight", "k_proj.weight")):
-                p.mul_(6.0)
-        head = model.vision_model.head
-        head.attention.in_proj_weight[: 2 * width].mul_(6.0)
-        head.probe.normal_()
-        model.logit_scale.fill_(np.log(10.0))
-        model.logit_bias.fill_(-2.0)
-    return model.to(dtype)
-
-
-def tiny_open_clip_cfg(
-    image_size=32, patch_size=8, vision_layers=3, text_layers=2, width=32, heads=4, context=16, **vision
-):
-    """(embed_dim, vision_cfg, text_cfg) of a tiny OpenAI-layout open_clip ViT CLIP."""
-    vision_cfg = dict(
-        layers=vision_layers,
-        width=width,
-        head_width=width // heads,
-        mlp_ratio=2.0,
-        patch_size=patch_size,
-        image_size=image_size,
-        **vision,
-    )
-    text_cfg = dict(
-        context_length=context, vocab_size=49408, width=width, heads=heads, layers=text_layers, mlp_ratio=2.0
-    )
-    return 16, vision_cfg, text_cfg
-
-
-def make_tiny_open_clip(seed=0, dtype=torch.float32, quick_gelu=True, text_cfg=None, **kw):
-    """A random open_clip.CLIP built from a config dict (no download), attention sharpened."""
-    import open_clip
-
-    embed_dim, vision_cfg, default_text = tiny_open_clip_cfg(**kw)
-    torch.manual_seed(seed)
-    model = open_clip.CLIP(embed_dim, vision_cfg, {**default_text, **(text_cfg or {})}, quick_gelu=quick_gelu)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("attn.in_proj_weight"):
-                p[: 2 * p.shape[1]].mul_(6.0)
-        for name, p in model.named_parameters():
-            if "positional_embedding" in name or "class_embedding" in name:
-                p.normal_(std=0.5)
-        model.logit_scale.fill_(np.log(10.0))
-    return model.to(dtype)
-
-
-def hf_siglip_factory(seed=0, dtype=torch.float32):
-    from cliplens.adapters import HFSiglipAdapter
-
-    return HFSiglipAdapter(make_tiny_siglip(seed=seed, dtype=dtype), clip_tokenizer(), name="tiny-hf-siglip")
-
-
-def open_clip_factory(seed=0, dtype=torch.float32):
-    from cliplens.adapters.open_clip import OpenClipAdapter
-
-    return OpenClipAdapter(make_tiny_open_clip(seed=seed, dtype=dtype), name="tiny-open-clip")
-
-
-ADAPTER_FACTORIES.append(("hf-siglip", hf_siglip_factory))
-# open_clip is an optional extra (it needs torchvision): its factory joins only where it is installed
-if importlib.util.find_spec("open_clip") is not None:
-    ADAPTER_FACTORIES.append(("open_clip", open_clip_factory))
-
-
-def make_tiny_siglip2(seed=0, dtype=torch.float32, patch_size=8, num_patches=16, **kw):
-    """A random Siglip2Model (NaFlex) with the tiny SigLIP's sizes, attention sharpened."""
-    from transformers import Siglip2Config, Siglip2Model
-
-    base = tiny_siglip_config(patch_size=patch_size, **kw)
-    shared = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-    vision = {k: v for k, v in base.vision_config.to_dict().items() if k in (*shared, "patch_size")}
-    vision["num_patches"] = num_patches
-    text_keys = (*shared, "vocab_size", "max_position_embeddings", "pad_token_id", "bos_token_id")
-    text_keys += ("eos_token_id",)
-    text = {k: v for k, v in base.text_config.to_dict().items() if k in text_keys}
-    torch.manual_seed(seed)
-    model = Siglip2Model(Siglip2Config(text_config=text, vision_config=vision))
-    width = model.config.vision_config.hidden_size
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("q_proj.weight", "k_proj.weight")):
-                p.mul_(6.0)
-        model.vision_model.head.attention.in_proj_weight[: 2 * width].mul_(6.0)
-        model.vision_model.head.probe.normal_()
-        model.logit_scale.fill_(np.log(10.0))
-        model.logit_bias.fill_(-2.0)
-    return model.to(dtype)
-
-
-def hf_siglip2_factory(seed=0, dtype=torch.float32):
-    from cliplens.adapters import HFSiglip2Adapter
-
-    model = make_tiny_siglip2(seed=seed, dtype=dtype)
-    return HFSiglip2Adapter(model, clip_tokenizer(), name="tiny-hf-siglip2")
-
-
-# NaFlex keeps each image's aspect ratio, so a batch of mixed shapes gives a list of maps;
-# tests/test_contract.py accepts that and lists ("decomposition", "hf-siglip2") as unsupported.
-ADAPTER_FACTORIES.append(("hf-siglip2", hf_siglip2_factory))

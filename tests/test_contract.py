@@ -20,6 +20,7 @@ import torch
 import cliplens
 from cliplens.methods import REGISTRY
 from conftest import ADAPTER_FACTORIES, random_image
+from helpers import model_state
 
 METHODS = [name for name in REGISTRY if not name.startswith("_")]
 
@@ -35,31 +36,6 @@ class Boom(Exception):
 def family(request):
     name, factory = request.param
     return name, factory(seed=0)
-
-
-def _hooks(model) -> int:
-    n = 0
-    for m in model.modules():
-        n += len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
-        n += len(getattr(m, "_backward_pre_hooks", {}))
-        n += int("forward" in m.__dict__)  # an instance-level forward patch
-    return n
-
-
-def _state(model) -> dict:
-    configs = []
-    cfg = getattr(model, "config", None)
-    if cfg is not None:
-        from cliplens.adapters.hf_clip import _all_configs
-
-        configs = [c._attn_implementation for c in _all_configs(cfg)]
-    return {
-        "attn": configs,
-        "grad": [p.requires_grad for p in model.parameters()],
-        "param_grads": [p.grad is None for p in model.parameters()],
-        "train": [m.training for m in model.modules()],
-        "hooks": _hooks(model),
-    }
 
 
 def _outputs(adapter) -> list[torch.Tensor]:
@@ -205,7 +181,7 @@ def prepared(family):
     first = next(model.parameters())
     first.requires_grad_(False)
     try:
-        yield name, adapter, _state(model), before_out
+        yield name, adapter, model_state(model), before_out
     finally:
         for m, mode in modes.items():
             m.training = mode
@@ -214,7 +190,7 @@ def prepared(family):
 
 
 def _unchanged(adapter, before_state, before_out):
-    assert _state(adapter.model) == before_state
+    assert model_state(adapter.model) == before_state
     modes = {m: m.training for m in adapter.model.modules()}
     adapter.model.eval()
     after = _outputs(adapter)
@@ -301,7 +277,7 @@ def test_model_restored_after_injected_exception(method, where, prepared):
             raised = True
         if where != "backward":  # methods without a backward pass finish normally there
             assert raised
-        assert _state(adapter.model) == before_state
+        assert model_state(adapter.model) == before_state
     finally:
         if handle is not None:
             handle.remove()

@@ -84,17 +84,18 @@ def _dot_pairs(t: torch.Tensor, w: torch.Tensor, tower: str) -> torch.Tensor:
     return torch.einsum("bkc,bpc->bpk" if tower == "image" else "pkc,bpc->bpk", t, w)
 
 
-class TowerDecomposition:
-    """The frozen readout of one tower and its terms' shares for every pair."""
+class FrozenReadout:
+    """One tower's readout with its final norm frozen at the observed statistics: an affine map
+    from the readout token's residual stream (C) to the embedding (D), and the split of its
+    constant over the K terms of the stream (see the module docstring)."""
 
-    def __init__(
-        self, adapter: ModelAdapter, run: TowerRun, u: torch.Tensor, scale: torch.Tensor, B: int, P: int
-    ):
-        self.adapter, self.run, self.tower, self.B, self.P = adapter, run, run.tower, B, P
+    def __init__(self, adapter: ModelAdapter, run: TowerRun):
+        self.adapter, self.run, self.tower = adapter, run, run.tower
         parts = adapter.readout_parts(self.tower)
         rows = run.layout.readout.shape[0]
-        self.ar, self.r = torch.arange(rows, device=u.device), run.layout.readout
-        z = run.block_outputs[-1][self.ar, self.r]  # (rows, C)
+        z0 = run.block_outputs[-1]
+        self.ar, self.r = torch.arange(rows, device=z0.device), run.layout.readout
+        z = z0[self.ar, self.r]  # (rows, C)
         C = z.shape[-1]
         self.centre = parts.norm == "layernorm"
         if parts.norm == "layernorm":
@@ -107,33 +108,20 @@ class TowerDecomposition:
             raise InputError(f"decomposition does not know the final norm {parts.norm!r}")
         one = torch.ones(C, dtype=z.dtype, device=z.device)
         self.gamma = parts.norm_weight if parts.norm_weight is not None else one
-        beta = parts.norm_bias if parts.norm_bias is not None else torch.zeros_like(one)
+        self.beta = parts.norm_bias if parts.norm_bias is not None else torch.zeros_like(one)
         self.Wp = (
             parts.proj_weight
             if parts.proj_weight is not None
             else torch.eye(C, dtype=z.dtype, device=z.device)
         )
-        const_d = self.Wp @ beta + (parts.proj_bias if parts.proj_bias is not None else 0.0)  # (D,)
+        self.const_d = self.Wp @ self.beta + (parts.proj_bias if parts.proj_bias is not None else 0.0)  # (D,)
         self.sigma = sigma
         L = len(run.attentions)
         H = run.attentions[0].shape[1]
         self.n_valid = run.layout.valid.sum(1).to(z.dtype)  # (rows,)
         self.has_bias = [adapter.attention_out_bias(self.tower, l) is not None for l in range(L)]
         self.K = 1 + L * H * self.n_valid + sum(self.has_bias) + L  # (rows,)
-        self.const_d_share = const_d[None] / self.K[:, None]  # (rows, D)
-        norm_embed = run.embeds.norm(dim=-1)  # (rows,)
-        # share(t) = coef * <t, w> + bias_share   for a C-space term t of a row
-        self.coef = _to_pairs(scale / (sigma * norm_embed), self.tower, B, P)  # (B, P)
-        w = self.gamma * (u @ self.Wp)  # (B, P, C)
-        self.w = w - w.mean(-1, keepdim=True) if self.centre else w
-        beta_u = u @ const_d  # (B, P)
-        self.bias_share = (
-            _to_pairs(scale / norm_embed, self.tower, B, P) * beta_u / _to_pairs(self.K, self.tower, B, P)
-        )
-
-    def share(self, t: torch.Tensor) -> torch.Tensor:
-        """(rows, C) one term per row -> (B, P) its share of the explained value."""
-        return self.coef * _dot_pairs(t[:, None], self.w, self.tower)[..., 0] + self.bias_share
+        self.const_d_share = self.const_d[None] / self.K[:, None]  # (rows, D)
 
     def to_embedding(self, t: torch.Tensor, count: torch.Tensor | float = 1.0) -> torch.Tensor:
         """(rows, ..., C) terms -> (rows, ..., D) in embedding space, each carrying ``count``
@@ -145,6 +133,30 @@ class TowerDecomposition:
         if isinstance(count, torch.Tensor):
             count = count[lead + (None,)]
         return (self.gamma * c / sigma) @ self.Wp.T + count * share
+
+
+class TowerDecomposition(FrozenReadout):
+    """The frozen readout of one tower and its terms' shares for every pair."""
+
+    def __init__(
+        self, adapter: ModelAdapter, run: TowerRun, u: torch.Tensor, scale: torch.Tensor, B: int, P: int
+    ):
+        super().__init__(adapter, run)
+        self.B, self.P = B, P
+        sigma = self.sigma
+        norm_embed = run.embeds.norm(dim=-1)  # (rows,)
+        # share(t) = coef * <t, w> + bias_share   for a C-space term t of a row
+        self.coef = _to_pairs(scale / (sigma * norm_embed), self.tower, B, P)  # (B, P)
+        w = self.gamma * (u @ self.Wp)  # (B, P, C)
+        self.w = w - w.mean(-1, keepdim=True) if self.centre else w
+        beta_u = u @ self.const_d  # (B, P)
+        self.bias_share = (
+            _to_pairs(scale / norm_embed, self.tower, B, P) * beta_u / _to_pairs(self.K, self.tower, B, P)
+        )
+
+    def share(self, t: torch.Tensor) -> torch.Tensor:
+        """(rows, C) one term per row -> (B, P) its share of the explained value."""
+        return self.coef * _dot_pairs(t[:, None], self.w, self.tower)[..., 0] + self.bias_share
 
     def run_terms(self) -> dict[str, torch.Tensor]:
         adapter, run, tower = self.adapter, self.run, self.tower
