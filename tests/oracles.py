@@ -271,3 +271,64 @@ ORACLES = {
     "legrad": oracle_legrad,
     "sensitivity": oracle_sensitivity,
 }
+
+
+def _frozen_parts(adapter, run):
+    """Per-token embedding-space terms and the constant of one tower run (one row), by loops:
+    term(l, h, j) = a^{l,h}_{r j} V^{l,h}_j; every real token carries L*H shares of the frozen
+    readout's constant W_p beta + b_p split over K = 1 + L*H*n_valid + biases + L terms."""
+    parts = adapter.readout_parts(run.tower)
+    r = int(run.layout.readout[0])
+    z = run.block_outputs[-1][0, r].detach().double()
+    sigma = torch.sqrt(((z - z.mean()) ** 2).mean() + parts.eps)
+    gamma, beta = parts.norm_weight.double(), parts.norm_bias.double()
+    Wp = parts.proj_weight.double()
+    const = Wp @ beta + (0.0 if parts.proj_bias is None else parts.proj_bias.double())
+    L, H = len(run.attentions), run.attentions[0].shape[1]
+    valid = run.layout.valid[0]
+    n = valid.shape[0]
+    biases = [adapter.attention_out_bias(run.tower, l) for l in range(L)]
+    K = 1 + L * H * int(valid.sum()) + sum(b is not None for b in biases) + L
+
+    def embed(t, shares):
+        return Wp @ (gamma * (t - t.mean()) / sigma) + shares * const / K
+
+    tok = [torch.zeros_like(z) for _ in range(n)]
+    rest = run.block_inputs[0][0, r].detach().double().clone()
+    for l in range(L):
+        x = run.block_inputs[l].detach().double()
+        V = adapter.attention_value_heads(run.tower, l, x)[0]  # (H, n, C)
+        A = run.attentions[l][0].detach().double()
+        out = torch.zeros_like(z)
+        for h in range(H):
+            for j in range(n):
+                tok[j] = tok[j] + A[h, r, j] * V[h, j]
+                out = out + A[h, r, j] * V[h, j]
+        if biases[l] is not None:
+            out = out + biases[l].double()
+            rest = rest + biases[l].double()
+        rest = rest + adapter.mlp_output(run.tower, l, (x[0, r] + out)[None, None])[0, 0]
+    tokens = [embed(tok[j], L * H if valid[j] else 0) for j in range(n)]
+    constant = embed(rest, K - L * H * int(valid.sum()))
+    return tokens, constant
+
+
+def oracle_interactions(adapter, images, texts):
+    """interactions[t, i] = scale <c_i, d_t> / (|e_I| |e_T|), patches i, real tokens t (loops)."""
+    batch = adapter.tokenize(texts)
+    results = {}
+    for b, image in enumerate(images):
+        for p in range(len(texts)):
+            with adapter.explaining(), torch.no_grad():
+                img = _image_run(adapter, image, grad=False)
+                txt = _text_run(adapter, batch, p, grad=False)
+                c, _ = _frozen_parts(adapter, img)
+                d, _ = _frozen_parts(adapter, txt)
+            k = adapter.logit_scale().double() / (img.embeds[0].double().norm() * txt.embeds[0].double().norm())
+            patches = img.layout.patches.tolist()
+            valid = txt.layout.valid[0]
+            T = int(valid.sum())
+            M = np.array([[float(k * (c[i] @ d[t])) for i in patches] for t in range(T)])
+            gh, gw = img.layout.grid
+            results[b, p] = M.reshape(T, gh, gw)
+    return results

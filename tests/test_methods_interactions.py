@@ -1,0 +1,65 @@
+"""Token x patch interactions: entries against a float64 loop oracle, exact completeness,
+marginals equal to the decomposition's maps, and refusals."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import cliplens
+from conftest import hf_clip_factory, hf_siglip_factory, random_image
+from oracles import oracle_interactions
+
+TEXTS = ["a red triangle", "cat and dog"]
+IMAGES = [random_image(5), random_image(6, size=(40, 56))]
+
+
+@pytest.fixture(scope="module")
+def adapter64():
+    return hf_clip_factory(seed=1, dtype=torch.float64)
+
+
+def test_entries_match_the_float64_oracle(adapter64):
+    ex = cliplens.explain(adapter64, IMAGES, TEXTS, method="interactions")
+    ref = oracle_interactions(adapter64, IMAGES, TEXTS)
+    for b in range(len(IMAGES)):
+        for p in range(len(TEXTS)):
+            want = ref[b, p]
+            have = np.asarray(ex.extras["interactions"][b][p])[: want.shape[0]]
+            np.testing.assert_allclose(have, want, rtol=1e-9, atol=1e-12 * np.abs(want).max())
+            assert np.isnan(np.asarray(ex.extras["interactions"][b][p])[want.shape[0] :]).all()
+
+
+def test_parts_sum_to_the_logit_and_marginals_are_the_decomposition(adapter64):
+    ex = cliplens.explain(adapter64, IMAGES, TEXTS, method="interactions")
+    dec = cliplens.explain(adapter64, IMAGES, TEXTS, method="decomposition")
+    assert np.max(ex.extras["delta_similarity"]) < 1e-10
+    for b in range(len(IMAGES)):
+        for p in range(len(TEXTS)):
+            M = np.asarray(ex.extras["interactions"][b][p])
+            total = (
+                np.nansum(M)
+                + np.nansum(ex.extras["interactions_image_const"][b, p])
+                + np.asarray(ex.extras["interactions_text_const"][b][p]).sum()
+                + ex.extras["interactions_const"][b, p]
+            )
+            assert total == pytest.approx(ex.logits[b, p], rel=1e-10)
+            np.testing.assert_allclose(ex.grid_map(b, p), dec.grid_map(b, p), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(ex.token_scores, dec.token_scores, rtol=1e-9, atol=1e-12)
+
+
+def test_float32_completeness():
+    adapter = hf_clip_factory(seed=2)
+    ex = cliplens.explain(adapter, IMAGES, TEXTS, method="interactions")
+    assert np.max(ex.extras["delta_similarity"]) < 1e-4
+
+
+def test_refusals_are_one_line():
+    adapter = hf_clip_factory(seed=0)
+    with pytest.raises(cliplens.InputError, match="not bilinear"):
+        cliplens.explain(adapter, IMAGES[:1], TEXTS, method="interactions", target="probability")
+    with pytest.raises(cliplens.InputError, match="explain both"):
+        cliplens.explain(adapter, IMAGES[:1], TEXTS, method="interactions", towers=("image",))
+    with pytest.raises(cliplens.InputError, match="pools with an attention head"):
+        cliplens.explain(hf_siglip_factory(seed=0), IMAGES[:1], TEXTS, method="interactions")
