@@ -332,3 +332,33 @@ def oracle_interactions(adapter, images, texts):
             gh, gw = img.layout.grid
             results[b, p] = M.reshape(T, gh, gw)
     return results
+
+
+def oracle_jacobian_interactions(adapter, images, texts):
+    """scale * sum_d G_I[d, i] G_T[d, t], G[d, j] = <d unit(e)[d] / d x_j, x_j>: one backward per
+    dimension d, one image and one prompt at a time."""
+    batch = adapter.tokenize(texts)
+
+    def per_dim(run):
+        u = run.embeds[0] / torch.sqrt((run.embeds[0] ** 2).sum())
+        x = run.input_embeds
+        rows = []
+        for d in range(u.shape[0]):
+            (g,) = torch.autograd.grad(u[d], [x], retain_graph=True)
+            rows.append((g[0] * x[0].detach()).sum(-1))
+        return torch.stack(rows)  # (D, n)
+
+    results = {}
+    for b, image in enumerate(images):
+        for p in range(len(texts)):
+            with adapter.explaining():
+                img = _image_run(adapter, image, grad=True)
+                txt = _text_run(adapter, batch, p, grad=True)
+                gi, gt = per_dim(img), per_dim(txt)
+            scale = adapter.logit_scale().double()
+            patches = img.layout.patches.tolist()
+            T = int(txt.layout.valid[0].sum())
+            M = np.array([[float(scale * (gi[:, i] @ gt[:, t])) for i in patches] for t in range(T)])
+            gh, gw = img.layout.grid
+            results[b, p] = M.reshape(T, gh, gw)
+    return results

@@ -63,3 +63,19 @@ def test_refusals_are_one_line():
         cliplens.explain(adapter, IMAGES[:1], TEXTS, method="interactions", towers=("image",))
     with pytest.raises(cliplens.InputError, match="pools with an attention head"):
         cliplens.explain(hf_siglip_factory(seed=0), IMAGES[:1], TEXTS, method="interactions")
+
+
+@pytest.mark.parametrize("chunk", [64, 5])
+def test_jacobian_interactions_match_the_float64_oracle(adapter64, chunk):
+    from oracles import oracle_jacobian_interactions
+
+    ex = cliplens.explain(adapter64, IMAGES, TEXTS, method="jacobian_interactions", chunk=chunk)
+    ref = oracle_jacobian_interactions(adapter64, IMAGES, TEXTS)
+    for b in range(len(IMAGES)):
+        for p in range(len(TEXTS)):
+            want = ref[b, p]
+            T = want.shape[0]
+            have = np.asarray(ex.extras["interactions"][b][p])
+            np.testing.assert_allclose(have[:T], want, rtol=1e-8, atol=1e-10 * np.abs(want).max())
+            assert np.isnan(have[T:]).all()
+            np.testing.assert_allclose(ex.grid_map(b, p), want.sum(0), rtol=1e-8, atol=1e-10 * np.abs(want).max())

@@ -49,7 +49,7 @@ def adapter64(request):
 def test_every_method_has_an_oracle_or_a_dedicated_test():
     # decomposition and interactions have their own float64 oracles over the linear pieces
     # (test_methods_decomposition, test_methods_interactions)
-    dedicated = {"decomposition", "interactions"}
+    dedicated = {"decomposition", "interactions", "jacobian_interactions"}
     assert set(ORACLES) | dedicated == {m for m in REGISTRY if not m.startswith("_")}
 
 

@@ -33,6 +33,8 @@ class PairRuns:
     image_per_pair: bool
     text_per_pair: bool
     scores: PairScores
+    images: ImageBatch  # the inputs, for a method that runs a tower again
+    texts: TextBatch
 
     def run(self, tower: str) -> TowerRun:
         return self.image if tower == "image" else self.text
@@ -111,7 +113,7 @@ def forward_pairs(
     with torch.no_grad():
         logits = scores.logits(img_pairs.detach(), txt_pairs.detach())
         probs = scores.probs(logits)
-    return PairRuns(B, P, img, txt, y, logits, probs, image_grad, text_grad, scores)
+    return PairRuns(B, P, img, txt, y, logits, probs, image_grad, text_grad, scores, images, texts)
 
 
 # ---- per-row tower values -> per-pair results ----------------------------------------------
