@@ -64,9 +64,9 @@ def cmd_explain(args) -> int:
     from .api import check_texts, explain
     from .images import load_image
     from .methods import get_method
-    from .outputs import slug, staged_dir
+    from .files import slug, staged_dir
     from .targets import resolve_target
-    from .viz.report import Card, Section, token_html, write_report
+    from .viz.html import Card, Section, token_html, write_page
 
     texts = check_texts(_read_texts(args))
     options = dict(_parse_option(o) for o in args.option or [])
@@ -145,7 +145,7 @@ def cmd_explain(args) -> int:
             f"target <b>{html.escape(args.target)}</b> · maps shown {args.normalise}-normalised per pair; hatched = "
             "not seen by the model; raw values in results.json</p>"
         )
-        write_report(stage / "index.html", "cliplens explanation", sections, intro)
+        write_page(stage / "index.html", "cliplens explanation", sections, intro)
     print(f"wrote {len(results)} pair(s) to {args.out}/ (index.html, results.json)")
     return 0
 

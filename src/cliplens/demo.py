@@ -17,8 +17,8 @@ from .adapters import load_model
 from .api import explain, similarity
 from .errors import InputError
 from .methods import REGISTRY
-from .outputs import slug, staged_dir
-from .viz.report import Card, Section, token_html, write_report
+from .files import slug, staged_dir
+from .viz.html import Card, Section, token_html, write_page
 from .worlds import shapes
 
 
@@ -131,7 +131,7 @@ def run_demo(out: str | Path, *, seed: int = 0, model="shapes", methods: list[st
             "<p class='note'>green: the peak lies on the object the caption names; the last prompt names an "
             "object that is not in the scene.</p>"
         )
-        write_report(stage / "index.html", "cliplens demo: the shapes world", sections, intro)
+        write_page(stage / "index.html", "cliplens demo: the shapes world", sections, intro)
     return rows
 
 
