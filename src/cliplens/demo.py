@@ -17,8 +17,9 @@ from .adapters import load_model
 from .api import explain, similarity
 from .errors import InputError
 from .methods import REGISTRY
-from .files import slug, staged_dir
-from .viz.html import Card, Section, token_html, write_page
+from .files import staged_dir
+from .viz import pages
+from .viz.html import Section, write_page
 from .worlds import shapes
 
 
@@ -77,29 +78,25 @@ def run_demo(out: str | Path, *, seed: int = 0, model="shapes", methods: list[st
     sections: list[Section] = []
     with staged_dir(out) as stage:
         scene.image.save(stage / "scene.png")
-        for name in names:
+        for i, name in enumerate(names):
             t0 = time.perf_counter()
             ex = explain(adapter, scene.image, prompts, method=name)
             row = DemoRow(name, time.perf_counter() - t0)
+            overlays = pages.write_overlays(ex, stage, [name], first_index=i)
+            notes = pages.pair_notes(ex)
             section = Section(heading=f"{name} — {REGISTRY[name].summary}")
             for p, prompt in enumerate(prompts):
-                on = peak_object(ex.grid_map(0, p), ex.geometries[0], scene)
+                # a flat map has no peak; its argmax would be an arbitrary patch
+                on = "no peak (flat map)" if notes[0][p] else peak_object(ex.grid_map(0, p), ex.geometries[0], scene)
                 hit = (on == labels[p]) if present[p] else None
                 row.hits.append(hit)
                 row.peak_on.append(on)
-                fname = f"{slug(name)}__{p}-{slug(prompt)}.png"
-                ex.overlay(0, p).save(stage / fname)
                 verdict = (
                     "<span class='ok'>peak on the object</span>" if hit
                     else f"<span class='bad'>peak on {html.escape(on)}</span>" if hit is False
                     else f"absent object; peak on {html.escape(on)}"
                 )
-                caption = (
-                    f"<b>{html.escape(prompt)}</b><br><span class='num'>p {ex.probs[0, p]:.3f} · "
-                    f"logit {ex.logits[0, p]:.2f}</span><br>{verdict}"
-                )
-                tokens = token_html(ex.token_table(0, p)) if ex.token_scores is not None else ""
-                section.cards.append(Card(fname, caption, tokens))
+                section.cards.append(pages.pair_card(ex, 0, p, overlays[0][p], note=notes[0][p], extra=verdict))
             sections.append(section)
             rows.append(row)
             if progress:
