@@ -70,6 +70,18 @@ def test_texts_file_and_method_listing(tmp_path, capsys, photo, tiny_checkpoint)
     assert code == 0 and "chefer" in stdout
 
 
+def test_texts_file_with_byte_order_mark(tmp_path, capsys, photo, tiny_checkpoint):
+    """Notepad writes UTF-8 with a BOM; it must not become part of the first prompt."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes("a cat\r\na dog\r\n".encode("utf-8-sig"))
+    out = tmp_path / "o"
+    code, _, err = run(capsys, "explain", str(photo), "--texts-file", str(prompts), "--model", str(tiny_checkpoint), "--out", str(out))
+    assert code == 0, err
+    results = json.loads((out / "results.json").read_text())
+    assert results["texts"] == ["a cat", "a dog"]
+    assert [t["token"] for t in results["pairs"][0]["tokens"]] == ["a", "cat"]
+
+
 def _bad_files(tmp_path: Path, photo: Path) -> dict[str, tuple[Path, str]]:
     text = tmp_path / "notes.png"
     text.write_text("this is not an image")

@@ -34,7 +34,7 @@ def _read_texts(args) -> list[str]:
     if args.texts_file:
         path = Path(args.texts_file)
         try:
-            lines = path.read_text(encoding="utf-8").splitlines()
+            lines = path.read_text(encoding="utf-8-sig").splitlines()  # a byte-order mark is no part of a prompt
         except (OSError, UnicodeDecodeError) as exc:
             raise InputError(f"{path}: cannot read the prompts file ({exc.__class__.__name__})") from None
         texts += [line.strip() for line in lines if line.strip()]
@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("images", nargs="+", help="image files (PNG, JPEG, ... any PIL format)")
     p.add_argument("--text", "-t", action="append", help="a prompt; repeat for several")
-    p.add_argument("--texts-file", help="a UTF-8 file with one prompt per line")
+    p.add_argument("--texts-file", help="a UTF-8 file with one prompt per line (a byte-order mark is allowed)")
     p.add_argument(
         "--model",
         "-m",
