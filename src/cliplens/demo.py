@@ -23,12 +23,15 @@ from .viz.html import Section, write_page
 from .worlds import shapes
 
 
+FLAT = "flat map"  # what DemoRow.peak_on says where a map has no peak
+
+
 @dataclass
 class DemoRow:
     method: str
     seconds: float
     hits: list[bool | None] = field(default_factory=list)  # per prompt; None for the absent prompt
-    peak_on: list[str] = field(default_factory=list)  # label of the object under the peak, or "background"
+    peak_on: list[str] = field(default_factory=list)  # label of the object under the peak, "background" or FLAT
 
 
 def peak_object(grid_map: np.ndarray, geometry, scene: shapes.Scene) -> str:
@@ -87,14 +90,15 @@ def run_demo(out: str | Path, *, seed: int = 0, model="shapes", methods: list[st
             section = Section(heading=f"{name} — {REGISTRY[name].summary}")
             for p, prompt in enumerate(prompts):
                 # a flat map has no peak; its argmax would be an arbitrary patch
-                on = "no peak (flat map)" if notes[0][p] else peak_object(ex.grid_map(0, p), ex.geometries[0], scene)
+                on = FLAT if notes[0][p] else peak_object(ex.grid_map(0, p), ex.geometries[0], scene)
                 hit = (on == labels[p]) if present[p] else None
                 row.hits.append(hit)
                 row.peak_on.append(on)
+                where = "no peak (flat map)" if on == FLAT else f"peak on {html.escape(on)}"
                 verdict = (
                     "<span class='ok'>peak on the object</span>" if hit
-                    else f"<span class='bad'>peak on {html.escape(on)}</span>" if hit is False
-                    else f"absent object; peak on {html.escape(on)}"
+                    else f"<span class='bad'>{where}</span>" if hit is False
+                    else f"absent object; {where}"
                 )
                 section.cards.append(pages.pair_card(ex, 0, p, overlays[0][p], note=notes[0][p], extra=verdict))
             sections.append(section)
@@ -119,7 +123,8 @@ def run_demo(out: str | Path, *, seed: int = 0, model="shapes", methods: list[st
         head = "".join(f"<th>{html.escape(p)}</th>" for p in prompts)
         intro = (
             f"<p class='note'>model <b>{html.escape(adapter.name)}</b> · scene seed {seed} · "
-            f"{len(scene.objects)} objects · maps min-max normalised per panel</p>"
+            f"{len(scene.objects)} objects · maps min-max normalised per panel, the colour bar under each labelled with "
+            "the raw values of its ends; token chips show raw scores</p>"
             f"<div class='grid'><div class='card'><img src='scene.png' alt='scene'><div class='cap'>the scene: "
             f"{html.escape(', '.join(scene.labels))}</div></div>"
             f"<div><b>zero-shot over all {len(all_caps)} captions</b><table><tr><th>caption</th><th>p</th><th></th></tr>"
