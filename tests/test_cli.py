@@ -290,7 +290,7 @@ def test_constant_target_gets_no_heatmap(tmp_path, capsys, tiny_checkpoint, targ
 
 def test_report_shows_the_numbers(tmp_path, capsys, photo, tiny_checkpoint):
     long = "a small red cat sitting on a chair near the window in the sun"
-    out, results, html = _explain(capsys, tmp_path, photo, "-t", "a cat", "-t", long, "--model", tiny_checkpoint, "--normalise", "signed")
+    _, results, html = _explain(capsys, tmp_path, photo, "-t", "a cat", "-t", long, "--model", tiny_checkpoint, "--normalise", "signed")
     assert html.count("class='bar'") == len(results["pairs"])  # a colour bar under every overlay
     for pair in results["pairs"]:
         m = max(abs(pair["map_min"]), abs(pair["map_max"]))
@@ -300,5 +300,5 @@ def test_report_shows_the_numbers(tmp_path, capsys, photo, tiny_checkpoint):
             assert f"{tok['token']}<small>{tok['score']:.3g}</small>" in html  # chips show their scores
         assert f"<td>{pair['logit']:.3g}</td>" in html and f"{pair['probability']:.3g}</td>" in html  # the table
     assert "<details class='fold'>" in html  # the long prompt folded
-    out1, _, html1 = _explain(capsys, tmp_path / "one", photo, "-t", "a cat", "--model", tiny_checkpoint)
+    _, _, html1 = _explain(capsys, tmp_path / "one", photo, "-t", "a cat", "--model", tiny_checkpoint)
     assert "one-prompt softmax: 1 by construction" in html1

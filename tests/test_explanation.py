@@ -29,7 +29,11 @@ def make(grids=((2, 3), (2, 3)), *, target="logit", per_image_extras=False, seed
     content = np.zeros((P, T), dtype=bool)
     content[:, 1:3] = True
     content[1:, 3] = True
-    tokens = [["<s>", "a", "cat", "</s>"], ["<s>", "a", "red", "dog", "</s>"], ["<s>", "two", "big", "cars", "</s>"]]
+    tokens = [
+        ["<s>", "a", "cat", "</s>"],
+        ["<s>", "a", "red", "dog", "</s>"],
+        ["<s>", "two", "big", "cars", "</s>"],
+    ]
     logits = rng.normal(size=(b, P)) * 10
     probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
     sizes = [(30 + 10 * i, 20 + 5 * i) for i in range(b)]  # (width, height)
@@ -56,7 +60,13 @@ def make(grids=((2, 3), (2, 3)), *, target="logit", per_image_extras=False, seed
 
 
 def assert_same(a: Explanation, b: Explanation) -> None:
-    assert (a.method, a.target, a.texts, a.tokens, a.truncated) == (b.method, b.target, b.texts, b.tokens, b.truncated)
+    assert (a.method, a.target, a.texts, a.tokens, a.truncated) == (
+        b.method,
+        b.target,
+        b.texts,
+        b.tokens,
+        b.truncated,
+    )
     assert type(a.image_maps) is type(b.image_maps)
     for x, y in zip(a.image_maps, b.image_maps):
         np.testing.assert_array_equal(x, y)
@@ -83,7 +93,9 @@ def test_save_load_round_trip(tmp_path, grids, per_image):
     back = Explanation.load(ex.save(tmp_path / "r"))
     assert_same(ex, back)
     assert back.meta["scale"] == 2.5  # numpy scalars in meta are written as plain numbers
-    assert Explanation.load(tmp_path / "r" / "explanation.json").texts == ex.texts  # a file of the folder works too
+    assert (
+        Explanation.load(tmp_path / "r" / "explanation.json").texts == ex.texts
+    )  # a file of the folder works too
     assert not list((tmp_path / "r").glob(".*"))  # no temporary files left
 
 
@@ -98,7 +110,9 @@ def test_to_dict_is_strict_json_with_every_pair(grids):
     assert [(im["width"], im["height"]) for im in d["images"]] == [(30, 20), (40, 25)]
     assert d["images"][1]["extras"]["layer_maps"]["values"] == ex.extra("layer_maps", 1).tolist()
     assert d["images"][1]["extras"]["delta"]["shape"] == [P]
-    assert [(e["image_index"], e["prompt_index"]) for e in d["pairs"]] == [(b, p) for b in range(2) for p in range(P)]
+    assert [(e["image_index"], e["prompt_index"]) for e in d["pairs"]] == [
+        (b, p) for b in range(2) for p in range(P)
+    ]
     e = d["pairs"][4]  # image 1, prompt 1
     assert e["prompt"] == "a red dog" and e["logit"] == ex.logits[1, 1] and e["probability"] == ex.probs[1, 1]
     assert e["grid_map"] == ex.grid_map(1, 1).tolist()
@@ -200,7 +214,10 @@ DAMAGE = {
     "texts a string": (lambda f: _edit_json(f, lambda i: i.update(texts="a cat")), "'texts'"),
     "texts of numbers": (lambda f: _edit_json(f, lambda i: i.update(texts=[1, 2, 3])), "'texts'"),
     "tokens short": (lambda f: _edit_json(f, lambda i: i["tokens"].pop()), "token lists"),
-    "geometry damaged": (lambda f: _edit_json(f, lambda i: i["geometries"][0].pop("crop")), "geometry of image 0"),
+    "geometry damaged": (
+        lambda f: _edit_json(f, lambda i: i["geometries"][0].pop("crop")),
+        "geometry of image 0",
+    ),
     "extras form": (lambda f: _edit_json(f, lambda i: i.update(extras={"delta": "scalar"})), "'extras'"),
     "npz garbage": (lambda f: (f / "explanation.npz").write_bytes(b"PK\x03\x04 not a zip"), "damaged"),
     "npz truncated": (
@@ -208,18 +225,36 @@ DAMAGE = {
         "damaged",
     ),
     "logits missing": (lambda f: _edit_npz(f, lambda a: a.pop("logits")), "no 'logits'"),
-    "logits shape": (lambda f: _edit_npz(f, lambda a: a.update(logits=a["logits"][:, :2])), "logits has shape"),
-    "logits text": (lambda f: _edit_npz(f, lambda a: a.update(logits=a["logits"].astype(str))), "logits holds"),
+    "logits shape": (
+        lambda f: _edit_npz(f, lambda a: a.update(logits=a["logits"][:, :2])),
+        "logits has shape",
+    ),
+    "logits text": (
+        lambda f: _edit_npz(f, lambda a: a.update(logits=a["logits"].astype(str))),
+        "logits holds",
+    ),
     "B disagrees": (lambda f: _edit_json(f, _drop_geometry), "describes 1 image(s) x 3 prompt(s)"),
     "P disagrees": (lambda f: _edit_json(f, _add_prompt), "describes 2 image(s) x 4 prompt(s)"),
-    "maps shape": (lambda f: _edit_npz(f, lambda a: a.update(image_maps=a["image_maps"][:1])), "image_maps has shape"),
+    "maps shape": (
+        lambda f: _edit_npz(f, lambda a: a.update(image_maps=a["image_maps"][:1])),
+        "image_maps has shape",
+    ),
     "maps flag": (lambda f: _edit_json(f, lambda i: i.update(uniform_grid=False)), "grids differ"),
-    "scores shape": (lambda f: _edit_npz(f, lambda a: a.update(token_scores=a["token_scores"][..., :3])), "token_scores"),
-    "content type": (lambda f: _edit_npz(f, lambda a: a.update(content=a["content"].astype(float))), "content holds"),
+    "scores shape": (
+        lambda f: _edit_npz(f, lambda a: a.update(token_scores=a["token_scores"][..., :3])),
+        "token_scores",
+    ),
+    "content type": (
+        lambda f: _edit_npz(f, lambda a: a.update(content=a["content"].astype(float))),
+        "content holds",
+    ),
     "image missing": (lambda f: _edit_npz(f, lambda a: a.pop("image_1")), "no 'image_1'"),
     "image size": (lambda f: _edit_npz(f, lambda a: a.update(image_0=a["image_0"][:5])), "image_0 has shape"),
     "extra missing": (lambda f: _edit_npz(f, lambda a: a.pop("extra__delta")), "no 'extra__delta'"),
-    "extra short": (lambda f: _edit_npz(f, lambda a: a.update(extra__delta=a["extra__delta"][:1])), "extra 'delta'"),
+    "extra short": (
+        lambda f: _edit_npz(f, lambda a: a.update(extra__delta=a["extra__delta"][:1])),
+        "extra 'delta'",
+    ),
     "stray array": (lambda f: _edit_npz(f, lambda a: a.update(surprise=np.zeros(2))), "surprise"),
 }
 

@@ -20,7 +20,9 @@ from test_explanation import P, make
 def test_overlay_names_unique_whatever_the_labels():
     labels = ["a/cat.jpg", "b/cat.jpg", "cat-2.png", "cat.png"]
     texts = ["a cat", "a cat!", "A CAT"]  # the same slug three times
-    names = {pages.overlay_name(b, label, p, t) for b, label in enumerate(labels) for p, t in enumerate(texts)}
+    names = {
+        pages.overlay_name(b, label, p, t) for b, label in enumerate(labels) for p, t in enumerate(texts)
+    }
     assert len(names) == len(labels) * len(texts)
     assert pages.overlay_name(1, "b/cat.jpg", 2, "a cat") == "001-cat__02-a-cat.png"
 

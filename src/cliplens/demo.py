@@ -16,12 +16,11 @@ import numpy as np
 from .adapters import load_model
 from .api import explain, similarity
 from .errors import InputError
-from .methods import REGISTRY
 from .files import staged_dir
+from .methods import REGISTRY
 from .viz import pages
 from .viz.html import Section, write_page
 from .worlds import shapes
-
 
 FLAT = "flat map"  # what DemoRow.peak_on says where a map has no peak
 

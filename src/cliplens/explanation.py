@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import json
 import math
+import zipfile
+import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -160,8 +163,7 @@ class Explanation:
             return kind
         if self.meta.get("family") in ("hf-siglip", "hf-siglip2"):
             return "sigmoid"
-        B, P = self.shape
-        if P == 1 and np.all(self.probs == 1.0):
+        if self.shape[1] == 1 and np.all(self.probs == 1.0):
             return "softmax"
         sig = 1.0 / (1.0 + np.exp(-np.asarray(self.logits, dtype=np.float64)))
         return "sigmoid" if np.allclose(self.probs, sig, rtol=1e-5, atol=1e-7) else "softmax"
@@ -194,7 +196,7 @@ class Explanation:
 
     # ---- combining ---------------------------------------------------------------------
     @classmethod
-    def concat(cls, parts: Sequence["Explanation"]) -> "Explanation":
+    def concat(cls, parts: Sequence[Explanation]) -> Explanation:
         """One explanation of all images of ``parts`` (calls with the same prompts, method and
         target, for example the batches of a long list of images). Per-image arrays whose
         shapes differ between the parts become lists of B arrays."""
@@ -255,7 +257,9 @@ class Explanation:
                     "index": b,
                     "width": geom.width,
                     "height": geom.height,
-                    "grid": None if self.image_maps is None else list(_per_image(self.image_maps, b).shape[-2:]),
+                    "grid": None
+                    if self.image_maps is None
+                    else list(_per_image(self.image_maps, b).shape[-2:]),
                     "geometry": geom.to_dict(),
                     "extras": {key: _extra_dict(self.extra(key, b), extras_limit) for key in self.extras},
                 }
@@ -352,7 +356,7 @@ class Explanation:
         return directory
 
     @classmethod
-    def load(cls, directory: str | Path) -> "Explanation":
+    def load(cls, directory: str | Path) -> Explanation:
         """Read what :meth:`save` wrote (the folder, or either of its two files). Anything
         missing, unsupported, damaged or inconsistent raises :class:`ResultError`."""
         directory = Path(directory)
@@ -414,7 +418,9 @@ def _read_info(directory: Path) -> dict:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ResultError(f"{directory}: no explanation.json here (not a folder Explanation.save wrote)") from None
+        raise ResultError(
+            f"{directory}: no explanation.json here (not a folder Explanation.save wrote)"
+        ) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ResultError(f"{path}: cannot be read ({exc.__class__.__name__})") from None
     try:
@@ -434,11 +440,21 @@ def _read_arrays(directory: Path) -> dict[str, np.ndarray]:
     path = directory / "explanation.npz"
     if not path.is_file():
         raise ResultError(f"{directory}: explanation.npz is missing beside explanation.json")
+    damaged = (
+        OSError,
+        ValueError,
+        EOFError,
+        KeyError,
+        zipfile.BadZipFile,
+        zlib.error,
+    )  # what np.load raises on one
     try:
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
-    except Exception as exc:  # OSError, ValueError, BadZipFile, zlib.error, ...: what a damaged archive raises
-        raise ResultError(f"{path}: damaged or not written by Explanation.save ({exc.__class__.__name__})") from None
+    except damaged as exc:
+        raise ResultError(
+            f"{path}: damaged or not written by Explanation.save ({exc.__class__.__name__})"
+        ) from None
 
 
 def _build(cls, directory: Path, info: dict, arrays: dict[str, np.ndarray]) -> Explanation:
@@ -511,7 +527,9 @@ def _build(cls, directory: Path, info: dict, arrays: dict[str, np.ndarray]) -> E
             raise fail("explanation.json says the grids differ per image, but image_maps is one array")
         maps = check(array("image_maps"), "image_maps", (B, P, None, None), float_kinds)
     elif any(k.startswith("image_maps_") for k in arrays):
-        maps = [check(array(f"image_maps_{b}"), f"image_maps_{b}", (P, None, None), float_kinds) for b in range(B)]
+        maps = [
+            check(array(f"image_maps_{b}"), f"image_maps_{b}", (P, None, None), float_kinds) for b in range(B)
+        ]
     else:
         maps = None
 
@@ -535,7 +553,9 @@ def _build(cls, directory: Path, info: dict, arrays: dict[str, np.ndarray]) -> E
         else:
             extras[key] = [array(f"extra__{key}__{b}") for b in range(B)]
     if arrays:
-        raise fail(f"explanation.npz holds arrays this explanation does not describe: {', '.join(sorted(arrays)[:3])}")
+        raise fail(
+            f"explanation.npz holds arrays this explanation does not describe: {', '.join(sorted(arrays)[:3])}"
+        )
     return cls(
         method=method,
         target=target,

@@ -8,8 +8,8 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 
 def slug(text: str, limit: int = 40) -> str:

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import html
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -135,7 +135,9 @@ def pair_card(
         f"<span class='num'>logit {number(ex.logits[b, p])} · p {html.escape(probability_text(ex, b, p))}</span>",
     ]
     if ex.target != "logit":
-        lines.append(f"<span class='num'>target {html.escape(ex.target)} = {number(ex.target_values[b, p])}</span>")
+        lines.append(
+            f"<span class='num'>target {html.escape(ex.target)} = {number(ex.target_values[b, p])}</span>"
+        )
     if ex.truncated[p]:
         lines.append("<span class='note'>prompt truncated to the model's context</span>")
     if extra:
@@ -159,7 +161,9 @@ def prompt_table(ex: Explanation, b: int) -> str:
     """Image b against every prompt: logit, probability (and the target when it is not the
     logit); the most probable prompt in bold."""
     P = ex.shape[1]
-    header = ["prompt", "logit", "probability"] + ([html.escape(f"target {ex.target}")] if ex.target != "logit" else [])
+    header = ["prompt", "logit", "probability"] + (
+        [html.escape(f"target {ex.target}")] if ex.target != "logit" else []
+    )
     rows = []
     for p in range(P):
         row = [fold(ex.texts[p]), number(ex.logits[b, p]), html.escape(probability_text(ex, b, p))]
