@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("images", nargs="+", help="image files (PNG, JPEG, ... any PIL format)")
     p.add_argument("--text", "-t", action="append", help="a prompt; repeat for several")
-    p.add_argument("--texts-file", help="a UTF-8 file with one prompt per line (a byte-order mark is allowed)")
+    p.add_argument("--texts-file", help="a UTF-8 file with one prompt per line")
     p.add_argument(
         "--model",
         "-m",
