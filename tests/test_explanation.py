@@ -59,6 +59,25 @@ def make(grids=((2, 3), (2, 3)), *, target="logit", per_image_extras=False, seed
     )
 
 
+def first_prompt_only(ex: Explanation) -> Explanation:
+    """``ex`` cut to its first prompt, probabilities of a softmax over that one prompt (1)."""
+    B = ex.shape[0]
+    return Explanation(
+        **{
+            **ex.__dict__,
+            "texts": ex.texts[:1],
+            "image_maps": ex.image_maps[:, :1],
+            "token_scores": ex.token_scores[:, :1],
+            "tokens": ex.tokens[:1],
+            "content": ex.content[:1],
+            "truncated": ex.truncated[:1],
+            "logits": ex.logits[:, :1],
+            "probs": np.ones((B, 1)),
+            "target_values": np.ones((B, 1)) if ex.target == "probability" else ex.logits[:, :1],
+        }
+    )
+
+
 def assert_same(a: Explanation, b: Explanation) -> None:
     assert (a.method, a.target, a.texts, a.tokens, a.truncated) == (
         b.method,
@@ -156,21 +175,7 @@ def test_constant_targets_and_flat_maps():
     maps[1, 2] = 0.3 + 1e-9 * np.arange(6).reshape(2, 3)  # rounding noise around a constant
     noisy = Explanation(**{**ex.__dict__, "image_maps": maps})
     assert noisy.flat_pairs().tolist() == [[False] * 3, [False, False, True]]
-    one = make(target="probability")
-    single = Explanation(
-        **{
-            **one.__dict__,
-            "texts": ["a cat"],
-            "image_maps": one.image_maps[:, :1],
-            "token_scores": one.token_scores[:, :1],
-            "tokens": one.tokens[:1],
-            "content": one.content[:1],
-            "truncated": [False],
-            "logits": one.logits[:, :1],
-            "probs": np.ones((2, 1)),
-            "target_values": np.ones((2, 1)),
-        }
-    )
+    single = first_prompt_only(make(target="probability"))
     assert single.probability == "softmax"
     assert "softmax over one prompt" in single.constant_reason(0)
     sig = Explanation(**{**single.__dict__, "probs": 1 / (1 + np.exp(-single.logits)), "meta": {}})

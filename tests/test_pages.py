@@ -14,7 +14,7 @@ from cliplens.images import Geometry
 from cliplens.viz import pages
 from cliplens.viz.colors import colorize
 from cliplens.viz.html import write_page
-from test_explanation import P, make
+from test_explanation import P, first_prompt_only, make
 
 
 def test_overlay_names_unique_whatever_the_labels():
@@ -99,20 +99,7 @@ def test_card_reads_numbers_folds_long_prompts_and_labels_one_prompt_softmax():
         assert pages.number(ex.logits[1, p]) in table and pages.number(ex.probs[1, p]) in table
     best = int(np.argmax(ex.probs[1]))
     assert table.split("<tr")[best + 2].startswith(" class=best")
-    one = Explanation(
-        **{
-            **ex.__dict__,
-            "texts": ["a cat"],
-            "image_maps": ex.image_maps[:, :1],
-            "token_scores": ex.token_scores[:, :1],
-            "tokens": ex.tokens[:1],
-            "content": ex.content[:1],
-            "truncated": [False],
-            "logits": ex.logits[:, :1],
-            "probs": np.ones((2, 1)),
-            "target_values": ex.logits[:, :1],
-        }
-    )
+    one = first_prompt_only(ex)
     assert "one-prompt softmax: 1 by construction" in pages.pair_card(one, 0, 0, "").caption
     assert "one-prompt softmax" in pages.prompt_table(one, 0)
 
