@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import struct
 from pathlib import Path
 
@@ -67,6 +68,18 @@ def test_texts_file_and_method_listing(tmp_path, capsys, photo, tiny_checkpoint)
     assert [p["prompt"] for p in json.loads((out / "results.json").read_text())["pairs"]] == ["a cat", "a dog"]
     code, stdout, _ = run(capsys, "methods")
     assert code == 0 and "chefer" in stdout
+
+
+def test_texts_file_with_byte_order_mark(tmp_path, capsys, photo, tiny_checkpoint):
+    """Notepad writes UTF-8 with a BOM; it must not become part of the first prompt."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes("a cat\r\na dog\r\n".encode("utf-8-sig"))
+    out = tmp_path / "o"
+    code, _, err = run(capsys, "explain", str(photo), "--texts-file", str(prompts), "--model", str(tiny_checkpoint), "--out", str(out))
+    assert code == 0, err
+    results = json.loads((out / "results.json").read_text())
+    assert results["texts"] == ["a cat", "a dog"]
+    assert [t["token"] for t in results["pairs"][0]["tokens"]] == ["a", "cat"]
 
 
 def _bad_files(tmp_path: Path, photo: Path) -> dict[str, tuple[Path, str]]:
@@ -208,3 +221,84 @@ def test_long_prompt_truncated_with_warning(tmp_path, capsys, photo, tiny_checkp
     pair = json.loads((out / "results.json").read_text())["pairs"][0]
     assert pair["truncated"] is True
     assert len(pair["tokens"]) == 14  # 16 minus the start and end markers
+
+
+def _explain(capsys, tmp_path, *argv) -> tuple[Path, dict, str]:
+    out = tmp_path / "out"
+    code, _, err = run(capsys, "explain", *map(str, argv), "--out", str(out))
+    assert code == 0, err
+    return out, json.loads((out / "results.json").read_text()), (out / "index.html").read_text()
+
+
+def test_same_stems_get_their_own_overlays(tmp_path, capsys, tiny_checkpoint, monkeypatch):
+    """`explain a/cat.jpg b/cat.jpg cat-2.png` once wrote cat-2__00-a-cat.png twice, and a
+    card showed another image's heatmap."""
+    rng = np.random.default_rng(3)
+    sizes = {"a/cat.jpg": (50, 70), "b/cat.jpg": (30, 90), "cat-2.png": (40, 40)}
+    for name, (w, h) in sizes.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / name)
+    monkeypatch.chdir(tmp_path)
+    out, results, html = _explain(capsys, tmp_path, *sizes, "-t", "a cat", "-t", "a dog", "--model", tiny_checkpoint)
+    pairs = results["pairs"]
+    overlays = [p["overlay"] for p in pairs]
+    assert len(set(overlays)) == len(overlays) == 6
+    for pair in pairs:
+        assert Image.open(out / pair["overlay"]).size == sizes[pair["image"].removeprefix("../")]
+        assert html.count(f"src='{pair['overlay']}'") == 1
+    sections = html.split("<h2>")[1:]
+    for name, section in zip(sizes, sections):  # each image's cards show its own overlays
+        assert section.startswith(name)
+        refs = re.findall(r"src='([^']+)'", section)
+        assert refs == [p["overlay"] for p in pairs if p["image"] == f"../{name}"]
+
+
+def test_results_json_is_the_explanation_dict_with_relative_paths(tmp_path, capsys, photo, tiny_checkpoint):
+    out, results, _ = _explain(capsys, tmp_path, photo, "-t", "a cat", "-t", "a dog", "--model", tiny_checkpoint, "--method", "legrad")
+    for key in ("format", "method", "target", "probability", "shape", "texts", "tokens", "meta", "images", "pairs"):
+        assert key in results, key
+    assert results["shape"] == [1, 2] and results["method"] == "legrad"
+    assert (out / results["images"][0]["path"]).resolve() == photo.resolve()
+    assert (out / results["pairs"][1]["image"]).resolve() == photo.resolve()
+    assert results["images"][0]["extras"]["layer_maps"]["shape"][0] == 2  # (P, L, Gh, Gw)
+    assert results["meta"]["model"] and results["display"] == {"normalise": "minmax"}
+
+
+@pytest.mark.parametrize(
+    "target, texts, reason",
+    [
+        ("contrast:0", ["a cat", "a dog"], "contrast of a prompt with itself"),
+        ("probability", ["a cat"], "softmax over one prompt"),
+    ],
+)
+def test_constant_target_gets_no_heatmap(tmp_path, capsys, tiny_checkpoint, target, texts, reason):
+    """A target that is constant by construction has only rounding noise to show; min-max
+    stretching made it look like a confident heatmap."""
+    square = tmp_path / "square.png"  # square: the model sees all of it, nothing is hatched
+    original = np.random.default_rng(4).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    Image.fromarray(original).save(square)
+    argv = [a for t in texts for a in ("-t", t)]
+    out, results, html = _explain(capsys, tmp_path, square, *argv, "--target", target, "--model", tiny_checkpoint)
+    pair = results["pairs"][0]
+    assert reason in pair["constant"]
+    np.testing.assert_array_equal(np.asarray(Image.open(out / pair["overlay"])), original)
+    assert reason in html and "no heatmap is drawn" in html
+    if len(texts) > 1:  # the other prompt's pair is explained as usual
+        assert results["pairs"][1]["constant"] is None
+        assert not np.array_equal(np.asarray(Image.open(out / results["pairs"][1]["overlay"])), original)
+
+
+def test_report_shows_the_numbers(tmp_path, capsys, photo, tiny_checkpoint):
+    long = "a small red cat sitting on a chair near the window in the sun"
+    _, results, html = _explain(capsys, tmp_path, photo, "-t", "a cat", "-t", long, "--model", tiny_checkpoint, "--normalise", "signed")
+    assert html.count("class='bar'") == len(results["pairs"])  # a colour bar under every overlay
+    for pair in results["pairs"]:
+        m = max(abs(pair["map_min"]), abs(pair["map_max"]))
+        assert f"<span>{-m:.3g}</span>" in html and f"<span>{m:.3g}</span>" in html  # its ends in raw values
+        assert f"raw {pair['map_min']:.3g} … {pair['map_max']:.3g}" in html
+        for tok in pair["tokens"]:
+            assert f"{tok['token']}<small>{tok['score']:.3g}</small>" in html  # chips show their scores
+        assert f"<td>{pair['logit']:.3g}</td>" in html and f"{pair['probability']:.3g}</td>" in html  # the table
+    assert "<details class='fold'>" in html  # the long prompt folded
+    _, _, html1 = _explain(capsys, tmp_path / "one", photo, "-t", "a cat", "--model", tiny_checkpoint)
+    assert "one-prompt softmax: 1 by construction" in html1

@@ -25,6 +25,8 @@ def test_demo_writes_complete_page(tmp_path):
     assert len(refs) == 1 + len(methods) * 4  # 3 objects + 1 absent prompt per method
     for ref in refs:
         assert (out / ref).is_file(), ref
+    assert len(set(refs)) == len(refs)  # one file per card
+    assert page.count("class='bar'") + page.count("class='nomap'") == len(methods) * 4  # a colour bar or a note under each
     scene = shapes.make_scene(5, n_objects=3, size=224)
     for label in scene.labels:
         assert f"a {label}" in page

@@ -34,7 +34,7 @@ def _read_texts(args) -> list[str]:
     if args.texts_file:
         path = Path(args.texts_file)
         try:
-            lines = path.read_text(encoding="utf-8").splitlines()
+            lines = path.read_text(encoding="utf-8-sig").splitlines()  # a byte-order mark is no part of a prompt
         except (OSError, UnicodeDecodeError) as exc:
             raise InputError(f"{path}: cannot read the prompts file ({exc.__class__.__name__})") from None
         texts += [line.strip() for line in lines if line.strip()]
@@ -62,11 +62,13 @@ def cmd_explain(args) -> int:
 
     from .adapters import load_model
     from .api import check_texts, explain
+    from .explanation import Explanation
+    from .files import staged_dir
     from .images import load_image
     from .methods import get_method
-    from .outputs import slug, staged_dir
     from .targets import resolve_target
-    from .viz.report import Card, Section, token_html, write_report
+    from .viz import pages
+    from .viz.html import write_page
 
     texts = check_texts(_read_texts(args))
     options = dict(_parse_option(o) for o in args.option or [])
@@ -77,76 +79,30 @@ def cmd_explain(args) -> int:
         raise InputError("no images given")
     images = [load_image(p, max_pixels=args.max_pixels) for p in args.images]  # fail early, before the model
     adapter = load_model(args.model, device=args.device)
-    results = []
-    sections = []
-    names: dict[str, int] = {}
-    with staged_dir(args.out) as stage:
-        bar = tqdm(total=len(images), desc="explaining", unit="image", disable=len(images) < 2 or None)
+    parts = []
+    with tqdm(total=len(images), desc="explaining", unit="image", disable=len(images) < 2 or None) as bar:
         for start in range(0, len(images), args.batch_size):
-            paths = args.images[start : start + args.batch_size]
-            ex = explain(
-                adapter,
-                images[start : start + args.batch_size],
-                texts,
-                method=args.method,
-                target=args.target,
-                resize=args.resize,
-                **options,
+            batch = images[start : start + args.batch_size]
+            parts.append(
+                explain(adapter, batch, texts, method=args.method, target=args.target, resize=args.resize, **options)
             )
-            for j, path in enumerate(paths):
-                stem = slug(Path(path).stem)
-                names[stem] = names.get(stem, 0) + 1
-                if names[stem] > 1:
-                    stem = f"{stem}-{names[stem]}"
-                section = Section(heading=str(path))
-                for p, text in enumerate(texts):
-                    entry = {
-                        "image": str(path),
-                        "prompt": text,
-                        "logit": float(ex.logits[j, p]),
-                        "probability": float(ex.probs[j, p]),
-                        "target": float(ex.target_values[j, p]),
-                    }
-                    caption = (
-                        f"<b>{html.escape(text)}</b><br><span class='num'>logit {ex.logits[j, p]:.3f} · "
-                        f"p {ex.probs[j, p]:.3f}</span>"
-                    )
-                    if ex.image_maps is not None:
-                        fname = f"{stem}__{p:02d}-{slug(text)}.png"
-                        ex.overlay(j, p, mode=args.normalise).save(stage / fname)
-                        entry["overlay"] = fname
-                        entry["grid_map"] = ex.grid_map(j, p).tolist()
-                    tokens = ""
-                    if ex.token_scores is not None:
-                        table = ex.token_table(j, p)
-                        entry["tokens"] = [{"token": t, "score": s} for t, s in table]
-                        tokens = token_html(table)
-                    if ex.truncated[p]:
-                        entry["truncated"] = True
-                        caption += "<br><span class='note'>prompt truncated to the model's context</span>"
-                    results.append(entry)
-                    section.cards.append(Card(entry.get("overlay", ""), caption, tokens))
-                sections.append(section)
-            bar.update(len(paths))
-        bar.close()
-        meta = {
-            "cliplens": __version__,
-            "model": adapter.name,
-            "method": args.method,
-            "target": args.target,
-            "options": options,
-            "resize": args.resize,
-            "prompts": texts,
-            "pairs": results,
-        }
-        (stage / "results.json").write_text(json.dumps(meta, indent=1))
+            bar.update(len(batch))
+    ex = Explanation.concat(parts)
+    labels = [str(p) for p in args.images]
+    out = Path(args.out)
+    with staged_dir(out) as stage:
+        overlays = pages.write_overlays(ex, stage, labels, mode=args.normalise)
+        results = pages.results(ex, labels, overlays, out, mode=args.normalise)
+        (stage / "results.json").write_text(json.dumps(results, indent=1, allow_nan=False), encoding="utf-8")
         intro = (
-            f"<p class='note'>model <b>{html.escape(adapter.name)}</b> · method <b>{html.escape(args.method)}</b> · "
-            f"target <b>{html.escape(args.target)}</b> · maps shown {args.normalise}-normalised per pair; hatched = "
-            "not seen by the model; raw values in results.json</p>"
+            f"<p class='note'>model <b>{html.escape(adapter.name)}</b> · method <b>{html.escape(ex.method)}</b> · "
+            f"target <b>{html.escape(ex.target)}</b> · maps shown {args.normalise}-normalised per pair, the colour "
+            "bar under each labelled with the raw values of its ends; hatched = not seen by the model; token chips "
+            "show raw scores; every number is in results.json</p>"
         )
-        write_report(stage / "index.html", "cliplens explanation", sections, intro)
-    print(f"wrote {len(results)} pair(s) to {args.out}/ (index.html, results.json)")
+        sections = pages.image_sections(ex, labels, overlays, mode=args.normalise)
+        write_page(stage / "index.html", "cliplens explanation", sections, intro)
+    print(f"wrote {len(results['pairs'])} pair(s) to {args.out}/ (index.html, results.json)")
     return 0
 
 

@@ -16,10 +16,13 @@ import numpy as np
 from .adapters import load_model
 from .api import explain, similarity
 from .errors import InputError
+from .files import staged_dir
 from .methods import REGISTRY
-from .outputs import slug, staged_dir
-from .viz.report import Card, Section, token_html, write_report
+from .viz import pages
+from .viz.html import Section, write_page
 from .worlds import shapes
+
+FLAT = "flat map"  # what DemoRow.peak_on says where a map has no peak
 
 
 @dataclass
@@ -27,7 +30,7 @@ class DemoRow:
     method: str
     seconds: float
     hits: list[bool | None] = field(default_factory=list)  # per prompt; None for the absent prompt
-    peak_on: list[str] = field(default_factory=list)  # label of the object under the peak, or "background"
+    peak_on: list[str] = field(default_factory=list)  # label of the object under the peak, "background" or FLAT
 
 
 def peak_object(grid_map: np.ndarray, geometry, scene: shapes.Scene) -> str:
@@ -77,29 +80,26 @@ def run_demo(out: str | Path, *, seed: int = 0, model="shapes", methods: list[st
     sections: list[Section] = []
     with staged_dir(out) as stage:
         scene.image.save(stage / "scene.png")
-        for name in names:
+        for i, name in enumerate(names):
             t0 = time.perf_counter()
             ex = explain(adapter, scene.image, prompts, method=name)
             row = DemoRow(name, time.perf_counter() - t0)
+            overlays = pages.write_overlays(ex, stage, [name], first_index=i)
+            notes = pages.pair_notes(ex)
             section = Section(heading=f"{name} — {REGISTRY[name].summary}")
             for p, prompt in enumerate(prompts):
-                on = peak_object(ex.grid_map(0, p), ex.geometries[0], scene)
+                # a flat map has no peak; its argmax would be an arbitrary patch
+                on = FLAT if notes[0][p] else peak_object(ex.grid_map(0, p), ex.geometries[0], scene)
                 hit = (on == labels[p]) if present[p] else None
                 row.hits.append(hit)
                 row.peak_on.append(on)
-                fname = f"{slug(name)}__{p}-{slug(prompt)}.png"
-                ex.overlay(0, p).save(stage / fname)
+                where = "no peak (flat map)" if on == FLAT else f"peak on {html.escape(on)}"
                 verdict = (
                     "<span class='ok'>peak on the object</span>" if hit
-                    else f"<span class='bad'>peak on {html.escape(on)}</span>" if hit is False
-                    else f"absent object; peak on {html.escape(on)}"
+                    else f"<span class='bad'>{where}</span>" if hit is False
+                    else f"absent object; {where}"
                 )
-                caption = (
-                    f"<b>{html.escape(prompt)}</b><br><span class='num'>p {ex.probs[0, p]:.3f} · "
-                    f"logit {ex.logits[0, p]:.2f}</span><br>{verdict}"
-                )
-                tokens = token_html(ex.token_table(0, p)) if ex.token_scores is not None else ""
-                section.cards.append(Card(fname, caption, tokens))
+                section.cards.append(pages.pair_card(ex, 0, p, overlays[0][p], note=notes[0][p], extra=verdict))
             sections.append(section)
             rows.append(row)
             if progress:
@@ -122,7 +122,8 @@ def run_demo(out: str | Path, *, seed: int = 0, model="shapes", methods: list[st
         head = "".join(f"<th>{html.escape(p)}</th>" for p in prompts)
         intro = (
             f"<p class='note'>model <b>{html.escape(adapter.name)}</b> · scene seed {seed} · "
-            f"{len(scene.objects)} objects · maps min-max normalised per panel</p>"
+            f"{len(scene.objects)} objects · maps min-max normalised per panel, the colour bar under each labelled with "
+            "the raw values of its ends; token chips show raw scores</p>"
             f"<div class='grid'><div class='card'><img src='scene.png' alt='scene'><div class='cap'>the scene: "
             f"{html.escape(', '.join(scene.labels))}</div></div>"
             f"<div><b>zero-shot over all {len(all_caps)} captions</b><table><tr><th>caption</th><th>p</th><th></th></tr>"
@@ -131,7 +132,7 @@ def run_demo(out: str | Path, *, seed: int = 0, model="shapes", methods: list[st
             "<p class='note'>green: the peak lies on the object the caption names; the last prompt names an "
             "object that is not in the scene.</p>"
         )
-        write_report(stage / "index.html", "cliplens demo: the shapes world", sections, intro)
+        write_page(stage / "index.html", "cliplens demo: the shapes world", sections, intro)
     return rows
 
 

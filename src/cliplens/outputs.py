@@ -1,41 +1,5 @@
-"""Writing result folders all-or-nothing: files are staged beside the target folder and
-moved in only when everything succeeded."""
+"""Former name of :mod:`cliplens.files` (the one way result files are written); kept importable."""
 
-from __future__ import annotations
+from .files import slug, staged_dir
 
-import contextlib
-import os
-import re
-import shutil
-import tempfile
-from pathlib import Path
-from typing import Iterator
-
-
-def slug(text: str, limit: int = 40) -> str:
-    s = re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
-    return (s[:limit].rstrip("-")) or "x"
-
-
-@contextlib.contextmanager
-def staged_dir(out: str | Path) -> Iterator[Path]:
-    """Yield an empty staging folder; on success move its files into ``out`` (created if
-    needed, same-named files replaced); on any error remove it and leave ``out`` untouched."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        from .errors import InputError
-
-        raise InputError(f"{out}: exists and is not a directory")
-    parent = out.resolve().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=parent))
-    try:
-        yield stage
-        out.mkdir(parents=True, exist_ok=True)
-        for root, _dirs, files in os.walk(stage):
-            rel = Path(root).relative_to(stage)
-            (out / rel).mkdir(parents=True, exist_ok=True)
-            for name in files:
-                os.replace(Path(root) / name, out / rel / name)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+__all__ = ["slug", "staged_dir"]

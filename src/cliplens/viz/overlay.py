@@ -15,18 +15,30 @@ def overlay(
     alpha: float = 0.5,
     mode: str = "minmax",
     unseen: str = "hatch",
+    value_range: tuple[float, float] | None = None,
 ) -> Image.Image:
     """Blend ``heat`` (H, W, raw values, NaN = not seen by the model) over ``image``.
 
     ``mode`` is the normalisation (``minmax``, ``positive``, ``signed``; signed maps use a
-    diverging palette). Pixels the model never saw are darkened and hatched
-    (``unseen="hatch"``) or left untouched (``"plain"``), never coloured as if scored.
+    diverging palette). ``value_range`` (lo, hi), when given, pins the two ends of the
+    palette to those raw values instead of the ones ``mode`` reads off ``heat`` (so that a
+    colour bar can be labelled with them; see :func:`cliplens.viz.pages.display_range`).
+    Pixels the model never saw are darkened and hatched (``unseen="hatch"``) or left
+    untouched (``"plain"``), never coloured as if scored.
     """
     img = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, dtype=np.float64)
     if img.shape[:2] != heat.shape:
         raise ValueError(f"map {heat.shape} does not match image {img.shape[:2]}")
     seen = np.isfinite(heat)
-    colours = colorize(normalise(heat, mode), signed=(mode == "signed")).astype(np.float64)
+    signed = mode == "signed"
+    if value_range is None:
+        scaled = normalise(heat, mode)
+    else:
+        lo, hi = value_range
+        scaled = np.clip((heat - lo) / (hi - lo), 0.0, 1.0) if hi > lo else np.zeros_like(heat)
+        if signed:
+            scaled = 2 * scaled - 1
+    colours = colorize(scaled, signed=signed).astype(np.float64)
     out = img.copy()
     out[seen] = (1 - alpha) * img[seen] + alpha * colours[seen]
     if unseen == "hatch" and (~seen).any():

@@ -1,0 +1,225 @@
+"""An :class:`~cliplens.explanation.Explanation` as page pieces: overlay files, one section per
+image with a card per prompt, and the JSON entries beside them. ``cliplens explain``,
+``cliplens demo`` and a web front end build their pages from these, so a card looks and reads
+the same everywhere.
+
+A pair whose target is constant by construction, or whose map is flat, gets the plain image
+and a note instead of a heatmap: min-max stretching would turn rounding noise into a
+confident-looking picture.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from ..explanation import Explanation
+from ..files import slug
+from .html import Card, Section, colour_bar, fold, number, table, token_html
+
+MODES = ("minmax", "positive", "signed")
+
+
+def overlay_name(b: int, label: str, p: int, text: str) -> str:
+    """File name of the overlay of image b (``label``: its path or name) with prompt p. The
+    indices make it unique within a call whatever the labels and prompts are; the slugs keep
+    it readable."""
+    return f"{b:03d}-{slug(Path(label).stem)}__{p:02d}-{slug(text)}.png"
+
+
+def display_range(grid: np.ndarray, mode: str = "minmax") -> tuple[float, float] | None:
+    """The raw values the two ends of the palette stand for when a map is shown with
+    normalisation ``mode``: (min, max) for minmax, (0, max) for positive, (-m, m) with m the
+    largest magnitude for signed. None when the map has no finite value."""
+    if mode not in MODES:
+        raise ValueError(f"unknown normalisation {mode!r}")
+    v = np.asarray(grid, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return None
+    if mode == "minmax":
+        return float(v.min()), float(v.max())
+    if mode == "positive":
+        return 0.0, float(max(v.max(), 0.0))
+    m = float(np.abs(v).max())
+    return -m, m
+
+
+def pair_notes(ex: Explanation) -> list[list[str | None]]:
+    """[b][p]: why pair (b, p) gets no heatmap (its target is constant, or its map is flat),
+    or None when it gets one."""
+    B, P = ex.shape
+    flat = ex.flat_pairs()
+    notes: list[list[str | None]] = []
+    for b in range(B):
+        row: list[str | None] = []
+        for p in range(P):
+            reason = ex.constant_reason(p)
+            if reason:
+                row.append(f"nothing to explain: {reason}, so no heatmap is drawn")
+            elif flat[b, p]:
+                r = ex.map_range(b, p)
+                value = "no finite value" if r is None else f"every value ≈ {number(r[0], 4)}"
+                row.append(f"flat map ({value}): no heatmap is drawn")
+            else:
+                row.append(None)
+        notes.append(row)
+    return notes
+
+
+def write_overlays(
+    ex: Explanation,
+    directory: str | Path,
+    labels: Sequence[str],
+    *,
+    mode: str = "minmax",
+    first_index: int = 0,
+) -> list[list[str]]:
+    """Write one PNG per pair into ``directory``; [b][p] file names ("" where the method gave
+    no image map). ``labels`` name the images (paths or names) for :func:`overlay_name`, whose
+    index is ``first_index + b`` (callers writing several explanations into one folder give
+    each its own range). The palette's ends are pinned to
+    :func:`display_range`, so the colour bar of :func:`pair_card` reads true. A pair with a
+    note (:func:`pair_notes`) gets its plain image, the parts the model never saw hatched."""
+    B, P = ex.shape
+    if len(labels) != B:
+        raise ValueError(f"{len(labels)} labels for {B} images")
+    directory = Path(directory)
+    notes = pair_notes(ex)
+    out = []
+    for b in range(B):
+        row = []
+        for p in range(P):
+            if ex.image_maps is None:
+                row.append("")
+                continue
+            name = overlay_name(first_index + b, labels[b], p, ex.texts[p])
+            if notes[b][p]:
+                image = ex.overlay(b, p, alpha=0.0)
+            else:
+                image = ex.overlay(b, p, mode=mode, value_range=display_range(ex.grid_map(b, p), mode))
+            image.save(directory / name)
+            row.append(name)
+        out.append(row)
+    return out
+
+
+def probability_text(ex: Explanation, b: int, p: int) -> str:
+    """The probability of pair (b, p) for display; a softmax over one prompt says that it is 1
+    by construction."""
+    if ex.shape[1] == 1 and ex.probability == "softmax":
+        return f"{number(ex.probs[b, p])} (one-prompt softmax: 1 by construction)"
+    return number(ex.probs[b, p])
+
+
+def pair_card(
+    ex: Explanation,
+    b: int,
+    p: int,
+    overlay: str,
+    *,
+    mode: str = "minmax",
+    note: str | None = None,
+    extra: str = "",
+) -> Card:
+    """The card of pair (b, p): its overlay with a colour bar labelled in raw map values (or
+    ``note`` instead of a heatmap), the prompt (folded when long), logit and probability, the
+    target's value when it is not the logit, token chips with their scores, then ``extra``
+    (HTML, for example a verdict)."""
+    lines = [
+        f"<b>{fold(ex.texts[p])}</b>",
+        f"<span class='num'>logit {number(ex.logits[b, p])} · p {html.escape(probability_text(ex, b, p))}</span>",
+    ]
+    if ex.target != "logit":
+        lines.append(
+            f"<span class='num'>target {html.escape(ex.target)} = {number(ex.target_values[b, p])}</span>"
+        )
+    if ex.truncated[p]:
+        lines.append("<span class='note'>prompt truncated to the model's context</span>")
+    if extra:
+        lines.append(extra)
+    below = ""
+    if ex.image_maps is not None:
+        if note:
+            below = f"<div class='nomap'>{html.escape(note)}</div>"
+        else:
+            r = ex.map_range(b, p)
+            lo, hi = display_range(ex.grid_map(b, p), mode) or (float("nan"), float("nan"))
+            raw = "" if r is None or r == (lo, hi) else f"raw {number(r[0])} … {number(r[1])}"
+            below = colour_bar(lo, hi, signed=mode == "signed", label=raw)
+    tokens = ""
+    if ex.token_scores is not None:
+        tokens = token_html(ex.token_table(b, p), coloured=ex.constant_reason(p) is None)
+    return Card(overlay, "".join(f"<div>{line}</div>" for line in lines), tokens, below)
+
+
+def prompt_table(ex: Explanation, b: int) -> str:
+    """Image b against every prompt: logit, probability (and the target when it is not the
+    logit); the most probable prompt in bold."""
+    P = ex.shape[1]
+    header = ["prompt", "logit", "probability"] + (
+        [html.escape(f"target {ex.target}")] if ex.target != "logit" else []
+    )
+    rows = []
+    for p in range(P):
+        row = [fold(ex.texts[p]), number(ex.logits[b, p]), html.escape(probability_text(ex, b, p))]
+        if ex.target != "logit":
+            row.append(number(ex.target_values[b, p]))
+        rows.append(row)
+    best = int(np.argmax(ex.probs[b])) if P > 1 else None
+    return table(header, rows, highlight=best)
+
+
+def image_sections(
+    ex: Explanation,
+    labels: Sequence[str],
+    overlays: list[list[str]],
+    *,
+    mode: str = "minmax",
+) -> list[Section]:
+    """One section per image (headed by its label): the table of its prompts, then a card per
+    prompt."""
+    notes = pair_notes(ex)
+    B, P = ex.shape
+    return [
+        Section(
+            heading=str(labels[b]),
+            html=prompt_table(ex, b),
+            cards=[pair_card(ex, b, p, overlays[b][p], mode=mode, note=notes[b][p]) for p in range(P)],
+        )
+        for b in range(B)
+    ]
+
+
+def results(
+    ex: Explanation,
+    labels: Sequence[str],
+    overlays: list[list[str]],
+    folder: str | Path,
+    *,
+    mode: str = "minmax",
+) -> dict:
+    """:meth:`Explanation.to_dict` with the files of a written page: each image's ``path`` and
+    each pair's ``image`` (that path) and ``overlay``, relative to ``folder`` (where the
+    results file lies), and ``display`` (the normalisation of the overlays)."""
+    d = ex.to_dict()
+    paths = [_relative(label, folder) for label in labels]
+    for im in d["images"]:
+        im["path"] = paths[im["index"]]
+    for entry in d["pairs"]:
+        b, p = entry["image_index"], entry["prompt_index"]
+        entry["image"] = paths[b]
+        entry["overlay"] = overlays[b][p] or None
+    d["display"] = {"normalise": mode}
+    return d
+
+
+def _relative(path: str | os.PathLike, folder: str | Path) -> str:
+    try:
+        return Path(os.path.relpath(Path(path).resolve(), Path(folder).resolve())).as_posix()
+    except ValueError:  # another drive on Windows
+        return Path(path).resolve().as_posix()
