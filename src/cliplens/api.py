@@ -193,6 +193,7 @@ def explain_request(adapter: ModelAdapter, pil_images: list[Image.Image], reques
         meta={
             "model": adapter.name,
             "family": adapter.family,
+            "probability": adapter.pair_probability,
             "options": dict(request.options),
             "towers": list(towers),
             "resize": request.resize,

@@ -61,31 +61,27 @@ def cmd_explain(args) -> int:
     from tqdm import tqdm
 
     from .adapters import load_model
-    from .api import check_texts, explain
+    from .api import ExplainRequest, explain_request
     from .explanation import Explanation
     from .files import staged_dir
     from .images import load_image
-    from .methods import get_method
-    from .targets import resolve_target
     from .viz import pages
     from .viz.html import write_page
 
-    texts = check_texts(_read_texts(args))
     options = dict(_parse_option(o) for o in args.option or [])
-    method = get_method(args.method)
-    method.check_options(options)
-    resolve_target(args.target, texts)  # a bad target fails before the model loads
+    # everything is checked before the model loads: prompts, method, options, target, images
+    request = ExplainRequest.build(
+        _read_texts(args), args.method, target=args.target, resize=args.resize, options=options
+    )
     if not args.images:
         raise InputError("no images given")
-    images = [load_image(p, max_pixels=args.max_pixels) for p in args.images]  # fail early, before the model
+    images = [load_image(p, max_pixels=args.max_pixels) for p in args.images]
     adapter = load_model(args.model, device=args.device)
     parts = []
     with tqdm(total=len(images), desc="explaining", unit="image", disable=len(images) < 2 or None) as bar:
         for start in range(0, len(images), args.batch_size):
             batch = images[start : start + args.batch_size]
-            parts.append(
-                explain(adapter, batch, texts, method=args.method, target=args.target, resize=args.resize, **options)
-            )
+            parts.append(explain_request(adapter, batch, request))
             bar.update(len(batch))
     ex = Explanation.concat(parts)
     labels = [str(p) for p in args.images]
