@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from ..errors import CliplensError
+from ..errors import DatasetError  # re-exported: it was defined here
 
 __all__ = [
     "DATASET_KINDS",
@@ -68,13 +68,6 @@ __all__ = [
 ]
 
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-
-
-class DatasetError(CliplensError):
-    """A dataset that cannot be read: unknown kind, missing or corrupt file, bad annotation."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(re.sub(r"\s*[\r\n]+\s*", " ", str(message)).strip())
 
 
 def _fail(kind: str, message: str) -> DatasetError:
