@@ -10,32 +10,15 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
 
 from cliplens.eval import harness
 from cliplens.eval.config import EvalConfig
 from cliplens.eval.datasets import open_dataset
 from cliplens.eval.runner import ItemRunner, evaluate_item
 from cliplens.worlds.shapes import write_dataset
-from conftest import clip_tokenizer, make_tiny_clip
+from test_eval_harness import adapter, one_thread  # noqa: F401  (the tiny CLIP, one torch thread)
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "eval-shapes.json"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared machine: one thread is many times faster; restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def adapter():
-    from cliplens.adapters import HFClipAdapter
-
-    return HFClipAdapter(make_tiny_clip(), clip_tokenizer(), name="tiny")
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import dataclasses
 import json
 
 import pytest
-import torch
 
 from cliplens.errors import InputError
 from cliplens.eval import harness
@@ -16,7 +15,7 @@ from cliplens.eval.config import EvalConfig
 from cliplens.eval.store import ResultStore, read_results, shard_files
 from cliplens.eval.summary import summarise
 from cliplens.worlds.shapes import write_dataset
-from conftest import clip_tokenizer, make_tiny_clip
+from test_eval_harness import adapter, one_thread  # noqa: F401  (the tiny CLIP, one torch thread)
 
 CONFIG = EvalConfig(model="m", model_checksum="1:2:3", methods=("chefer",), dataset="shapes:/data", prompt="a {}")
 
@@ -117,20 +116,8 @@ def test_shards_write_their_own_files_and_merge(tmp_path):
         read_results(tmp_path / "nothing")
 
 
-@pytest.fixture
-def one_thread():
-    """A tiny model on a shared machine: one thread is many times faster; restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def test_an_evaluation_split_into_shards_summarises_to_the_same_results(tmp_path, one_thread):
-    from cliplens.adapters import HFClipAdapter
-
+def test_an_evaluation_split_into_shards_summarises_to_the_same_results(tmp_path, adapter):
     data = write_dataset(tmp_path / "scenes", 3, seed=11, size=64)
-    adapter = HFClipAdapter(make_tiny_clip(), clip_tokenizer(), name="tiny")
     whole = harness.evaluate(
         adapter, ["chefer"], f"shapes:{data}", out=tmp_path / "whole", metrics="pointing,perturbation", steps=2
     )
