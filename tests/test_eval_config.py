@@ -39,7 +39,13 @@ def test_every_flag_default_is_the_configs_default():
 def test_every_knob_has_help_and_the_knobs_without_flags_are_known():
     for f in dataclasses.fields(EvalConfig):
         assert f.metadata["help"].strip(), f.name
-    assert {f.name for f in knobs(flag=False)} == {"model_checksum", "fractions", "blur_sigma", "version", "progress"}
+    assert {f.name for f in knobs(flag=False)} == {
+        "model_checksum",
+        "fractions",
+        "blur_sigma",
+        "version",
+        "progress",
+    }
     help_text = build_parser()._subparsers._group_actions[0].choices["evaluate"].format_help()
     for f in knobs(flag=True):
         assert flag_name(f) in help_text
@@ -72,7 +78,10 @@ def test_echoed_command_line_parses_back_to_the_same_config():
     assert "--restart" not in echo  # rerunning the echo must not discard results
     again = _evaluate_args(*shlex.split(echo)[2:])
     assert config_from_args(again) == dataclasses.replace(config_from_args(args), restart=False)
-    assert command_line(_evaluate_args("-d", "x:y")) == "cliplens evaluate --model shapes --dataset x:y --out cliplens-eval"
+    assert (
+        command_line(_evaluate_args("-d", "x:y"))
+        == "cliplens evaluate --model shapes --dataset x:y --out cliplens-eval"
+    )
 
 
 def test_values_are_normalised_on_construction():

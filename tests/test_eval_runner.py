@@ -11,12 +11,16 @@ from pathlib import Path
 
 import pytest
 
+import test_eval_harness
 from cliplens.eval import harness
 from cliplens.eval.config import EvalConfig
 from cliplens.eval.datasets import open_dataset
 from cliplens.eval.runner import ItemRunner, evaluate_item
 from cliplens.worlds.shapes import write_dataset
-from test_eval_harness import adapter, one_thread  # noqa: F401  (the tiny CLIP, one torch thread)
+
+# the tiny CLIP and one torch thread of the harness tests (fixtures, reused rather than copied)
+adapter = test_eval_harness.adapter
+one_thread = test_eval_harness.one_thread
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "eval-shapes.json"
 
@@ -33,7 +37,9 @@ def _text(record: dict) -> str:
 def test_runner_gives_the_same_record_twice(adapter, scenes, tmp_path):
     spec = f"shapes:{scenes}"
     ds = open_dataset(spec)
-    config = EvalConfig(methods="chefer,rollout", dataset=spec, steps=3, sanity_items=2).completed(adapter, ds)
+    config = EvalConfig(methods="chefer,rollout", dataset=spec, steps=3, sanity_items=2).completed(
+        adapter, ds
+    )
     items = list(ds)
     runner = ItemRunner(adapter, config)
     first = [runner.evaluate_item(i, item) for i, item in enumerate(items[:2])]

@@ -9,15 +9,21 @@ import json
 
 import pytest
 
+import test_eval_harness
 from cliplens.errors import InputError
 from cliplens.eval import harness
 from cliplens.eval.config import EvalConfig
 from cliplens.eval.store import ResultStore, read_results, shard_files
 from cliplens.eval.summary import summarise
 from cliplens.worlds.shapes import write_dataset
-from test_eval_harness import adapter, one_thread  # noqa: F401  (the tiny CLIP, one torch thread)
 
-CONFIG = EvalConfig(model="m", model_checksum="1:2:3", methods=("chefer",), dataset="shapes:/data", prompt="a {}")
+# the tiny CLIP and one torch thread of the harness tests (fixtures, reused rather than copied)
+adapter = test_eval_harness.adapter
+one_thread = test_eval_harness.one_thread
+
+CONFIG = EvalConfig(
+    model="m", model_checksum="1:2:3", methods=("chefer",), dataset="shapes:/data", prompt="a {}"
+)
 
 
 def _record(index: int, item_id: str | None = None) -> dict:
@@ -119,7 +125,12 @@ def test_shards_write_their_own_files_and_merge(tmp_path):
 def test_an_evaluation_split_into_shards_summarises_to_the_same_results(tmp_path, adapter):
     data = write_dataset(tmp_path / "scenes", 3, seed=11, size=64)
     whole = harness.evaluate(
-        adapter, ["chefer"], f"shapes:{data}", out=tmp_path / "whole", metrics="pointing,perturbation", steps=2
+        adapter,
+        ["chefer"],
+        f"shapes:{data}",
+        out=tmp_path / "whole",
+        metrics="pointing,perturbation",
+        steps=2,
     )
     stored = read_results(tmp_path / "whole")
     assert stored.shards == (None,) and len(stored.records) == 3

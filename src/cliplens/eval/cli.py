@@ -16,7 +16,14 @@ from typing import Any
 
 from .config import EvalConfig, cli_default, knobs, resolve_methods
 
-__all__ = ["add_arguments", "add_evaluate_parser", "cmd_evaluate", "command_line", "config_from_args", "flag_name"]
+__all__ = [
+    "add_arguments",
+    "add_evaluate_parser",
+    "cmd_evaluate",
+    "command_line",
+    "config_from_args",
+    "flag_name",
+]
 
 HELP = "score explanation methods on a dataset (segmentation, pointing, perturbation, sanity)"
 DESCRIPTION = (

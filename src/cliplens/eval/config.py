@@ -107,10 +107,10 @@ class EvalConfig:
     """Everything an evaluation can be told, with its default (see the module docstring)."""
 
     # -- stored: what decides the numbers (this order is the order of config.json) ---------------
-    model: str = knob(
-        "shapes", "hub name, checkpoint directory or 'shapes'", short="-m", echo="always"
+    model: str = knob("shapes", "hub name, checkpoint directory or 'shapes'", short="-m", echo="always")
+    model_checksum: str = knob(
+        "", "fingerprint of the weights (filled in when the model is open)", flag=False
     )
-    model_checksum: str = knob("", "fingerprint of the weights (filled in when the model is open)", flag=False)
     methods: tuple[str, ...] | None = knob(
         None, "comma-separated methods (default: every method with an image map)"
     )
@@ -174,7 +174,12 @@ class EvalConfig:
             raise InputError(f"removal must be one of {', '.join(REMOVAL_MODES)}, got {self.removal!r}")
         if self.target not in TARGETS:
             raise InputError(f"unknown evaluation target {self.target!r}; choose from {', '.join(TARGETS)}")
-        for name, conv in (("seed", int), ("steps", int), ("sanity_items", int), ("pointing_tolerance", float)):
+        for name, conv in (
+            ("seed", int),
+            ("steps", int),
+            ("sanity_items", int),
+            ("pointing_tolerance", float),
+        ):
             set_(name, _number(name, getattr(self, name), conv))
         if self.steps < 1:
             raise InputError("steps must be at least 1")

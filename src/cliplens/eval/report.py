@@ -387,7 +387,9 @@ def is_finite(v) -> bool:
 
 def result_columns(rows: Sequence[dict]) -> list[Column]:
     """The columns of :data:`COLUMNS` that some row has a finite value for (source and pairs always)."""
-    return [c for c in COLUMNS if c.key in ("source", "n_pairs") or any(is_finite(r.get(c.key)) for r in rows)]
+    return [
+        c for c in COLUMNS if c.key in ("source", "n_pairs") or any(is_finite(r.get(c.key)) for r in rows)
+    ]
 
 
 def column_heading(key: str) -> str:
@@ -455,7 +457,12 @@ def write_results(results: EvalResults, out: str | Path) -> list[Path]:
     dashed = list(BASELINES)
     charts = [
         ("perturbation.png", ("positive", "negative"), "fraction of patches removed", "target"),
-        ("deletion_insertion.png", ("deletion", "insertion"), "fraction of patches removed / inserted", "target"),
+        (
+            "deletion_insertion.png",
+            ("deletion", "insertion"),
+            "fraction of patches removed / inserted",
+            "target",
+        ),
     ]
     for name, kinds, xlabel, ylabel in charts:
         panels = [

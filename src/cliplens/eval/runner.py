@@ -74,7 +74,9 @@ class ItemRunner:
     the class targets and the sanity check's randomised copy of the model.
     """
 
-    def __init__(self, adapter: ModelAdapter, config: EvalConfig, classifier: ZeroShotClassifier | None = None):
+    def __init__(
+        self, adapter: ModelAdapter, config: EvalConfig, classifier: ZeroShotClassifier | None = None
+    ):
         self.adapter = adapter
         self.config = config
         self._classifier = classifier
@@ -116,7 +118,13 @@ class ItemRunner:
             record["refused"] = refused
 
         pairs = [
-            {"label": label, "text": texts[p], "value": float(values[p]), **info[p], "scores": {s: {} for s in maps}}
+            {
+                "label": label,
+                "text": texts[p],
+                "value": float(values[p]),
+                **info[p],
+                "scores": {s: {} for s in maps},
+            }
             for p, label in enumerate(labels)
         ]
         found: list[Scores] = []
@@ -124,7 +132,9 @@ class ItemRunner:
         if metrics & LOCALISATION:
             found.append(localisation_scores(cfg, maps, labels, masks, points, geom))
         if metrics & PERTURBATION:
-            curves, record["unique_inputs"] = perturbation_scores(adapter, cfg, pixels, maps, text_embeds, target)
+            curves, record["unique_inputs"] = perturbation_scores(
+                adapter, cfg, pixels, maps, text_embeds, target
+            )
             found.append(curves)
         if "sanity" in metrics and index < cfg.sanity_items:
             found.append(sanity_scores(self.randomizer, cfg, item, texts, target, maps))
@@ -179,7 +189,9 @@ def explained_targets(
     for label, rec in zip(labels, info):
         c = clf.index.get(label, predicted)
         chosen.append(c)
-        rec.update({"class": clf.classes[c], "predicted": clf.classes[predicted], "probability": float(probs[c])})
+        rec.update(
+            {"class": clf.classes[c], "predicted": clf.classes[predicted], "probability": float(probs[c])}
+        )
     texts = [clf.classes[c] for c in chosen]
     if config.target == "class":
         return texts, clf.target(chosen), info
@@ -287,7 +299,9 @@ def perturbation_scores(
             r = m[p]
             if "perturbation" in metrics:
                 for order in ("positive", "negative"):
-                    batch.add((s, p, order), perturbation_curve, r, p, order=order, fractions=config.fractions)
+                    batch.add(
+                        (s, p, order), perturbation_curve, r, p, order=order, fractions=config.fractions
+                    )
             if "deletion" in metrics:
                 batch.add((s, p, "deletion"), deletion_curve, r, p, n_steps=config.steps)
                 batch.add((s, p, "insertion"), insertion_curve, r, p, n_steps=config.steps)

@@ -97,7 +97,9 @@ class ResultStore:
                 f"{self.out} holds {results_name} without {config_name}: "
                 "use another --out or --restart to discard it"
             )
-        atomic_write(self.config_path, json.dumps({"digest": config.digest(), "config": config.to_dict()}, indent=1))
+        atomic_write(
+            self.config_path, json.dumps({"digest": config.digest(), "config": config.to_dict()}, indent=1)
+        )
 
     def _load(self) -> None:
         if not self.results_path.exists():
@@ -160,7 +162,9 @@ def read_results(out: str | Path) -> StoredResults:
                 )
     if len(digests) > 1:
         groups = "; ".join(f"{d}: {', '.join(names)}" for d, names in digests.items())
-        raise InputError(f"{out} holds shards of different configurations ({groups}); merge only one run's shards")
+        raise InputError(
+            f"{out} holds shards of different configurations ({groups}); merge only one run's shards"
+        )
     (digest,) = digests
     return StoredResults(config, digest, [records[i] for i in sorted(records)], tuple(shards))
 

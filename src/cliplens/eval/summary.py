@@ -117,11 +117,15 @@ def _source_row(config: EvalConfig, source: str, pairs: list[dict]) -> tuple[dic
         if "seg" in sc:
             c = sc["seg"]
             seg.add_counts(
-                SegmentationCounts(int(c[0]), int(c[1]), (int(c[2]), int(c[3])), (int(c[4]), int(c[5])), c[6], c[7])
+                SegmentationCounts(
+                    int(c[0]), int(c[1]), (int(c[2]), int(c[3])), (int(c[4]), int(c[5])), c[6], c[7]
+                )
             )
     if len(seg):
         res = seg.result()
-        row.update(pixel_accuracy=res.pixel_accuracy, miou=res.miou, map=res.ap, map_reference=res.ap_reference)
+        row.update(
+            pixel_accuracy=res.pixel_accuracy, miou=res.miou, map=res.ap, map_reference=res.ap_reference
+        )
     hits = [sc["pointing"] for sc in scored if "pointing" in sc]
     if hits:
         row["pointing"] = float(np.mean(hits))
