@@ -1,7 +1,6 @@
-"""Dataset reader: COCO instance annotations: polygons and RLE decoded here, without pycocotools.
+"""Reader of COCO instance annotations: polygons and RLE decoded here, without pycocotools.
 
-See :mod:`cliplens.eval.datasets` for the conventions every reader follows.
-"""
+The conventions every reader follows: :mod:`cliplens.eval.datasets`."""
 
 from __future__ import annotations
 
@@ -11,14 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import (
-    EvalDataset,
-    EvalItem,
-    fail,
-    open_rgb,
-    require_dir,
-    require_file,
-)
+from .base import EvalDataset, EvalItem, fail, open_rgb, require_dir, require_file
 
 __all__ = ["decode_rle", "rasterize_polygons", "read_coco", "rle_string_to_counts"]
 

@@ -1,7 +1,6 @@
-"""Dataset reader: ``DIR/images/NAME.ext`` with ``DIR/masks/NAME.png`` or ``DIR/masks/NAME__a_label.png``.
+"""Reader of ``DIR/images/NAME.ext`` with ``DIR/masks/NAME.png`` or ``DIR/masks/NAME__a_label.png``.
 
-See :mod:`cliplens.eval.datasets` for the conventions every reader follows.
-"""
+The conventions every reader follows: :mod:`cliplens.eval.datasets`."""
 
 from __future__ import annotations
 
@@ -10,15 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import (
-    IMAGE_SUFFIXES,
-    EvalDataset,
-    EvalItem,
-    fail,
-    open_rgb,
-    read_mask,
-    require_dir,
-)
+from .base import IMAGE_SUFFIXES, EvalDataset, EvalItem, fail, open_rgb, read_mask, require_dir
 
 __all__ = ["read_folder"]
 

@@ -1,7 +1,6 @@
-"""Dataset reader: ImageNet-S (``validation/<wnid>/`` images, ``validation-segmentation/<wnid>/`` class-id PNGs).
+"""Reader of ImageNet-S (``validation/<wnid>/`` images, ``validation-segmentation/<wnid>/`` class-id PNGs).
 
-See :mod:`cliplens.eval.datasets` for the conventions every reader follows.
-"""
+The conventions every reader follows: :mod:`cliplens.eval.datasets`."""
 
 from __future__ import annotations
 
@@ -12,15 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .base import (
-    EvalDataset,
-    EvalItem,
-    fail,
-    find_image,
-    open_rgb,
-    require_dir,
-    require_file,
-)
+from .base import EvalDataset, EvalItem, fail, find_image, open_rgb, require_dir, require_file
 
 __all__ = ["read_imagenet_s"]
 

@@ -1,7 +1,6 @@
-"""Dataset reader: ImageNet-Segmentation (``gtsegs_ijcv.mat``, MATLAB v7.3 = HDF5, read with ``h5py``).
+"""Reader of ImageNet-Segmentation (``gtsegs_ijcv.mat``, MATLAB v7.3 = HDF5, read with ``h5py``).
 
-See :mod:`cliplens.eval.datasets` for the conventions every reader follows.
-"""
+The conventions every reader follows: :mod:`cliplens.eval.datasets`."""
 
 from __future__ import annotations
 
@@ -12,12 +11,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .base import (
-    EvalDataset,
-    EvalItem,
-    fail,
-    require_file,
-)
+from .base import EvalDataset, EvalItem, fail, require_file
 
 __all__ = ["read_imagenet_seg"]
 

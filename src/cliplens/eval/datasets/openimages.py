@@ -1,7 +1,6 @@
-"""Dataset reader: OpenImages V7 point labels (``*point-labels*.csv``, ``*class-descriptions*.csv``).
+"""Reader of OpenImages V7 point labels (``*point-labels*.csv``, ``*class-descriptions*.csv``).
 
-See :mod:`cliplens.eval.datasets` for the conventions every reader follows.
-"""
+The conventions every reader follows: :mod:`cliplens.eval.datasets`."""
 
 from __future__ import annotations
 
@@ -13,15 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import (
-    EvalDataset,
-    EvalItem,
-    fail,
-    find_image,
-    open_rgb,
-    require_dir,
-    require_file,
-)
+from .base import EvalDataset, EvalItem, fail, find_image, open_rgb, require_dir, require_file
 
 __all__ = ["read_openimages_points"]
 

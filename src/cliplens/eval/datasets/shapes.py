@@ -1,7 +1,6 @@
-"""Dataset reader: The cliplens shapes world (:mod:`cliplens.worlds.shapes`).
+"""Reader of the cliplens shapes world (:mod:`cliplens.worlds.shapes`).
 
-See :mod:`cliplens.eval.datasets` for the conventions every reader follows.
-"""
+The conventions every reader follows: :mod:`cliplens.eval.datasets`."""
 
 from __future__ import annotations
 
@@ -11,15 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import (
-    EvalDataset,
-    EvalItem,
-    fail,
-    open_rgb,
-    read_mask,
-    require_dir,
-    require_file,
-)
+from .base import EvalDataset, EvalItem, fail, open_rgb, read_mask, require_dir, require_file
 
 __all__ = ["read_shapes"]
 
