@@ -185,24 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_evaluate_parser(sub) -> None:
-    """``cliplens evaluate``: the options and the command live in :mod:`cliplens.eval.harness`."""
+    """``cliplens evaluate``: its flags, generated from the evaluation's config, and the command
+    live in :mod:`cliplens.eval.cli`."""
+    from .eval.cli import add_evaluate_parser
 
-    def cmd_evaluate(args) -> int:
-        from .eval.harness import cmd_evaluate as run
-
-        return run(args)
-
-    p = sub.add_parser(
-        "evaluate",
-        help="score explanation methods on a dataset (segmentation, pointing, perturbation, sanity)",
-        description="Run methods and baselines over a dataset, score their maps (pointing game, mIoU, pixel "
-        "accuracy, mAP, p-mIoU, perturbation and deletion/insertion AUC, sanity check), print a table and write "
-        "results.md, results.csv and PNG curves. Resumable: rerun the same command to continue.",
-    )
-    from .eval.harness import add_arguments
-
-    add_arguments(p)
-    p.set_defaults(func=cmd_evaluate)
+    add_evaluate_parser(sub)
 
 
 def _quiet_libraries() -> None:

@@ -1,6 +1,11 @@
 """Evaluation: model-free metrics (:mod:`.metrics`), dataset readers (:mod:`.datasets`) and the
 harness that scores explanation methods with them (:func:`evaluate`, :mod:`.harness`).
 
+An evaluation reads like its protocol: :mod:`.config` (every knob, :class:`EvalConfig`) ->
+:mod:`.runner` (one item -> one record) -> :mod:`.store` (records on disk, resumable, sharded)
+-> :mod:`.summary` (records -> :class:`EvalResults`) -> :mod:`.report` (tables, charts, files);
+:mod:`.cli` is ``cliplens evaluate``.
+
 The metrics and readers need only numpy and PIL; the ImageNet-Segmentation reader imports
 h5py when it is used (the ``eval`` extra).
 """

@@ -1,7 +1,10 @@
-"""Tables (terminal, Markdown, CSV) and line charts drawn with PIL (no matplotlib).
+"""Tables (terminal, Markdown, CSV), line charts drawn with PIL (no matplotlib), and the files
+of an evaluation's report.
 
 A table is a list of column specs and a list of row dicts; a chart is one or more panels of
-(x, y) series sharing a legend.
+(x, y) series sharing a legend. The last section turns an
+:class:`~cliplens.eval.summary.EvalResults` into ``results.md``, ``results.csv``,
+``summary.json`` and the PNG charts (:func:`write_results`).
 """
 
 from __future__ import annotations
@@ -9,14 +12,38 @@ from __future__ import annotations
 import csv
 import io
 import itertools
+import json
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["Column", "Panel", "csv_text", "format_value", "line_chart", "markdown_table", "text_table"]
+from .config import BASELINES
+from .store import atomic_write
+
+if TYPE_CHECKING:
+    from .summary import EvalResults
+
+__all__ = [
+    "COLUMNS",
+    "CSV_KEYS",
+    "REPORT_FILES",
+    "Column",
+    "Panel",
+    "csv_text",
+    "format_value",
+    "is_finite",
+    "line_chart",
+    "markdown_table",
+    "report_markdown",
+    "result_columns",
+    "text_table",
+    "write_results",
+]
 
 
 @dataclass(frozen=True)
@@ -295,3 +322,177 @@ def line_chart(
     if path is not None:
         img.save(path)
     return img
+
+
+# ----------------------------------------------------------------------------- evaluation report
+
+#: The columns of the results table; ``better`` is also what :meth:`EvalResults.best` ranks by.
+COLUMNS = [
+    Column("source", "source"),
+    Column("n_pairs", "pairs", "{}"),
+    Column("pointing", "pointing", better="up"),
+    Column("miou", "mIoU", better="up"),
+    Column("pixel_accuracy", "pixel acc", better="up"),
+    Column("map", "mAP", better="up"),
+    Column("pmiou", "p-mIoU", better="up"),
+    Column("positive_auc", "pos AUC", "{:.4g}", better="down"),
+    Column("negative_auc", "neg AUC", "{:.4g}", better="up"),
+    Column("deletion_auc", "del AUC", "{:.4g}", better="down"),
+    Column("insertion_auc", "ins AUC", "{:.4g}", better="up"),
+    Column("sanity_change", "sanity change", better="up"),
+    Column("sanity_rho_last", "rho all random"),
+]
+CSV_KEYS = [
+    "source",
+    "kind",
+    "n_pairs",
+    "pointing",
+    "miou",
+    "pixel_accuracy",
+    "map",
+    "map_reference",
+    "pmiou",
+    "positive_auc",
+    "negative_auc",
+    "deletion_auc",
+    "insertion_auc",
+    "sanity_change",
+    "sanity_rho_last",
+]
+#: The files :func:`write_results` makes (a restart removes them with the results).
+REPORT_FILES = (
+    "results.md",
+    "results.csv",
+    "summary.json",
+    "perturbation.png",
+    "deletion_insertion.png",
+    "sanity.png",
+)
+_COLUMN_NOTES = """\
+Columns: pointing = share of pairs whose map maximum lies on the object; mIoU, pixel acc, mAP: the
+segmentation protocol (map thresholded at its mean; mAP of the raw map); pos/neg AUC: Chefer et al.'s
+perturbation test (target value while 0..90% of patches are removed, most / least relevant first;
+trapezoid area, unnormalised); del/ins AUC: deletion / insertion (Petsiuk et al.) over 0..100%;
+sanity change: 1 - mean Spearman correlation between the map of the trained model and the map after
+randomising the top 1..L image blocks (0 = the map ignores the weights; above 1 = anti-correlated);
+rho all random: that correlation with every image block randomised (near 0 passes the check).
+Baselines do not read the model, so their sanity change is 0 by construction.
+"""
+
+
+def is_finite(v) -> bool:
+    """A real number that is not NaN or infinite (bools and None are not)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def result_columns(rows: Sequence[dict]) -> list[Column]:
+    """The columns of :data:`COLUMNS` that some row has a finite value for (source and pairs always)."""
+    return [
+        c for c in COLUMNS if c.key in ("source", "n_pairs") or any(is_finite(r.get(c.key)) for r in rows)
+    ]
+
+
+def column_heading(key: str) -> str:
+    """The heading (title and arrow) of a column of :data:`COLUMNS`."""
+    return next(c.heading for c in COLUMNS if c.key == key)
+
+
+def report_markdown(results: EvalResults) -> str:
+    """``results.md``: the command, the setting, the table, refusals, the best method per
+    column and what the columns mean."""
+    cfg = results.config
+    lines = ["# cliplens evaluation", ""]
+    if results.command:
+        lines += ["```", results.command, "```", ""]
+    lines += [
+        (
+            f"- model: `{cfg['model']}`; dataset: `{cfg['dataset']}`; items: {results.n_items}"
+            f" ({results.n_skipped} skipped); explained pairs: {results.n_pairs}"
+        ),
+        (
+            f"- target: `{cfg['target']}`; patch removal: `{cfg['removal']}`; seed: {cfg['seed']};"
+            f" sanity check on the first {cfg['sanity_items']} items"
+        ),
+    ]
+    if results.accuracy is not None:
+        lines.append(
+            f"- share of explained pairs whose class is the classifier's top-1 class: {results.accuracy:.3f}"
+            " (at most one per image)"
+        )
+    lines += ["", results.markdown(), ""]
+    for m, info in results.refused.items():
+        lines.append(f"- `{m}` did not explain {info['items']} item(s): {info['reason']}")
+    if results.refused:
+        lines.append("")
+    best = results.best()
+    if best:
+        lines.append(
+            "Best method per column: "
+            + "; ".join(f"{column_heading(k)}: **{v}**" for k, v in best.items())
+            + "."
+        )
+        lines.append("")
+    lines += [*_COLUMN_NOTES.splitlines(), ""]
+    return "\n".join(lines)
+
+
+def _chart_title(results: EvalResults) -> str:
+    kind, _, path = str(results.config["dataset"]).partition(":")
+    return f"{Path(str(results.config['model'])).name} · {kind}:{Path(path).name} · {results.n_pairs} pairs"
+
+
+def write_results(results: EvalResults, out: str | Path) -> list[Path]:
+    """results.md, results.csv, summary.json and the PNG charts into ``out`` (each written
+    whole or not at all); returns the paths written."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, text in (
+        ("results.md", report_markdown(results)),
+        ("results.csv", results.csv()),
+        ("summary.json", json.dumps(results.to_dict(), indent=1)),
+    ):
+        atomic_write(out / name, text)
+        written.append(out / name)
+    dashed = list(BASELINES)
+    charts = [
+        ("perturbation.png", ("positive", "negative"), "fraction of patches removed", "target"),
+        (
+            "deletion_insertion.png",
+            ("deletion", "insertion"),
+            "fraction of patches removed / inserted",
+            "target",
+        ),
+    ]
+    for name, kinds, xlabel, ylabel in charts:
+        panels = [
+            Panel(
+                f"{kind} ({'lower' if kind in ('positive', 'deletion') else 'higher'} is better)",
+                xlabel,
+                ylabel,
+                dict(results.curves[kind]),
+            )
+            for kind in kinds
+            if results.curves.get(kind)
+        ]
+        if panels:
+            tmp = out / f".{name}.tmp.png"
+            line_chart(panels, tmp, dashed=dashed, title=_chart_title(results))
+            os.replace(tmp, out / name)
+            written.append(out / name)
+    if results.sanity:
+        depth_series = {s: (list(range(1, len(v) + 1)), v) for s, v in results.sanity.items()}
+        depth = max(len(v) for v in results.sanity.values())
+        panel = Panel(
+            "cascading randomisation (lower = the map follows the weights)",
+            "top image blocks randomised",
+            "Spearman rank correlation",
+            depth_series,
+            xlim=(1, max(depth, 2)),
+            xticks=list(range(1, depth + 1)),
+        )
+        tmp = out / ".sanity.tmp.png"
+        line_chart([panel], tmp, dashed=dashed, panel_size=(480, 300))
+        os.replace(tmp, out / "sanity.png")
+        written.append(out / "sanity.png")
+    return written

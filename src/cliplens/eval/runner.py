@@ -1,0 +1,341 @@
+"""One dataset item -> one JSON-able record.
+
+:meth:`ItemRunner.evaluate_item` is a function of (adapter, completed config, index, item): the
+same arguments give the same record (everything random is seeded by config seed and item index;
+the sanity check's randomised copy is restored after every item). It is the unit of work of
+:func:`cliplens.eval.harness.evaluate`, and of any process that evaluates a shard of a dataset.
+
+What is explained for each (image, labelled object) pair is chosen by ``config.target``
+(:func:`explained_targets`). The maps of every source (the methods, then the baselines
+``random``, ``centre`` and, where masks exist, ``oracle``) are patch maps of the model input
+(:func:`source_maps`), scored by three independent scorers:
+
+- :func:`localisation_scores`: segmentation counts, pointing game, point counts, on the map
+  brought onto the original image;
+- :func:`perturbation_scores`: Chefer's positive / negative curves and deletion / insertion,
+  re-running the model on perturbed inputs;
+- :func:`sanity_scores`: Spearman correlations with the maps of the cascadingly randomised model.
+
+A record is ``{"index", "id", ["skipped"], ["refused"], ["unique_inputs"], ["pairs"]}``; each
+pair is ``{"label", "text", "value", [class info], "scores": {source: {metric: value}}}``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..adapters import ModelAdapter
+from ..api import explain
+from ..errors import CliplensError
+from ..images import Geometry
+from ..targets import Target, resolve_target
+from .classifier import ZeroShotClassifier, encode_images, encode_texts
+from .config import BASELINES, EvalConfig
+from .datasets import EvalItem
+from .metrics import (
+    centre_prior,
+    deletion_curve,
+    insertion_curve,
+    perturbation_curve,
+    point_counts,
+    pointing_game,
+    random_map,
+    segmentation_counts,
+    spearman_correlation,
+)
+from .perturbation import CurveBatch, mask_to_grid, target_scores
+from .sanity import CascadingRandomization
+
+__all__ = [
+    "ItemRunner",
+    "evaluate_item",
+    "explained_targets",
+    "item_seed",
+    "localisation_scores",
+    "perturbation_scores",
+    "sanity_scores",
+    "scored_labels",
+    "source_maps",
+]
+
+#: (source, pair index) -> {metric key: JSON value}: what each scorer returns.
+Scores = dict[tuple[str, int], dict[str, Any]]
+LOCALISATION = frozenset({"segmentation", "pointing", "pmiou"})
+PERTURBATION = frozenset({"perturbation", "deletion"})
+
+
+class ItemRunner:
+    """Evaluates items one at a time for one (adapter, completed config).
+
+    Holds what is made once per run and only when first needed: the zero-shot classifier of
+    the class targets and the sanity check's randomised copy of the model.
+    """
+
+    def __init__(
+        self, adapter: ModelAdapter, config: EvalConfig, classifier: ZeroShotClassifier | None = None
+    ):
+        self.adapter = adapter
+        self.config = config
+        self._classifier = classifier
+        self._randomizer: CascadingRandomization | None = None
+
+    @property
+    def classifier(self) -> ZeroShotClassifier | None:
+        """The zero-shot classifier over ``config.classes`` (class targets only)."""
+        cfg = self.config
+        if self._classifier is None and cfg.target.startswith("class"):
+            assert isinstance(cfg.classes, tuple) and isinstance(cfg.templates, tuple), "config not completed"
+            self._classifier = ZeroShotClassifier.build(self.adapter, cfg.classes, cfg.templates)
+        return self._classifier
+
+    @property
+    def randomizer(self) -> CascadingRandomization:
+        """The sanity check's private copy of the model (seeded by ``config.seed``)."""
+        if self._randomizer is None:
+            self._randomizer = CascadingRandomization(self.adapter, seed=self.config.seed)
+        return self._randomizer
+
+    def evaluate_item(self, index: int, item: EvalItem) -> dict:
+        """The record of item ``index`` (see the module docstring)."""
+        cfg, adapter = self.config, self.adapter
+        masks = item.masks or {}
+        points = item.points or {}
+        labels = scored_labels(item)
+        record: dict[str, Any] = {"index": index, "id": item.id}
+        if not labels:
+            record["skipped"] = "no labelled object"
+            return record
+        group = adapter.prepare_images([item.image], resize="model")[0]
+        pixels, geom = group.pixel_values[0], group.geometries[0]
+        texts, target, info = explained_targets(adapter, cfg, labels, pixels, self.classifier)
+        text_embeds = encode_texts(adapter, texts)
+        values = target_scores(adapter, encode_images(adapter, pixels[None]), text_embeds, target)[0]
+        maps, refused = source_maps(adapter, cfg, index, item, labels, texts, target, pixels, geom)
+        if refused:
+            record["refused"] = refused
+
+        pairs = [
+            {
+                "label": label,
+                "text": texts[p],
+                "value": float(values[p]),
+                **info[p],
+                "scores": {s: {} for s in maps},
+            }
+            for p, label in enumerate(labels)
+        ]
+        found: list[Scores] = []
+        metrics = set(cfg.metrics)
+        if metrics & LOCALISATION:
+            found.append(localisation_scores(cfg, maps, labels, masks, points, geom))
+        if metrics & PERTURBATION:
+            curves, record["unique_inputs"] = perturbation_scores(
+                adapter, cfg, pixels, maps, text_embeds, target
+            )
+            found.append(curves)
+        if "sanity" in metrics and index < cfg.sanity_items:
+            found.append(sanity_scores(self.randomizer, cfg, item, texts, target, maps))
+        for scores in found:
+            for (s, p), entry in scores.items():
+                pairs[p]["scores"][s].update(entry)
+        record["pairs"] = pairs
+        return record
+
+
+def evaluate_item(adapter: ModelAdapter, config: EvalConfig, index: int, item: EvalItem) -> dict:
+    """The record of one item, with a runner made for it alone (see :class:`ItemRunner`)."""
+    return ItemRunner(adapter, config).evaluate_item(index, item)
+
+
+# ----------------------------------------------------------------------------- what is explained
+
+
+def scored_labels(item: EvalItem) -> list[str]:
+    """The item's labels that can be scored: a non-empty mask or point labels."""
+    masks = item.masks or {}
+    points = item.points or {}
+    return [
+        label
+        for label in item.labels
+        if (label in masks and np.asarray(masks[label]).any()) or label in points
+    ]
+
+
+def explained_targets(
+    adapter: ModelAdapter,
+    config: EvalConfig,
+    labels: list[str],
+    pixels: torch.Tensor,
+    classifier: ZeroShotClassifier | None,
+) -> tuple[list[str], Target, list[dict[str, Any]]]:
+    """(texts, target, per-pair class info) for the labels of one image.
+
+    ``logit`` / ``probability``: the labels in ``config.prompt``. ``class``: the classifier's
+    probability of the label's class (the predicted class where the label is no class name);
+    ``class-contrast``: that class's logit minus the best other class's."""
+    info: list[dict[str, Any]] = [{} for _ in labels]
+    if config.target in ("logit", "probability"):
+        assert config.prompt is not None, "config not completed"
+        texts = [config.prompt.format(label) for label in labels]
+        return texts, resolve_target(config.target, texts), info
+    clf = classifier
+    assert clf is not None
+    probs = clf.probabilities(encode_images(adapter, pixels[None]).double())[0]
+    predicted = int(probs.argmax())
+    chosen = []
+    for label, rec in zip(labels, info):
+        c = clf.index.get(label, predicted)
+        chosen.append(c)
+        rec.update(
+            {"class": clf.classes[c], "predicted": clf.classes[predicted], "probability": float(probs[c])}
+        )
+    texts = [clf.classes[c] for c in chosen]
+    if config.target == "class":
+        return texts, clf.target(chosen), info
+    versus = []
+    for c, rec in zip(chosen, info):
+        other = probs.clone()
+        other[c] = -1.0
+        v = int(other.argmax())
+        versus.append(v)
+        rec["versus"] = clf.classes[v]
+    return texts, clf.contrast(chosen, versus), info
+
+
+def item_seed(seed: int, index: int, p: int) -> int:
+    """The seed of the random baseline's map of pair ``p`` of item ``index``."""
+    return int(np.random.SeedSequence([int(seed), int(index), int(p), 0xE7A1]).generate_state(1)[0])
+
+
+def source_maps(
+    adapter: ModelAdapter,
+    config: EvalConfig,
+    index: int,
+    item: EvalItem,
+    labels: list[str],
+    texts: list[str],
+    target: Target,
+    pixels: torch.Tensor,
+    geom: Geometry,
+) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """(source -> (P, Gh, Gw) patch maps, method -> why it refused): the methods' maps in
+    ``config.methods`` order, then the baselines (``oracle`` only where every label has a mask).
+    A method that raises a user error (e.g. it cannot explain this kind of target) is left out."""
+    maps: dict[str, np.ndarray] = {}
+    refused: dict[str, str] = {}
+    for m in config.methods or ():
+        try:
+            ex = explain(adapter, [item.image], texts, method=m, target=target, towers=("image",))
+        except CliplensError as exc:
+            refused[m] = str(exc)
+            continue
+        maps[m] = np.asarray(ex.image_maps[0], dtype=np.float64)  # type: ignore[index]
+    ph, pw = adapter.patch_size
+    grid = (pixels.shape[1] // ph, pixels.shape[2] // pw)
+    P = len(labels)
+    maps["random"] = np.stack([random_map(grid, seed=item_seed(config.seed, index, p)) for p in range(P)])
+    maps["centre"] = np.stack([centre_prior(grid)] * P)
+    masks = item.masks or {}
+    if all(label in masks for label in labels):
+        maps["oracle"] = np.stack([mask_to_grid(masks[label], geom, grid) for label in labels])
+    return maps, refused
+
+
+# ----------------------------------------------------------------------------- scorers
+
+
+def localisation_scores(
+    config: EvalConfig,
+    maps: dict[str, np.ndarray],
+    labels: list[str],
+    masks: dict[str, np.ndarray],
+    points: dict[str, Any],
+    geom: Geometry,
+) -> Scores:
+    """Segmentation counts (``seg``), pointing hit (``pointing``) and point counts (``points``)
+    of every source's map on the original image; the oracle is scored with the mask itself."""
+    metrics = set(config.metrics)
+    out: Scores = {}
+    for p, label in enumerate(labels):
+        for s in maps:
+            entry = out.setdefault((s, p), {})
+            if s == "oracle":  # the mask itself, at full resolution
+                on_orig = np.where(geom.seen_mask(), np.asarray(masks[label], dtype=np.float64), np.nan)
+            else:
+                on_orig = geom.grid_to_original(maps[s][p])
+            if label in masks:
+                mask = np.asarray(masks[label], dtype=bool)
+                if "segmentation" in metrics:
+                    c = segmentation_counts(on_orig, mask)
+                    entry["seg"] = [c.correct, c.labeled, *c.intersection, *c.union, c.ap, c.ap_reference]
+                if "pointing" in metrics and mask.any():
+                    entry["pointing"] = int(pointing_game(on_orig, mask, tolerance=config.pointing_tolerance))
+            if label in points and "pmiou" in metrics:
+                pos, neg = points[label]
+                pc = point_counts(on_orig, pos, neg)
+                entry["points"] = [pc.tp, pc.fp, pc.fn, pc.tn]
+    return out
+
+
+def perturbation_scores(
+    adapter: ModelAdapter,
+    config: EvalConfig,
+    pixels: torch.Tensor,
+    maps: dict[str, np.ndarray],
+    text_embeds: torch.Tensor,
+    target: Target,
+) -> tuple[Scores, int]:
+    """(curves and AUCs per source and pair, number of distinct model inputs run): the
+    perturbation test (``positive`` / ``negative``) and ``deletion`` / ``insertion``, all
+    steps of all curves batched through one :class:`CurveBatch`."""
+    metrics = set(config.metrics)
+    batch = CurveBatch(pixels, tuple(adapter.patch_size), config.removal, blur_sigma=config.blur_sigma)
+    n_pairs = len(next(iter(maps.values())))
+    for p in range(n_pairs):
+        for s, m in maps.items():
+            r = m[p]
+            if "perturbation" in metrics:
+                for order in ("positive", "negative"):
+                    batch.add(
+                        (s, p, order), perturbation_curve, r, p, order=order, fractions=config.fractions
+                    )
+            if "deletion" in metrics:
+                batch.add((s, p, "deletion"), deletion_curve, r, p, n_steps=config.steps)
+                batch.add((s, p, "insertion"), insertion_curve, r, p, n_steps=config.steps)
+    out: Scores = {}
+    for (s, p, kind), curve in batch.run(adapter, text_embeds, target).items():
+        entry = out.setdefault((s, p), {})
+        entry[kind] = [float(v) for v in curve.scores]
+        entry[kind + "_auc"] = float(curve.auc)
+    return out, len(batch.masks)
+
+
+def sanity_scores(
+    randomizer: CascadingRandomization,
+    config: EvalConfig,
+    item: EvalItem,
+    texts: list[str],
+    target: Target,
+    maps: dict[str, np.ndarray],
+) -> Scores:
+    """``sanity``: per source and pair, the Spearman correlation of the map with the map of the
+    model whose top 1..L image blocks are random. A baseline does not read the model: its map
+    under a random model is itself."""
+    n_pairs = len(next(iter(maps.values())))
+    rhos: dict[str, list[list[float]]] = {s: [[] for _ in range(n_pairs)] for s in maps}
+    for _d, rand_adapter in randomizer.depths():
+        for m in config.methods or ():
+            if m not in maps:
+                continue
+            ex = explain(rand_adapter, [item.image], texts, method=m, target=target, towers=("image",))
+            for p in range(n_pairs):
+                rhos[m][p].append(spearman_correlation(maps[m][p], ex.grid_map(0, p)))
+        for s in maps:
+            if s not in BASELINES:
+                continue
+            for p in range(n_pairs):
+                rhos[s][p].append(spearman_correlation(maps[s][p], maps[s][p]))
+    return {(s, p): {"sanity": [float(v) for v in rhos[s][p]]} for s in maps for p in range(n_pairs)}
