@@ -39,3 +39,14 @@ def staged_dir(out: str | Path) -> Iterator[Path]:
                 os.replace(Path(root) / name, out / rel / name)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def atomic_write(path: str | Path, data: str | bytes) -> None:
+    """Write ``path`` whole or not at all (a reader never sees half a file)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    if isinstance(data, str):
+        tmp.write_text(data, encoding="utf-8")
+    else:
+        tmp.write_bytes(data)
+    os.replace(tmp, path)

@@ -23,6 +23,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..files import atomic_write
 from ..errors import InputError
 from .config import EvalConfig
 
@@ -30,16 +31,6 @@ __all__ = ["ResultStore", "StoredResults", "atomic_write", "read_results", "shar
 
 _SHARD_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 _SHARD_FILE = re.compile(r"^config(?:\.([A-Za-z0-9_-]+))?\.json$")
-
-
-def atomic_write(path: Path, data: str | bytes) -> None:
-    """Write ``path`` whole or not at all (a reader never sees half a file)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    if isinstance(data, str):
-        tmp.write_text(data, encoding="utf-8")
-    else:
-        tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def shard_files(shard: str | None = None) -> tuple[str, str]:
