@@ -88,7 +88,10 @@ def cmd_explain(args) -> int:
     out = Path(args.out)
     with staged_dir(out) as stage:
         overlays = pages.write_overlays(ex, stage, labels, mode=args.normalise)
-        results = pages.results(ex, labels, overlays, out, mode=args.normalise)
+        words = pages.write_word_overlays(ex, stage, labels, mode=args.normalise)
+        matrices = pages.write_matrices(ex, stage, labels)
+        inter = pages.write_interactions(ex, stage)
+        results = pages.results(ex, labels, overlays, out, mode=args.normalise, interactions=inter)
         (stage / "results.json").write_text(json.dumps(results, indent=1, allow_nan=False), encoding="utf-8")
         intro = (
             f"<p class='note'>model <b>{html.escape(adapter.name)}</b> · method <b>{html.escape(ex.method)}</b> · "
@@ -96,7 +99,9 @@ def cmd_explain(args) -> int:
             "bar under each labelled with the raw values of its ends; hatched = not seen by the model; token chips "
             "show raw scores; every number is in results.json</p>"
         )
-        sections = pages.image_sections(ex, labels, overlays, mode=args.normalise)
+        sections = pages.image_sections(
+            ex, labels, overlays, mode=args.normalise, words=words, matrices=matrices
+        )
         write_page(stage / "index.html", "cliplens explanation", sections, intro)
     print(f"wrote {len(results['pairs'])} pair(s) to {args.out}/ (index.html, results.json)")
     return 0

@@ -129,6 +129,33 @@ class Explanation:
         """Extra ``key`` of image b (its leading B axis taken off), whichever form it is in."""
         return _per_image(self.extras[key], b)
 
+    def interaction_matrix(self, b: int, p: int) -> np.ndarray:
+        """(T_p, Gh, Gw) token x patch interactions of pair (b, p), one row per token of prompt p
+        (start and end markers included), from a method that gives them (``interactions``,
+        ``jacobian_interactions``)."""
+        if "interactions" not in self.extras:
+            raise InputError(
+                f"method {self.method!r} gives no token x patch interactions; use method='interactions'"
+            )
+        return np.asarray(self.extra("interactions", b)[p][: len(self.tokens[p])])
+
+    def word_map(self, b: int, p: int, word: str | Sequence[int]) -> np.ndarray:
+        """(Gh, Gw) map of one word or phrase of prompt p on image b: the sum of its tokens'
+        rows of :meth:`interaction_matrix`. ``word`` is text (found among the prompt's tokens,
+        case and spaces ignored; a word split into sub-word tokens is found whole) or token
+        indices. :meth:`Geometry.grid_to_original` puts it on the original image."""
+        from .tokens import find_phrase
+
+        matrix = self.interaction_matrix(b, p)
+        if isinstance(word, str):
+            idx = find_phrase(self.tokens[p], word)
+        else:
+            idx = [int(i) for i in word]
+            bad = [i for i in idx if not 0 <= i < len(self.tokens[p])]
+            if not idx or bad:
+                raise InputError(f"token indices {idx} do not fit prompt {p}'s {len(self.tokens[p])} tokens")
+        return matrix[idx].sum(0)
+
     def token_table(self, b: int, p: int, *, content_only: bool = True) -> list[tuple[str, float]]:
         """(token, raw score) for prompt p with image b."""
         if self.token_scores is None:

@@ -34,6 +34,25 @@ th{background:#f0f0f0} td:first-child,th:first-child{text-align:left;max-width:3
 tr.best td{font-weight:600}
 details.fold summary{cursor:pointer} details.fold[open] summary{display:none}
 .note{color:#555;font-size:.85em}
+.tok.word{cursor:pointer;outline:1px dashed #888} .tok.word.pinned{outline:2px solid #111}
+.matrix img{image-rendering:pixelated}
+"""
+
+#: hovering a word chip shows its map in the card's picture; a click keeps it until clicked again
+_SCRIPT = """
+function pic(t){return t.closest('.card').querySelector('img');}
+function ends(t){return t.closest('.card').querySelectorAll('.ends')[0].querySelectorAll('span');}
+function paint(t,src,lo,hi){const i=pic(t),e=ends(t);
+ if(!i.dataset.orig){i.dataset.orig=i.getAttribute('src');i.dataset.lo=e[0].textContent;i.dataset.hi=e[e.length-1].textContent;}
+ i.setAttribute('src',src);e[0].textContent=lo;e[e.length-1].textContent=hi;}
+function show(t){paint(t,t.dataset.img,t.dataset.lo||'',t.dataset.hi||'');}
+function back(t){const c=t.closest('.card'),p=c.querySelector('.tok.word.pinned'),i=pic(t);
+ if(p)show(p);else if(i.dataset.orig)paint(t,i.dataset.orig,i.dataset.lo,i.dataset.hi);}
+document.addEventListener('mouseover',e=>{const t=e.target.closest('.tok.word');if(t)show(t);});
+document.addEventListener('mouseout',e=>{const t=e.target.closest('.tok.word');if(t)back(t);});
+document.addEventListener('click',e=>{const t=e.target.closest('.tok.word');if(!t)return;
+ const was=t.classList.contains('pinned');t.closest('.card').querySelectorAll('.tok.word.pinned').forEach(x=>x.classList.remove('pinned'));
+ if(!was)t.classList.add('pinned');back(t);});
 """
 
 
@@ -55,10 +74,18 @@ def fold(text: str, limit: int = 60) -> str:
     )
 
 
-def token_html(table: list[tuple[str, float]], *, coloured: bool = True) -> str:
+def token_html(
+    table: list[tuple[str, float]],
+    *,
+    coloured: bool = True,
+    images: list[str] | None = None,
+    ranges: list[tuple[float, float] | None] | None = None,
+) -> str:
     """Tokens as chips showing their raw score under them; the background shows the score
     (min-max over the prompt), or stays grey when ``coloured`` is False (scores that mean
-    nothing, for example of a constant target)."""
+    nothing, for example of a constant target). ``images``, one per chip ("" for none): the
+    overlay a chip shows in its card while hovered (clicked: kept until clicked again), and
+    ``ranges`` the raw values of that overlay's palette ends, shown on the card's colour bar."""
     if not table:
         return ""
     scores = np.array([s for _, s in table], dtype=np.float64)
@@ -67,12 +94,16 @@ def token_html(table: list[tuple[str, float]], *, coloured: bool = True) -> str:
     else:
         colours = np.full((len(table), 3), 225, dtype=np.uint8)
     spans = []
-    for (tok, score), (r, g, b) in zip(table, colours):
+    for i, ((tok, score), (r, g, b)) in enumerate(zip(table, colours)):
         light = 0.299 * r + 0.587 * g + 0.114 * b
         fg = "#000" if light > 140 else "#fff"
+        link = images[i] if images else ""
+        data = f' data-img="{html.escape(link)}"' if link else ""
+        if link and ranges and ranges[i]:
+            data += f' data-lo="{number(ranges[i][0])}" data-hi="{number(ranges[i][1])}"'
         spans.append(
-            f'<span class="tok" style="background:rgb({r},{g},{b});color:{fg}" title="{score:.6g}">'
-            f"{html.escape(tok)}<small>{number(score)}</small></span>"
+            f'<span class="tok{" word" if link else ""}"{data} style="background:rgb({r},{g},{b});color:{fg}" '
+            f'title="{score:.6g}">{html.escape(tok)}<small>{number(score)}</small></span>'
         )
     return "<div class='toks'>" + "".join(spans) + "</div>"
 
@@ -134,7 +165,7 @@ def write_page(path: str | Path, title: str, sections: list[Section], intro: str
             parts.append("<div class='grid'>")
             parts.extend(card_html(card) for card in sec.cards)
             parts.append("</div>")
-    parts.append("</body></html>")
+    parts.append(f"<script>{_SCRIPT}</script></body></html>")
     path = Path(path)
     path.write_text("\n".join(parts), encoding="utf-8")
     return path

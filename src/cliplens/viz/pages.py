@@ -16,10 +16,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from ..explanation import Explanation
 from ..files import slug
+from .colors import colorize, normalise
 from .html import Card, Section, colour_bar, fold, number, table, token_html
+from .overlay import overlay
 
 MODES = ("minmax", "positive", "signed")
 
@@ -108,6 +111,103 @@ def write_overlays(
     return out
 
 
+def write_word_overlays(
+    ex: Explanation,
+    directory: str | Path,
+    labels: Sequence[str],
+    *,
+    mode: str = "minmax",
+    first_index: int = 0,
+) -> list[list[dict[int, str]]]:
+    """For a method with token x patch interactions: per pair, one overlay per content token of
+    the prompt (its row of :meth:`Explanation.interaction_matrix` on the original image).
+    Returns [b][p] {token index: file name}; empty
+    for other methods and for pairs without a heatmap."""
+    B, P = ex.shape
+    if "interactions" not in ex.extras:
+        return [[{} for _ in range(P)] for _ in range(B)]
+    notes = pair_notes(ex)
+    out = []
+    for b in range(B):
+        row = []
+        for p in range(P):
+            files: dict[int, str] = {}
+            if not notes[b][p]:
+                matrix = ex.interaction_matrix(b, p)
+                stem = overlay_name(first_index + b, labels[b], p, ex.texts[p])[: -len(".png")]
+                for t in np.flatnonzero(ex.content[p][: len(ex.tokens[p])]):
+                    grid = matrix[t]
+                    heat = ex.geometries[b].grid_to_original(grid)
+                    name = f"{stem}__w{int(t):02d}.png"
+                    overlay(ex.images[b], heat, mode=mode, value_range=display_range(grid, mode)).save(
+                        Path(directory) / name
+                    )
+                    files[int(t)] = name
+            row.append(files)
+        out.append(row)
+    return out
+
+
+def write_matrices(
+    ex: Explanation, directory: str | Path, labels: Sequence[str], *, first_index: int = 0, cell: int = 8
+) -> list[list[str]]:
+    """For a method with token x patch interactions: per pair, a heat picture of its matrix,
+    one row per content token and one column per patch (row-major over the grid), signed
+    palette symmetric about 0. Returns [b][p] file names ("" where none)."""
+    B, P = ex.shape
+    if "interactions" not in ex.extras:
+        return [[""] * P for _ in range(B)]
+    out = []
+    for b in range(B):
+        row = []
+        for p in range(P):
+            matrix = ex.interaction_matrix(b, p)
+            rows = matrix[ex.content[p][: len(ex.tokens[p])]].reshape(-1, matrix[0].size)
+            if rows.size == 0 or not np.isfinite(rows).any():
+                row.append("")
+                continue
+            rgb = colorize(normalise(rows, "signed"), signed=True)
+            name = overlay_name(first_index + b, labels[b], p, ex.texts[p])[: -len(".png")] + "__matrix.png"
+            Image.fromarray(np.repeat(np.repeat(rgb, cell, 0), cell, 1)).save(Path(directory) / name)
+            row.append(name)
+        out.append(row)
+    return out
+
+
+def write_interactions(ex: Explanation, directory: str | Path) -> str | None:
+    """For a method with token x patch interactions: ``interactions.npz`` in ``directory`` with
+    ``image_B`` (P, T, Gh, Gw) per image (rows: the prompt's tokens, NaN on padding) and, where
+    the method gives them, ``image_const_B`` (P, T) and ``text_const_B`` (P, Gh, Gw). Returns the
+    file name, or None for other methods."""
+    if "interactions" not in ex.extras:
+        return None
+    arrays = {}
+    for b in range(ex.shape[0]):
+        arrays[f"image_{b}"] = np.asarray(ex.extra("interactions", b), dtype=np.float32)
+        for key, name in (("interactions_image_const", "image_const"), ("interactions_text_const", "text_const")):
+            if key in ex.extras:
+                arrays[f"{name}_{b}"] = np.asarray(ex.extra(key, b), dtype=np.float32)
+    name = "interactions.npz"
+    np.savez_compressed(Path(directory) / name, **arrays)
+    return name
+
+
+def matrix_html(ex: Explanation, b: int, p: int, picture: str) -> str:
+    """A folded block with the token x patch matrix picture of pair (b, p) and its token rows."""
+    if not picture:
+        return ""
+    matrix = ex.interaction_matrix(b, p)
+    toks = [tok for t, tok in enumerate(ex.tokens[p]) if ex.content[p, t]]
+    m = float(np.nanmax(np.abs(matrix))) if np.isfinite(matrix).any() else float("nan")
+    return (
+        "<details class='matrix'><summary>token x patch matrix</summary>"
+        f"<div class='note'>rows: {html.escape(' · '.join(toks))}; columns: the {matrix[0].size} patches, "
+        "row by row</div>"
+        f"<img src='{html.escape(picture)}' alt='token x patch matrix' style='width:100%'>"
+        f"{colour_bar(-m, m, signed=True)}</details>"
+    )
+
+
 def probability_text(ex: Explanation, b: int, p: int) -> str:
     """The probability of pair (b, p) for display; a softmax over one prompt says that it is 1
     by construction."""
@@ -125,10 +225,12 @@ def pair_card(
     mode: str = "minmax",
     note: str | None = None,
     extra: str = "",
+    words: dict[int, str] | None = None,
 ) -> Card:
     """The card of pair (b, p): its overlay with a colour bar labelled in raw map values (or
     ``note`` instead of a heatmap), the prompt (folded when long), logit and probability, the
-    target's value when it is not the logit, token chips with their scores, then ``extra``
+    target's value when it is not the logit, token chips with their scores (hovering a chip
+    shows its word map where ``words`` gives one: {token index: overlay file}), then ``extra``
     (HTML, for example a verdict)."""
     lines = [
         f"<b>{fold(ex.texts[p])}</b>",
@@ -153,7 +255,17 @@ def pair_card(
             below = colour_bar(lo, hi, signed=mode == "signed", label=raw)
     tokens = ""
     if ex.token_scores is not None:
-        tokens = token_html(ex.token_table(b, p), coloured=ex.constant_reason(p) is None)
+        content = [t for t in range(len(ex.tokens[p])) if ex.content[p, t]]
+        images = ranges = None
+        if words:
+            images = [words.get(t, "") for t in content]
+            matrix = ex.interaction_matrix(b, p)
+            ranges = [display_range(matrix[t], mode) if t in words else None for t in content]
+        tokens = token_html(
+            ex.token_table(b, p), coloured=ex.constant_reason(p) is None, images=images, ranges=ranges
+        )
+        if words:
+            tokens += "<div class='note'>hover a word to see its map; click to keep it</div>"
     return Card(overlay, "".join(f"<div>{line}</div>" for line in lines), tokens, below)
 
 
@@ -180,16 +292,31 @@ def image_sections(
     overlays: list[list[str]],
     *,
     mode: str = "minmax",
+    words: list[list[dict[int, str]]] | None = None,
+    matrices: list[list[str]] | None = None,
 ) -> list[Section]:
     """One section per image (headed by its label): the table of its prompts, then a card per
-    prompt."""
+    prompt (with word maps and the token x patch matrix where ``words`` / ``matrices`` from
+    :func:`write_word_overlays` / :func:`write_matrices` give them)."""
     notes = pair_notes(ex)
     B, P = ex.shape
     return [
         Section(
             heading=str(labels[b]),
             html=prompt_table(ex, b),
-            cards=[pair_card(ex, b, p, overlays[b][p], mode=mode, note=notes[b][p]) for p in range(P)],
+            cards=[
+                pair_card(
+                    ex,
+                    b,
+                    p,
+                    overlays[b][p],
+                    mode=mode,
+                    note=notes[b][p],
+                    words=words[b][p] if words else None,
+                    extra=matrix_html(ex, b, p, matrices[b][p]) if matrices else "",
+                )
+                for p in range(P)
+            ],
         )
         for b in range(B)
     ]
@@ -202,10 +329,12 @@ def results(
     folder: str | Path,
     *,
     mode: str = "minmax",
+    interactions: str | None = None,
 ) -> dict:
     """:meth:`Explanation.to_dict` with the files of a written page: each image's ``path`` and
     each pair's ``image`` (that path) and ``overlay``, relative to ``folder`` (where the
-    results file lies), and ``display`` (the normalisation of the overlays)."""
+    results file lies), ``display`` (the normalisation of the overlays), and where
+    ``interactions`` names the file of :func:`write_interactions`, a pointer to it."""
     d = ex.to_dict()
     paths = [_relative(label, folder) for label in labels]
     for im in d["images"]:
@@ -215,6 +344,12 @@ def results(
         entry["image"] = paths[b]
         entry["overlay"] = overlays[b][p] or None
     d["display"] = {"normalise": mode}
+    if interactions:
+        d["interactions"] = {
+            "file": interactions,
+            "arrays": "image_B: (P, T, Gh, Gw) token x patch interactions of image B, rows as 'tokens' "
+            "(NaN on padding); image_const_B (P, T), text_const_B (P, Gh, Gw): the constants' rows and columns",
+        }
     return d
 
 
