@@ -1,0 +1,103 @@
+"""Cost of the token x patch interaction maps on a ViT-B/16-sized random CLIP, one image.
+
+- ``interactions`` (exact, no gradient) against a plain no-grad forward of both towers (the
+  image once and the P prompts, default attention path);
+- ``jacobian_interactions`` (D vector-Jacobian products per tower, batched) against the plain
+  forward+backward of the P pairs (benchmarks/_common.py).
+
+Time: interleaved repeats, the median of per-repeat ratios. Memory: peak RSS above the loaded
+model, each run in a fresh process (malloc pinned so the readings follow live tensors).
+
+    python benchmarks/bench_interactions.py             # P = 1, 8
+    python benchmarks/bench_interactions.py --quick     # small model, a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+
+import cliplens  # noqa: E402
+from cliplens.adapters import HFClipAdapter  # noqa: E402
+
+#: method -> the baseline it is compared with
+PAIRS = {"interactions": "forward", "jacobian_interactions": "plain"}
+
+
+def setup(size: str):
+    adapter = HFClipAdapter(C.build_clip(size), C.tokenizer(), name=f"random-{size}")
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (256, 320, 3), dtype=np.uint8))
+    return adapter, image
+
+
+def plain_forward(adapter, image, texts):
+    batch = adapter.tokenize(texts)
+    pixels = adapter.prepare_images([image])[0].pixel_values
+    with torch.no_grad():
+        adapter.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, pixel_values=pixels)
+
+
+def runner(adapter, image, texts, mode: str):
+    if mode == "forward":
+        return lambda: plain_forward(adapter, image, texts)
+    if mode == "plain":
+        return lambda: C.plain_pass(adapter, image, texts)
+    return lambda: cliplens.explain(adapter, image, texts, method=mode)
+
+
+def measure(size: str, mode: str, P: int) -> None:
+    adapter, image = setup(size)
+    run = runner(adapter, image, C.PROMPTS[:P], mode)
+    run()  # warm-up
+    with C.PeakRSS() as peak:
+        run()
+    print(json.dumps({"peak_mb": peak.peak_mb}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--prompts", default="1,8")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (default: all available cores)")
+    ap.add_argument("--measure", nargs=3, metavar=("SIZE", "MODE", "P"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
+    if args.measure:
+        measure(args.measure[0], args.measure[1], int(args.measure[2]))
+        return
+    size = "quick" if args.quick else "b16"
+    adapter, image = setup(size)
+    print(f"model: random CLIP ({size}), torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print("| method | P | method s | baseline | baseline s | time x | peak MB | baseline MB | memory x |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for P in [int(p) for p in args.prompts.split(",")]:
+        texts = C.PROMPTS[:P]
+        for method, base in PAIRS.items():
+            t_m, t_b, ratio = C.paired_ratio(
+                runner(adapter, image, texts, method), runner(adapter, image, texts, base), args.repeats
+            )
+            mem = {
+                m: C.measure_peak_in_subprocess(__file__, [size, m, str(P)], threads=torch.get_num_threads())["peak_mb"]
+                for m in (method, base)
+            }
+            print(
+                f"| {method} | {P} | {t_m:.3f} | {base} | {t_b:.3f} | {ratio:.2f} | {mem[method]:.0f} | "
+                f"{mem[base]:.0f} | {mem[method] / max(mem[base], 1e-9):.2f} |",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
