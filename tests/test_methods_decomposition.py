@@ -211,3 +211,19 @@ def test_adapter_linear_pieces_rebuild_each_block():
             z, z.shape[-1:], parts.norm_weight, parts.norm_bias, parts.eps
         )
         torch.testing.assert_close(normed @ parts.proj_weight.T, run.embeds)
+
+
+def test_a_bug_inside_the_linear_pieces_is_not_turned_into_a_refusal(monkeypatch):
+    """decomposition used to catch every NotImplementedError (torch's too) and report "not
+    available for this family"; support is now decided by capability flags before anything
+    runs, and an error raised while computing propagates as itself."""
+    from conftest import hf_clip_factory
+
+    adapter = hf_clip_factory(seed=0)
+
+    def broken(*args, **kwargs):
+        raise NotImplementedError("an operator without a kernel")
+
+    monkeypatch.setattr(adapter, "attention_value_heads", broken)
+    with pytest.raises(NotImplementedError, match="without a kernel"):
+        cliplens.explain(adapter, [random_image(1)], ["a cat"], method="decomposition")
