@@ -34,8 +34,8 @@ from cliplens.adapters import HFClipAdapter  # noqa: E402
 PAIRS = {"interactions": "forward", "jacobian_interactions": "plain"}
 
 
-def setup(size: str):
-    adapter = HFClipAdapter(C.build_clip(size), C.tokenizer(), name=f"random-{size}")
+def setup(size: str, device: str = "cpu"):
+    adapter = HFClipAdapter(C.build_clip(size).to(device), C.tokenizer(), name=f"random-{size}")
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 256, (256, 320, 3), dtype=np.uint8))
     return adapter, image
@@ -50,10 +50,29 @@ def plain_forward(adapter, image, texts):
 
 def runner(adapter, image, texts, mode: str):
     if mode == "forward":
-        return lambda: plain_forward(adapter, image, texts)
-    if mode == "plain":
-        return lambda: C.plain_pass(adapter, image, texts)
-    return lambda: cliplens.explain(adapter, image, texts, method=mode)
+        fn = lambda: plain_forward(adapter, image, texts)  # noqa: E731
+    elif mode == "plain":
+        fn = lambda: C.plain_pass(adapter, image, texts)  # noqa: E731
+    else:
+        fn = lambda: cliplens.explain(adapter, image, texts, method=mode)  # noqa: E731
+    if adapter.device.type != "cuda":
+        return fn
+
+    def synced():
+        fn()
+        torch.cuda.synchronize()
+
+    return synced
+
+
+def cuda_peak_mb(run) -> float:
+    """Peak CUDA allocation of one run above what was allocated before it."""
+    run()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    run()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
 def measure(size: str, mode: str, P: int) -> None:
@@ -71,6 +90,9 @@ def main() -> None:
     ap.add_argument("--prompts", default="1,8")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: all available cores)")
+    ap.add_argument("--methods", default=",".join(PAIRS), help="comma-separated (default: both)")
+    ap.add_argument("--skip-memory", action="store_true", help="time only")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (memory: peak CUDA allocation there)")
     ap.add_argument("--measure", nargs=3, metavar=("SIZE", "MODE", "P"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
@@ -78,20 +100,30 @@ def main() -> None:
         measure(args.measure[0], args.measure[1], int(args.measure[2]))
         return
     size = "quick" if args.quick else "b16"
-    adapter, image = setup(size)
-    print(f"model: random CLIP ({size}), torch {torch.__version__}, threads {torch.get_num_threads()}")
+    adapter, image = setup(size, args.device)
+    where = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, threads {torch.get_num_threads()}"
+    print(f"model: random CLIP ({size}), torch {torch.__version__}, {where}")
+    methods = [m for m in args.methods.split(",") if m]
     print("| method | P | method s | baseline | baseline s | time x | peak MB | baseline MB | memory x |")
     print("|---|---|---|---|---|---|---|---|---|")
     for P in [int(p) for p in args.prompts.split(",")]:
         texts = C.PROMPTS[:P]
-        for method, base in PAIRS.items():
-            t_m, t_b, ratio = C.paired_ratio(
-                runner(adapter, image, texts, method), runner(adapter, image, texts, base), args.repeats
-            )
-            mem = {
-                m: C.measure_peak_in_subprocess(__file__, [size, m, str(P)], threads=torch.get_num_threads())["peak_mb"]
-                for m in (method, base)
-            }
+        for method in methods:
+            base = PAIRS[method]
+            run_m, run_b = runner(adapter, image, texts, method), runner(adapter, image, texts, base)
+            t_m, t_b, ratio = C.paired_ratio(run_m, run_b, args.repeats)
+            if args.skip_memory:
+                print(f"| {method} | {P} | {t_m:.3f} | {base} | {t_b:.3f} | {ratio:.2f} | | | |", flush=True)
+                continue
+            if args.device == "cuda":
+                mem = {method: cuda_peak_mb(run_m), base: cuda_peak_mb(run_b)}
+            else:
+                mem = {
+                    m: C.measure_peak_in_subprocess(__file__, [size, m, str(P)], threads=torch.get_num_threads())[
+                        "peak_mb"
+                    ]
+                    for m in (method, base)
+                }
             print(
                 f"| {method} | {P} | {t_m:.3f} | {base} | {t_b:.3f} | {ratio:.2f} | {mem[method]:.0f} | "
                 f"{mem[base]:.0f} | {mem[method] / max(mem[base], 1e-9):.2f} |",
