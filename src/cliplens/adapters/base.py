@@ -21,7 +21,8 @@ from typing import Callable, Iterator
 import torch
 from PIL import Image
 
-from ..images import Geometry, Preprocess
+from ..images import Geometry
+from ..preprocess import Preprocess
 
 
 @dataclass(frozen=True)

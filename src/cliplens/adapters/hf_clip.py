@@ -14,10 +14,9 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from PIL import Image
 
 from ..errors import InputError
-from ..images import Preprocess
+from ..preprocess import OPENAI_MEAN, OPENAI_STD, Preprocess, preprocess_from_config  # noqa: F401 (old import path)
 from .base import (
     ModelAdapter,
     ReadoutParts,
@@ -28,30 +27,6 @@ from .base import (
     frozen_eval,
     module_hooks,
 )
-
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-def preprocess_from_config(processor_config: dict | None, image_size: int) -> Preprocess:
-    """The CLIP image recipe from a ``preprocessor_config.json`` dict (or OpenAI defaults)."""
-    cfg = processor_config or {}
-    size = cfg.get("size", image_size)
-    if isinstance(size, dict):
-        size = size.get("shortest_edge") or size.get("height") or image_size
-    crop = cfg.get("crop_size", size)
-    if isinstance(crop, dict):
-        crop = (int(crop.get("height", size)), int(crop.get("width", size)))
-    else:
-        crop = (int(crop), int(crop))
-    return Preprocess(
-        size=int(size),
-        crop=crop,
-        mean=tuple(cfg.get("image_mean", OPENAI_MEAN)),
-        std=tuple(cfg.get("image_std", OPENAI_STD)),
-        resample=int(cfg.get("resample", Image.BICUBIC)),
-        do_center_crop=bool(cfg.get("do_center_crop", True)),
-    )
 
 
 def read_processor_config(directory: str | Path | None) -> dict | None:

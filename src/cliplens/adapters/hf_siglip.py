@@ -25,16 +25,21 @@ What differs from CLIP, and how the adapter handles it:
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterator
-from dataclasses import dataclass
 
-import numpy as np
 import torch
-from PIL import Image
 
 from ..errors import InputError, ModelLoadError
-from ..images import Geometry, Preprocess
+from ..preprocess import (  # noqa: F401 (the recipes' old import path)
+    SIGLIP_MEAN,
+    SIGLIP_STD,
+    NaFlexPreprocess,
+    Preprocess,
+    SquashPreprocess,
+    naflex_preprocess_from_config,
+    siglip_preprocess_from_config,
+    size_for_max_patches,
+)
 from .base import (
     ModelAdapter,
     ReadoutParts,
@@ -48,110 +53,8 @@ from .base import (
 )
 from .hf_clip import eager_attention
 
-SIGLIP_MEAN = (0.5, 0.5, 0.5)
-SIGLIP_STD = (0.5, 0.5, 0.5)
-
 #: config.json model_type values this file's adapters take
 HF_SIGLIP_TYPES = {"siglip", "siglip2"}
-
-
-@dataclass(frozen=True)
-class SquashPreprocess(Preprocess):
-    """``resize="model"`` resizes the whole image to ``crop`` (height, width) without keeping the
-    aspect ratio and without cropping, as SigLIP's processor (and open_clip's ``squash`` resize
-    mode) do; ``resize="full"`` is the common aspect-keeping recipe of :class:`Preprocess`."""
-
-    def __call__(
-        self, image: Image.Image, *, resize: str = "model", patch_size: int | None = None
-    ) -> tuple[torch.Tensor, Geometry]:
-        if resize != "model":
-            return super().__call__(image, resize=resize, patch_size=patch_size)
-        w, h = image.size
-        crop_h, crop_w = self.crop
-        resized = image.resize((crop_w, crop_h), resample=self.resample)
-        arr = np.asarray(resized, dtype=np.float32) / 255.0
-        mean = np.asarray(self.mean, dtype=np.float32)
-        std = np.asarray(self.std, dtype=np.float32)
-        pixels = torch.from_numpy(((arr - mean) / std).transpose(2, 0, 1).copy())
-        return pixels, Geometry(w, h, crop_w / w, crop_h / h, (0.0, 0.0), (crop_w, crop_h))
-
-
-def siglip_preprocess_from_config(processor_config: dict | None, image_size: int) -> Preprocess:
-    """The SigLIP image recipe from a ``preprocessor_config.json`` dict (or SigLIP defaults)."""
-    cfg = processor_config or {}
-    size = cfg.get("size", image_size)
-    if isinstance(size, dict):
-        height = int(size.get("height") or size.get("shortest_edge") or image_size)
-        width = int(size.get("width") or size.get("shortest_edge") or image_size)
-    else:
-        height = width = int(size)
-    return SquashPreprocess(
-        size=min(height, width),
-        crop=(height, width),
-        mean=tuple(cfg.get("image_mean", SIGLIP_MEAN)),
-        std=tuple(cfg.get("image_std", SIGLIP_STD)),
-        resample=int(cfg.get("resample", Image.BICUBIC)),
-        do_center_crop=False,
-    )
-
-
-def size_for_max_patches(height: int, width: int, patch: int, max_patches: int) -> tuple[int, int]:
-    """SigLIP 2's NaFlex size: the aspect ratio kept, each side rounded up to whole patches, the
-    largest such size with at most ``max_patches`` patches (a bisection on the scale, as the
-    transformers image processor does it)."""
-
-    def side(scale: float, size: int) -> int:
-        return max(patch, math.ceil(size * scale / patch) * patch)
-
-    lo, hi = 1e-6, 100.0
-    while hi - lo >= 1e-5:
-        mid = (lo + hi) / 2
-        if (side(mid, height) // patch) * (side(mid, width) // patch) <= max_patches:
-            lo = mid
-        else:
-            hi = mid
-    return side(lo, height), side(lo, width)
-
-
-@dataclass(frozen=True)
-class NaFlexPreprocess(Preprocess):
-    """SigLIP 2 (NaFlex): ``resize="model"`` keeps the aspect ratio and resizes to the largest
-    whole-patch size with at most ``max_patches`` patches (no crop, no padding patches);
-    ``resize="full"`` is the common shortest-edge recipe of :class:`Preprocess`."""
-
-    patch: int = 16
-    max_patches: int = 256
-
-    def __call__(
-        self, image: Image.Image, *, resize: str = "model", patch_size: int | None = None
-    ) -> tuple[torch.Tensor, Geometry]:
-        if resize != "model":
-            return super().__call__(image, resize=resize, patch_size=patch_size)
-        w, h = image.size
-        new_h, new_w = size_for_max_patches(h, w, self.patch, self.max_patches)
-        resized = image.resize((new_w, new_h), resample=self.resample)
-        arr = np.asarray(resized, dtype=np.float32) / 255.0
-        mean = np.asarray(self.mean, dtype=np.float32)
-        std = np.asarray(self.std, dtype=np.float32)
-        pixels = torch.from_numpy(((arr - mean) / std).transpose(2, 0, 1).copy())
-        return pixels, Geometry(w, h, new_w / w, new_h / h, (0.0, 0.0), (new_w, new_h))
-
-
-def naflex_preprocess_from_config(processor_config: dict | None, patch: int, num_patches: int) -> Preprocess:
-    """The SigLIP 2 recipe from a ``preprocessor_config.json`` dict (or its defaults)."""
-    cfg = processor_config or {}
-    max_patches = int(cfg.get("max_num_patches", num_patches))
-    side = int(round(math.sqrt(max_patches))) * patch
-    return NaFlexPreprocess(
-        size=side,
-        crop=(side, side),
-        mean=tuple(cfg.get("image_mean", SIGLIP_MEAN)),
-        std=tuple(cfg.get("image_std", SIGLIP_STD)),
-        resample=int(cfg.get("resample", Image.BILINEAR)),
-        do_center_crop=False,
-        patch=int(cfg.get("patch_size", patch)),
-        max_patches=max_patches,
-    )
 
 
 class HFSiglipAdapter(ModelAdapter):

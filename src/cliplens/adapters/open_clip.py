@@ -45,10 +45,9 @@ from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from ..errors import InputError, ModelLoadError
-from ..images import Preprocess
+from ..preprocess import Preprocess, open_clip_preprocess_from_config
 from .base import (
     ModelAdapter,
     ReadoutParts,
@@ -60,11 +59,6 @@ from .base import (
     mha_probabilities,
     mha_with_probabilities,
 )
-from .hf_siglip import SquashPreprocess
-
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
-RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
 
 INSTALL_HINT = "pip install 'cliplens[open_clip]' (open-clip-torch with a torchvision that matches torch)"
 
@@ -151,18 +145,9 @@ def check_supported(model) -> None:
 def preprocess_for(model) -> Preprocess:
     """The checkpoint's image recipe from open_clip's ``preprocess_cfg`` (OpenAI defaults)."""
     visual = model.visual
-    cfg = dict(getattr(visual, "preprocess_cfg", None) or {})
-    size = cfg.get("size", getattr(visual, "image_size", 224))
-    h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
-    resample = RESAMPLE.get(str(cfg.get("interpolation", "bicubic")), Image.BICUBIC)
-    mean = tuple(cfg.get("mean") or OPENAI_MEAN)
-    std = tuple(cfg.get("std") or OPENAI_STD)
-    if cfg.get("resize_mode", "shortest") == "squash":
-        return SquashPreprocess(
-            size=min(h, w), crop=(h, w), mean=mean, std=std, resample=resample, do_center_crop=False
-        )
-    # "shortest" (the CLIP recipe); "longest" (resize-and-pad) is approximated by it
-    return Preprocess(size=min(h, w), crop=(h, w), mean=mean, std=std, resample=resample, do_center_crop=True)
+    return open_clip_preprocess_from_config(
+        getattr(visual, "preprocess_cfg", None), getattr(visual, "image_size", 224)
+    )
 
 
 # ---- attention with probabilities, for the call -------------------------------------------------
