@@ -71,3 +71,22 @@ def test_bad_specs(tmp_path):
         load_model(tmp_path)
     with pytest.raises(ModelLoadError, match="cannot explain"):
         load_model(torch.nn.Linear(2, 2))
+
+
+def test_clip_head_is_the_readout_of_the_readout_token(tiny_adapter):
+    """ModelAdapter.head(tower, pooled): final norm + projection of the readout token; readout()
+    is that token picked, then head()."""
+    from conftest import random_image
+
+    batch = tiny_adapter.tokenize(["a cat", "two red dogs"])
+    pixels = tiny_adapter.prepare_images([random_image(3)])[0].pixel_values
+    with tiny_adapter.explaining(), torch.no_grad():
+        for run in (
+            tiny_adapter.run_image(pixels),
+            tiny_adapter.run_text(batch.input_ids, batch.attention_mask),
+        ):
+            last = run.block_outputs[-1]
+            rows = torch.arange(last.shape[0])
+            pooled = last[rows, run.layout.readout]
+            torch.testing.assert_close(tiny_adapter.head(run.tower, pooled), run.embeds)
+            torch.testing.assert_close(tiny_adapter.readout(run.tower, last, run.layout), run.embeds)

@@ -79,6 +79,24 @@ def test_capture_path_reproduces_the_model(variant):
         torch.testing.assert_close(adapter.readout("text", txt.block_outputs[-1], txt.layout), txt.embeds)
 
 
+@pytest.mark.parametrize("variant", ["openai-quickgelu", "attention-pool"])
+def test_head_is_the_token_readout_or_refused_for_an_attention_pooled_tower(variant):
+    adapter = OpenClipAdapter(tiny(variant, dtype=torch.float64))
+    batch = adapter.tokenize(TEXTS)
+    pixels = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad(), adapter.explaining():
+        img = adapter.run_image(pixels)
+        txt = adapter.run_text(batch.input_ids, batch.attention_mask)
+    last = txt.block_outputs[-1]
+    pooled = last[torch.arange(last.shape[0]), txt.layout.readout]
+    torch.testing.assert_close(adapter.head("text", pooled), txt.embeds, rtol=1e-10, atol=1e-10)
+    if variant == "attention-pool":
+        with pytest.raises(NotImplementedError, match="attentional pooler"):
+            adapter.head("image", img.block_outputs[-1][:, 0])
+    else:
+        torch.testing.assert_close(adapter.head("image", img.block_outputs[-1][:, 0]), img.embeds)
+
+
 def test_tokens_follow_open_clip_and_the_causal_batch_is_cut():
     adapter = OpenClipAdapter(tiny())
     batch = adapter.tokenize(TEXTS)

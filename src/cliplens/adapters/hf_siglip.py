@@ -1,8 +1,10 @@
-"""Hugging Face transformers ``SiglipModel`` (SigLIP: sigmoid loss, attention-pooled image tower).
+"""Hugging Face transformers ``SiglipModel`` / ``Siglip2Model`` (SigLIP: sigmoid loss,
+attention-pooled image tower): what SigLIP adds to the shared encoder layout
+(:class:`~cliplens.adapters.hf_encoder.HFEncoderAdapter`).
 
-Module paths used: ``vision_model.{embeddings, encoder.layers[i].self_attn, post_layernorm,
-head.{probe, attention, layernorm, mlp}}``, ``text_model.{embeddings, encoder.layers[i],
-final_layer_norm, head}``, ``logit_scale``, ``logit_bias``.
+Module paths used beyond the shared ones: ``vision_model.{post_layernorm, head.{probe,
+attention, layernorm, mlp}}``, ``text_model.{final_layer_norm, head}``, ``logit_scale``,
+``logit_bias``.
 
 What differs from CLIP, and how the adapter handles it:
 
@@ -12,7 +14,7 @@ What differs from CLIP, and how the adapter handles it:
   the head's per-head probabilities (B, H, 1, n) go to ``TowerRun.pool_attention``. The
   ``nn.MultiheadAttention`` call returns no per-head probabilities in the graph, so for the
   call only that one instance computes attention head by head from its own weights
-  (:func:`~cliplens.adapters.base.mha_probabilities`).
+  (:meth:`~cliplens.adapters.capture.Capture.mha_probabilities`).
 - The text tower has no causal mask and reads out the LAST position (which is padding for
   short prompts: SigLIP was trained on prompts padded to ``max_length``, so the adapter pads
   the same way). The readout token is position T-1 for every prompt.
@@ -24,12 +26,9 @@ What differs from CLIP, and how the adapter handles it:
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import torch
 
-from ..errors import InputError, ModelLoadError
+from ..errors import ModelLoadError
 from ..preprocess import (  # noqa: F401 (the recipes' old import path)
     SIGLIP_MEAN,
     SIGLIP_STD,
@@ -40,77 +39,37 @@ from ..preprocess import (  # noqa: F401 (the recipes' old import path)
     siglip_preprocess_from_config,
     size_for_max_patches,
 )
-from .base import (
-    ModelAdapter,
-    ReadoutParts,
-    TextBatch,
-    TokenLayout,
-    TowerRun,
-    as_grad_leaf,
-    frozen_eval,
-    mha_probabilities,
-    module_hooks,
-)
-from .hf_clip import eager_attention
+from .base import TextBatch, TokenLayout, TowerRun
+from .capture import Capture
+from .hf_encoder import HFEncoderAdapter
 
 #: config.json model_type values this file's adapters take
 HF_SIGLIP_TYPES = {"siglip", "siglip2"}
 
 
-class HFSiglipAdapter(ModelAdapter):
+class HFSiglipAdapter(HFEncoderAdapter):
     family = "hf-siglip"
     pair_probability = "sigmoid"
+    model_class = "SiglipModel"
 
     def __init__(self, model, tokenizer, preprocess: Preprocess | None = None, name: str | None = None):
         vcfg = model.config.vision_config
         if not getattr(vcfg, "vision_use_head", True) or getattr(model.vision_model, "head", None) is None:
             raise ModelLoadError("this SigLIP model has no attention-pooling head (vision_use_head=False)")
-        self.model = model
-        self.tokenizer = tokenizer
-        self.preprocess = preprocess or self._default_preprocess(vcfg)
-        self.name = name or getattr(model.config, "_name_or_path", "") or type(model).__name__
+        super().__init__(model, tokenizer, preprocess=preprocess, name=name)
         # Whether the model sees the padding mask: as in ``model(**tokenizer(...))``. SigLIP was
         # trained without one (pads are attended to); tokenizers that return a mask pass it on.
         self.text_uses_mask = "attention_mask" in (getattr(tokenizer, "model_input_names", None) or [])
 
     @staticmethod
-    def _default_preprocess(vcfg) -> Preprocess:
-        return siglip_preprocess_from_config(None, vcfg.image_size)
-
-    @staticmethod
-    def matches(model) -> bool:
-        try:
-            from transformers import SiglipModel
-        except ImportError:  # pragma: no cover
-            return False
-        return isinstance(model, SiglipModel)
-
-    # ---- facts -------------------------------------------------------------------------
-    @property
-    def patch_size(self) -> tuple[int, int]:
-        p = self.model.config.vision_config.patch_size
-        return (p, p)
-
-    @property
-    def num_layers(self) -> dict[str, int]:
-        return {
-            "image": len(self.model.vision_model.encoder.layers),
-            "text": len(self.model.text_model.encoder.layers),
-        }
-
-    @property
-    def context_length(self) -> int:
-        return int(self.model.config.text_config.max_position_embeddings)
+    def _default_preprocess(vision_config) -> Preprocess:
+        return siglip_preprocess_from_config(None, vision_config.image_size)
 
     def logit_scale(self) -> torch.Tensor:
         return self.model.logit_scale.detach().exp().reshape(())
 
     def logit_bias(self) -> torch.Tensor | None:
         return self.model.logit_bias.detach().reshape(())
-
-    def blocks(self, tower: str) -> list[torch.nn.Module]:
-        tm = self.model.vision_model if tower == "image" else self.model.text_model
-        return list(tm.encoder.layers)
 
     # ---- inputs ------------------------------------------------------------------------
     def tokenize(self, texts: list[str]) -> TextBatch:
@@ -131,10 +90,7 @@ class HFSiglipAdapter(ModelAdapter):
             for attr in ("bos_token_id", "eos_token_id", "pad_token_id", "cls_token_id", "sep_token_id")
             if getattr(tok, attr, None) is not None
         }
-        tokens = []
-        for i in range(len(texts)):
-            ids = input_ids[i][mask[i].bool()].tolist()
-            tokens.append([tok.decode([t]).strip() or tok.convert_ids_to_tokens(t) for t in ids])
+        tokens = [self._token_strings(input_ids[i][mask[i].bool()].tolist()) for i in range(len(texts))]
         kept = mask.sum(-1).tolist()
         truncated = [len(f) > k for f, k in zip(full, kept)]
         content = mask.bool() & ~torch.isin(input_ids, torch.tensor(sorted(special), dtype=torch.long))
@@ -148,58 +104,6 @@ class HFSiglipAdapter(ModelAdapter):
         )
 
     # ---- running -----------------------------------------------------------------------
-    @contextlib.contextmanager
-    def explaining(self) -> Iterator[None]:
-        with frozen_eval(self.model), eager_attention(self.model):
-            yield
-
-    def _capture(
-        self, tower_module, run: TowerRun, detach_blocks: bool, input_embeds: torch.Tensor | None = None
-    ):
-        regs = []
-
-        def on_embed(module, args, output):
-            if input_embeds is not None:
-                if input_embeds.shape != output.shape:
-                    raise InputError(
-                        f"input_embeds of shape {tuple(input_embeds.shape)} do not fit this input "
-                        f"(the embeddings are {tuple(output.shape)})"
-                    )
-                output = input_embeds.to(output.dtype)
-            leaf = as_grad_leaf(output)
-            run.input_embeds = leaf
-            return leaf
-
-        regs.append(lambda: tower_module.embeddings.register_forward_hook(on_embed))
-        for i, layer in enumerate(tower_module.encoder.layers):
-
-            def pre(module, args, kwargs, i=i):
-                hidden = args[0] if args else kwargs["hidden_states"]
-                if detach_blocks and i > 0:
-                    # a new leaf with the same values: gradients still reach this block's
-                    # attention, but stop here instead of flowing into earlier blocks
-                    hidden = hidden.detach().requires_grad_(hidden.requires_grad)
-                run.block_inputs.append(hidden)
-                if args:
-                    return (hidden, *args[1:]), kwargs
-                return args, {**kwargs, "hidden_states": hidden}
-
-            def post(module, args, output):
-                run.block_outputs.append(output[0] if isinstance(output, tuple) else output)
-
-            def on_attn(module, args, output):
-                weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
-                if weights is None:
-                    raise RuntimeError(
-                        "attention probabilities were not returned; eager attention is required"
-                    )
-                run.attentions.append(weights)
-
-            regs.append(lambda layer=layer, pre=pre: layer.register_forward_pre_hook(pre, with_kwargs=True))
-            regs.append(lambda layer=layer, post=post: layer.register_forward_hook(post))
-            regs.append(lambda layer=layer, on_attn=on_attn: layer.self_attn.register_forward_hook(on_attn))
-        return module_hooks(regs)
-
     def run_image(
         self,
         pixel_values: torch.Tensor,
@@ -208,27 +112,13 @@ class HFSiglipAdapter(ModelAdapter):
         input_embeds: torch.Tensor | None = None,
     ) -> TowerRun:
         vm = self.model.vision_model
-        b, _, h, w = pixel_values.shape
-        ph, pw = self.patch_size
-        if h % ph or w % pw:
-            raise InputError(f"image input {h}x{w} is not a multiple of the patch size {ph}x{pw}")
-        gh, gw = h // ph, w // pw
-        n = gh * gw
-        dev = pixel_values.device
-        layout = TokenLayout(
-            readout=torch.full((b,), -1, dtype=torch.long, device=dev),
-            content=torch.ones(b, n, dtype=torch.bool, device=dev),
-            valid=torch.ones(b, n, dtype=torch.bool, device=dev),
-            grid=(gh, gw),
-            patches=torch.arange(n, device=dev),
-        )
+        layout = self._image_layout(pixel_values, class_token=False, pooled=True)
         run = TowerRun("image", embeds=None, layout=layout, pixel_values=pixel_values)  # type: ignore[arg-type]
         pool: list[torch.Tensor] = []
-        with (
-            self._capture(vm, run, detach_blocks, input_embeds),
-            mha_probabilities([vm.head.attention], lambda i, p: pool.append(p)),
-        ):
-            out = self._vision_forward(vm, pixel_values, gh, gw)
+        with Capture() as capture:
+            self._capture(capture, vm, run, detach_blocks, input_embeds)
+            capture.mha_probabilities([vm.head.attention], lambda i, p: pool.append(p))
+            out = self._vision_forward(vm, pixel_values, *layout.grid)
         run.pool_attention = pool[-1]
         # the head's output is the embedding: SigLIP has no projection after the pooling head
         run.pooled = out.pooler_output
@@ -260,57 +150,33 @@ class HFSiglipAdapter(ModelAdapter):
             readout=self._readout_positions(input_ids), content=content, valid=attention_mask.bool()
         )
         run = TowerRun("text", embeds=None, layout=layout)  # type: ignore[arg-type]
-        with self._capture(tm, run, detach_blocks):
+        with Capture() as capture:
+            self._capture(capture, tm, run, detach_blocks)
             out = tm(input_ids=input_ids, attention_mask=attention_mask if self.text_uses_mask else None)
         run.pooled = out.last_hidden_state[:, -1]  # last_hidden_state is after the final norm
         run.embeds = out.pooler_output
         return run
 
-    def readout(self, tower: str, hidden: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
-        return self.readout_with_attention(tower, hidden, layout)[0]
-
+    # ---- readout -----------------------------------------------------------------------
     def readout_with_attention(
         self, tower: str, hidden: torch.Tensor, layout: TokenLayout
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if tower == "image":
-            vm = self.model.vision_model
-            pool: list[torch.Tensor] = []
-            with mha_probabilities([vm.head.attention], lambda i, p: pool.append(p)):
-                embeds = vm.head(vm.post_layernorm(hidden))
-            return embeds, pool[-1]
-        tm = self.model.text_model
-        rows = torch.arange(hidden.shape[0], device=hidden.device)
-        return tm.head(tm.final_layer_norm(hidden[rows, layout.readout])), None
+        if tower != "image":
+            return super().readout_with_attention(tower, hidden, layout)
+        vm = self.model.vision_model
+        pool: list[torch.Tensor] = []
+        with Capture() as capture:
+            capture.mha_probabilities([vm.head.attention], lambda i, p: pool.append(p))
+            embeds = vm.head(vm.post_layernorm(hidden))
+        return embeds, pool[-1]
 
-    # ---- linear pieces (see ModelAdapter): the blocks are CLIP's; the image readout is not linear
-    def _layer(self, tower: str, layer_index: int):
-        tm = self.model.vision_model if tower == "image" else self.model.text_model
-        return tm.encoder.layers[layer_index]
-
-    def attention_value_heads(self, tower: str, layer_index: int, block_input: torch.Tensor) -> torch.Tensor:
-        layer = self._layer(tower, layer_index)
-        attn = layer.self_attn
-        values = attn.v_proj(layer.layer_norm1(block_input))  # (B, n, C)
-        b, n, c = values.shape
-        h, d = attn.num_heads, attn.head_dim
-        w_o = attn.out_proj.weight.reshape(c, h, d)
-        return torch.einsum("bnhd,chd->bhnc", values.reshape(b, n, h, d), w_o)
-
-    def attention_out_bias(self, tower: str, layer_index: int) -> torch.Tensor | None:
-        return self._layer(tower, layer_index).self_attn.out_proj.bias
-
-    def mlp_output(self, tower: str, layer_index: int, hidden: torch.Tensor) -> torch.Tensor:
-        layer = self._layer(tower, layer_index)
-        return layer.mlp(layer.layer_norm2(hidden))
-
-    def readout_parts(self, tower: str) -> ReadoutParts:
+    def _head_modules(self, tower: str) -> tuple[torch.nn.Module, torch.nn.Module]:
         if tower == "image":
             raise NotImplementedError(
                 "SigLIP's image tower reads out through an attention-pooling head and an MLP"
             )
         tm = self.model.text_model
-        norm, head = tm.final_layer_norm, tm.head
-        return ReadoutParts("layernorm", norm.weight, norm.bias, float(norm.eps), head.weight, head.bias)
+        return tm.final_layer_norm, tm.head
 
 
 class HFSiglip2Adapter(HFSiglipAdapter):
@@ -321,18 +187,11 @@ class HFSiglip2Adapter(HFSiglipAdapter):
     with the channels innermost), every patch real (no padding patches)."""
 
     family = "hf-siglip2"
+    model_class = "Siglip2Model"
 
     @staticmethod
-    def _default_preprocess(vcfg) -> Preprocess:
-        return naflex_preprocess_from_config(None, vcfg.patch_size, vcfg.num_patches)
-
-    @staticmethod
-    def matches(model) -> bool:
-        try:
-            from transformers import Siglip2Model
-        except ImportError:  # pragma: no cover
-            return False
-        return isinstance(model, Siglip2Model)
+    def _default_preprocess(vision_config) -> Preprocess:
+        return naflex_preprocess_from_config(None, vision_config.patch_size, vision_config.num_patches)
 
     def _vision_forward(self, vm, pixel_values: torch.Tensor, gh: int, gw: int):
         b, c = pixel_values.shape[:2]
@@ -345,16 +204,25 @@ class HFSiglip2Adapter(HFSiglipAdapter):
         return vm(pixel_values=patches, pixel_attention_mask=mask, spatial_shapes=shapes)
 
 
-def siglip_adapter(model, tokenizer, preprocess: Preprocess | None = None, name: str | None = None):
+def siglip_adapter(
+    model, tokenizer, preprocess: Preprocess | None = None, name: str | None = None
+) -> HFSiglipAdapter:
     """The adapter of this file that fits ``model`` (SiglipModel or Siglip2Model)."""
     cls = HFSiglip2Adapter if HFSiglip2Adapter.matches(model) else HFSiglipAdapter
     return cls(model, tokenizer, preprocess=preprocess, name=name)
 
 
 def load_hf_siglip(
-    source, dtype: torch.dtype, name: str, *, local_files_only: bool = True, processor_config=None
-):
-    """A :class:`HFSiglipAdapter` from a local directory or a cached/reachable hub name."""
+    source,
+    dtype: torch.dtype,
+    name: str,
+    *,
+    local_files_only: bool = True,
+    processor_config: dict | None = None,
+    tokenizer=None,
+) -> HFSiglipAdapter:
+    """A :class:`HFSiglipAdapter` (or :class:`HFSiglip2Adapter`) from a local directory or a
+    cached/reachable hub name (its own tokenizer unless ``tokenizer`` is given)."""
     from transformers import AutoConfig, AutoTokenizer, Siglip2Model, SiglipModel
 
     try:
@@ -365,13 +233,14 @@ def load_hf_siglip(
         raise ModelLoadError(
             f"{name}: could not load the SigLIP checkpoint ({str(exc).splitlines()[0]})"
         ) from None
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_files_only)
-    except (OSError, ValueError, ImportError) as exc:
-        # SigLIP's own tokenizer is SentencePiece; name the missing piece rather than fail later
-        raise ModelLoadError(
-            f"{name}: could not load the SigLIP tokenizer ({str(exc).splitlines()[0]})"
-        ) from None
+    if tokenizer is None:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_files_only)
+        except (OSError, ValueError, ImportError) as exc:
+            # SigLIP's own tokenizer is SentencePiece; name the missing piece rather than fail later
+            raise ModelLoadError(
+                f"{name}: could not load the SigLIP tokenizer ({str(exc).splitlines()[0]})"
+            ) from None
     vcfg = model.config.vision_config
     if isinstance(model, Siglip2Model):
         pre = naflex_preprocess_from_config(processor_config, vcfg.patch_size, vcfg.num_patches)

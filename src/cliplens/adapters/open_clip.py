@@ -40,6 +40,7 @@ CoCa's appended text class token.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 from collections.abc import Callable, Iterator
 
@@ -48,17 +49,8 @@ import torch.nn.functional as F
 
 from ..errors import InputError, ModelLoadError
 from ..preprocess import Preprocess, open_clip_preprocess_from_config
-from .base import (
-    ModelAdapter,
-    ReadoutParts,
-    TextBatch,
-    TokenLayout,
-    TowerRun,
-    as_grad_leaf,
-    frozen_eval,
-    mha_probabilities,
-    mha_with_probabilities,
-)
+from .base import ModelAdapter, ReadoutParts, TextBatch, TokenLayout, TowerRun, block_entry, run_input_embeds
+from .capture import Capture, mha_with_probabilities
 
 INSTALL_HINT = "pip install 'cliplens[open_clip]' (open-clip-torch with a torchvision that matches torch)"
 
@@ -188,31 +180,22 @@ def open_clip_attention(
     return out, probs
 
 
-@contextlib.contextmanager
-def block_attention_probabilities(blocks, sink: Callable[[torch.Tensor], None]) -> Iterator[None]:
-    """For the ``with`` block, every block's attention of these blocks hands its per-head
-    probabilities to ``sink`` (in call order). Instance attributes only; removed on exit."""
-    mhas = [blk.attn for blk in blocks if isinstance(blk.attn, torch.nn.MultiheadAttention)]
-    customs = [blk.attn for blk in blocks if not isinstance(blk.attn, torch.nn.MultiheadAttention)]
-    patched = []
-    try:
-        for attn in customs:
+def attention_probabilities(capture: Capture, blocks, sink: Callable[[torch.Tensor], None]) -> None:
+    """In ``capture`` (for its ``with`` block), every block's attention of ``blocks`` hands its
+    per-head probabilities to ``sink`` (in call order): ``nn.MultiheadAttention`` through
+    :meth:`Capture.mha_probabilities`, open_clip's ``Attention`` through
+    :func:`open_clip_attention`. Patches of these module instances only."""
+    for blk in blocks:
+        if not isinstance(blk.attn, torch.nn.MultiheadAttention):
 
-            def forward(x, attn_mask=None, _attn=attn):
+            def forward(x, attn_mask=None, _attn=blk.attn):
                 out, probs = open_clip_attention(_attn, x, attn_mask)
                 sink(probs)
                 return out
 
-            patched.append((attn, "forward" in attn.__dict__, attn.__dict__.get("forward")))
-            attn.forward = forward
-        with mha_probabilities(mhas, lambda i, p: sink(p)):
-            yield
-    finally:
-        for attn, had, previous in reversed(patched):
-            if had:
-                attn.forward = previous
-            else:
-                attn.__dict__.pop("forward", None)
+            capture.patch_forward(blk.attn, forward)
+    mhas = [blk.attn for blk in blocks if isinstance(blk.attn, torch.nn.MultiheadAttention)]
+    capture.mha_probabilities(mhas, lambda i, p: sink(p))
 
 
 # ---- the adapter ------------------------------------------------------------------------------
@@ -234,6 +217,7 @@ class OpenClipAdapter(ModelAdapter):
 
     @staticmethod
     def matches(model) -> bool:
+        """Whether ``model`` is an open_clip model object (imports nothing)."""
         return type(model).__module__.split(".")[0] == "open_clip" and hasattr(model, "visual")
 
     # ---- facts -------------------------------------------------------------------------
@@ -339,7 +323,8 @@ class OpenClipAdapter(ModelAdapter):
     # ---- running -----------------------------------------------------------------------
     @contextlib.contextmanager
     def explaining(self) -> Iterator[None]:
-        with frozen_eval(self.model):
+        with Capture() as capture:
+            capture.freeze(self.model)
             yield
 
     def _blocks(
@@ -347,12 +332,10 @@ class OpenClipAdapter(ModelAdapter):
     ) -> torch.Tensor:
         """Every block of ``transformer`` over a (B, n, C) stream, capturing what the contract asks."""
         batch_first = getattr(transformer, "batch_first", True)
-        with block_attention_probabilities(transformer.resblocks, run.attentions.append):
+        with Capture() as capture:
+            attention_probabilities(capture, transformer.resblocks, run.attentions.append)
             for i, blk in enumerate(transformer.resblocks):
-                if detach_blocks and i > 0:
-                    # a new leaf with the same values: gradients reach this block's attention
-                    # but stop here instead of flowing into earlier blocks
-                    x = x.detach().requires_grad_(x.requires_grad)
+                x = block_entry(x, i, detach_blocks)
                 run.block_inputs.append(x)
                 out = blk(x if batch_first else x.transpose(0, 1), attn_mask=attn_mask)
                 x = out if batch_first else out.transpose(0, 1)
@@ -381,64 +364,49 @@ class OpenClipAdapter(ModelAdapter):
         input_embeds: torch.Tensor | None = None,
     ) -> TowerRun:
         visual = self.model.visual
-        b, _, h, w = pixel_values.shape
-        ph, pw = self.patch_size
-        if h % ph or w % pw:
-            raise InputError(f"image input {h}x{w} is not a multiple of the patch size {ph}x{pw}")
-        gh, gw = h // ph, w // pw
-        n = 1 + gh * gw
-        dev = pixel_values.device
-        pooled_head = getattr(visual, "attn_pool", None) is not None
-        content = torch.zeros(b, n, dtype=torch.bool, device=dev)
-        content[:, 1:] = True
-        layout = TokenLayout(
-            readout=torch.full((b,), -1 if pooled_head else 0, dtype=torch.long, device=dev),
-            content=content,
-            valid=torch.ones(b, n, dtype=torch.bool, device=dev),
-            grid=(gh, gw),
-            patches=torch.arange(1, n, device=dev),
-        )
+        layout = self._image_layout(pixel_values, class_token=True, pooled=self._attention_pooled)
+        b = pixel_values.shape[0]
+        gh, gw = layout.grid
         run = TowerRun("image", embeds=None, layout=layout, pixel_values=pixel_values)  # type: ignore[arg-type]
         dtype = visual.conv1.weight.dtype
         x = visual.conv1(pixel_values.to(dtype))  # (B, C, gh, gw)
         x = x.reshape(b, x.shape[1], -1).permute(0, 2, 1)
         cls = visual.class_embedding.to(x.dtype).reshape(1, 1, -1).expand(b, 1, -1)
         x = torch.cat([cls, x], dim=1) + self._positions(gh, gw).to(x.dtype)
-        if input_embeds is not None:
-            if input_embeds.shape != x.shape:
-                raise InputError(
-                    f"input_embeds of shape {tuple(input_embeds.shape)} do not fit this input "
-                    f"(the embeddings are {tuple(x.shape)})"
-                )
-            x = input_embeds.to(x.dtype)
-        x = as_grad_leaf(x)
+        x = run_input_embeds(x, input_embeds)
         run.input_embeds = x
         x = visual.ln_pre(visual.patch_dropout(x))
         x = self._blocks(visual.transformer, x, None, run, detach_blocks)
         run.embeds, run.pool_attention, run.pooled = self._image_readout(x)
         return run
 
+    @property
+    def _attention_pooled(self) -> bool:
+        """Whether the image tower reads out through an attentional pooler (CoCa-style)."""
+        return getattr(self.model.visual, "attn_pool", None) is not None
+
     def _image_readout(self, x: torch.Tensor):
         """(B, n, C) last block output -> (embeds, pool_attention or None, pooled)."""
         visual = self.model.visual
-        if getattr(visual, "attn_pool", None) is not None:
-            # the first query of the attentional pooler is read out (pool_type "tok"); queries do
-            # not interact, so that query alone is computed (its probabilities stay in the graph)
-            pooler = visual.attn_pool
-            keys = pooler.ln_k(x)
-            probe = pooler.ln_q(pooler.query[:1]).unsqueeze(0).expand(x.shape[0], -1, -1)
-            if not pooler.attn.batch_first:
-                probe, keys = probe.transpose(0, 1), keys.transpose(0, 1)
-            out, probs = mha_with_probabilities(pooler.attn, probe, keys, keys)
-            if not pooler.attn.batch_first:
-                out = out.transpose(0, 1)
-            pooled = visual.ln_post(out)[:, 0]
-            pool_attention = probs
-        else:
+        if not self._attention_pooled:
             pooled = visual.ln_post(x[:, 0])
-            pool_attention = None
-        embeds = pooled @ visual.proj if visual.proj is not None else pooled
-        return embeds, pool_attention, pooled
+            return self._image_project(pooled), None, pooled
+        # the first query of the attentional pooler is read out (pool_type "tok"); queries do
+        # not interact, so that query alone is computed (its probabilities stay in the graph)
+        pooler = visual.attn_pool
+        keys = pooler.ln_k(x)
+        probe = pooler.ln_q(pooler.query[:1]).unsqueeze(0).expand(x.shape[0], -1, -1)
+        if not pooler.attn.batch_first:
+            probe, keys = probe.transpose(0, 1), keys.transpose(0, 1)
+        out, probs = mha_with_probabilities(pooler.attn, probe, keys, keys)
+        if not pooler.attn.batch_first:
+            out = out.transpose(0, 1)
+        pooled = visual.ln_post(out)[:, 0]
+        return self._image_project(pooled), probs, pooled
+
+    def _image_project(self, normed: torch.Tensor) -> torch.Tensor:
+        proj = self.model.visual.proj
+        return normed @ proj if proj is not None else normed
 
     def run_text(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, detach_blocks: bool = False
@@ -455,7 +423,7 @@ class OpenClipAdapter(ModelAdapter):
             text.transformer.get_cast_dtype() if hasattr(text.transformer, "get_cast_dtype") else self.dtype
         )
         x = text.token_embedding(input_ids).to(dtype) + text.positional_embedding[:T].to(dtype)
-        x = as_grad_leaf(x)
+        x = run_input_embeds(x, None)
         run.input_embeds = x
         mask = self._causal
         mask = mask[:T, :T] if mask is not None else None
@@ -479,17 +447,23 @@ class OpenClipAdapter(ModelAdapter):
             return proj(pooled)
         return pooled @ proj
 
-    def readout(self, tower: str, hidden: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
-        return self.readout_with_attention(tower, hidden, layout)[0]
+    def head(self, tower: str, pooled: torch.Tensor) -> torch.Tensor:
+        if tower == "image":
+            if self._attention_pooled:
+                raise NotImplementedError(
+                    "an attention-pooled open_clip image tower reads out through its attentional pooler, "
+                    "not a final norm and projection"
+                )
+            return self._image_project(self.model.visual.ln_post(pooled))
+        return self._text_project(self.text.ln_final(pooled))
 
     def readout_with_attention(
         self, tower: str, hidden: torch.Tensor, layout: TokenLayout
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if tower == "image":
+        if tower == "image" and self._attention_pooled:
             embeds, pool_attention, _ = self._image_readout(hidden)
             return embeds, pool_attention
-        rows = torch.arange(hidden.shape[0], device=hidden.device)
-        return self._text_project(self.text.ln_final(hidden[rows, layout.readout])), None
+        return super().readout_with_attention(tower, hidden, layout)
 
     # ---- linear pieces (see ModelAdapter) ------------------------------------------------
     def _block(self, tower: str, layer_index: int):
@@ -535,7 +509,7 @@ class OpenClipAdapter(ModelAdapter):
     def readout_parts(self, tower: str) -> ReadoutParts:
         if tower == "image":
             visual = self.model.visual
-            if getattr(visual, "attn_pool", None) is not None:
+            if self._attention_pooled:
                 raise NotImplementedError("an attention-pooled open_clip image tower has no linear readout")
             norm, proj = visual.ln_post, visual.proj
             weight = proj.T if proj is not None else None
@@ -563,8 +537,6 @@ def default_tokenizer(model):
 
 
 def _takes_context_length(tok) -> bool:
-    import inspect
-
     try:
         return "context_length" in inspect.signature(tok.__call__).parameters
     except (TypeError, ValueError):  # pragma: no cover
