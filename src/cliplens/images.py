@@ -2,9 +2,9 @@
 
 Every image goes through :func:`load_image` (orientation, modes, size budget) and then an
 adapter's preprocessing recipe (:mod:`cliplens.preprocess`), which records a :class:`Geometry`:
-how the original pixels map onto the model input. Maps are brought back onto the original image with that record, so the
-heatmap lands where the model looked; pixels the model never saw (cut off by a centre crop)
-come back as NaN instead of being filled in.
+how the original pixels map onto the model input. Maps are brought back onto the original image
+with that record, so the heatmap lands where the model looked; pixels the model never saw (cut
+off by a centre crop) come back as NaN instead of being filled in.
 """
 
 from __future__ import annotations

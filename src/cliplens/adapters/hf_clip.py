@@ -9,11 +9,9 @@ The image tower reads out its class token, the text tower the end-of-text token 
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
 
+from ..errors import ModelLoadError
 from ..preprocess import (  # noqa: F401 (the recipe's old import path)
     OPENAI_MEAN,
     OPENAI_STD,
@@ -23,19 +21,13 @@ from ..preprocess import (  # noqa: F401 (the recipe's old import path)
 from .base import TextBatch, TokenLayout, TowerRun
 from .capture import Capture, all_configs, eager_attention  # noqa: F401 (old import path)
 from .hf_encoder import HFEncoderAdapter
+from .hub import read_processor_config  # noqa: F401 (old import path)
+
+#: config.json model_type values this file's adapter takes
+HF_CLIP_TYPES = {"clip"}
 
 #: the old name of :func:`~cliplens.adapters.capture.all_configs`
 _all_configs = all_configs
-
-
-def read_processor_config(directory: str | Path | None) -> dict | None:
-    if directory is None:
-        return None
-    path = Path(directory) / "preprocessor_config.json"
-    if not path.is_file():
-        return None
-    with open(path) as f:
-        return json.load(f)
 
 
 class HFClipAdapter(HFEncoderAdapter):
@@ -122,3 +114,27 @@ class HFClipAdapter(HFEncoderAdapter):
         if tower == "image":
             return self.model.vision_model.post_layernorm, self.model.visual_projection
         return self.model.text_model.final_layer_norm, self.model.text_projection
+
+
+def load_hf_clip(
+    source,
+    dtype: torch.dtype,
+    name: str,
+    *,
+    local_files_only: bool = True,
+    processor_config: dict | None = None,
+    tokenizer=None,
+) -> HFClipAdapter:
+    """A :class:`HFClipAdapter` from a checkpoint directory or a cached/reachable hub name (its
+    own tokenizer unless ``tokenizer`` is given)."""
+    from transformers import AutoTokenizer, CLIPModel
+
+    try:
+        model = CLIPModel.from_pretrained(source, dtype=dtype, local_files_only=local_files_only)
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_files_only)
+    except (OSError, ValueError, RuntimeError) as exc:
+        first = str(exc).splitlines()[0]
+        raise ModelLoadError(f"{name}: could not load the CLIP checkpoint ({first})") from None
+    pre = preprocess_from_config(processor_config, model.config.vision_config.image_size)
+    return HFClipAdapter(model, tokenizer, preprocess=pre, name=name)

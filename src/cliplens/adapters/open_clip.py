@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import os
 from collections.abc import Callable, Iterator
 
 import torch
@@ -51,21 +50,7 @@ from ..errors import InputError, ModelLoadError
 from ..preprocess import Preprocess, open_clip_preprocess_from_config
 from .base import ModelAdapter, ReadoutParts, TextBatch, TokenLayout, TowerRun, block_entry, run_input_embeds
 from .capture import Capture, mha_with_probabilities
-
-INSTALL_HINT = "pip install 'cliplens[open_clip]' (open-clip-torch with a torchvision that matches torch)"
-
-
-def import_open_clip(spec: str = "open_clip"):
-    """open_clip, or a one-line :class:`ModelLoadError` saying how to get it."""
-    try:
-        import open_clip
-    except ImportError:
-        raise ModelLoadError(f"{spec}: open_clip is not installed; {INSTALL_HINT}") from None
-    except Exception as exc:  # a torchvision that does not match torch fails at import time
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ModelLoadError(f"{spec}: open_clip cannot be imported ({first}); {INSTALL_HINT}") from None
-    return open_clip
-
+from .open_clip_load import import_open_clip, load_open_clip  # noqa: F401 (load_open_clip: its old import path)
 
 # ---- what the model is ------------------------------------------------------------------------
 
@@ -564,92 +549,5 @@ def _truncated(tok, text: str, limit: int) -> bool:
 
 
 def adapt_open_clip(model, tokenizer=None, *, preprocess=None, name: str | None = None) -> OpenClipAdapter:
+    """An :class:`OpenClipAdapter` around an open_clip model object."""
     return OpenClipAdapter(model, tokenizer, preprocess=preprocess, name=name)
-
-
-def _hf_cached(repo: str, filenames: list[str]) -> bool:
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:  # pragma: no cover
-        return False
-    return any(isinstance(try_to_load_from_cache(repo, f), str) for f in filenames)
-
-
-def _weights_cached(cfg: dict, cache_dir: str | None) -> bool:
-    if "file" in cfg:
-        return os.path.isfile(cfg["file"])
-    hub = cfg.get("hf_hub", "")
-    if hub:
-        repo, filename = os.path.split(hub)
-        names = [filename] if filename else []
-        names += ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
-        if filename.endswith(".bin"):
-            names.append(filename[: -len(".bin")] + ".safetensors")
-        if _hf_cached(repo, names):
-            return True
-    url = cfg.get("url", "")
-    if url:
-        root = cache_dir or os.path.expanduser("~/.cache/clip")
-        return os.path.isfile(os.path.join(root, os.path.basename(url)))
-    return False
-
-
-def load_open_clip(body: str, *, dtype: torch.dtype = torch.float32, tokenizer=None, spec: str | None = None):
-    """``"NAME/PRETRAINED"`` (a built-in config and a pretrained tag or a checkpoint file, e.g.
-    ``ViT-B-16/openai``) or ``"hf-hub:ORG/REPO"``. Weights come from the local cache; they
-    are downloaded only when the hub is reachable. OpenAI-trained tags get QuickGELU, as
-    their pretrained config says (open_clip itself only warns when the name lacks
-    ``-quickgelu``)."""
-    from . import _hub_reachable, _offline
-
-    spec = spec or f"open_clip:{body}"
-    open_clip = import_open_clip(spec)
-    unreachable = (
-        "not in the local cache and the hub {why}; pass a local checkpoint: open_clip:NAME/path/to/weights.pt"
-    )
-    kwargs: dict = {}
-    if body.startswith("hf-hub:"):
-        repo = body[len("hf-hub:") :]
-        name, pretrained = body, None
-        if not _hf_cached(repo, ["open_clip_config.json"]) or not _hf_cached(
-            repo, ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
-        ):
-            if _offline():
-                raise ModelLoadError(f"{spec}: " + unreachable.format(why="is off (offline mode)"))
-            if not _hub_reachable():
-                raise ModelLoadError(f"{spec}: " + unreachable.format(why="cannot be reached"))
-    else:
-        name, _, pretrained = body.partition("/")
-        if name not in open_clip.list_models():
-            raise ModelLoadError(f"{spec}: unknown open_clip model {name!r} (see open_clip.list_models())")
-        tags = open_clip.list_pretrained_tags_by_model(name)
-        if not pretrained:
-            hint = f" (tags: {', '.join(tags)})" if tags else ""
-            raise ModelLoadError(
-                f"{spec}: name the weights as open_clip:{name}/TAG or open_clip:{name}/FILE{hint}"
-            )
-        cfg = open_clip.get_pretrained_cfg(name, pretrained)
-        if cfg:
-            if cfg.get("quick_gelu", False):
-                kwargs["force_quick_gelu"] = True
-            if not _weights_cached(cfg, None):
-                if _offline():
-                    raise ModelLoadError(
-                        f"{spec}: weights " + unreachable.format(why="is off (offline mode)")
-                    )
-                if not _hub_reachable():
-                    raise ModelLoadError(f"{spec}: weights " + unreachable.format(why="cannot be reached"))
-        elif not os.path.isfile(pretrained):
-            hint = f"; tags for {name}: {', '.join(tags)}" if tags else ""
-            raise ModelLoadError(
-                f"{spec}: {pretrained!r} is neither a pretrained tag nor a checkpoint file{hint}"
-            )
-    try:
-        model = open_clip.create_model(name, pretrained=pretrained, precision="fp32", **kwargs)
-        if tokenizer is None:
-            tokenizer = open_clip.get_tokenizer(name)
-    except Exception as exc:  # open_clip raises RuntimeError/ValueError/OSError/... for a bad checkpoint
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ModelLoadError(f"{spec}: could not load the open_clip model ({first})") from None
-    model = model.to(dtype)
-    return OpenClipAdapter(model, tokenizer, name=spec)
