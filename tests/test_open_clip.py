@@ -112,6 +112,33 @@ def test_tokens_follow_open_clip_and_the_causal_batch_is_cut():
     assert long.truncated == [True] and long.input_ids.shape[1] == 16
 
 
+def test_truncation_is_asked_of_the_tokenizer_at_the_exact_boundary():
+    adapter = OpenClipAdapter(tiny())
+    limit = adapter.context_length  # start + limit - 2 words + end
+    fits, cut = " ".join(["cat"] * (limit - 2)), " ".join(["cat"] * (limit - 1))
+    assert adapter.tokenize([fits, cut, "a cat"]).truncated == [False, True, False]
+    # open_clip's HFTokenizer has no encode(): every text used to be reported as not truncated
+    from conftest import ASSET_TOKENIZER
+
+    wrapped = open_clip.tokenizer.HFTokenizer(str(ASSET_TOKENIZER), context_length=limit)
+    batch = OpenClipAdapter(tiny(), tokenizer=wrapped).tokenize([fits, cut, "a cat"])
+    assert batch.truncated == [False, True, False]
+    assert batch.tokens[2][:3] == ["<|startoftext|>", "a", "cat"]  # decoded by the tokenizer it wraps
+
+
+def test_a_tokenizer_bug_is_raised_not_shown_as_token_ids():
+    class Broken:
+        def __call__(self, texts, context_length=None):
+            return open_clip.tokenize(texts, context_length=context_length)
+
+        def decode(self, ids):
+            raise TypeError("a bug in the tokenizer")
+
+    adapter = OpenClipAdapter(tiny(), tokenizer=Broken())
+    with pytest.raises(TypeError, match="a bug in the tokenizer"):
+        adapter.tokenize(["a cat"])
+
+
 # ---- Chefer against a float64 oracle ------------------------------------------------------------
 
 
@@ -378,6 +405,22 @@ def test_load_by_name_fails_offline_in_one_line(spec, message, monkeypatch, tmp_
     monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path))
     with pytest.raises(ModelLoadError, match=message) as info:
         cliplens.load_model(spec)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [(b"", "EOFError"), (b"not a checkpoint", "could not load"), (None, "loading state_dict")],
+    ids=["empty", "garbage", "other-model"],
+)
+def test_a_bad_checkpoint_file_fails_in_one_line(content, message, tmp_path):
+    path = tmp_path / "weights.pt"
+    if content is None:
+        torch.save({"not.this.model": torch.zeros(1)}, path)
+    else:
+        path.write_bytes(content)
+    with pytest.raises(ModelLoadError, match=message) as info:
+        cliplens.load_model(f"open_clip:RN50/{path}")
     assert "\n" not in str(info.value)
 
 

@@ -254,8 +254,11 @@ class OpenClipAdapter(ModelAdapter):
     def tokenize(self, texts: list[str]) -> TextBatch:
         tok = self.tokenizer
         limit = self.context_length
-        ids = tok(list(texts), context_length=limit) if _takes_context_length(tok) else tok(list(texts))
+        takes_limit = _takes_context_length(tok)
+        ids = tok(list(texts), context_length=limit) if takes_limit else tok(list(texts))
         ids = torch.as_tensor(ids, dtype=torch.long)
+        # a tokenizer that takes no context length fixes its own: it cannot be asked what it cut
+        truncated = _truncated(tok, texts, ids, limit) if takes_limit else [False] * len(texts)
         P, T = ids.shape
         pad = self._pad_id
         positions = torch.arange(T)[None]
@@ -273,7 +276,6 @@ class OpenClipAdapter(ModelAdapter):
             width = int(max(int(length.max()), int(readout.max()) + 1))
             ids, valid, content = ids[:, :width], valid[:, :width], content[:, :width]
         tokens = [[_decode(tok, t) for t in row[: int(n)].tolist()] for row, n in zip(ids, length)]
-        truncated = [_truncated(tok, t, limit) for t in texts]
         return TextBatch(
             list(texts),
             ids.to(self.device),
@@ -524,28 +526,35 @@ def default_tokenizer(model):
 def _takes_context_length(tok) -> bool:
     try:
         return "context_length" in inspect.signature(tok.__call__).parameters
-    except (TypeError, ValueError):  # pragma: no cover
+    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
         return False
 
 
 def _decode(tok, token_id: int) -> str:
-    try:
-        return tok.decode([token_id]).strip() or str(token_id)
-    except Exception:  # tokenizers without single-id decoding: show the id
+    """How one token id reads. open_clip's ``HFTokenizer`` / ``SigLipTokenizer`` have no
+    ``decode`` of their own: the transformers tokenizer they wrap decodes; a tokenizer with no
+    decoding at all shows the id, as does an id outside the vocabulary."""
+    decode = getattr(tok, "decode", None) or getattr(getattr(tok, "tokenizer", None), "decode", None)
+    if decode is None:
         return str(token_id)
-
-
-def _truncated(tok, text: str, limit: int) -> bool:
-    encode = getattr(tok, "encode", None)
-    if encode is None:
-        return False
     try:
-        return len(encode(text)) + 2 > limit
-    except Exception:  # pragma: no cover
-        return False
+        text = decode([token_id])
+    except (KeyError, IndexError):  # SimpleTokenizer: KeyError; SentencePiece: IndexError
+        return str(token_id)
+    return text.strip() or str(token_id)
 
 
-# ---- loading ------------------------------------------------------------------------------------
+def _truncated(tok, texts: list[str], ids: torch.Tensor, limit: int) -> list[bool]:
+    """Whether the tokenizer cut each text to fit ``limit`` tokens, asked of the tokenizer itself
+    rather than guessed from a token count. ``ids`` (P, limit) are the texts at the context
+    length. Tokenised with one position more, a text that fits comes out the same plus one
+    padding id; a cut text either reads differently within the first ``limit`` positions
+    (tokenizers that end a cut text with their end marker, as open_clip's all do) or holds a
+    token in the extra position (tokenizers that only cut). The padding id is the tokenizer's
+    own: the extra position of an empty text."""
+    more = torch.as_tensor(tok([*texts, ""], context_length=limit + 1), dtype=torch.long)
+    more, pad = more[:-1], more[-1, limit]
+    return ((more[:, :limit] != ids).any(dim=1) | (more[:, limit] != pad)).tolist()
 
 
 def adapt_open_clip(model, tokenizer=None, *, preprocess=None, name: str | None = None) -> OpenClipAdapter:

@@ -12,6 +12,7 @@ and ``cliplens.adapters`` imports this file only when an ``"open_clip:..."`` spe
 from __future__ import annotations
 
 import os
+import pickle
 
 import torch
 
@@ -30,7 +31,9 @@ def import_open_clip(spec: str = "open_clip"):
         import open_clip
     except ImportError:
         raise ModelLoadError(f"{spec}: open_clip is not installed; {INSTALL_HINT}") from None
-    except Exception as exc:  # a torchvision that does not match torch fails at import time
+    except (RuntimeError, OSError, AttributeError) as exc:
+        # a torchvision that does not match torch fails at import time ("operator
+        # torchvision::nms does not exist", a RuntimeError), or half-way through its modules
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ModelLoadError(f"{spec}: open_clip cannot be imported ({first}); {INSTALL_HINT}") from None
     return open_clip
@@ -55,6 +58,24 @@ def weights_cached(cfg: dict, cache_dir: str | None = None) -> bool:
         root = cache_dir or os.path.expanduser(OPENAI_CACHE)
         return os.path.isfile(os.path.join(root, os.path.basename(url)))
     return False
+
+
+def _checkpoint_errors() -> tuple[type[BaseException], ...]:
+    """What reading a bad or mismatched checkpoint raises: torch.load's unpickling errors,
+    safetensors' own error, a missing or cut file, a state dict that does not fit the model."""
+    errors: tuple[type[BaseException], ...] = (
+        RuntimeError,
+        ValueError,
+        OSError,
+        KeyError,
+        EOFError,
+        pickle.UnpicklingError,
+    )
+    try:
+        from safetensors import SafetensorError
+    except ImportError:  # pragma: no cover
+        return errors
+    return (*errors, SafetensorError)
 
 
 def _resolve(open_clip, body: str, spec: str) -> tuple[str, str | None, dict]:
@@ -107,7 +128,7 @@ def load_open_clip(body: str, *, dtype: torch.dtype = torch.float32, tokenizer=N
         model = open_clip.create_model(name, pretrained=pretrained, precision="fp32", **kwargs)
         if tokenizer is None:
             tokenizer = open_clip.get_tokenizer(name)
-    except Exception as exc:  # open_clip raises RuntimeError/ValueError/OSError/... for a bad checkpoint
+    except _checkpoint_errors() as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ModelLoadError(f"{spec}: could not load the open_clip model ({first})") from None
     model = model.to(dtype)
