@@ -24,9 +24,9 @@ import torch
 
 from ..errors import ModelLoadError
 from . import hub
-from .base import ModelAdapter, TextBatch, TokenLayout, TowerRun
-from .families import FAMILIES, Checkpoint, Family, family_of_model, family_of_spec, family_of_type
-from .hf_clip import HF_CLIP_TYPES, HFClipAdapter, load_hf_clip, preprocess_from_config  # noqa: F401
+from .base import Checkpoint, ModelAdapter, TextBatch, TokenLayout, TowerRun
+from .families import FAMILIES, Family, family_of_model, family_of_spec, family_of_type
+from .hf_clip import HF_CLIP_TYPES, HFClipAdapter, preprocess_from_config  # noqa: F401
 from .hf_siglip import HF_SIGLIP_TYPES, HFSiglip2Adapter, HFSiglipAdapter, load_hf_siglip, siglip_adapter  # noqa: F401
 from .hub import read_processor_config  # noqa: F401 (its old import path)
 

@@ -122,6 +122,26 @@ class ReadoutParts:
     proj_bias: torch.Tensor | None  # (D,)
 
 
+@dataclass(frozen=True)
+class Checkpoint:
+    """What a family is asked to load (see ``adapters.families``).
+
+    source: a checkpoint directory or hub name (transformers families), or the spec after its
+            prefix (``"ViT-B-16/openai"`` for ``"open_clip:ViT-B-16/openai"``).
+    name:   what the adapter is called (the spec as the user gave it).
+    tokenizer: the caller's tokenizer, or None for the checkpoint's own.
+    local_files_only: False only for a hub name whose files may be downloaded.
+    processor_config: the checkpoint's ``preprocessor_config.json`` as a dict, or None.
+    """
+
+    source: str
+    name: str
+    dtype: torch.dtype = torch.float32
+    tokenizer: object | None = None
+    local_files_only: bool = True
+    processor_config: dict | None = None
+
+
 class ModelAdapter(ABC):
     """One model family's view for the methods. Subclasses live one per file in ``adapters/``."""
 

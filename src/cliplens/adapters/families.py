@@ -14,30 +14,11 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
-
 from ..errors import ModelLoadError
 from ..preprocess import Preprocess
-from .base import ModelAdapter
-from .hf_clip import HF_CLIP_TYPES, HFClipAdapter, load_hf_clip
-from .hf_siglip import HF_SIGLIP_TYPES, HFSiglip2Adapter, HFSiglipAdapter, load_hf_siglip, siglip_adapter
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    """What a family's ``load`` is asked for.
-
-    source: a checkpoint directory or hub name (transformers families), or the spec after its
-            prefix (``"ViT-B-16/openai"`` for ``"open_clip:ViT-B-16/openai"``).
-    name:   what the adapter is called (the spec as the user gave it).
-    """
-
-    source: str
-    name: str
-    dtype: torch.dtype = torch.float32
-    tokenizer: object | None = None
-    local_files_only: bool = True
-    processor_config: dict | None = None
+from .base import Checkpoint, ModelAdapter
+from .hf_clip import HF_CLIP_TYPES, HFClipAdapter
+from .hf_siglip import HF_SIGLIP_TYPES, HFSiglip2Adapter, HFSiglipAdapter, siglip_adapter
 
 
 @dataclass(frozen=True)
@@ -68,23 +49,6 @@ def _tokenizer_for(model):
     raise ModelLoadError(
         "this model object carries no tokenizer; pass tokenizer= (e.g. CLIPTokenizer.from_pretrained(...))"
     )
-
-
-def _hf_loader(load: Callable[..., ModelAdapter]) -> Callable[[Checkpoint], ModelAdapter]:
-    """A transformers loader ``load(source, dtype, name, *, local_files_only, processor_config,
-    tokenizer)`` as a family's ``load``."""
-
-    def load_checkpoint(checkpoint: Checkpoint) -> ModelAdapter:
-        return load(
-            checkpoint.source,
-            checkpoint.dtype,
-            checkpoint.name,
-            local_files_only=checkpoint.local_files_only,
-            processor_config=checkpoint.processor_config,
-            tokenizer=checkpoint.tokenizer,
-        )
-
-    return load_checkpoint
 
 
 def _hf_clip_adapt(model, tokenizer=None, *, preprocess: Preprocess | None = None, name: str | None = None):
@@ -127,14 +91,12 @@ def _open_clip_load(checkpoint: Checkpoint) -> ModelAdapter:
 
 #: every family, in the order model objects are tried
 FAMILIES: list[Family] = [
-    Family(
-        "hf-clip", HFClipAdapter.matches, _hf_clip_adapt, _hf_loader(load_hf_clip), frozenset(HF_CLIP_TYPES)
-    ),
+    Family("hf-clip", HFClipAdapter.matches, _hf_clip_adapt, HFClipAdapter.load, frozenset(HF_CLIP_TYPES)),
     Family(
         "hf-siglip",  # SiglipModel and Siglip2Model: one loader picks the class from the config
         _siglip_matches,
         _siglip_adapt,
-        _hf_loader(load_hf_siglip),
+        HFSiglipAdapter.load,
         frozenset(HF_SIGLIP_TYPES),
     ),
     Family(

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import ModelLoadError
 from ..preprocess import (  # noqa: F401 (the recipe's old import path)
     OPENAI_MEAN,
     OPENAI_STD,
@@ -34,10 +33,11 @@ class HFClipAdapter(HFEncoderAdapter):
     family = "hf-clip"
     pair_probability = "softmax"
     model_class = "CLIPModel"
+    label = "CLIP"
 
     @staticmethod
-    def _default_preprocess(vision_config) -> Preprocess:
-        return preprocess_from_config(None, vision_config.image_size)
+    def _preprocess_from(processor_config: dict | None, vision_config) -> Preprocess:
+        return preprocess_from_config(processor_config, vision_config.image_size)
 
     def logit_scale(self) -> torch.Tensor:
         return self.model.logit_scale.detach().exp()
@@ -114,27 +114,3 @@ class HFClipAdapter(HFEncoderAdapter):
         if tower == "image":
             return self.model.vision_model.post_layernorm, self.model.visual_projection
         return self.model.text_model.final_layer_norm, self.model.text_projection
-
-
-def load_hf_clip(
-    source,
-    dtype: torch.dtype,
-    name: str,
-    *,
-    local_files_only: bool = True,
-    processor_config: dict | None = None,
-    tokenizer=None,
-) -> HFClipAdapter:
-    """A :class:`HFClipAdapter` from a checkpoint directory or a cached/reachable hub name (its
-    own tokenizer unless ``tokenizer`` is given)."""
-    from transformers import AutoTokenizer, CLIPModel
-
-    try:
-        model = CLIPModel.from_pretrained(source, dtype=dtype, local_files_only=local_files_only)
-        if tokenizer is None:
-            tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_files_only)
-    except (OSError, ValueError, RuntimeError) as exc:
-        first = str(exc).splitlines()[0]
-        raise ModelLoadError(f"{name}: could not load the CLIP checkpoint ({first})") from None
-    pre = preprocess_from_config(processor_config, model.config.vision_config.image_size)
-    return HFClipAdapter(model, tokenizer, preprocess=pre, name=name)

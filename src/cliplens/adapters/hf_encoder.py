@@ -6,9 +6,10 @@ head_dim}``, ``layer_norm2`` and ``mlp`` (pre-norm residual blocks). ``config.vi
 patch_size`` and ``config.text_config.max_position_embeddings``. Attention probabilities come
 from the eager attention path (the only one that returns them), switched on for the call only.
 
-A subclass names its model class and says what differs: the readout (:meth:`_head_modules`,
-and for attention-pooled towers :meth:`readout_with_attention`), tokenization and the forward
-of each tower.
+A subclass names its model class and says what differs: its image recipe
+(:meth:`_preprocess_from`), the readout (:meth:`_head_modules`, and for attention-pooled towers
+:meth:`readout_with_attention`), tokenization and the forward of each tower. Loading a
+checkpoint (:meth:`HFEncoderAdapter.load`) is common to all.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from collections.abc import Iterator
 
 import torch
 
+from ..errors import ModelLoadError
 from ..preprocess import Preprocess
-from .base import ModelAdapter, ReadoutParts, TowerRun, block_entry, run_input_embeds
+from .base import Checkpoint, ModelAdapter, ReadoutParts, TowerRun, block_entry, run_input_embeds
 from .capture import Capture
 
 
@@ -29,17 +31,50 @@ class HFEncoderAdapter(ModelAdapter):
 
     #: the transformers class name this adapter takes, e.g. "CLIPModel"
     model_class: str = ""
+    #: how messages name the family's checkpoints, e.g. "CLIP"
+    label: str = ""
 
     def __init__(self, model, tokenizer, preprocess: Preprocess | None = None, name: str | None = None):
         self.model = model
         self.tokenizer = tokenizer
-        self.preprocess = preprocess or self._default_preprocess(model.config.vision_config)
+        self.preprocess = preprocess or self._preprocess_from(None, model.config.vision_config)
         self.name = name or getattr(model.config, "_name_or_path", "") or type(model).__name__
 
     @staticmethod
-    def _default_preprocess(vision_config) -> Preprocess:
-        """The recipe when neither the caller nor a checkpoint gives one."""
+    def _preprocess_from(processor_config: dict | None, vision_config) -> Preprocess:
+        """The image recipe of a checkpoint's ``preprocessor_config.json`` (None: the defaults)."""
         raise NotImplementedError
+
+    @classmethod
+    def _for_config(cls, config) -> type["HFEncoderAdapter"]:
+        """The adapter class for a checkpoint with this transformers config (a variant's subclass)."""
+        return cls
+
+    @classmethod
+    def load(cls, checkpoint: Checkpoint) -> "HFEncoderAdapter":
+        """An adapter around a checkpoint directory or a cached/reachable hub name: the model in
+        ``checkpoint.dtype``, its own tokenizer (unless one is given), its image recipe."""
+        import transformers
+        from transformers import AutoConfig, AutoTokenizer
+
+        source, local, name = checkpoint.source, checkpoint.local_files_only, checkpoint.name
+        try:
+            adapter_class = cls._for_config(AutoConfig.from_pretrained(source, local_files_only=local))
+            model_class = getattr(transformers, adapter_class.model_class)
+            model = model_class.from_pretrained(source, dtype=checkpoint.dtype, local_files_only=local)
+        except (OSError, ValueError, RuntimeError) as exc:
+            first = str(exc).splitlines()[0]
+            raise ModelLoadError(f"{name}: could not load the {cls.label} checkpoint ({first})") from None
+        tokenizer = checkpoint.tokenizer
+        if tokenizer is None:
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local)
+            except (OSError, ValueError, ImportError) as exc:
+                # e.g. SigLIP's own tokenizer is SentencePiece: name the missing piece, not fail later
+                first = str(exc).splitlines()[0]
+                raise ModelLoadError(f"{name}: could not load the {cls.label} tokenizer ({first})") from None
+        preprocess = adapter_class._preprocess_from(checkpoint.processor_config, model.config.vision_config)
+        return adapter_class(model, tokenizer, preprocess=preprocess, name=name)
 
     @classmethod
     def matches(cls, model) -> bool:

@@ -39,7 +39,7 @@ from ..preprocess import (  # noqa: F401 (the recipes' old import path)
     siglip_preprocess_from_config,
     size_for_max_patches,
 )
-from .base import TextBatch, TokenLayout, TowerRun
+from .base import Checkpoint, TextBatch, TokenLayout, TowerRun
 from .capture import Capture
 from .hf_encoder import HFEncoderAdapter
 
@@ -51,6 +51,7 @@ class HFSiglipAdapter(HFEncoderAdapter):
     family = "hf-siglip"
     pair_probability = "sigmoid"
     model_class = "SiglipModel"
+    label = "SigLIP"
 
     def __init__(self, model, tokenizer, preprocess: Preprocess | None = None, name: str | None = None):
         vcfg = model.config.vision_config
@@ -62,8 +63,12 @@ class HFSiglipAdapter(HFEncoderAdapter):
         self.text_uses_mask = "attention_mask" in (getattr(tokenizer, "model_input_names", None) or [])
 
     @staticmethod
-    def _default_preprocess(vision_config) -> Preprocess:
-        return siglip_preprocess_from_config(None, vision_config.image_size)
+    def _preprocess_from(processor_config: dict | None, vision_config) -> Preprocess:
+        return siglip_preprocess_from_config(processor_config, vision_config.image_size)
+
+    @classmethod
+    def _for_config(cls, config) -> type[HFEncoderAdapter]:
+        return HFSiglip2Adapter if config.model_type == "siglip2" else HFSiglipAdapter
 
     def logit_scale(self) -> torch.Tensor:
         return self.model.logit_scale.detach().exp().reshape(())
@@ -190,8 +195,9 @@ class HFSiglip2Adapter(HFSiglipAdapter):
     model_class = "Siglip2Model"
 
     @staticmethod
-    def _default_preprocess(vision_config) -> Preprocess:
-        return naflex_preprocess_from_config(None, vision_config.patch_size, vision_config.num_patches)
+    def _preprocess_from(processor_config: dict | None, vision_config) -> Preprocess:
+        vcfg = vision_config
+        return naflex_preprocess_from_config(processor_config, vcfg.patch_size, vcfg.num_patches)
 
     def _vision_forward(self, vm, pixel_values: torch.Tensor, gh: int, gw: int):
         b, c = pixel_values.shape[:2]
@@ -213,37 +219,9 @@ def siglip_adapter(
 
 
 def load_hf_siglip(
-    source,
-    dtype: torch.dtype,
-    name: str,
-    *,
-    local_files_only: bool = True,
-    processor_config: dict | None = None,
-    tokenizer=None,
+    source, dtype: torch.dtype, name: str, *, local_files_only: bool = True, processor_config=None
 ) -> HFSiglipAdapter:
     """A :class:`HFSiglipAdapter` (or :class:`HFSiglip2Adapter`) from a local directory or a
-    cached/reachable hub name (its own tokenizer unless ``tokenizer`` is given)."""
-    from transformers import AutoConfig, AutoTokenizer, Siglip2Model, SiglipModel
-
-    try:
-        config = AutoConfig.from_pretrained(source, local_files_only=local_files_only)
-        model_class = Siglip2Model if config.model_type == "siglip2" else SiglipModel
-        model = model_class.from_pretrained(source, dtype=dtype, local_files_only=local_files_only)
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise ModelLoadError(
-            f"{name}: could not load the SigLIP checkpoint ({str(exc).splitlines()[0]})"
-        ) from None
-    if tokenizer is None:
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_files_only)
-        except (OSError, ValueError, ImportError) as exc:
-            # SigLIP's own tokenizer is SentencePiece; name the missing piece rather than fail later
-            raise ModelLoadError(
-                f"{name}: could not load the SigLIP tokenizer ({str(exc).splitlines()[0]})"
-            ) from None
-    vcfg = model.config.vision_config
-    if isinstance(model, Siglip2Model):
-        pre = naflex_preprocess_from_config(processor_config, vcfg.patch_size, vcfg.num_patches)
-    else:
-        pre = siglip_preprocess_from_config(processor_config, vcfg.image_size)
-    return siglip_adapter(model, tokenizer, preprocess=pre, name=name)
+    cached/reachable hub name: :meth:`HFSiglipAdapter.load` under its old name."""
+    checkpoint = Checkpoint(str(source), name, dtype, None, local_files_only, processor_config)
+    return HFSiglipAdapter.load(checkpoint)
