@@ -210,8 +210,7 @@ def oracle_legrad(adapter, images, texts, target="logit", layers=None, pooling="
                     for l in chosen:
                         hidden = run.block_outputs[l]
                         if tower == "image" and pooling == "mean":
-                            mean = hidden.mean(1, keepdim=True)
-                            e, pool = adapter.readout(tower, mean, _zero_layout(mean)), None
+                            e, pool = adapter.head(tower, hidden.mean(1)), None
                         else:
                             e, pool = adapter.readout_with_attention(tower, hidden, run.layout)
                         if tower == "image":
@@ -236,13 +235,6 @@ def oracle_legrad(adapter, images, texts, target="logit", layers=None, pooling="
 
 def _layer_embed(adapter, run, l: int) -> torch.Tensor:
     return adapter.readout("text", run.block_outputs[l], run.layout).detach()
-
-
-def _zero_layout(hidden):
-    from cliplens.adapters.base import TokenLayout
-
-    one = torch.ones(hidden.shape[0], 1, dtype=torch.bool)
-    return TokenLayout(readout=torch.zeros(hidden.shape[0], dtype=torch.long), content=one, valid=one)
 
 
 def oracle_sensitivity(adapter, images, texts, target="logit", variant="grad_norm"):

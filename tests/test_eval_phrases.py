@@ -4,7 +4,6 @@ mask always hits, and the baselines score as computed by hand."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from cliplens.eval import phrases

@@ -263,6 +263,18 @@ def test_readout_with_attention_reads_through_the_pooling_head():
     assert not run.layout.has_readout_token
 
 
+def test_head_is_the_text_readout_and_refused_for_the_pooled_image_tower():
+    adapter = adapter_for(make_tiny_siglip())
+    batch = adapter.tokenize(TEXTS)
+    with adapter.explaining(), torch.no_grad():
+        run = adapter.run_text(batch.input_ids, batch.attention_mask)
+        last = run.block_outputs[-1]
+        rows = torch.arange(last.shape[0])
+        torch.testing.assert_close(adapter.head("text", last[rows, run.layout.readout]), run.embeds)
+        with pytest.raises(NotImplementedError, match="attention-pooling head"):
+            adapter.head("image", torch.zeros(1, last.shape[-1]))
+
+
 def test_every_registered_method_supports_siglip_or_refuses_clearly():
     adapter = adapter_for(make_tiny_siglip())
     images, texts = [random_image(4)], ["a red cat", "dog"]

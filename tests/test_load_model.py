@@ -71,3 +71,54 @@ def test_bad_specs(tmp_path):
         load_model(tmp_path)
     with pytest.raises(ModelLoadError, match="cannot explain"):
         load_model(torch.nn.Linear(2, 2))
+
+
+def test_clip_head_is_the_readout_of_the_readout_token(tiny_adapter):
+    """ModelAdapter.head(tower, pooled): final norm + projection of the readout token; readout()
+    is that token picked, then head()."""
+    from conftest import random_image
+
+    batch = tiny_adapter.tokenize(["a cat", "two red dogs"])
+    pixels = tiny_adapter.prepare_images([random_image(3)])[0].pixel_values
+    with tiny_adapter.explaining(), torch.no_grad():
+        for run in (
+            tiny_adapter.run_image(pixels),
+            tiny_adapter.run_text(batch.input_ids, batch.attention_mask),
+        ):
+            last = run.block_outputs[-1]
+            rows = torch.arange(last.shape[0])
+            pooled = last[rows, run.layout.readout]
+            torch.testing.assert_close(tiny_adapter.head(run.tower, pooled), run.embeds)
+            torch.testing.assert_close(tiny_adapter.readout(run.tower, last, run.layout), run.embeds)
+
+
+def test_adapt_and_load_model_loop_over_the_family_table(monkeypatch):
+    """A family is one entry of adapters.families.FAMILIES: adapt() finds it by its matches(),
+    load_model() by its spec prefix; no if-chain to extend."""
+    from cliplens.adapters import families
+
+    class Toy(torch.nn.Linear):
+        pass
+
+    toy = families.Family(
+        "toy",
+        matches=lambda model: isinstance(model, Toy),
+        adapt=lambda model, tokenizer=None, **kw: ("adapted", model, tokenizer),
+        load=lambda checkpoint: ("loaded", checkpoint),
+        prefixes=("toy:",),
+    )
+    monkeypatch.setattr(families, "FAMILIES", [*families.FAMILIES, toy])
+    model = Toy(2, 2)
+    assert load_model(model, tokenizer="tok") == ("adapted", model, "tok")
+    kind, checkpoint = load_model("toy:some/weights", dtype=torch.float64)
+    assert kind == "loaded" and checkpoint.source == "some/weights" and checkpoint.name == "toy:some/weights"
+    assert checkpoint.dtype == torch.float64
+    with pytest.raises(ModelLoadError, match="cannot explain"):
+        load_model(torch.nn.Linear(2, 2))
+
+
+def test_a_given_tokenizer_is_used_for_a_checkpoint_directory(tiny_checkpoint):
+    from conftest import clip_tokenizer
+
+    tok = clip_tokenizer()
+    assert load_model(tiny_checkpoint, tokenizer=tok).tokenizer is tok

@@ -79,6 +79,24 @@ def test_capture_path_reproduces_the_model(variant):
         torch.testing.assert_close(adapter.readout("text", txt.block_outputs[-1], txt.layout), txt.embeds)
 
 
+@pytest.mark.parametrize("variant", ["openai-quickgelu", "attention-pool"])
+def test_head_is_the_token_readout_or_refused_for_an_attention_pooled_tower(variant):
+    adapter = OpenClipAdapter(tiny(variant, dtype=torch.float64))
+    batch = adapter.tokenize(TEXTS)
+    pixels = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad(), adapter.explaining():
+        img = adapter.run_image(pixels)
+        txt = adapter.run_text(batch.input_ids, batch.attention_mask)
+    last = txt.block_outputs[-1]
+    pooled = last[torch.arange(last.shape[0]), txt.layout.readout]
+    torch.testing.assert_close(adapter.head("text", pooled), txt.embeds, rtol=1e-10, atol=1e-10)
+    if variant == "attention-pool":
+        with pytest.raises(NotImplementedError, match="attentional pooler"):
+            adapter.head("image", img.block_outputs[-1][:, 0])
+    else:
+        torch.testing.assert_close(adapter.head("image", img.block_outputs[-1][:, 0]), img.embeds)
+
+
 def test_tokens_follow_open_clip_and_the_causal_batch_is_cut():
     adapter = OpenClipAdapter(tiny())
     batch = adapter.tokenize(TEXTS)
@@ -92,6 +110,33 @@ def test_tokens_follow_open_clip_and_the_causal_batch_is_cut():
     assert batch.tokens[1][-2:] == ["!", "<end_of_text>"]
     long = adapter.tokenize(["word " * 40])
     assert long.truncated == [True] and long.input_ids.shape[1] == 16
+
+
+def test_truncation_is_asked_of_the_tokenizer_at_the_exact_boundary():
+    adapter = OpenClipAdapter(tiny())
+    limit = adapter.context_length  # start + limit - 2 words + end
+    fits, cut = " ".join(["cat"] * (limit - 2)), " ".join(["cat"] * (limit - 1))
+    assert adapter.tokenize([fits, cut, "a cat"]).truncated == [False, True, False]
+    # open_clip's HFTokenizer has no encode(): every text used to be reported as not truncated
+    from conftest import ASSET_TOKENIZER
+
+    wrapped = open_clip.tokenizer.HFTokenizer(str(ASSET_TOKENIZER), context_length=limit)
+    batch = OpenClipAdapter(tiny(), tokenizer=wrapped).tokenize([fits, cut, "a cat"])
+    assert batch.truncated == [False, True, False]
+    assert batch.tokens[2][:3] == ["<|startoftext|>", "a", "cat"]  # decoded by the tokenizer it wraps
+
+
+def test_a_tokenizer_bug_is_raised_not_shown_as_token_ids():
+    class Broken:
+        def __call__(self, texts, context_length=None):
+            return open_clip.tokenize(texts, context_length=context_length)
+
+        def decode(self, ids):
+            raise TypeError("a bug in the tokenizer")
+
+    adapter = OpenClipAdapter(tiny(), tokenizer=Broken())
+    with pytest.raises(TypeError, match="a bug in the tokenizer"):
+        adapter.tokenize(["a cat"])
 
 
 # ---- Chefer against a float64 oracle ------------------------------------------------------------
@@ -360,6 +405,22 @@ def test_load_by_name_fails_offline_in_one_line(spec, message, monkeypatch, tmp_
     monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path))
     with pytest.raises(ModelLoadError, match=message) as info:
         cliplens.load_model(spec)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [(b"", "EOFError"), (b"not a checkpoint", "could not load"), (None, "loading state_dict")],
+    ids=["empty", "garbage", "other-model"],
+)
+def test_a_bad_checkpoint_file_fails_in_one_line(content, message, tmp_path):
+    path = tmp_path / "weights.pt"
+    if content is None:
+        torch.save({"not.this.model": torch.zeros(1)}, path)
+    else:
+        path.write_bytes(content)
+    with pytest.raises(ModelLoadError, match=message) as info:
+        cliplens.load_model(f"open_clip:RN50/{path}")
     assert "\n" not in str(info.value)
 
 

@@ -127,3 +127,67 @@ def test_eager_model_stays_eager():
     cliplens.explain(adapter, [random_image(1)], ["a cat"], method="chefer")
     assert model.config._attn_implementation == "eager"
     assert model.config.vision_config._attn_implementation == "eager"
+
+
+# ---- the capture protocol itself (adapters/capture.py) ------------------------------------------
+
+
+def test_capture_undoes_every_change_also_when_the_block_raises():
+    from cliplens.adapters.capture import Capture
+
+    model = make_tiny_clip()
+    model.train()
+    model.text_model.final_layer_norm.weight.requires_grad_(False)
+    before = _state(model)
+    layer = model.vision_model.encoder.layers[0]
+    seen = []
+    with pytest.raises(Boom):
+        with Capture() as capture:
+            capture.freeze(model)
+            capture.eager_attention(model)
+            capture.forward_hook(layer, lambda m, a, o: seen.append("post"))
+            capture.forward_pre_hook(layer, lambda m, a: seen.append("pre"))
+            capture.patch_forward(layer.mlp, lambda x: x)
+            assert not model.training and not any(p.requires_grad for p in model.parameters())
+            assert "forward" in layer.mlp.__dict__
+            raise Boom("inside the block")
+    assert _state(model) == before
+    assert "forward" not in layer.mlp.__dict__
+    assert all("forward" not in m.__dict__ for m in model.modules())
+
+
+def test_capture_runs_every_undo_last_first_and_raises_the_first_failure():
+    from cliplens.adapters.capture import Capture
+
+    order = []
+
+    def failing():
+        order.append("failing")
+        raise Boom("undo failed")
+
+    with pytest.raises(Boom, match="undo failed"):
+        with Capture() as capture:
+            capture.on_exit(lambda: order.append("first"))
+            capture.on_exit(failing)
+            capture.on_exit(lambda: order.append("last"))
+    assert order == ["last", "failing", "first"]
+
+
+def test_capture_patch_keeps_an_instance_forward_and_never_touches_the_class():
+    from cliplens.adapters.capture import Capture
+
+    mha = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+    other = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+    class_forward = torch.nn.MultiheadAttention.forward
+    own = mha.forward  # a bound method: stands for a forward the user set on this instance
+    mha.forward = own
+    x = torch.randn(2, 5, 8)
+    probs = []
+    with Capture() as capture:
+        capture.mha_probabilities([mha], lambda i, p: probs.append(p))
+        out = mha(x, x, x, need_weights=False)[0]
+        assert "forward" not in other.__dict__
+    assert mha.__dict__["forward"] is own
+    assert torch.nn.MultiheadAttention.forward is class_forward
+    assert probs[0].shape == (2, 2, 5, 5)
+    torch.testing.assert_close(out, mha(x, x, x, need_weights=False)[0])

@@ -18,12 +18,10 @@ from .errors import InputError
 from .explanation import Explanation
 from .images import load_image
 from .methods import Method, get_method
+from .preprocess import check_resize
 from .targets import PairScores, Target, resolve_target
 
 ImageLike = str | os.PathLike | Image.Image | np.ndarray
-
-
-RESIZE_MODES = ("model", "full")
 
 
 def check_texts(texts) -> list[str]:
@@ -38,12 +36,6 @@ def check_texts(texts) -> list[str]:
         if not t.strip():
             raise InputError(f"prompt {i} is empty")
     return texts
-
-
-def check_resize(resize) -> str:
-    if resize not in RESIZE_MODES:
-        raise InputError(f"resize must be 'model' or 'full', got {resize!r}")
-    return resize
 
 
 @dataclass(frozen=True)

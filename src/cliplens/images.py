@@ -1,10 +1,10 @@
 """Reading images safely and the geometry of preprocessing.
 
 Every image goes through :func:`load_image` (orientation, modes, size budget) and then an
-adapter's preprocessing, which records a :class:`Geometry`: how the original pixels map onto
-the model input. Maps are brought back onto the original image with that record, so the
-heatmap lands where the model looked; pixels the model never saw (cut off by a centre crop)
-come back as NaN instead of being filled in.
+adapter's preprocessing recipe (:mod:`cliplens.preprocess`), which records a :class:`Geometry`:
+how the original pixels map onto the model input. Maps are brought back onto the original image
+with that record, so the heatmap lands where the model looked; pixels the model never saw (cut
+off by a centre crop) come back as NaN instead of being filled in.
 """
 
 from __future__ import annotations
@@ -19,6 +19,18 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ImageError
+
+#: names that moved to :mod:`cliplens.preprocess`, still importable from here
+_MOVED = {"Preprocess", "SquashPreprocess", "NaFlexPreprocess"}
+
+
+def __getattr__(name: str):
+    # the recipes import Geometry from this module, so they are re-exported lazily
+    if name in _MOVED:
+        from . import preprocess
+
+        return getattr(preprocess, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 #: Default pixel budget (width x height) above which an image is refused as a possible
 #: decompression bomb. Raise it with ``CLIPLENS_MAX_PIXELS`` or ``max_pixels=``.
@@ -195,55 +207,3 @@ class Geometry:
             (x1 + left) / self.scale_x,
             (y1 + top) / self.scale_y,
         )
-
-
-@dataclass(frozen=True)
-class Preprocess:
-    """Resize-shortest-edge, centre-crop, normalise: the CLIP recipe, with its geometry.
-
-    ``resize="model"`` follows the checkpoint's processor (shortest edge to ``size``, centre
-    crop ``crop``); ``resize="full"`` keeps the whole image: the shortest edge goes to
-    ``size`` and the other side to the nearest multiple of the patch size, so nothing is
-    cropped (the tower then runs at a non-square grid with interpolated position embeddings).
-    """
-
-    size: int
-    crop: tuple[int, int]  # (height, width)
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    resample: int = Image.BICUBIC
-    do_center_crop: bool = True
-
-    def __call__(
-        self, image: Image.Image, *, resize: str = "model", patch_size: int | None = None
-    ) -> tuple[torch.Tensor, Geometry]:
-        w, h = image.size
-        if resize == "full":
-            if patch_size is None:
-                raise ValueError("resize='full' needs the patch size")
-            short = min(w, h)
-            factor = self.size / short
-            new_w = max(patch_size, int(round(w * factor / patch_size)) * patch_size)
-            new_h = max(patch_size, int(round(h * factor / patch_size)) * patch_size)
-            resized = image.resize((new_w, new_h), resample=self.resample)
-            crop_w, crop_h = new_w, new_h
-            left = top = 0
-        elif resize == "model":
-            short, long = (w, h) if w <= h else (h, w)
-            new_short, new_long = self.size, int(self.size * long / short)
-            new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
-            resized = image.resize((new_w, new_h), resample=self.resample)
-            crop_h, crop_w = self.crop if self.do_center_crop else (new_h, new_w)
-            top = (new_h - crop_h) // 2
-            left = (new_w - crop_w) // 2
-        else:
-            raise ValueError(f"resize must be 'model' or 'full', got {resize!r}")
-        # PIL crop pads with black outside the image, which is what a crop larger than the
-        # resized image means (torchvision pads the same way).
-        cropped = resized.crop((left, top, left + crop_w, top + crop_h))
-        arr = np.asarray(cropped, dtype=np.float32) / 255.0
-        mean = np.asarray(self.mean, dtype=np.float32)
-        std = np.asarray(self.std, dtype=np.float32)
-        pixels = torch.from_numpy(((arr - mean) / std).transpose(2, 0, 1).copy())
-        geometry = Geometry(w, h, new_w / w, new_h / h, (float(left), float(top)), (crop_w, crop_h))
-        return pixels, geometry

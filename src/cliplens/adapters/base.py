@@ -16,12 +16,16 @@ import contextlib
 import copy
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 import torch
 from PIL import Image
 
-from ..images import Geometry, Preprocess
+from ..errors import InputError
+from ..images import Geometry
+from ..preprocess import Preprocess
+
+# the temporary-change helpers live in capture.py; their old import path stays
+from .capture import frozen_eval, mha_probabilities, mha_with_probabilities, module_hooks  # noqa: F401
 
 
 @dataclass(frozen=True)
@@ -116,6 +120,26 @@ class ReadoutParts:
     eps: float
     proj_weight: torch.Tensor | None  # (D, C)
     proj_bias: torch.Tensor | None  # (D,)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """What a family is asked to load (see ``adapters.families``).
+
+    source: a checkpoint directory or hub name (transformers families), or the spec after its
+            prefix (``"ViT-B-16/openai"`` for ``"open_clip:ViT-B-16/openai"``).
+    name:   what the adapter is called (the spec as the user gave it).
+    tokenizer: the caller's tokenizer, or None for the checkpoint's own.
+    local_files_only: False only for a hub name whose files may be downloaded.
+    processor_config: the checkpoint's ``preprocessor_config.json`` as a dict, or None.
+    """
+
+    source: str
+    name: str
+    dtype: torch.dtype = torch.float32
+    tokenizer: object | None = None
+    local_files_only: bool = True
+    processor_config: dict | None = None
 
 
 class ModelAdapter(ABC):
@@ -229,18 +253,59 @@ class ModelAdapter(ABC):
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, detach_blocks: bool = False
     ) -> TowerRun: ...
 
-    @abstractmethod
+    def head(self, tower: str, pooled: torch.Tensor) -> torch.Tensor:
+        """The tower's final norm and projection applied to an already pooled (B, C) vector (the
+        readout token's residual stream as it leaves the last block). Returns (B, D). Towers that
+        read out through an attention-pooling head have no such step and raise
+        NotImplementedError."""
+        raise NotImplementedError(f"{type(self).__name__} does not expose its {tower} head")
+
     def readout(self, tower: str, hidden: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
         """Read a (B, n, C) residual stream out as if it left the last block:
         pooling, final norm, projection. Returns (B, D)."""
+        return self.readout_with_attention(tower, hidden, layout)[0]
 
     def readout_with_attention(
         self, tower: str, hidden: torch.Tensor, layout: TokenLayout
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """:meth:`readout`, plus the pooling head's probabilities (B, H, q, n) of this very call
         for towers that pool with an attention head (``layout.readout == -1``); None for towers
-        that read a token out. The probabilities are in the graph: gradients can be asked at them."""
-        return self.readout(tower, hidden, layout), None
+        that read a token out. The probabilities are in the graph: gradients can be asked at them.
+
+        Here: the token-readout case, the readout token picked and passed to :meth:`head`.
+        Adapters with an attention-pooled tower override it for that tower."""
+        if not layout.has_readout_token:
+            raise NotImplementedError(
+                f"{type(self).__name__}: the {tower} tower pools with an attention head; "
+                "its adapter must read it out through that head"
+            )
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        return self.head(tower, hidden[rows, layout.readout]), None
+
+    def _image_layout(self, pixel_values: torch.Tensor, *, class_token: bool, pooled: bool) -> TokenLayout:
+        """The token layout of an image tower run on (B, 3, h, w) pixels: an optional class token
+        first, then the patches in row-major grid order; the readout is the class token, or -1
+        for every row when ``pooled`` (an attention-pooling head reads the tower out).
+        InputError when h or w is not a multiple of the patch size."""
+        b, _, h, w = pixel_values.shape
+        ph, pw = self.patch_size
+        if h % ph or w % pw:
+            raise InputError(f"image input {h}x{w} is not a multiple of the patch size {ph}x{pw}")
+        if not (class_token or pooled):
+            raise ValueError("an image tower without a class token must pool with a head")
+        gh, gw = h // ph, w // pw
+        first = 1 if class_token else 0
+        n = first + gh * gw
+        dev = pixel_values.device
+        content = torch.zeros(b, n, dtype=torch.bool, device=dev)
+        content[:, first:] = True
+        return TokenLayout(
+            readout=torch.full((b,), -1 if pooled else 0, dtype=torch.long, device=dev),
+            content=content,
+            valid=torch.ones(b, n, dtype=torch.bool, device=dev),
+            grid=(gh, gw),
+            patches=torch.arange(first, n, device=dev),
+        )
 
     # ---- linear pieces, for exact decompositions -----------------------------------------
     # Optional for an adapter; methods that need them (``decomposition``) report a family
@@ -270,36 +335,6 @@ class ModelAdapter(ABC):
         raise NotImplementedError(f"{type(self).__name__} does not expose its readout parts")
 
 
-@contextlib.contextmanager
-def module_hooks(registrations: list[Callable[[], torch.utils.hooks.RemovableHandle]]) -> Iterator[None]:
-    """Register hooks for the duration of a ``with`` block; always remove them."""
-    handles = []
-    try:
-        for register in registrations:
-            handles.append(register())
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-@contextlib.contextmanager
-def frozen_eval(model: torch.nn.Module) -> Iterator[None]:
-    """Eval mode and no parameter gradients for the call; restores mode and flags exactly."""
-    modes = {m: m.training for m in model.modules()}
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    try:
-        model.eval()
-        for p, _ in flags:
-            p.requires_grad_(False)
-        yield
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
-        for p, flag in flags:
-            p.requires_grad_(flag)
-
-
 def as_grad_leaf(tensor: torch.Tensor) -> torch.Tensor:
     """``tensor`` itself when gradients already flow into it (e.g. from pixels that require
     grad), else a detached copy that requires grad: the point input gradients are asked at."""
@@ -308,108 +343,24 @@ def as_grad_leaf(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().requires_grad_(True)
 
 
-# ---- nn.MultiheadAttention with per-head probabilities, for one call --------------------------
+def run_input_embeds(computed: torch.Tensor, given: torch.Tensor | None) -> torch.Tensor:
+    """What a run reports as :attr:`TowerRun.input_embeds` and feeds on: the embedding stage's
+    own output ``computed``, or the caller's ``given`` replacement (checked against its shape),
+    as a tensor gradients can be asked at (see :func:`as_grad_leaf`)."""
+    if given is not None:
+        if given.shape != computed.shape:
+            raise InputError(
+                f"input_embeds of shape {tuple(given.shape)} do not fit this input "
+                f"(the embeddings are {tuple(computed.shape)})"
+            )
+        computed = given.to(computed.dtype)
+    return as_grad_leaf(computed)
 
 
-def mha_with_probabilities(
-    mha: torch.nn.MultiheadAttention,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    *,
-    attn_mask: torch.Tensor | None = None,
-    key_padding_mask: torch.Tensor | None = None,
-    is_causal: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """What ``mha(query, key, value, ...)[0]`` computes, from the module's own weights, one head
-    at a time, returning ``(output, probabilities)``; probabilities are (B, H, Lq, Lk) and the
-    output is computed from exactly that tensor, so gradients reach it. Inputs follow the
-    module's ``batch_first`` layout (or are unbatched (L, E))."""
-    if mha.bias_k is not None or mha.bias_v is not None or mha.add_zero_attn:
-        raise NotImplementedError("nn.MultiheadAttention with add_bias_kv or add_zero_attn is not supported")
-    unbatched = query.dim() == 2
-    if unbatched:
-        query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
-        if key_padding_mask is not None:
-            key_padding_mask = key_padding_mask.unsqueeze(0)
-    elif not mha.batch_first:
-        query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
-    B, Lq, E = query.shape
-    Lk = key.shape[1]
-    H = mha.num_heads
-    d = E // H
-    bias = mha.in_proj_bias
-    b_q, b_k, b_v = bias.chunk(3) if bias is not None else (None, None, None)
-    if mha._qkv_same_embed_dim:
-        w_q, w_k, w_v = mha.in_proj_weight.chunk(3)
-    else:
-        w_q, w_k, w_v = mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight
-    q = torch.nn.functional.linear(query, w_q, b_q).reshape(B, Lq, H, d).transpose(1, 2)
-    k = torch.nn.functional.linear(key, w_k, b_k).reshape(B, Lk, H, d).transpose(1, 2)
-    v = torch.nn.functional.linear(value, w_v, b_v).reshape(B, Lk, H, d).transpose(1, 2)
-    scores = (q * d**-0.5) @ k.transpose(-1, -2)  # (B, H, Lq, Lk)
-    if is_causal and attn_mask is None:
-        attn_mask = torch.ones(Lq, Lk, dtype=torch.bool, device=q.device).triu(1)
-    for mask in (attn_mask, key_padding_mask):
-        if mask is None:
-            continue
-        if mask is key_padding_mask:
-            mask = mask[:, None, None, :]
-        elif mask.dim() == 3:
-            mask = mask.reshape(B, H, Lq, Lk)
-        if mask.dtype == torch.bool:
-            scores = scores.masked_fill(mask, float("-inf"))
-        else:
-            scores = scores + mask.to(scores.dtype)
-    probs = scores.softmax(dim=-1)
-    mixed = torch.nn.functional.dropout(probs, mha.dropout, mha.training) @ v
-    out = mha.out_proj(mixed.transpose(1, 2).reshape(B, Lq, E))
-    if unbatched:
-        out = out.squeeze(0)
-    elif not mha.batch_first:
-        out = out.transpose(0, 1)
-    return out, probs
-
-
-@contextlib.contextmanager
-def mha_probabilities(
-    modules: list[torch.nn.MultiheadAttention], sink: Callable[[int, torch.Tensor], None]
-) -> Iterator[None]:
-    """For the ``with`` block, route each listed ``nn.MultiheadAttention`` instance through
-    :func:`mha_with_probabilities` and hand its per-head probabilities to ``sink(i, probs)``
-    (i: the module's position in ``modules``). The fused kernels return no probabilities (or
-    only their head mean, not in the graph), hence the swap. Only these instances are touched
-    (an instance attribute ``forward``), never the class; removed on exit, also on exceptions."""
-    patched: list[tuple[torch.nn.MultiheadAttention, bool, object]] = []
-    try:
-        for i, mha in enumerate(modules):
-
-            def forward(
-                query,
-                key,
-                value,
-                key_padding_mask=None,
-                need_weights=True,
-                attn_mask=None,
-                average_attn_weights=True,
-                is_causal=False,
-                _i=i,
-                _mha=mha,
-            ):
-                out, probs = mha_with_probabilities(
-                    _mha, query, key, value, attn_mask=attn_mask, key_padding_mask=key_padding_mask, is_causal=is_causal
-                )
-                sink(_i, probs)
-                if not need_weights:
-                    return out, None
-                return out, probs.mean(dim=1) if average_attn_weights else probs
-
-            patched.append((mha, "forward" in mha.__dict__, mha.__dict__.get("forward")))
-            mha.forward = forward  # instance attribute: shadows the class method for this module only
-        yield
-    finally:
-        for mha, had, previous in reversed(patched):
-            if had:
-                mha.forward = previous
-            else:
-                mha.__dict__.pop("forward", None)
+def block_entry(hidden: torch.Tensor, index: int, detach_blocks: bool) -> torch.Tensor:
+    """The residual stream entering block ``index``: with ``detach_blocks`` (and after the first
+    block) a new leaf with the same values, so gradients still reach this block's attention but
+    stop here instead of flowing into earlier blocks."""
+    if detach_blocks and index > 0:
+        return hidden.detach().requires_grad_(hidden.requires_grad)
+    return hidden

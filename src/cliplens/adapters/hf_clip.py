@@ -1,142 +1,46 @@
-"""Hugging Face transformers ``CLIPModel``.
+"""Hugging Face transformers ``CLIPModel``: what CLIP adds to the shared encoder layout
+(:class:`~cliplens.adapters.hf_encoder.HFEncoderAdapter`).
 
-Module paths used: ``vision_model.{embeddings, pre_layrnorm, encoder.layers[i].self_attn,
-post_layernorm}``, ``visual_projection``, ``text_model.{embeddings, encoder.layers[i],
-final_layer_norm}``, ``text_projection``, ``logit_scale``. Attention probabilities come from
-the eager attention path (the only one that returns them), switched on for the call only.
+Module paths used beyond the shared ones: ``vision_model.{pre_layrnorm, post_layernorm}``,
+``visual_projection``, ``text_model.final_layer_norm``, ``text_projection``, ``logit_scale``.
+The image tower reads out its class token, the text tower the end-of-text token (as
+``CLIPTextModel`` picks it); both then go through the final norm and the projection.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
-from pathlib import Path
-from typing import Iterator
-
 import torch
-from PIL import Image
 
-from ..errors import InputError
-from ..images import Preprocess
-from .base import (
-    ModelAdapter,
-    ReadoutParts,
-    TextBatch,
-    TokenLayout,
-    TowerRun,
-    as_grad_leaf,
-    frozen_eval,
-    module_hooks,
+from ..preprocess import (  # noqa: F401 (the recipe's old import path)
+    OPENAI_MEAN,
+    OPENAI_STD,
+    Preprocess,
+    preprocess_from_config,
 )
+from .base import TextBatch, TokenLayout, TowerRun
+from .capture import Capture, all_configs, eager_attention  # noqa: F401 (old import path)
+from .hf_encoder import HFEncoderAdapter
+from .hub import read_processor_config  # noqa: F401 (old import path)
 
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+#: config.json model_type values this file's adapter takes
+HF_CLIP_TYPES = {"clip"}
 
-
-def preprocess_from_config(processor_config: dict | None, image_size: int) -> Preprocess:
-    """The CLIP image recipe from a ``preprocessor_config.json`` dict (or OpenAI defaults)."""
-    cfg = processor_config or {}
-    size = cfg.get("size", image_size)
-    if isinstance(size, dict):
-        size = size.get("shortest_edge") or size.get("height") or image_size
-    crop = cfg.get("crop_size", size)
-    if isinstance(crop, dict):
-        crop = (int(crop.get("height", size)), int(crop.get("width", size)))
-    else:
-        crop = (int(crop), int(crop))
-    return Preprocess(
-        size=int(size),
-        crop=crop,
-        mean=tuple(cfg.get("image_mean", OPENAI_MEAN)),
-        std=tuple(cfg.get("image_std", OPENAI_STD)),
-        resample=int(cfg.get("resample", Image.BICUBIC)),
-        do_center_crop=bool(cfg.get("do_center_crop", True)),
-    )
+#: the old name of :func:`~cliplens.adapters.capture.all_configs`
+_all_configs = all_configs
 
 
-def read_processor_config(directory: str | Path | None) -> dict | None:
-    if directory is None:
-        return None
-    path = Path(directory) / "preprocessor_config.json"
-    if not path.is_file():
-        return None
-    with open(path) as f:
-        return json.load(f)
-
-
-def _all_configs(config) -> list:
-    """The config and every nested sub-config (each holds its own attention setting)."""
-    seen, stack, out = set(), [config], []
-    while stack:
-        cfg = stack.pop()
-        if cfg is None or id(cfg) in seen:
-            continue
-        seen.add(id(cfg))
-        out.append(cfg)
-        for key in getattr(cfg, "sub_configs", {}) or {}:
-            stack.append(getattr(cfg, key, None))
-    return out
-
-
-@contextlib.contextmanager
-def eager_attention(model) -> Iterator[None]:
-    """Switch a transformers model to eager attention for the block; restore every
-    (sub-)config's previous setting on exit."""
-    configs = _all_configs(model.config)
-    saved = [(cfg, cfg.__dict__.get("_attn_implementation_internal")) for cfg in configs]
-    try:
-        if any(cfg._attn_implementation != "eager" for cfg in configs):
-            model.set_attn_implementation("eager")
-        yield
-    finally:
-        for cfg, value in saved:
-            cfg._attn_implementation_internal = value
-
-
-class HFClipAdapter(ModelAdapter):
+class HFClipAdapter(HFEncoderAdapter):
     family = "hf-clip"
     pair_probability = "softmax"
-
-    def __init__(self, model, tokenizer, preprocess: Preprocess | None = None, name: str | None = None):
-        self.model = model
-        self.tokenizer = tokenizer
-        vcfg = model.config.vision_config
-        self.preprocess = preprocess or preprocess_from_config(None, vcfg.image_size)
-        self.name = name or getattr(model.config, "_name_or_path", "") or "CLIPModel"
+    model_class = "CLIPModel"
+    label = "CLIP"
 
     @staticmethod
-    def matches(model) -> bool:
-        try:
-            from transformers import CLIPModel
-        except ImportError:  # pragma: no cover
-            return False
-        return isinstance(model, CLIPModel)
-
-    # ---- facts -------------------------------------------------------------------------
-    @property
-    def patch_size(self) -> tuple[int, int]:
-        p = self.model.config.vision_config.patch_size
-        return (p, p)
-
-    @property
-    def num_layers(self) -> dict[str, int]:
-        return {
-            "image": len(self.model.vision_model.encoder.layers),
-            "text": len(self.model.text_model.encoder.layers),
-        }
-
-    @property
-    def context_length(self) -> int:
-        return int(self.model.config.text_config.max_position_embeddings)
+    def _preprocess_from(processor_config: dict | None, vision_config) -> Preprocess:
+        return preprocess_from_config(processor_config, vision_config.image_size)
 
     def logit_scale(self) -> torch.Tensor:
         return self.model.logit_scale.detach().exp()
-
-    def blocks(self, tower: str) -> list[torch.nn.Module]:
-        return list(self._tower(tower).encoder.layers)
-
-    def capabilities(self, tower: str) -> frozenset[str]:
-        return frozenset({"readout_token", "linear_split"})
 
     # ---- inputs ------------------------------------------------------------------------
     def tokenize(self, texts: list[str]) -> TextBatch:
@@ -153,10 +57,9 @@ class HFClipAdapter(ModelAdapter):
         for i, ids in enumerate(kept):
             input_ids[i, : len(ids)] = torch.tensor(ids)
             mask[i, : len(ids)] = 1
-            tokens.append([tok.decode([t]).strip() or tok.convert_ids_to_tokens(t) for t in ids])
+            tokens.append(self._token_strings(ids))
         truncated = [len(f) > len(k) for f, k in zip(full, kept)]
-        positions = torch.arange(width)[None]
-        content = (positions > 0) & (positions < self._readout_positions(input_ids)[:, None])
+        content = self._text_content(input_ids, self._readout_positions(input_ids))
         return TextBatch(list(texts), input_ids.to(self.device), mask.to(self.device), tokens, truncated, content)
 
     def _eos_id(self) -> int:
@@ -171,78 +74,21 @@ class HFClipAdapter(ModelAdapter):
             return input_ids.to(torch.int).argmax(dim=-1).long()
         return (input_ids == self.model.config.text_config.eos_token_id).int().argmax(dim=-1).long()
 
+    @staticmethod
+    def _text_content(input_ids: torch.Tensor, readout: torch.Tensor) -> torch.Tensor:
+        """(P, T) bool: the tokens between the start token and the end token."""
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+        return (positions > 0) & (positions < readout[:, None])
+
     # ---- running -----------------------------------------------------------------------
-    @contextlib.contextmanager
-    def explaining(self) -> Iterator[None]:
-        with frozen_eval(self.model), eager_attention(self.model):
-            yield
-
-    def _capture(self, tower_module, run: TowerRun, detach_blocks: bool, input_embeds: torch.Tensor | None = None):
-        layers = tower_module.encoder.layers
-        regs = []
-
-        def on_embed(module, args, output):
-            if input_embeds is not None:
-                if input_embeds.shape != output.shape:
-                    raise InputError(
-                        f"input_embeds of shape {tuple(input_embeds.shape)} do not fit this input "
-                        f"(the embeddings are {tuple(output.shape)})"
-                    )
-                output = input_embeds.to(output.dtype)
-            leaf = as_grad_leaf(output)
-            run.input_embeds = leaf
-            return leaf
-
-        regs.append(lambda: tower_module.embeddings.register_forward_hook(on_embed))
-        for i, layer in enumerate(layers):
-
-            def pre(module, args, kwargs, i=i):
-                hidden = args[0] if args else kwargs["hidden_states"]
-                if detach_blocks and i > 0:
-                    # a new leaf with the same values: gradients still reach this block's
-                    # attention, but stop here instead of flowing into earlier blocks
-                    hidden = hidden.detach().requires_grad_(hidden.requires_grad)
-                run.block_inputs.append(hidden)
-                if args:
-                    return (hidden, *args[1:]), kwargs
-                return args, {**kwargs, "hidden_states": hidden}
-
-            def post(module, args, output):
-                run.block_outputs.append(output[0] if isinstance(output, tuple) else output)
-
-            def on_attn(module, args, output):
-                weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
-                if weights is None:
-                    raise RuntimeError("attention probabilities were not returned; eager attention is required")
-                run.attentions.append(weights)
-
-            regs.append(lambda layer=layer, pre=pre: layer.register_forward_pre_hook(pre, with_kwargs=True))
-            regs.append(lambda layer=layer, post=post: layer.register_forward_hook(post))
-            regs.append(lambda layer=layer, on_attn=on_attn: layer.self_attn.register_forward_hook(on_attn))
-        return module_hooks(regs)
-
     def run_image(
         self, pixel_values: torch.Tensor, *, detach_blocks: bool = False, input_embeds: torch.Tensor | None = None
     ) -> TowerRun:
         vm = self.model.vision_model
-        b, _, h, w = pixel_values.shape
-        ph, pw = self.patch_size
-        if h % ph or w % pw:
-            raise InputError(f"image input {h}x{w} is not a multiple of the patch size {ph}x{pw}")
-        gh, gw = h // ph, w // pw
-        n = 1 + gh * gw
-        dev = pixel_values.device
-        content = torch.zeros(b, n, dtype=torch.bool, device=dev)
-        content[:, 1:] = True
-        layout = TokenLayout(
-            readout=torch.zeros(b, dtype=torch.long, device=dev),
-            content=content,
-            valid=torch.ones(b, n, dtype=torch.bool, device=dev),
-            grid=(gh, gw),
-            patches=torch.arange(1, n, device=dev),
-        )
+        layout = self._image_layout(pixel_values, class_token=True, pooled=False)
         run = TowerRun("image", embeds=None, layout=layout, pixel_values=pixel_values)  # type: ignore[arg-type]
-        with self._capture(vm, run, detach_blocks, input_embeds):
+        with Capture() as capture:
+            self._capture(capture, vm, run, detach_blocks, input_embeds)
             out = vm(pixel_values=pixel_values, interpolate_pos_encoding=True)
         run.pooled = out.pooler_output
         run.embeds = self.model.visual_projection(run.pooled)
@@ -253,49 +99,18 @@ class HFClipAdapter(ModelAdapter):
     ) -> TowerRun:
         tm = self.model.text_model
         readout = self._readout_positions(input_ids)
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
-        content = (positions > 0) & (positions < readout[:, None])
-        layout = TokenLayout(readout=readout, content=content, valid=attention_mask.bool())
+        layout = TokenLayout(
+            readout=readout, content=self._text_content(input_ids, readout), valid=attention_mask.bool()
+        )
         run = TowerRun("text", embeds=None, layout=layout)  # type: ignore[arg-type]
-        with self._capture(tm, run, detach_blocks):
+        with Capture() as capture:
+            self._capture(capture, tm, run, detach_blocks)
             out = tm(input_ids=input_ids, attention_mask=attention_mask)
         run.pooled = out.pooler_output
         run.embeds = self.model.text_projection(run.pooled)
         return run
 
-    def readout(self, tower: str, hidden: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
-        rows = torch.arange(hidden.shape[0], device=hidden.device)
-        token = hidden[rows, layout.readout]
+    def _head_modules(self, tower: str) -> tuple[torch.nn.Module, torch.nn.Module]:
         if tower == "image":
-            return self.model.visual_projection(self.model.vision_model.post_layernorm(token))
-        return self.model.text_projection(self.model.text_model.final_layer_norm(token))
-
-    # ---- linear pieces (see ModelAdapter) ------------------------------------------------
-    def _tower(self, tower: str):
-        return self.model.vision_model if tower == "image" else self.model.text_model
-
-    def _layer(self, tower: str, layer_index: int):
-        return self._tower(tower).encoder.layers[layer_index]
-
-    def attention_value_heads(self, tower: str, layer_index: int, block_input: torch.Tensor) -> torch.Tensor:
-        layer = self._layer(tower, layer_index)
-        attn = layer.self_attn
-        values = attn.v_proj(layer.layer_norm1(block_input))  # (B, n, C)
-        b, n, c = values.shape
-        h, d = attn.num_heads, attn.head_dim
-        w_o = attn.out_proj.weight.reshape(c, h, d)  # out = sum_h W_O[:, h-slice] @ v_h
-        return torch.einsum("bnhd,chd->bhnc", values.reshape(b, n, h, d), w_o)
-
-    def attention_out_bias(self, tower: str, layer_index: int) -> torch.Tensor | None:
-        return self._layer(tower, layer_index).self_attn.out_proj.bias
-
-    def mlp_output(self, tower: str, layer_index: int, hidden: torch.Tensor) -> torch.Tensor:
-        layer = self._layer(tower, layer_index)
-        return layer.mlp(layer.layer_norm2(hidden))
-
-    def readout_parts(self, tower: str) -> ReadoutParts:
-        if tower == "image":
-            norm, proj = self.model.vision_model.post_layernorm, self.model.visual_projection
-        else:
-            norm, proj = self.model.text_model.final_layer_norm, self.model.text_projection
-        return ReadoutParts("layernorm", norm.weight, norm.bias, float(norm.eps), proj.weight, proj.bias)
+            return self.model.vision_model.post_layernorm, self.model.visual_projection
+        return self.model.text_model.final_layer_norm, self.model.text_projection

@@ -1,8 +1,10 @@
-"""Hugging Face transformers ``SiglipModel`` (SigLIP: sigmoid loss, attention-pooled image tower).
+"""Hugging Face transformers ``SiglipModel`` / ``Siglip2Model`` (SigLIP: sigmoid loss,
+attention-pooled image tower): what SigLIP adds to the shared encoder layout
+(:class:`~cliplens.adapters.hf_encoder.HFEncoderAdapter`).
 
-Module paths used: ``vision_model.{embeddings, encoder.layers[i].self_attn, post_layernorm,
-head.{probe, attention, layernorm, mlp}}``, ``text_model.{embeddings, encoder.layers[i],
-final_layer_norm, head}``, ``logit_scale``, ``logit_bias``.
+Module paths used beyond the shared ones: ``vision_model.{post_layernorm, head.{probe,
+attention, layernorm, mlp}}``, ``text_model.{final_layer_norm, head}``, ``logit_scale``,
+``logit_bias``.
 
 What differs from CLIP, and how the adapter handles it:
 
@@ -12,7 +14,7 @@ What differs from CLIP, and how the adapter handles it:
   the head's per-head probabilities (B, H, 1, n) go to ``TowerRun.pool_attention``. The
   ``nn.MultiheadAttention`` call returns no per-head probabilities in the graph, so for the
   call only that one instance computes attention head by head from its own weights
-  (:func:`~cliplens.adapters.base.mha_probabilities`).
+  (:meth:`~cliplens.adapters.capture.Capture.mha_probabilities`).
 - The text tower has no causal mask and reads out the LAST position (which is padding for
   short prompts: SigLIP was trained on prompts padded to ``max_length``, so the adapter pads
   the same way). The readout token is position T-1 for every prompt.
@@ -24,180 +26,49 @@ What differs from CLIP, and how the adapter handles it:
 
 from __future__ import annotations
 
-import contextlib
-import math
-from collections.abc import Iterator
-from dataclasses import dataclass
-
-import numpy as np
 import torch
-from PIL import Image
 
-from ..errors import InputError, ModelLoadError
-from ..images import Geometry, Preprocess
-from .base import (
-    ModelAdapter,
-    ReadoutParts,
-    TextBatch,
-    TokenLayout,
-    TowerRun,
-    as_grad_leaf,
-    frozen_eval,
-    mha_probabilities,
-    module_hooks,
+from ..errors import ModelLoadError
+from ..preprocess import (  # noqa: F401 (the recipes' old import path)
+    SIGLIP_MEAN,
+    SIGLIP_STD,
+    NaFlexPreprocess,
+    Preprocess,
+    SquashPreprocess,
+    naflex_preprocess_from_config,
+    siglip_preprocess_from_config,
+    size_for_max_patches,
 )
-from .hf_clip import eager_attention
-
-SIGLIP_MEAN = (0.5, 0.5, 0.5)
-SIGLIP_STD = (0.5, 0.5, 0.5)
+from .base import Checkpoint, TextBatch, TokenLayout, TowerRun
+from .capture import Capture
+from .hf_encoder import HFEncoderAdapter
 
 #: config.json model_type values this file's adapters take
 HF_SIGLIP_TYPES = {"siglip", "siglip2"}
 
 
-@dataclass(frozen=True)
-class SquashPreprocess(Preprocess):
-    """``resize="model"`` resizes the whole image to ``crop`` (height, width) without keeping the
-    aspect ratio and without cropping, as SigLIP's processor (and open_clip's ``squash`` resize
-    mode) do; ``resize="full"`` is the common aspect-keeping recipe of :class:`Preprocess`."""
-
-    def __call__(
-        self, image: Image.Image, *, resize: str = "model", patch_size: int | None = None
-    ) -> tuple[torch.Tensor, Geometry]:
-        if resize != "model":
-            return super().__call__(image, resize=resize, patch_size=patch_size)
-        w, h = image.size
-        crop_h, crop_w = self.crop
-        resized = image.resize((crop_w, crop_h), resample=self.resample)
-        arr = np.asarray(resized, dtype=np.float32) / 255.0
-        mean = np.asarray(self.mean, dtype=np.float32)
-        std = np.asarray(self.std, dtype=np.float32)
-        pixels = torch.from_numpy(((arr - mean) / std).transpose(2, 0, 1).copy())
-        return pixels, Geometry(w, h, crop_w / w, crop_h / h, (0.0, 0.0), (crop_w, crop_h))
-
-
-def siglip_preprocess_from_config(processor_config: dict | None, image_size: int) -> Preprocess:
-    """The SigLIP image recipe from a ``preprocessor_config.json`` dict (or SigLIP defaults)."""
-    cfg = processor_config or {}
-    size = cfg.get("size", image_size)
-    if isinstance(size, dict):
-        height = int(size.get("height") or size.get("shortest_edge") or image_size)
-        width = int(size.get("width") or size.get("shortest_edge") or image_size)
-    else:
-        height = width = int(size)
-    return SquashPreprocess(
-        size=min(height, width),
-        crop=(height, width),
-        mean=tuple(cfg.get("image_mean", SIGLIP_MEAN)),
-        std=tuple(cfg.get("image_std", SIGLIP_STD)),
-        resample=int(cfg.get("resample", Image.BICUBIC)),
-        do_center_crop=False,
-    )
-
-
-def size_for_max_patches(height: int, width: int, patch: int, max_patches: int) -> tuple[int, int]:
-    """SigLIP 2's NaFlex size: the aspect ratio kept, each side rounded up to whole patches, the
-    largest such size with at most ``max_patches`` patches (a bisection on the scale, as the
-    transformers image processor does it)."""
-
-    def side(scale: float, size: int) -> int:
-        return max(patch, math.ceil(size * scale / patch) * patch)
-
-    lo, hi = 1e-6, 100.0
-    while hi - lo >= 1e-5:
-        mid = (lo + hi) / 2
-        if (side(mid, height) // patch) * (side(mid, width) // patch) <= max_patches:
-            lo = mid
-        else:
-            hi = mid
-    return side(lo, height), side(lo, width)
-
-
-@dataclass(frozen=True)
-class NaFlexPreprocess(Preprocess):
-    """SigLIP 2 (NaFlex): ``resize="model"`` keeps the aspect ratio and resizes to the largest
-    whole-patch size with at most ``max_patches`` patches (no crop, no padding patches);
-    ``resize="full"`` is the common shortest-edge recipe of :class:`Preprocess`."""
-
-    patch: int = 16
-    max_patches: int = 256
-
-    def __call__(
-        self, image: Image.Image, *, resize: str = "model", patch_size: int | None = None
-    ) -> tuple[torch.Tensor, Geometry]:
-        if resize != "model":
-            return super().__call__(image, resize=resize, patch_size=patch_size)
-        w, h = image.size
-        new_h, new_w = size_for_max_patches(h, w, self.patch, self.max_patches)
-        resized = image.resize((new_w, new_h), resample=self.resample)
-        arr = np.asarray(resized, dtype=np.float32) / 255.0
-        mean = np.asarray(self.mean, dtype=np.float32)
-        std = np.asarray(self.std, dtype=np.float32)
-        pixels = torch.from_numpy(((arr - mean) / std).transpose(2, 0, 1).copy())
-        return pixels, Geometry(w, h, new_w / w, new_h / h, (0.0, 0.0), (new_w, new_h))
-
-
-def naflex_preprocess_from_config(processor_config: dict | None, patch: int, num_patches: int) -> Preprocess:
-    """The SigLIP 2 recipe from a ``preprocessor_config.json`` dict (or its defaults)."""
-    cfg = processor_config or {}
-    max_patches = int(cfg.get("max_num_patches", num_patches))
-    side = int(round(math.sqrt(max_patches))) * patch
-    return NaFlexPreprocess(
-        size=side,
-        crop=(side, side),
-        mean=tuple(cfg.get("image_mean", SIGLIP_MEAN)),
-        std=tuple(cfg.get("image_std", SIGLIP_STD)),
-        resample=int(cfg.get("resample", Image.BILINEAR)),
-        do_center_crop=False,
-        patch=int(cfg.get("patch_size", patch)),
-        max_patches=max_patches,
-    )
-
-
-class HFSiglipAdapter(ModelAdapter):
+class HFSiglipAdapter(HFEncoderAdapter):
     family = "hf-siglip"
     pair_probability = "sigmoid"
+    model_class = "SiglipModel"
+    label = "SigLIP"
 
     def __init__(self, model, tokenizer, preprocess: Preprocess | None = None, name: str | None = None):
         vcfg = model.config.vision_config
         if not getattr(vcfg, "vision_use_head", True) or getattr(model.vision_model, "head", None) is None:
             raise ModelLoadError("this SigLIP model has no attention-pooling head (vision_use_head=False)")
-        self.model = model
-        self.tokenizer = tokenizer
-        self.preprocess = preprocess or self._default_preprocess(vcfg)
-        self.name = name or getattr(model.config, "_name_or_path", "") or type(model).__name__
+        super().__init__(model, tokenizer, preprocess=preprocess, name=name)
         # Whether the model sees the padding mask: as in ``model(**tokenizer(...))``. SigLIP was
         # trained without one (pads are attended to); tokenizers that return a mask pass it on.
         self.text_uses_mask = "attention_mask" in (getattr(tokenizer, "model_input_names", None) or [])
 
     @staticmethod
-    def _default_preprocess(vcfg) -> Preprocess:
-        return siglip_preprocess_from_config(None, vcfg.image_size)
+    def _preprocess_from(processor_config: dict | None, vision_config) -> Preprocess:
+        return siglip_preprocess_from_config(processor_config, vision_config.image_size)
 
-    @staticmethod
-    def matches(model) -> bool:
-        try:
-            from transformers import SiglipModel
-        except ImportError:  # pragma: no cover
-            return False
-        return isinstance(model, SiglipModel)
-
-    # ---- facts -------------------------------------------------------------------------
-    @property
-    def patch_size(self) -> tuple[int, int]:
-        p = self.model.config.vision_config.patch_size
-        return (p, p)
-
-    @property
-    def num_layers(self) -> dict[str, int]:
-        return {
-            "image": len(self.model.vision_model.encoder.layers),
-            "text": len(self.model.text_model.encoder.layers),
-        }
-
-    @property
-    def context_length(self) -> int:
-        return int(self.model.config.text_config.max_position_embeddings)
+    @classmethod
+    def _for_config(cls, config) -> type[HFEncoderAdapter]:
+        return HFSiglip2Adapter if config.model_type == "siglip2" else HFSiglipAdapter
 
     def logit_scale(self) -> torch.Tensor:
         return self.model.logit_scale.detach().exp().reshape(())
@@ -205,14 +76,10 @@ class HFSiglipAdapter(ModelAdapter):
     def logit_bias(self) -> torch.Tensor | None:
         return self.model.logit_bias.detach().reshape(())
 
-    def blocks(self, tower: str) -> list[torch.nn.Module]:
-        tm = self.model.vision_model if tower == "image" else self.model.text_model
-        return list(tm.encoder.layers)
-
     def capabilities(self, tower: str) -> frozenset[str]:
         # the image tower pools with an attention head (MAP) followed by an MLP: neither a
         # readout token nor a linear readout; the text tower reads out its last position
-        return frozenset() if tower == "image" else frozenset({"readout_token", "linear_split"})
+        return frozenset() if tower == "image" else super().capabilities(tower)
 
     # ---- inputs ------------------------------------------------------------------------
     def tokenize(self, texts: list[str]) -> TextBatch:
@@ -233,10 +100,7 @@ class HFSiglipAdapter(ModelAdapter):
             for attr in ("bos_token_id", "eos_token_id", "pad_token_id", "cls_token_id", "sep_token_id")
             if getattr(tok, attr, None) is not None
         }
-        tokens = []
-        for i in range(len(texts)):
-            ids = input_ids[i][mask[i].bool()].tolist()
-            tokens.append([tok.decode([t]).strip() or tok.convert_ids_to_tokens(t) for t in ids])
+        tokens = [self._token_strings(input_ids[i][mask[i].bool()].tolist()) for i in range(len(texts))]
         kept = mask.sum(-1).tolist()
         truncated = [len(f) > k for f, k in zip(full, kept)]
         content = mask.bool() & ~torch.isin(input_ids, torch.tensor(sorted(special), dtype=torch.long))
@@ -250,58 +114,6 @@ class HFSiglipAdapter(ModelAdapter):
         )
 
     # ---- running -----------------------------------------------------------------------
-    @contextlib.contextmanager
-    def explaining(self) -> Iterator[None]:
-        with frozen_eval(self.model), eager_attention(self.model):
-            yield
-
-    def _capture(
-        self, tower_module, run: TowerRun, detach_blocks: bool, input_embeds: torch.Tensor | None = None
-    ):
-        regs = []
-
-        def on_embed(module, args, output):
-            if input_embeds is not None:
-                if input_embeds.shape != output.shape:
-                    raise InputError(
-                        f"input_embeds of shape {tuple(input_embeds.shape)} do not fit this input "
-                        f"(the embeddings are {tuple(output.shape)})"
-                    )
-                output = input_embeds.to(output.dtype)
-            leaf = as_grad_leaf(output)
-            run.input_embeds = leaf
-            return leaf
-
-        regs.append(lambda: tower_module.embeddings.register_forward_hook(on_embed))
-        for i, layer in enumerate(tower_module.encoder.layers):
-
-            def pre(module, args, kwargs, i=i):
-                hidden = args[0] if args else kwargs["hidden_states"]
-                if detach_blocks and i > 0:
-                    # a new leaf with the same values: gradients still reach this block's
-                    # attention, but stop here instead of flowing into earlier blocks
-                    hidden = hidden.detach().requires_grad_(hidden.requires_grad)
-                run.block_inputs.append(hidden)
-                if args:
-                    return (hidden, *args[1:]), kwargs
-                return args, {**kwargs, "hidden_states": hidden}
-
-            def post(module, args, output):
-                run.block_outputs.append(output[0] if isinstance(output, tuple) else output)
-
-            def on_attn(module, args, output):
-                weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
-                if weights is None:
-                    raise RuntimeError(
-                        "attention probabilities were not returned; eager attention is required"
-                    )
-                run.attentions.append(weights)
-
-            regs.append(lambda layer=layer, pre=pre: layer.register_forward_pre_hook(pre, with_kwargs=True))
-            regs.append(lambda layer=layer, post=post: layer.register_forward_hook(post))
-            regs.append(lambda layer=layer, on_attn=on_attn: layer.self_attn.register_forward_hook(on_attn))
-        return module_hooks(regs)
-
     def run_image(
         self,
         pixel_values: torch.Tensor,
@@ -310,27 +122,13 @@ class HFSiglipAdapter(ModelAdapter):
         input_embeds: torch.Tensor | None = None,
     ) -> TowerRun:
         vm = self.model.vision_model
-        b, _, h, w = pixel_values.shape
-        ph, pw = self.patch_size
-        if h % ph or w % pw:
-            raise InputError(f"image input {h}x{w} is not a multiple of the patch size {ph}x{pw}")
-        gh, gw = h // ph, w // pw
-        n = gh * gw
-        dev = pixel_values.device
-        layout = TokenLayout(
-            readout=torch.full((b,), -1, dtype=torch.long, device=dev),
-            content=torch.ones(b, n, dtype=torch.bool, device=dev),
-            valid=torch.ones(b, n, dtype=torch.bool, device=dev),
-            grid=(gh, gw),
-            patches=torch.arange(n, device=dev),
-        )
+        layout = self._image_layout(pixel_values, class_token=False, pooled=True)
         run = TowerRun("image", embeds=None, layout=layout, pixel_values=pixel_values)  # type: ignore[arg-type]
         pool: list[torch.Tensor] = []
-        with (
-            self._capture(vm, run, detach_blocks, input_embeds),
-            mha_probabilities([vm.head.attention], lambda i, p: pool.append(p)),
-        ):
-            out = self._vision_forward(vm, pixel_values, gh, gw)
+        with Capture() as capture:
+            self._capture(capture, vm, run, detach_blocks, input_embeds)
+            capture.mha_probabilities([vm.head.attention], lambda i, p: pool.append(p))
+            out = self._vision_forward(vm, pixel_values, *layout.grid)
         run.pool_attention = pool[-1]
         # the head's output is the embedding: SigLIP has no projection after the pooling head
         run.pooled = out.pooler_output
@@ -362,57 +160,33 @@ class HFSiglipAdapter(ModelAdapter):
             readout=self._readout_positions(input_ids), content=content, valid=attention_mask.bool()
         )
         run = TowerRun("text", embeds=None, layout=layout)  # type: ignore[arg-type]
-        with self._capture(tm, run, detach_blocks):
+        with Capture() as capture:
+            self._capture(capture, tm, run, detach_blocks)
             out = tm(input_ids=input_ids, attention_mask=attention_mask if self.text_uses_mask else None)
         run.pooled = out.last_hidden_state[:, -1]  # last_hidden_state is after the final norm
         run.embeds = out.pooler_output
         return run
 
-    def readout(self, tower: str, hidden: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
-        return self.readout_with_attention(tower, hidden, layout)[0]
-
+    # ---- readout -----------------------------------------------------------------------
     def readout_with_attention(
         self, tower: str, hidden: torch.Tensor, layout: TokenLayout
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if tower == "image":
-            vm = self.model.vision_model
-            pool: list[torch.Tensor] = []
-            with mha_probabilities([vm.head.attention], lambda i, p: pool.append(p)):
-                embeds = vm.head(vm.post_layernorm(hidden))
-            return embeds, pool[-1]
-        tm = self.model.text_model
-        rows = torch.arange(hidden.shape[0], device=hidden.device)
-        return tm.head(tm.final_layer_norm(hidden[rows, layout.readout])), None
+        if tower != "image":
+            return super().readout_with_attention(tower, hidden, layout)
+        vm = self.model.vision_model
+        pool: list[torch.Tensor] = []
+        with Capture() as capture:
+            capture.mha_probabilities([vm.head.attention], lambda i, p: pool.append(p))
+            embeds = vm.head(vm.post_layernorm(hidden))
+        return embeds, pool[-1]
 
-    # ---- linear pieces (see ModelAdapter): the blocks are CLIP's; the image readout is not linear
-    def _layer(self, tower: str, layer_index: int):
-        tm = self.model.vision_model if tower == "image" else self.model.text_model
-        return tm.encoder.layers[layer_index]
-
-    def attention_value_heads(self, tower: str, layer_index: int, block_input: torch.Tensor) -> torch.Tensor:
-        layer = self._layer(tower, layer_index)
-        attn = layer.self_attn
-        values = attn.v_proj(layer.layer_norm1(block_input))  # (B, n, C)
-        b, n, c = values.shape
-        h, d = attn.num_heads, attn.head_dim
-        w_o = attn.out_proj.weight.reshape(c, h, d)
-        return torch.einsum("bnhd,chd->bhnc", values.reshape(b, n, h, d), w_o)
-
-    def attention_out_bias(self, tower: str, layer_index: int) -> torch.Tensor | None:
-        return self._layer(tower, layer_index).self_attn.out_proj.bias
-
-    def mlp_output(self, tower: str, layer_index: int, hidden: torch.Tensor) -> torch.Tensor:
-        layer = self._layer(tower, layer_index)
-        return layer.mlp(layer.layer_norm2(hidden))
-
-    def readout_parts(self, tower: str) -> ReadoutParts:
+    def _head_modules(self, tower: str) -> tuple[torch.nn.Module, torch.nn.Module]:
         if tower == "image":
             raise NotImplementedError(
                 "SigLIP's image tower reads out through an attention-pooling head and an MLP"
             )
         tm = self.model.text_model
-        norm, head = tm.final_layer_norm, tm.head
-        return ReadoutParts("layernorm", norm.weight, norm.bias, float(norm.eps), head.weight, head.bias)
+        return tm.final_layer_norm, tm.head
 
 
 class HFSiglip2Adapter(HFSiglipAdapter):
@@ -423,18 +197,12 @@ class HFSiglip2Adapter(HFSiglipAdapter):
     with the channels innermost), every patch real (no padding patches)."""
 
     family = "hf-siglip2"
+    model_class = "Siglip2Model"
 
     @staticmethod
-    def _default_preprocess(vcfg) -> Preprocess:
-        return naflex_preprocess_from_config(None, vcfg.patch_size, vcfg.num_patches)
-
-    @staticmethod
-    def matches(model) -> bool:
-        try:
-            from transformers import Siglip2Model
-        except ImportError:  # pragma: no cover
-            return False
-        return isinstance(model, Siglip2Model)
+    def _preprocess_from(processor_config: dict | None, vision_config) -> Preprocess:
+        vcfg = vision_config
+        return naflex_preprocess_from_config(processor_config, vcfg.patch_size, vcfg.num_patches)
 
     def _vision_forward(self, vm, pixel_values: torch.Tensor, gh: int, gw: int):
         b, c = pixel_values.shape[:2]
@@ -447,7 +215,9 @@ class HFSiglip2Adapter(HFSiglipAdapter):
         return vm(pixel_values=patches, pixel_attention_mask=mask, spatial_shapes=shapes)
 
 
-def siglip_adapter(model, tokenizer, preprocess: Preprocess | None = None, name: str | None = None):
+def siglip_adapter(
+    model, tokenizer, preprocess: Preprocess | None = None, name: str | None = None
+) -> HFSiglipAdapter:
     """The adapter of this file that fits ``model`` (SiglipModel or Siglip2Model)."""
     cls = HFSiglip2Adapter if HFSiglip2Adapter.matches(model) else HFSiglipAdapter
     return cls(model, tokenizer, preprocess=preprocess, name=name)
@@ -455,28 +225,8 @@ def siglip_adapter(model, tokenizer, preprocess: Preprocess | None = None, name:
 
 def load_hf_siglip(
     source, dtype: torch.dtype, name: str, *, local_files_only: bool = True, processor_config=None
-):
-    """A :class:`HFSiglipAdapter` from a local directory or a cached/reachable hub name."""
-    from transformers import AutoConfig, AutoTokenizer, Siglip2Model, SiglipModel
-
-    try:
-        config = AutoConfig.from_pretrained(source, local_files_only=local_files_only)
-        model_class = Siglip2Model if config.model_type == "siglip2" else SiglipModel
-        model = model_class.from_pretrained(source, dtype=dtype, local_files_only=local_files_only)
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise ModelLoadError(
-            f"{name}: could not load the SigLIP checkpoint ({str(exc).splitlines()[0]})"
-        ) from None
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_files_only)
-    except (OSError, ValueError, ImportError) as exc:
-        # SigLIP's own tokenizer is SentencePiece; name the missing piece rather than fail later
-        raise ModelLoadError(
-            f"{name}: could not load the SigLIP tokenizer ({str(exc).splitlines()[0]})"
-        ) from None
-    vcfg = model.config.vision_config
-    if isinstance(model, Siglip2Model):
-        pre = naflex_preprocess_from_config(processor_config, vcfg.patch_size, vcfg.num_patches)
-    else:
-        pre = siglip_preprocess_from_config(processor_config, vcfg.image_size)
-    return siglip_adapter(model, tokenizer, preprocess=pre, name=name)
+) -> HFSiglipAdapter:
+    """A :class:`HFSiglipAdapter` (or :class:`HFSiglip2Adapter`) from a local directory or a
+    cached/reachable hub name: :meth:`HFSiglipAdapter.load` under its old name."""
+    checkpoint = Checkpoint(str(source), name, dtype, None, local_files_only, processor_config)
+    return HFSiglipAdapter.load(checkpoint)

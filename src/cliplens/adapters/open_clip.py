@@ -40,46 +40,17 @@ CoCa's appended text class token.
 from __future__ import annotations
 
 import contextlib
-import os
+import inspect
 from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from ..errors import InputError, ModelLoadError
-from ..images import Preprocess
-from .base import (
-    ModelAdapter,
-    ReadoutParts,
-    TextBatch,
-    TokenLayout,
-    TowerRun,
-    as_grad_leaf,
-    frozen_eval,
-    mha_probabilities,
-    mha_with_probabilities,
-)
-from .hf_siglip import SquashPreprocess
-
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
-RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
-
-INSTALL_HINT = "pip install 'cliplens[open_clip]' (open-clip-torch with a torchvision that matches torch)"
-
-
-def import_open_clip(spec: str = "open_clip"):
-    """open_clip, or a one-line :class:`ModelLoadError` saying how to get it."""
-    try:
-        import open_clip
-    except ImportError:
-        raise ModelLoadError(f"{spec}: open_clip is not installed; {INSTALL_HINT}") from None
-    except Exception as exc:  # a torchvision that does not match torch fails at import time
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ModelLoadError(f"{spec}: open_clip cannot be imported ({first}); {INSTALL_HINT}") from None
-    return open_clip
-
+from ..preprocess import Preprocess, open_clip_preprocess_from_config
+from .base import ModelAdapter, ReadoutParts, TextBatch, TokenLayout, TowerRun, block_entry, run_input_embeds
+from .capture import Capture, mha_with_probabilities
+from .open_clip_load import import_open_clip, load_open_clip  # noqa: F401 (load_open_clip: its old import path)
 
 # ---- what the model is ------------------------------------------------------------------------
 
@@ -151,18 +122,9 @@ def check_supported(model) -> None:
 def preprocess_for(model) -> Preprocess:
     """The checkpoint's image recipe from open_clip's ``preprocess_cfg`` (OpenAI defaults)."""
     visual = model.visual
-    cfg = dict(getattr(visual, "preprocess_cfg", None) or {})
-    size = cfg.get("size", getattr(visual, "image_size", 224))
-    h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
-    resample = RESAMPLE.get(str(cfg.get("interpolation", "bicubic")), Image.BICUBIC)
-    mean = tuple(cfg.get("mean") or OPENAI_MEAN)
-    std = tuple(cfg.get("std") or OPENAI_STD)
-    if cfg.get("resize_mode", "shortest") == "squash":
-        return SquashPreprocess(
-            size=min(h, w), crop=(h, w), mean=mean, std=std, resample=resample, do_center_crop=False
-        )
-    # "shortest" (the CLIP recipe); "longest" (resize-and-pad) is approximated by it
-    return Preprocess(size=min(h, w), crop=(h, w), mean=mean, std=std, resample=resample, do_center_crop=True)
+    return open_clip_preprocess_from_config(
+        getattr(visual, "preprocess_cfg", None), getattr(visual, "image_size", 224)
+    )
 
 
 # ---- attention with probabilities, for the call -------------------------------------------------
@@ -203,31 +165,22 @@ def open_clip_attention(
     return out, probs
 
 
-@contextlib.contextmanager
-def block_attention_probabilities(blocks, sink: Callable[[torch.Tensor], None]) -> Iterator[None]:
-    """For the ``with`` block, every block's attention of these blocks hands its per-head
-    probabilities to ``sink`` (in call order). Instance attributes only; removed on exit."""
-    mhas = [blk.attn for blk in blocks if isinstance(blk.attn, torch.nn.MultiheadAttention)]
-    customs = [blk.attn for blk in blocks if not isinstance(blk.attn, torch.nn.MultiheadAttention)]
-    patched = []
-    try:
-        for attn in customs:
+def attention_probabilities(capture: Capture, blocks, sink: Callable[[torch.Tensor], None]) -> None:
+    """In ``capture`` (for its ``with`` block), every block's attention of ``blocks`` hands its
+    per-head probabilities to ``sink`` (in call order): ``nn.MultiheadAttention`` through
+    :meth:`Capture.mha_probabilities`, open_clip's ``Attention`` through
+    :func:`open_clip_attention`. Patches of these module instances only."""
+    for blk in blocks:
+        if not isinstance(blk.attn, torch.nn.MultiheadAttention):
 
-            def forward(x, attn_mask=None, _attn=attn):
+            def forward(x, attn_mask=None, _attn=blk.attn):
                 out, probs = open_clip_attention(_attn, x, attn_mask)
                 sink(probs)
                 return out
 
-            patched.append((attn, "forward" in attn.__dict__, attn.__dict__.get("forward")))
-            attn.forward = forward
-        with mha_probabilities(mhas, lambda i, p: sink(p)):
-            yield
-    finally:
-        for attn, had, previous in reversed(patched):
-            if had:
-                attn.forward = previous
-            else:
-                attn.__dict__.pop("forward", None)
+            capture.patch_forward(blk.attn, forward)
+    mhas = [blk.attn for blk in blocks if isinstance(blk.attn, torch.nn.MultiheadAttention)]
+    capture.mha_probabilities(mhas, lambda i, p: sink(p))
 
 
 # ---- the adapter ------------------------------------------------------------------------------
@@ -249,6 +202,7 @@ class OpenClipAdapter(ModelAdapter):
 
     @staticmethod
     def matches(model) -> bool:
+        """Whether ``model`` is an open_clip model object (imports nothing)."""
         return type(model).__module__.split(".")[0] == "open_clip" and hasattr(model, "visual")
 
     # ---- facts -------------------------------------------------------------------------
@@ -309,8 +263,11 @@ class OpenClipAdapter(ModelAdapter):
     def tokenize(self, texts: list[str]) -> TextBatch:
         tok = self.tokenizer
         limit = self.context_length
-        ids = tok(list(texts), context_length=limit) if _takes_context_length(tok) else tok(list(texts))
+        takes_limit = _takes_context_length(tok)
+        ids = tok(list(texts), context_length=limit) if takes_limit else tok(list(texts))
         ids = torch.as_tensor(ids, dtype=torch.long)
+        # a tokenizer that takes no context length fixes its own: it cannot be asked what it cut
+        truncated = _truncated(tok, texts, ids, limit) if takes_limit else [False] * len(texts)
         P, T = ids.shape
         pad = self._pad_id
         positions = torch.arange(T)[None]
@@ -328,7 +285,6 @@ class OpenClipAdapter(ModelAdapter):
             width = int(max(int(length.max()), int(readout.max()) + 1))
             ids, valid, content = ids[:, :width], valid[:, :width], content[:, :width]
         tokens = [[_decode(tok, t) for t in row[: int(n)].tolist()] for row, n in zip(ids, length)]
-        truncated = [_truncated(tok, t, limit) for t in texts]
         return TextBatch(
             list(texts),
             ids.to(self.device),
@@ -363,7 +319,8 @@ class OpenClipAdapter(ModelAdapter):
     # ---- running -----------------------------------------------------------------------
     @contextlib.contextmanager
     def explaining(self) -> Iterator[None]:
-        with frozen_eval(self.model):
+        with Capture() as capture:
+            capture.freeze(self.model)
             yield
 
     def _blocks(
@@ -371,12 +328,10 @@ class OpenClipAdapter(ModelAdapter):
     ) -> torch.Tensor:
         """Every block of ``transformer`` over a (B, n, C) stream, capturing what the contract asks."""
         batch_first = getattr(transformer, "batch_first", True)
-        with block_attention_probabilities(transformer.resblocks, run.attentions.append):
+        with Capture() as capture:
+            attention_probabilities(capture, transformer.resblocks, run.attentions.append)
             for i, blk in enumerate(transformer.resblocks):
-                if detach_blocks and i > 0:
-                    # a new leaf with the same values: gradients reach this block's attention
-                    # but stop here instead of flowing into earlier blocks
-                    x = x.detach().requires_grad_(x.requires_grad)
+                x = block_entry(x, i, detach_blocks)
                 run.block_inputs.append(x)
                 out = blk(x if batch_first else x.transpose(0, 1), attn_mask=attn_mask)
                 x = out if batch_first else out.transpose(0, 1)
@@ -405,64 +360,49 @@ class OpenClipAdapter(ModelAdapter):
         input_embeds: torch.Tensor | None = None,
     ) -> TowerRun:
         visual = self.model.visual
-        b, _, h, w = pixel_values.shape
-        ph, pw = self.patch_size
-        if h % ph or w % pw:
-            raise InputError(f"image input {h}x{w} is not a multiple of the patch size {ph}x{pw}")
-        gh, gw = h // ph, w // pw
-        n = 1 + gh * gw
-        dev = pixel_values.device
-        pooled_head = getattr(visual, "attn_pool", None) is not None
-        content = torch.zeros(b, n, dtype=torch.bool, device=dev)
-        content[:, 1:] = True
-        layout = TokenLayout(
-            readout=torch.full((b,), -1 if pooled_head else 0, dtype=torch.long, device=dev),
-            content=content,
-            valid=torch.ones(b, n, dtype=torch.bool, device=dev),
-            grid=(gh, gw),
-            patches=torch.arange(1, n, device=dev),
-        )
+        layout = self._image_layout(pixel_values, class_token=True, pooled=self._attention_pooled)
+        b = pixel_values.shape[0]
+        gh, gw = layout.grid
         run = TowerRun("image", embeds=None, layout=layout, pixel_values=pixel_values)  # type: ignore[arg-type]
         dtype = visual.conv1.weight.dtype
         x = visual.conv1(pixel_values.to(dtype))  # (B, C, gh, gw)
         x = x.reshape(b, x.shape[1], -1).permute(0, 2, 1)
         cls = visual.class_embedding.to(x.dtype).reshape(1, 1, -1).expand(b, 1, -1)
         x = torch.cat([cls, x], dim=1) + self._positions(gh, gw).to(x.dtype)
-        if input_embeds is not None:
-            if input_embeds.shape != x.shape:
-                raise InputError(
-                    f"input_embeds of shape {tuple(input_embeds.shape)} do not fit this input "
-                    f"(the embeddings are {tuple(x.shape)})"
-                )
-            x = input_embeds.to(x.dtype)
-        x = as_grad_leaf(x)
+        x = run_input_embeds(x, input_embeds)
         run.input_embeds = x
         x = visual.ln_pre(visual.patch_dropout(x))
         x = self._blocks(visual.transformer, x, None, run, detach_blocks)
         run.embeds, run.pool_attention, run.pooled = self._image_readout(x)
         return run
 
+    @property
+    def _attention_pooled(self) -> bool:
+        """Whether the image tower reads out through an attentional pooler (CoCa-style)."""
+        return getattr(self.model.visual, "attn_pool", None) is not None
+
     def _image_readout(self, x: torch.Tensor):
         """(B, n, C) last block output -> (embeds, pool_attention or None, pooled)."""
         visual = self.model.visual
-        if getattr(visual, "attn_pool", None) is not None:
-            # the first query of the attentional pooler is read out (pool_type "tok"); queries do
-            # not interact, so that query alone is computed (its probabilities stay in the graph)
-            pooler = visual.attn_pool
-            keys = pooler.ln_k(x)
-            probe = pooler.ln_q(pooler.query[:1]).unsqueeze(0).expand(x.shape[0], -1, -1)
-            if not pooler.attn.batch_first:
-                probe, keys = probe.transpose(0, 1), keys.transpose(0, 1)
-            out, probs = mha_with_probabilities(pooler.attn, probe, keys, keys)
-            if not pooler.attn.batch_first:
-                out = out.transpose(0, 1)
-            pooled = visual.ln_post(out)[:, 0]
-            pool_attention = probs
-        else:
+        if not self._attention_pooled:
             pooled = visual.ln_post(x[:, 0])
-            pool_attention = None
-        embeds = pooled @ visual.proj if visual.proj is not None else pooled
-        return embeds, pool_attention, pooled
+            return self._image_project(pooled), None, pooled
+        # the first query of the attentional pooler is read out (pool_type "tok"); queries do
+        # not interact, so that query alone is computed (its probabilities stay in the graph)
+        pooler = visual.attn_pool
+        keys = pooler.ln_k(x)
+        probe = pooler.ln_q(pooler.query[:1]).unsqueeze(0).expand(x.shape[0], -1, -1)
+        if not pooler.attn.batch_first:
+            probe, keys = probe.transpose(0, 1), keys.transpose(0, 1)
+        out, probs = mha_with_probabilities(pooler.attn, probe, keys, keys)
+        if not pooler.attn.batch_first:
+            out = out.transpose(0, 1)
+        pooled = visual.ln_post(out)[:, 0]
+        return self._image_project(pooled), probs, pooled
+
+    def _image_project(self, normed: torch.Tensor) -> torch.Tensor:
+        proj = self.model.visual.proj
+        return normed @ proj if proj is not None else normed
 
     def run_text(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, detach_blocks: bool = False
@@ -479,7 +419,7 @@ class OpenClipAdapter(ModelAdapter):
             text.transformer.get_cast_dtype() if hasattr(text.transformer, "get_cast_dtype") else self.dtype
         )
         x = text.token_embedding(input_ids).to(dtype) + text.positional_embedding[:T].to(dtype)
-        x = as_grad_leaf(x)
+        x = run_input_embeds(x, None)
         run.input_embeds = x
         mask = self._causal
         mask = mask[:T, :T] if mask is not None else None
@@ -503,17 +443,23 @@ class OpenClipAdapter(ModelAdapter):
             return proj(pooled)
         return pooled @ proj
 
-    def readout(self, tower: str, hidden: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
-        return self.readout_with_attention(tower, hidden, layout)[0]
+    def head(self, tower: str, pooled: torch.Tensor) -> torch.Tensor:
+        if tower == "image":
+            if self._attention_pooled:
+                raise NotImplementedError(
+                    "an attention-pooled open_clip image tower reads out through its attentional pooler, "
+                    "not a final norm and projection"
+                )
+            return self._image_project(self.model.visual.ln_post(pooled))
+        return self._text_project(self.text.ln_final(pooled))
 
     def readout_with_attention(
         self, tower: str, hidden: torch.Tensor, layout: TokenLayout
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if tower == "image":
+        if tower == "image" and self._attention_pooled:
             embeds, pool_attention, _ = self._image_readout(hidden)
             return embeds, pool_attention
-        rows = torch.arange(hidden.shape[0], device=hidden.device)
-        return self._text_project(self.text.ln_final(hidden[rows, layout.readout])), None
+        return super().readout_with_attention(tower, hidden, layout)
 
     # ---- linear pieces (see ModelAdapter) ------------------------------------------------
     def _block(self, tower: str, layer_index: int):
@@ -559,7 +505,7 @@ class OpenClipAdapter(ModelAdapter):
     def readout_parts(self, tower: str) -> ReadoutParts:
         if tower == "image":
             visual = self.model.visual
-            if getattr(visual, "attn_pool", None) is not None:
+            if self._attention_pooled:
                 raise NotImplementedError("an attention-pooled open_clip image tower has no linear readout")
             norm, proj = visual.ln_post, visual.proj
             weight = proj.T if proj is not None else None
@@ -587,121 +533,39 @@ def default_tokenizer(model):
 
 
 def _takes_context_length(tok) -> bool:
-    import inspect
-
     try:
         return "context_length" in inspect.signature(tok.__call__).parameters
-    except (TypeError, ValueError):  # pragma: no cover
+    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
         return False
 
 
 def _decode(tok, token_id: int) -> str:
-    try:
-        return tok.decode([token_id]).strip() or str(token_id)
-    except Exception:  # tokenizers without single-id decoding: show the id
+    """How one token id reads. open_clip's ``HFTokenizer`` / ``SigLipTokenizer`` have no
+    ``decode`` of their own: the transformers tokenizer they wrap decodes; a tokenizer with no
+    decoding at all shows the id, as does an id outside the vocabulary."""
+    decode = getattr(tok, "decode", None) or getattr(getattr(tok, "tokenizer", None), "decode", None)
+    if decode is None:
         return str(token_id)
-
-
-def _truncated(tok, text: str, limit: int) -> bool:
-    encode = getattr(tok, "encode", None)
-    if encode is None:
-        return False
     try:
-        return len(encode(text)) + 2 > limit
-    except Exception:  # pragma: no cover
-        return False
+        text = decode([token_id])
+    except (KeyError, IndexError):  # SimpleTokenizer: KeyError; SentencePiece: IndexError
+        return str(token_id)
+    return text.strip() or str(token_id)
 
 
-# ---- loading ------------------------------------------------------------------------------------
+def _truncated(tok, texts: list[str], ids: torch.Tensor, limit: int) -> list[bool]:
+    """Whether the tokenizer cut each text to fit ``limit`` tokens, asked of the tokenizer itself
+    rather than guessed from a token count. ``ids`` (P, limit) are the texts at the context
+    length. Tokenised with one position more, a text that fits comes out the same plus one
+    padding id; a cut text either reads differently within the first ``limit`` positions
+    (tokenizers that end a cut text with their end marker, as open_clip's all do) or holds a
+    token in the extra position (tokenizers that only cut). The padding id is the tokenizer's
+    own: the extra position of an empty text."""
+    more = torch.as_tensor(tok([*texts, ""], context_length=limit + 1), dtype=torch.long)
+    more, pad = more[:-1], more[-1, limit]
+    return ((more[:, :limit] != ids).any(dim=1) | (more[:, limit] != pad)).tolist()
 
 
 def adapt_open_clip(model, tokenizer=None, *, preprocess=None, name: str | None = None) -> OpenClipAdapter:
+    """An :class:`OpenClipAdapter` around an open_clip model object."""
     return OpenClipAdapter(model, tokenizer, preprocess=preprocess, name=name)
-
-
-def _hf_cached(repo: str, filenames: list[str]) -> bool:
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:  # pragma: no cover
-        return False
-    return any(isinstance(try_to_load_from_cache(repo, f), str) for f in filenames)
-
-
-def _weights_cached(cfg: dict, cache_dir: str | None) -> bool:
-    if "file" in cfg:
-        return os.path.isfile(cfg["file"])
-    hub = cfg.get("hf_hub", "")
-    if hub:
-        repo, filename = os.path.split(hub)
-        names = [filename] if filename else []
-        names += ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
-        if filename.endswith(".bin"):
-            names.append(filename[: -len(".bin")] + ".safetensors")
-        if _hf_cached(repo, names):
-            return True
-    url = cfg.get("url", "")
-    if url:
-        root = cache_dir or os.path.expanduser("~/.cache/clip")
-        return os.path.isfile(os.path.join(root, os.path.basename(url)))
-    return False
-
-
-def load_open_clip(body: str, *, dtype: torch.dtype = torch.float32, tokenizer=None, spec: str | None = None):
-    """``"NAME/PRETRAINED"`` (a built-in config and a pretrained tag or a checkpoint file, e.g.
-    ``ViT-B-16/openai``) or ``"hf-hub:ORG/REPO"``. Weights come from the local cache; they
-    are downloaded only when the hub is reachable. OpenAI-trained tags get QuickGELU, as
-    their pretrained config says (open_clip itself only warns when the name lacks
-    ``-quickgelu``)."""
-    from . import _hub_reachable, _offline
-
-    spec = spec or f"open_clip:{body}"
-    open_clip = import_open_clip(spec)
-    unreachable = (
-        "not in the local cache and the hub {why}; pass a local checkpoint: open_clip:NAME/path/to/weights.pt"
-    )
-    kwargs: dict = {}
-    if body.startswith("hf-hub:"):
-        repo = body[len("hf-hub:") :]
-        name, pretrained = body, None
-        if not _hf_cached(repo, ["open_clip_config.json"]) or not _hf_cached(
-            repo, ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
-        ):
-            if _offline():
-                raise ModelLoadError(f"{spec}: " + unreachable.format(why="is off (offline mode)"))
-            if not _hub_reachable():
-                raise ModelLoadError(f"{spec}: " + unreachable.format(why="cannot be reached"))
-    else:
-        name, _, pretrained = body.partition("/")
-        if name not in open_clip.list_models():
-            raise ModelLoadError(f"{spec}: unknown open_clip model {name!r} (see open_clip.list_models())")
-        tags = open_clip.list_pretrained_tags_by_model(name)
-        if not pretrained:
-            hint = f" (tags: {', '.join(tags)})" if tags else ""
-            raise ModelLoadError(
-                f"{spec}: name the weights as open_clip:{name}/TAG or open_clip:{name}/FILE{hint}"
-            )
-        cfg = open_clip.get_pretrained_cfg(name, pretrained)
-        if cfg:
-            if cfg.get("quick_gelu", False):
-                kwargs["force_quick_gelu"] = True
-            if not _weights_cached(cfg, None):
-                if _offline():
-                    raise ModelLoadError(
-                        f"{spec}: weights " + unreachable.format(why="is off (offline mode)")
-                    )
-                if not _hub_reachable():
-                    raise ModelLoadError(f"{spec}: weights " + unreachable.format(why="cannot be reached"))
-        elif not os.path.isfile(pretrained):
-            hint = f"; tags for {name}: {', '.join(tags)}" if tags else ""
-            raise ModelLoadError(
-                f"{spec}: {pretrained!r} is neither a pretrained tag nor a checkpoint file{hint}"
-            )
-    try:
-        model = open_clip.create_model(name, pretrained=pretrained, precision="fp32", **kwargs)
-        if tokenizer is None:
-            tokenizer = open_clip.get_tokenizer(name)
-    except Exception as exc:  # open_clip raises RuntimeError/ValueError/OSError/... for a bad checkpoint
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ModelLoadError(f"{spec}: could not load the open_clip model ({first})") from None
-    model = model.to(dtype)
-    return OpenClipAdapter(model, tokenizer, name=spec)

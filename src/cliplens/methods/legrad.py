@@ -58,7 +58,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..adapters.base import ModelAdapter, TokenLayout, TowerRun
+from ..adapters.base import ModelAdapter, TowerRun
 from ..targets import Target
 from .base import Attribution, Method, last_layers, option, register
 from .pairs import PairRuns, per_pair, tower_result
@@ -72,17 +72,14 @@ def explained_layers(layers: int | None, num_layers: int) -> list[int]:
 
 
 def layer_readout(adapter: ModelAdapter, run: TowerRun, hidden: torch.Tensor, pooling: str) -> torch.Tensor:
-    """(rows, n, C) block output -> (rows, D) embedding read out as if it left the last block."""
+    """(rows, n, C) block output -> (rows, D) embedding read out as if it left the last block:
+    the tower's own readout, or (``pooling="mean"``, the reference's) the mean over the valid
+    tokens through the tower's head (final norm and projection)."""
     if pooling == "model":
         return adapter.readout(run.tower, hidden, run.layout)
     valid = run.layout.valid.to(hidden.dtype)[:, :, None]
-    mean = (hidden * valid).sum(1, keepdim=True) / valid.sum(1, keepdim=True)
-    rows = hidden.shape[0]
-    one = torch.ones(rows, 1, dtype=torch.bool, device=hidden.device)
-    layout = TokenLayout(
-        readout=torch.zeros(rows, dtype=torch.long, device=hidden.device), content=one, valid=one
-    )
-    return adapter.readout(run.tower, mean, layout)
+    mean = (hidden * valid).sum(1) / valid.sum(1)
+    return adapter.head(run.tower, mean)
 
 
 def positive_mean(grad: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:

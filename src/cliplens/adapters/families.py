@@ -1,0 +1,128 @@
+"""The model families cliplens explains, as one table that :func:`~cliplens.adapters.adapt` and
+:func:`~cliplens.adapters.load_model` loop over.
+
+A family says which model objects it takes (``matches``, which must import nothing: a model
+object of a library can only exist once that library is imported), how it wraps one (``adapt``),
+which checkpoints it loads (``model_types``: ``config.json`` model_type values of transformers
+checkpoints; ``prefixes``: spec prefixes such as ``"open_clip:"``) and how (``load``). A new
+family is one adapter file plus one entry here.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..errors import ModelLoadError
+from ..preprocess import Preprocess
+from .base import Checkpoint, ModelAdapter
+from .hf_clip import HF_CLIP_TYPES, HFClipAdapter
+from .hf_siglip import HF_SIGLIP_TYPES, HFSiglip2Adapter, HFSiglipAdapter, siglip_adapter
+
+
+@dataclass(frozen=True)
+class Family:
+    """One model family: how its model objects are recognised, wrapped and loaded."""
+
+    name: str
+    matches: Callable[[object], bool]
+    adapt: Callable[..., ModelAdapter]  # (model, tokenizer, *, preprocess, name) -> adapter
+    load: Callable[[Checkpoint], ModelAdapter]
+    model_types: frozenset[str] = frozenset()
+    prefixes: tuple[str, ...] = ()
+
+
+# ---- transformers families ----------------------------------------------------------------------
+
+
+def _tokenizer_for(model):
+    """The tokenizer saved next to a transformers model's checkpoint, if it names one."""
+    source = getattr(model.config, "_name_or_path", "")
+    if source:
+        try:
+            from transformers import AutoTokenizer
+
+            return AutoTokenizer.from_pretrained(source, local_files_only=True)
+        except (OSError, ValueError):
+            pass
+    raise ModelLoadError(
+        "this model object carries no tokenizer; pass tokenizer= (e.g. CLIPTokenizer.from_pretrained(...))"
+    )
+
+
+def _hf_clip_adapt(model, tokenizer=None, *, preprocess: Preprocess | None = None, name: str | None = None):
+    return HFClipAdapter(
+        model, tokenizer if tokenizer is not None else _tokenizer_for(model), preprocess=preprocess, name=name
+    )
+
+
+def _siglip_matches(model) -> bool:
+    return HFSiglip2Adapter.matches(model) or HFSiglipAdapter.matches(model)
+
+
+def _siglip_adapt(model, tokenizer=None, *, preprocess: Preprocess | None = None, name: str | None = None):
+    return siglip_adapter(
+        model, tokenizer if tokenizer is not None else _tokenizer_for(model), preprocess=preprocess, name=name
+    )
+
+
+# ---- open_clip (an optional extra: imported only for its model objects or specs) ----------------
+
+
+def _open_clip_matches(model) -> bool:
+    """True for open_clip model objects; never imports open_clip."""
+    return "open_clip" in sys.modules and type(model).__module__.split(".")[0] == "open_clip"
+
+
+def _open_clip_adapt(model, tokenizer=None, *, preprocess: Preprocess | None = None, name: str | None = None):
+    from .open_clip import OpenClipAdapter
+
+    return OpenClipAdapter(model, tokenizer, preprocess=preprocess, name=name)
+
+
+def _open_clip_load(checkpoint: Checkpoint) -> ModelAdapter:
+    from .open_clip_load import load_open_clip
+
+    return load_open_clip(
+        checkpoint.source, dtype=checkpoint.dtype, tokenizer=checkpoint.tokenizer, spec=checkpoint.name
+    )
+
+
+#: every family, in the order model objects are tried
+FAMILIES: list[Family] = [
+    Family("hf-clip", HFClipAdapter.matches, _hf_clip_adapt, HFClipAdapter.load, frozenset(HF_CLIP_TYPES)),
+    Family(
+        "hf-siglip",  # SiglipModel and Siglip2Model: one loader picks the class from the config
+        _siglip_matches,
+        _siglip_adapt,
+        HFSiglipAdapter.load,
+        frozenset(HF_SIGLIP_TYPES),
+    ),
+    Family(
+        "open_clip",
+        _open_clip_matches,
+        _open_clip_adapt,
+        _open_clip_load,
+        prefixes=("open_clip:", "open-clip:"),
+    ),
+]
+
+
+def family_of_model(model) -> Family | None:
+    """The family whose ``matches`` takes ``model``, or None."""
+    return next((f for f in FAMILIES if f.matches(model)), None)
+
+
+def family_of_type(model_type: str | None) -> Family | None:
+    """The family that loads transformers checkpoints of ``model_type``, or None."""
+    return next((f for f in FAMILIES if model_type in f.model_types), None)
+
+
+def family_of_spec(spec: str) -> tuple[Family, str] | None:
+    """``(family, rest of the spec)`` for a spec with a family prefix, or None."""
+    for family in FAMILIES:
+        for prefix in family.prefixes:
+            if spec.startswith(prefix):
+                return family, spec[len(prefix) :]
+    return None
