@@ -76,6 +76,54 @@ class TowerRun:
     pooled: torch.Tensor | None = None
     pool_attention: torch.Tensor | None = None
     pixel_values: torch.Tensor | None = None
+    #: with a :class:`FanOut`: the per-pair leaf entering its block (where a backward can stop)
+    graph_input: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class FanOut:
+    """Per-pair rows from one block on, for a run over B distinct inputs.
+
+    Blocks before ``block`` run once per distinct input, without building a graph. Entering
+    ``block``, the residual stream is repeated ``copies`` times per input (row ``b*copies + k``,
+    as :func:`torch.repeat_interleave`) as a new leaf that requires grad, and gradients are
+    recorded from there on. Everything a run reports from that block on has B*copies rows
+    (``embeds``, ``layout``, the block lists); the block lists before it keep B rows and no
+    graph. A backward pass then stops at ``TowerRun.graph_input`` instead of running through
+    every block to the input: the work a method does not need is never done."""
+
+    block: int
+    copies: int
+    #: how rows repeat: each input ``copies`` times in a row (False: the image tower, pair
+    #: b*P + p is image b), or the whole batch ``copies`` times over (True: the text tower)
+    tile: bool = False
+
+    def enter(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The stream entering :attr:`block`, fanned out; switches gradient recording on (the
+        caller's grad mode is restored when its own ``torch.no_grad()`` context ends)."""
+        torch.set_grad_enabled(True)
+        return self.rows(hidden.detach()).requires_grad_(True)
+
+    def rows(self, t: torch.Tensor) -> torch.Tensor:
+        if self.tile:
+            return t.repeat(self.copies, *([1] * (t.dim() - 1)))
+        return t.repeat_interleave(self.copies, dim=0)
+
+    def beside(self, x, rows: int):
+        """An argument passed beside the stream (a per-row attention mask): fanned out when it
+        has a leading axis of ``rows``, else as it is."""
+        if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == rows and rows > 1:
+            return self.rows(x)
+        return x
+
+    def layout(self, layout: "TokenLayout") -> "TokenLayout":
+        return TokenLayout(
+            readout=self.rows(layout.readout),
+            content=self.rows(layout.content),
+            valid=self.rows(layout.valid),
+            grid=layout.grid,
+            patches=layout.patches,
+        )
 
 
 @dataclass
@@ -234,7 +282,12 @@ class ModelAdapter(ABC):
 
     @abstractmethod
     def run_image(
-        self, pixel_values: torch.Tensor, *, detach_blocks: bool = False, input_embeds: torch.Tensor | None = None
+        self,
+        pixel_values: torch.Tensor,
+        *,
+        detach_blocks: bool = False,
+        input_embeds: torch.Tensor | None = None,
+        fan_out: FanOut | None = None,
     ) -> TowerRun:
         """Run the image tower, capturing per-block tensors. Call inside :meth:`explaining`.
 
@@ -246,12 +299,21 @@ class ModelAdapter(ABC):
         (the tensor a run reports as :attr:`TowerRun.input_embeds`: patch embedding with
         positions and class token, before any pre-norm), for this call only and without
         editing the model; it is used as the run's ``input_embeds`` (kept as is when it
-        requires grad). ``pixel_values`` still fixes the input size and layout."""
+        requires grad). ``pixel_values`` still fixes the input size and layout.
+
+        ``fan_out`` (:class:`FanOut`), for a call under ``torch.no_grad()``: per-pair rows with a
+        graph from one block on, the earlier blocks run once per image without one."""
 
     @abstractmethod
     def run_text(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, detach_blocks: bool = False
-    ) -> TowerRun: ...
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        *,
+        detach_blocks: bool = False,
+        fan_out: FanOut | None = None,
+    ) -> TowerRun:
+        """Run the text tower (see :meth:`run_image`; a text ``fan_out`` tiles: ``tile=True``)."""
 
     def head(self, tower: str, pooled: torch.Tensor) -> torch.Tensor:
         """The tower's final norm and projection applied to an already pooled (B, C) vector (the

@@ -17,7 +17,7 @@ from ..preprocess import (  # noqa: F401 (the recipe's old import path)
     Preprocess,
     preprocess_from_config,
 )
-from .base import TextBatch, TokenLayout, TowerRun
+from .base import FanOut, TextBatch, TokenLayout, TowerRun
 from .capture import Capture, all_configs, eager_attention  # noqa: F401 (old import path)
 from .hf_encoder import HFEncoderAdapter
 from .hub import read_processor_config  # noqa: F401 (old import path)
@@ -82,31 +82,50 @@ class HFClipAdapter(HFEncoderAdapter):
 
     # ---- running -----------------------------------------------------------------------
     def run_image(
-        self, pixel_values: torch.Tensor, *, detach_blocks: bool = False, input_embeds: torch.Tensor | None = None
+        self,
+        pixel_values: torch.Tensor,
+        *,
+        detach_blocks: bool = False,
+        input_embeds: torch.Tensor | None = None,
+        fan_out: FanOut | None = None,
     ) -> TowerRun:
         vm = self.model.vision_model
         layout = self._image_layout(pixel_values, class_token=True, pooled=False)
+        if fan_out is not None:
+            layout = fan_out.layout(layout)
         run = TowerRun("image", embeds=None, layout=layout, pixel_values=pixel_values)  # type: ignore[arg-type]
         with Capture() as capture:
-            self._capture(capture, vm, run, detach_blocks, input_embeds)
+            self._capture(capture, vm, run, detach_blocks, input_embeds, fan_out)
             out = vm(pixel_values=pixel_values, interpolate_pos_encoding=True)
         run.pooled = out.pooler_output
         run.embeds = self.model.visual_projection(run.pooled)
         return run
 
     def run_text(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, detach_blocks: bool = False
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        *,
+        detach_blocks: bool = False,
+        fan_out: FanOut | None = None,
     ) -> TowerRun:
         tm = self.model.text_model
         readout = self._readout_positions(input_ids)
         layout = TokenLayout(
             readout=readout, content=self._text_content(input_ids, readout), valid=attention_mask.bool()
         )
+        if fan_out is not None:
+            layout = fan_out.layout(layout)
         run = TowerRun("text", embeds=None, layout=layout)  # type: ignore[arg-type]
         with Capture() as capture:
-            self._capture(capture, tm, run, detach_blocks)
-            out = tm(input_ids=input_ids, attention_mask=attention_mask)
-        run.pooled = out.pooler_output
+            self._capture(capture, tm, run, detach_blocks, fan_out=fan_out)
+            if fan_out is None:
+                run.pooled = tm(input_ids=input_ids, attention_mask=attention_mask).pooler_output
+            else:
+                # the model pools by its input ids, which a fan-out does not repeat: the forward
+                # stops after the final norm and the rows are pooled here
+                hidden = _until(capture, tm.final_layer_norm, lambda: tm(input_ids=input_ids, attention_mask=attention_mask))
+                run.pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), layout.readout]
         run.embeds = self.model.text_projection(run.pooled)
         return run
 
@@ -114,3 +133,26 @@ class HFClipAdapter(HFEncoderAdapter):
         if tower == "image":
             return self.model.vision_model.post_layernorm, self.model.visual_projection
         return self.model.text_model.final_layer_norm, self.model.text_projection
+
+
+class _Reached(Exception):
+    """Carries a module's output out of a forward that need not go on (see :func:`_until`)."""
+
+    def __init__(self, output: torch.Tensor):
+        super().__init__("forward stopped")
+        self.output = output
+
+
+def _until(capture: Capture, module: torch.nn.Module, forward) -> torch.Tensor:
+    """Run ``forward()`` up to ``module`` and return that module's output; the rest of the
+    forward is not run (a hook in ``capture`` raises :class:`_Reached`, caught here only)."""
+
+    def stop(mod, args, output):
+        raise _Reached(output)
+
+    capture.forward_hook(module, stop)
+    try:
+        forward()
+    except _Reached as reached:
+        return reached.output
+    raise RuntimeError(f"the forward never reached {type(module).__name__}")

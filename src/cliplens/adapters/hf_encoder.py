@@ -22,7 +22,7 @@ import torch
 
 from ..errors import ModelLoadError
 from ..preprocess import Preprocess
-from .base import Checkpoint, ModelAdapter, ReadoutParts, TowerRun, block_entry, run_input_embeds
+from .base import Checkpoint, FanOut, ModelAdapter, ReadoutParts, TowerRun, block_entry, run_input_embeds
 from .capture import Capture
 
 
@@ -134,10 +134,12 @@ class HFEncoderAdapter(ModelAdapter):
         run: TowerRun,
         detach_blocks: bool,
         input_embeds: torch.Tensor | None = None,
+        fan_out: FanOut | None = None,
     ) -> None:
         """Hooks on ``tower_module`` (for one run, in ``capture``) that fill ``run``: the embedding
         output (or ``input_embeds`` in its place) as ``run.input_embeds``, each layer's input and
-        output, each layer's attention probabilities."""
+        output, each layer's attention probabilities; with ``fan_out``, the stream (and any
+        per-row mask beside it) repeated per pair on entering its block."""
 
         def on_embed(module, args, output):
             leaf = run_input_embeds(output, input_embeds)
@@ -145,14 +147,28 @@ class HFEncoderAdapter(ModelAdapter):
             return leaf
 
         capture.forward_hook(tower_module.embeddings, on_embed)
+        distinct_rows: list[int] = []  # rows before the fan-out
         for i, layer in enumerate(tower_module.encoder.layers):
 
             def pre(module, args, kwargs, i=i):
-                hidden = block_entry(args[0] if args else kwargs["hidden_states"], i, detach_blocks)
+                positional = bool(args)
+                hidden = args[0] if positional else kwargs["hidden_states"]
+                rest = args[1:]
+                others = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+                if fan_out is not None and i >= fan_out.block:
+                    # the encoder hands every block the same per-row masks: fan them out each time
+                    if i == fan_out.block:
+                        distinct_rows.append(hidden.shape[0])
+                        hidden = fan_out.enter(hidden)
+                        run.graph_input = hidden
+                    rows = distinct_rows[0]
+                    rest = tuple(fan_out.beside(x, rows) for x in rest)
+                    others = {k: fan_out.beside(v, rows) for k, v in others.items()}
+                hidden = block_entry(hidden, i, detach_blocks)
                 run.block_inputs.append(hidden)
-                if args:
-                    return (hidden, *args[1:]), kwargs
-                return args, {**kwargs, "hidden_states": hidden}
+                if positional:
+                    return (hidden, *rest), others
+                return rest, {**others, "hidden_states": hidden}
 
             def post(module, args, output):
                 run.block_outputs.append(output[0] if isinstance(output, tuple) else output)

@@ -39,7 +39,7 @@ from ..preprocess import (  # noqa: F401 (the recipes' old import path)
     siglip_preprocess_from_config,
     size_for_max_patches,
 )
-from .base import Checkpoint, TextBatch, TokenLayout, TowerRun
+from .base import FanOut, Checkpoint, TextBatch, TokenLayout, TowerRun
 from .capture import Capture
 from .hf_encoder import HFEncoderAdapter
 
@@ -120,13 +120,16 @@ class HFSiglipAdapter(HFEncoderAdapter):
         *,
         detach_blocks: bool = False,
         input_embeds: torch.Tensor | None = None,
+        fan_out: FanOut | None = None,
     ) -> TowerRun:
         vm = self.model.vision_model
         layout = self._image_layout(pixel_values, class_token=False, pooled=True)
+        if fan_out is not None:
+            layout = fan_out.layout(layout)
         run = TowerRun("image", embeds=None, layout=layout, pixel_values=pixel_values)  # type: ignore[arg-type]
         pool: list[torch.Tensor] = []
         with Capture() as capture:
-            self._capture(capture, vm, run, detach_blocks, input_embeds)
+            self._capture(capture, vm, run, detach_blocks, input_embeds, fan_out)
             capture.mha_probabilities([vm.head.attention], lambda i, p: pool.append(p))
             out = self._vision_forward(vm, pixel_values, *layout.grid)
         run.pool_attention = pool[-1]
@@ -146,7 +149,12 @@ class HFSiglipAdapter(HFEncoderAdapter):
         )
 
     def run_text(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, detach_blocks: bool = False
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        *,
+        detach_blocks: bool = False,
+        fan_out: FanOut | None = None,
     ) -> TowerRun:
         tm = self.model.text_model
         specials = [
@@ -159,12 +167,14 @@ class HFSiglipAdapter(HFEncoderAdapter):
         layout = TokenLayout(
             readout=self._readout_positions(input_ids), content=content, valid=attention_mask.bool()
         )
+        if fan_out is not None:
+            layout = fan_out.layout(layout)
         run = TowerRun("text", embeds=None, layout=layout)  # type: ignore[arg-type]
         with Capture() as capture:
-            self._capture(capture, tm, run, detach_blocks)
+            self._capture(capture, tm, run, detach_blocks, fan_out=fan_out)
             out = tm(input_ids=input_ids, attention_mask=attention_mask if self.text_uses_mask else None)
         run.pooled = out.last_hidden_state[:, -1]  # last_hidden_state is after the final norm
-        run.embeds = out.pooler_output
+        run.embeds = out.pooler_output if fan_out is None else tm.head(run.pooled)
         return run
 
     # ---- readout -----------------------------------------------------------------------
@@ -210,9 +220,10 @@ class HFSiglip2Adapter(HFSiglipAdapter):
         patches = (
             pixel_values.reshape(b, c, gh, p, gw, p).permute(0, 2, 4, 3, 5, 1).reshape(b, gh * gw, p * p * c)
         )
-        mask = torch.ones(b, gh * gw, dtype=torch.long, device=pixel_values.device)
         shapes = torch.tensor([[gh, gw]] * b, dtype=torch.long, device=pixel_values.device)
-        return vm(pixel_values=patches, pixel_attention_mask=mask, spatial_shapes=shapes)
+        # every patch is real: no padding mask (a mask of ones masks nothing, and one of B rows
+        # would not fit the per-pair rows of a fanned-out run)
+        return vm(pixel_values=patches, pixel_attention_mask=None, spatial_shapes=shapes)
 
 
 def siglip_adapter(

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 
 from ..errors import InputError, ModelLoadError
 from ..preprocess import Preprocess, open_clip_preprocess_from_config
-from .base import ModelAdapter, ReadoutParts, TextBatch, TokenLayout, TowerRun, block_entry, run_input_embeds
+from .base import FanOut, ModelAdapter, ReadoutParts, TextBatch, TokenLayout, TowerRun, block_entry, run_input_embeds
 from .capture import Capture, mha_with_probabilities
 from .open_clip_load import import_open_clip, load_open_clip  # noqa: F401 (load_open_clip: its old import path)
 
@@ -324,13 +324,24 @@ class OpenClipAdapter(ModelAdapter):
             yield
 
     def _blocks(
-        self, transformer, x: torch.Tensor, attn_mask, run: TowerRun, detach_blocks: bool
+        self,
+        transformer,
+        x: torch.Tensor,
+        attn_mask,
+        run: TowerRun,
+        detach_blocks: bool,
+        fan_out: FanOut | None = None,
+        fanned_mask=None,
     ) -> torch.Tensor:
-        """Every block of ``transformer`` over a (B, n, C) stream, capturing what the contract asks."""
+        """Every block of ``transformer`` over a (B, n, C) stream, capturing what the contract asks
+        (with ``fan_out``: per-pair rows from its block on, see :class:`FanOut`)."""
         batch_first = getattr(transformer, "batch_first", True)
         with Capture() as capture:
             attention_probabilities(capture, transformer.resblocks, run.attentions.append)
             for i, blk in enumerate(transformer.resblocks):
+                if fan_out is not None and i == fan_out.block:
+                    x = run.graph_input = fan_out.enter(x)
+                    attn_mask = fanned_mask
                 x = block_entry(x, i, detach_blocks)
                 run.block_inputs.append(x)
                 out = blk(x if batch_first else x.transpose(0, 1), attn_mask=attn_mask)
@@ -358,9 +369,12 @@ class OpenClipAdapter(ModelAdapter):
         *,
         detach_blocks: bool = False,
         input_embeds: torch.Tensor | None = None,
+        fan_out: FanOut | None = None,
     ) -> TowerRun:
         visual = self.model.visual
         layout = self._image_layout(pixel_values, class_token=True, pooled=self._attention_pooled)
+        if fan_out is not None:
+            layout = fan_out.layout(layout)
         b = pixel_values.shape[0]
         gh, gw = layout.grid
         run = TowerRun("image", embeds=None, layout=layout, pixel_values=pixel_values)  # type: ignore[arg-type]
@@ -372,7 +386,7 @@ class OpenClipAdapter(ModelAdapter):
         x = run_input_embeds(x, input_embeds)
         run.input_embeds = x
         x = visual.ln_pre(visual.patch_dropout(x))
-        x = self._blocks(visual.transformer, x, None, run, detach_blocks)
+        x = self._blocks(visual.transformer, x, None, run, detach_blocks, fan_out, None)
         run.embeds, run.pool_attention, run.pooled = self._image_readout(x)
         return run
 
@@ -405,7 +419,12 @@ class OpenClipAdapter(ModelAdapter):
         return normed @ proj if proj is not None else normed
 
     def run_text(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, detach_blocks: bool = False
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        *,
+        detach_blocks: bool = False,
+        fan_out: FanOut | None = None,
     ) -> TowerRun:
         text = self.text
         P, T = input_ids.shape
@@ -414,6 +433,8 @@ class OpenClipAdapter(ModelAdapter):
         readout = self._readout_positions(input_ids)
         valid = attention_mask.bool()
         layout = TokenLayout(readout=readout, content=self._content(input_ids, valid), valid=valid)
+        if fan_out is not None:
+            layout = fan_out.layout(layout)
         run = TowerRun("text", embeds=None, layout=layout)  # type: ignore[arg-type]
         dtype = (
             text.transformer.get_cast_dtype() if hasattr(text.transformer, "get_cast_dtype") else self.dtype
@@ -429,9 +450,11 @@ class OpenClipAdapter(ModelAdapter):
             pad = pad.masked_fill(~keep[:, None, :], float("-inf"))
             pad = pad.repeat_interleave(text.transformer.resblocks[0].attn.num_heads, 0)
             mask = pad if mask is None else mask[None] + pad
-        x = self._blocks(text.transformer, x, mask, run, detach_blocks)
-        rows = torch.arange(P, device=x.device)
-        run.pooled = text.ln_final(x[rows, readout])
+        # a per-row padding mask (P*heads, T, T) is tiled with the rows from the fan-out block on
+        fanned_mask = fan_out.rows(mask) if fan_out is not None and mask is not None and mask.dim() == 3 else mask
+        x = self._blocks(text.transformer, x, mask, run, detach_blocks, fan_out, fanned_mask)
+        rows = torch.arange(x.shape[0], device=x.device)
+        run.pooled = text.ln_final(x[rows, layout.readout])
         run.embeds = self._text_project(run.pooled)
         return run
 

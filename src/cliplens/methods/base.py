@@ -156,6 +156,12 @@ class Method:
         """(image per pair with a gradient, text per pair with a gradient)."""
         return (self.needs_gradient and "image" in towers, self.needs_gradient and "text" in towers)
 
+    def graph_from(self, tower: str, opts: Any, num_layers: int) -> int | None:
+        """The first block of ``tower`` whose tensors this method needs a gradient at; the
+        blocks before it run once per distinct input without a graph (see ``forward_pairs``).
+        None (default): the gradient is needed down to the input."""
+        return None
+
     def prepare_images(self, images: ImageBatch, opts: Any) -> ImageBatch:
         """The images as the forward pass takes them (default: unchanged)."""
         return images
@@ -192,6 +198,7 @@ class Method:
                 image_grad=image_grad,
                 text_grad=text_grad,
                 detach_blocks=self.detach_blocks,
+                graph_from={t: self.graph_from(t, opts, n) for t, n in adapter.num_layers.items()},
             )
             out = self.attribute(adapter, runs, target, towers, opts)
         return MethodResult(

@@ -42,6 +42,10 @@ class Chefer(Method):
             None, "first block to include (default: the last block; 0 = all; negative counts from the end)", "int"
         )
 
+    def graph_from(self, tower: str, opts: Options, num_layers: int) -> int:
+        # the relevance of blocks before start_layer is the identity: no gradient needed there
+        return resolve_layer(opts.start_layer, num_layers, num_layers - 1, "start_layer")
+
     def attribute(
         self, adapter: ModelAdapter, runs: PairRuns, target: Target, towers: tuple[str, ...], opts: Options
     ) -> Attribution:

@@ -51,6 +51,10 @@ class GradCAM(Method):
             None, "block whose input stream is the feature map (default: the last; negative counts from the end)", "int"
         )
 
+    def graph_from(self, tower: str, opts: Options, num_layers: int) -> int:
+        # the features are the stream entering this block: the backward stops there
+        return resolve_layer(opts.layer, num_layers, num_layers - 1)
+
     def attribute(
         self, adapter: ModelAdapter, runs: PairRuns, target: Target, towers: tuple[str, ...], opts: Options
     ) -> Attribution:

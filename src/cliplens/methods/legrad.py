@@ -62,6 +62,7 @@ from ..adapters.base import ModelAdapter, TowerRun
 from ..targets import Target
 from .base import Attribution, Method, last_layers, option, register
 from .pairs import PairRuns, per_pair, tower_result
+from .relevance import accumulation_dtype
 
 POOLINGS = ("model", "mean")
 
@@ -118,6 +119,10 @@ class LeGrad(Method):
         # the reference's mean readout goes through the image tower's token readout (norm + projection)
         return frozenset({"readout_token"}) if tower == "image" and opts.pooling == "mean" else frozenset()
 
+    def graph_from(self, tower: str, opts: Options, num_layers: int) -> int:
+        # each explained block's gradient comes from its own readout: earlier blocks need none
+        return explained_layers(opts.layers, num_layers)[0]
+
     def attribute(
         self, adapter: ModelAdapter, runs: PairRuns, target: Target, towers: tuple[str, ...], opts: Options
     ) -> Attribution:
@@ -149,7 +154,8 @@ class LeGrad(Method):
                 g = grads[k] if grads[k] is not None else torch.zeros_like(a)
                 k += 1
                 # query rows: the tower's valid tokens, or all of the pooling head's queries
-                layer_vals.append(positive_mean(g.detach(), None if pooled else run.layout.valid))
+                g = g.detach().to(accumulation_dtype(g.dtype))
+                layer_vals.append(positive_mean(g, None if pooled else run.layout.valid))
             stacked = torch.stack(layer_vals, 1)  # (rows, L', n)
             if tower == "image":
                 out.image_maps = tower_result(runs, tower, stacked.sum(1))

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..adapters.base import ImageBatch, ModelAdapter, TextBatch, TowerRun
+from ..adapters.base import FanOut, ImageBatch, ModelAdapter, TextBatch, TowerRun
 from ..targets import PairContext, PairScores, Target
 
 
@@ -43,8 +43,14 @@ class PairRuns:
         return self.image_per_pair if tower == "image" else self.text_per_pair
 
     def grad_inputs(self) -> list[torch.Tensor]:
-        """The embedding inputs of the towers that run per pair (where a backward pass ends)."""
-        return [self.run(t).input_embeds for t in ("image", "text") if self.per_pair(t)]
+        """Where a backward pass ends, for each tower that runs per pair: the per-pair leaf its
+        run fanned out at (:class:`FanOut`), else its embedding input."""
+        out = []
+        for tower in ("image", "text"):
+            if self.per_pair(tower):
+                run = self.run(tower)
+                out.append(run.graph_input if run.graph_input is not None else run.input_embeds)
+        return out
 
     def backward(self) -> list[torch.Tensor]:
         """One backward pass of sum(y); returns gradients w.r.t. :meth:`grad_inputs`.
@@ -87,26 +93,44 @@ def forward_pairs(
     image_grad: bool,
     text_grad: bool,
     detach_blocks: bool = False,
+    graph_from: dict[str, int | None] | None = None,
 ) -> PairRuns:
-    """Run both towers (call inside ``adapter.explaining()``) and evaluate the target."""
+    """Run both towers (call inside ``adapter.explaining()``) and evaluate the target.
+
+    ``graph_from`` (tower -> block), for a tower with a gradient: the first block whose tensors
+    need one. The blocks before it then run once per distinct input without a graph and the
+    per-pair rows start there (:class:`~cliplens.adapters.base.FanOut`), so neither the forward
+    nor the backward repeats work a method does not need. None (or a tower missing): per-pair
+    rows from the input."""
     B, P = len(images), len(texts)
+    graph_from = graph_from or {}
     pixels = images.pixel_values
-    with torch.set_grad_enabled(image_grad):
-        if image_grad:
+    if image_grad and graph_from.get("image") is not None:
+        with torch.no_grad():  # the fan-out turns gradients on at its block
+            img = adapter.run_image(pixels, detach_blocks=detach_blocks, fan_out=FanOut(graph_from["image"], P))
+        img_pairs = per_pair(img.embeds, B, P)
+    elif image_grad:
+        with torch.enable_grad():
             img = adapter.run_image(pixels.repeat_interleave(P, dim=0), detach_blocks=detach_blocks)
-            img_pairs = per_pair(img.embeds, B, P)
-        else:
+        img_pairs = per_pair(img.embeds, B, P)
+    else:
+        with torch.no_grad():
             img = adapter.run_image(pixels, detach_blocks=detach_blocks)
-            img_pairs = img.embeds.detach()[:, None].expand(B, P, -1)
-    with torch.set_grad_enabled(text_grad):
-        if text_grad:
-            txt = adapter.run_text(
-                texts.input_ids.repeat(B, 1), texts.attention_mask.repeat(B, 1), detach_blocks=detach_blocks
-            )
-            txt_pairs = per_pair(txt.embeds, B, P)
-        else:
-            txt = adapter.run_text(texts.input_ids, texts.attention_mask, detach_blocks=detach_blocks)
-            txt_pairs = txt.embeds.detach()[None].expand(B, P, -1)
+        img_pairs = img.embeds.detach()[:, None].expand(B, P, -1)
+    ids, mask = texts.input_ids, texts.attention_mask
+    if text_grad and graph_from.get("text") is not None:
+        with torch.no_grad():
+            fan = FanOut(graph_from["text"], B, tile=True)
+            txt = adapter.run_text(ids, mask, detach_blocks=detach_blocks, fan_out=fan)
+        txt_pairs = per_pair(txt.embeds, B, P)
+    elif text_grad:
+        with torch.enable_grad():
+            txt = adapter.run_text(ids.repeat(B, 1), mask.repeat(B, 1), detach_blocks=detach_blocks)
+        txt_pairs = per_pair(txt.embeds, B, P)
+    else:
+        with torch.no_grad():
+            txt = adapter.run_text(ids, mask, detach_blocks=detach_blocks)
+        txt_pairs = txt.embeds.detach()[None].expand(B, P, -1)
     scores = PairScores.of(adapter, img_pairs.dtype)
     with torch.set_grad_enabled(image_grad or text_grad):
         y = target(PairContext.of(img_pairs, txt_pairs, scores))

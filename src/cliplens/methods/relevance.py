@@ -28,11 +28,17 @@ def gradient_weighted(attn: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     return (grad * attn).clamp(min=0).mean(dim=1)
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Relevance is accumulated in at least float32, whatever the model computes in (bfloat16
+    and float16 rows would lose the small terms a fold adds)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def one_hot_rows(run: TowerRun) -> torch.Tensor:
     """(rows, n) one-hot rows at each row's readout token."""
     rows = run.layout.readout.shape[0]
     n = run.layout.valid.shape[1]
-    dtype = run.attentions[0].dtype if run.attentions else torch.float32
+    dtype = accumulation_dtype(run.attentions[0].dtype if run.attentions else torch.float32)
     out = torch.zeros(rows, n, dtype=dtype, device=run.layout.readout.device)
     out[torch.arange(rows), run.layout.readout] = 1.0
     return out
@@ -97,7 +103,7 @@ class RowFold:
 
     def _pool_hook(self, pool: torch.Tensor):
         def hook(grad: torch.Tensor) -> None:
-            self.row = gradient_weighted(pool.detach(), grad).sum(dim=1)
+            self.row = gradient_weighted(pool.detach(), grad).sum(dim=1).to(accumulation_dtype(grad.dtype))
 
         return hook
 
@@ -108,7 +114,7 @@ class RowFold:
             self.expected -= 1
             if self.row is None:
                 raise RuntimeError("the pooling attention's gradient did not arrive before the blocks'")
-            abar = gradient_weighted(attn.detach(), grad)
+            abar = gradient_weighted(attn.detach(), grad).to(self.row.dtype)
             self.row = self.row + torch.bmm(self.row.unsqueeze(1), abar).squeeze(1)
 
         return hook

@@ -1,0 +1,228 @@
+"""chefer and legrad against the plain forward+backward and against the reference loops, on a
+ViT-B/16-sized random CLIP, one image, P prompts: time and peak memory ratios in one run.
+
+- plain pass: the image repeated P times and the P texts through the model's default
+  attention path, the P pair logits summed and back-propagated to the input (parameters
+  frozen), as an explainer must at least do for per-pair gradients (benchmarks/_common.py);
+- reference loops, re-implemented here from the public reference code's structure (not their
+  code): Chefer's CLIP notebook ``interpret`` (image repeated per prompt, a forward that records
+  every block's graph with the parameters requiring grad, ``autograd.grad`` of the summed pair
+  logits at the attention of the explained blocks, full n x n relevance products, image and
+  text) and legrad-torch's wrapper (the same forward, per explained layer a mean-pooled readout
+  through the final norm and projection and its own ``autograd.grad`` at that layer's
+  attention, the graph retained between layers; image side);
+- cliplens: ``chefer`` (default start layer: the last block; ``start_layer=0``: every block) and
+  ``legrad`` with the reference's settings (``layers=2, pooling="mean"``, image tower).
+
+Time: interleaved repeats, the median of per-repeat ratios (load changes hit both). Memory: on
+CUDA the peak allocation above the loaded model; on the CPU the peak RSS of a fresh process.
+
+    python benchmarks/bench_speed.py                       # CPU, P = 1, 8, 32
+    python benchmarks/bench_speed.py --device cuda --prompts 1,8,32,128 --sizes 224,448,896
+    python benchmarks/bench_speed.py --device cuda --dtype bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+
+import cliplens  # noqa: E402
+from cliplens.adapters import HFClipAdapter  # noqa: E402
+
+#: label -> (kind, options): "ours" runs cliplens, "ref" a reference loop
+CASES = {
+    "chefer": ("ours", {"method": "chefer"}),
+    "chefer ref": ("ref", {"loop": "chefer", "start": -1}),
+    "chefer all": ("ours", {"method": "chefer", "start_layer": 0}),
+    "chefer all ref": ("ref", {"loop": "chefer", "start": 0}),
+    "legrad": ("ours", {"method": "legrad", "layers": 2, "pooling": "mean", "towers": ("image",)}),
+    "legrad ref": ("ref", {"loop": "legrad", "layers": 2}),
+}
+
+
+def setup(size: int, device: str, dtype: torch.dtype):
+    from transformers import CLIPConfig, CLIPModel
+
+    base = C.build_clip("b16")
+    cfg = base.config.to_dict()
+    cfg["vision_config"]["image_size"] = size
+    torch.manual_seed(0)
+    model = CLIPModel(CLIPConfig(**{k: cfg[k] for k in ("text_config", "vision_config", "projection_dim")}))
+    model = model.eval().to(device=device, dtype=dtype)
+    adapter = HFClipAdapter(model, C.tokenizer(), name=f"random-b16-{size}")
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+    return adapter, image
+
+
+def _reference_forward(adapter, image, texts):
+    """The image repeated per prompt, every block recorded with the parameters requiring grad."""
+    model = adapter.model
+    batch = adapter.tokenize(texts)
+    pixels = adapter.prepare_images([image])[0].pixel_values.repeat(len(texts), 1, 1, 1)
+    model.set_attn_implementation("eager")
+    out = model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        pixel_values=pixels,
+        output_attentions=True,
+        output_hidden_states=True,
+    )
+    return out, batch
+
+
+def chefer_reference(adapter, image, texts, start: int):
+    out, batch = _reference_forward(adapter, image, texts)
+    y = out.logits_per_image.diagonal().sum()
+    v_att, t_att = out.vision_model_output.attentions, out.text_model_output.attentions
+    start_v = start % len(v_att)
+    start_t = start % len(t_att)
+    grads = torch.autograd.grad(y, list(v_att[start_v:]) + list(t_att[start_t:]))
+    rows = []
+    for atts, gs in ((v_att[start_v:], grads[: len(v_att) - start_v]), (t_att[start_t:], grads[len(v_att) - start_v :])):
+        n = atts[0].shape[-1]
+        R = torch.eye(n, dtype=atts[0].dtype, device=atts[0].device).expand(atts[0].shape[0], n, n).clone()
+        for A, G in zip(atts, gs):
+            R = R + torch.bmm((G * A).clamp(min=0).mean(1), R)
+        rows.append(R)
+    eot = batch.input_ids.argmax(-1)
+    return rows[0][:, 0, 1:], rows[1][torch.arange(len(texts)), eot]
+
+
+def legrad_reference(adapter, image, texts, layers: int):
+    out, batch = _reference_forward(adapter, image, texts)
+    model = adapter.model
+    text = out.text_embeds.detach()
+    atts, hidden = out.vision_model_output.attentions, out.vision_model_output.hidden_states
+    total = 0
+    for l in range(len(atts) - layers, len(atts)):
+        e = model.visual_projection(model.vision_model.post_layernorm(hidden[l + 1].mean(1)))
+        s = (e / e.norm(dim=-1, keepdim=True) * text).sum()
+        (g,) = torch.autograd.grad(s, [atts[l]], retain_graph=True)
+        total = total + g.clamp(min=0).mean(1).mean(1)[:, 1:]
+    return total
+
+
+def runner(adapter, image, texts, label: str):
+    kind, opts = CASES.get(label, ("plain", {}))
+    if kind == "plain":
+        fn = lambda: C.plain_pass(adapter, image, texts)  # noqa: E731
+    elif kind == "ours":
+        opts = dict(opts)
+        method = opts.pop("method")
+        fn = lambda: cliplens.explain(adapter, image, texts, method=method, **opts)  # noqa: E731
+    else:
+        loop = opts["loop"]
+
+        def fn():
+            flags = [(p, p.requires_grad) for p in adapter.model.parameters()]
+            attn = adapter.model.config._attn_implementation
+            try:
+                for p, _ in flags:
+                    p.requires_grad_(True)
+                if loop == "chefer":
+                    chefer_reference(adapter, image, texts, opts["start"])
+                else:
+                    legrad_reference(adapter, image, texts, opts["layers"])
+            finally:
+                for p, f in flags:
+                    p.requires_grad_(f)
+                adapter.model.set_attn_implementation(attn)
+
+    if adapter.device.type != "cuda":
+        return fn
+
+    def synced():
+        fn()
+        torch.cuda.synchronize()
+
+    return synced
+
+
+def cuda_peak_mb(run) -> float:
+    run()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    run()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def prompts(P: int) -> list[str]:
+    return [f"{C.PROMPTS[i % len(C.PROMPTS)]} #{i}" for i in range(P)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--prompts", default="1,8,32")
+    ap.add_argument("--sizes", default="224")
+    ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--measure", nargs=4, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
+    if args.measure:
+        size, label, P, dtype = args.measure
+        adapter, image = setup(int(size), "cpu", getattr(torch, dtype))
+        run = runner(adapter, image, prompts(int(P)), label)
+        run()
+        with C.PeakRSS() as peak:
+            run()
+        print(json.dumps({"peak_mb": peak.peak_mb}))
+        return
+    dtype = getattr(torch, args.dtype)
+    where = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"random CLIP ViT-B/16 size, torch {torch.__version__}, {where}, {args.dtype}, repeats {args.repeats}")
+    print("| px | P | case | s | plain s | x plain | x reference | MB | plain MB | mem x plain | mem x ref |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    cases = [c for c in args.cases.split(",") if c]
+    for size in [int(s) for s in args.sizes.split(",")]:
+        adapter, image = setup(size, args.device, dtype)
+        for P in [int(p) for p in args.prompts.split(",")]:
+            texts = prompts(P)
+            plain = runner(adapter, image, texts, "plain")
+            times, mems = {}, {}
+            for label in cases:
+                times[label] = C.paired_ratio(runner(adapter, image, texts, label), plain, args.repeats)
+                if args.skip_memory:
+                    continue
+                for name in (label, "plain"):
+                    if name in mems:
+                        continue
+                    if args.device == "cuda":
+                        mems[name] = cuda_peak_mb(runner(adapter, image, texts, name))
+                    else:
+                        mems[name] = C.measure_peak_in_subprocess(
+                            __file__, [str(size), name, str(P), args.dtype], threads=torch.get_num_threads()
+                        )["peak_mb"]
+            for label in cases:
+                t, t_plain, ratio = times[label]
+                ref = f"{label} ref" if not label.endswith("ref") else None
+                x_ref = f"{t / times[ref][0]:.2f}" if ref in times else ""
+                mem = mems.get(label)
+                m_plain = mems.get("plain")
+                m_ref = f"{mem / mems[ref]:.2f}" if ref in mems and mem is not None else ""
+                cells = (
+                    [f"{mem:.0f}", f"{m_plain:.0f}", f"{mem / max(m_plain, 1e-9):.2f}", m_ref]
+                    if mem is not None else ["", "", "", ""]
+                )
+                print(f"| {size} | {P} | {label} | {t:.3f} | {t_plain:.3f} | {ratio:.2f} | {x_ref} | " + " | ".join(cells) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
