@@ -57,7 +57,8 @@ class TowerRun:
     """What one forward pass of a tower left behind (tensors still in the autograd graph).
 
     embeds:        (B, D) projected embedding, not normalised.
-    attentions:    per block, (B, H, n, n) attention probabilities.
+    attentions:    per block, (B, H, n, n) attention probabilities (None for the blocks before a
+                   :class:`FanOut`).
     block_inputs:  per block, (B, n, C) residual stream entering the block.
     block_outputs: per block, (B, n, C) residual stream leaving the block.
     input_embeds:  (B, n, C) token embeddings (with positions) entering the first block's
@@ -417,6 +418,14 @@ def run_input_embeds(computed: torch.Tensor, given: torch.Tensor | None) -> torc
             )
         computed = given.to(computed.dtype)
     return as_grad_leaf(computed)
+
+
+def keep_attention(probs: torch.Tensor, index: int, fan_out: FanOut | None) -> torch.Tensor | None:
+    """What a run keeps of block ``index``'s attention probabilities: None before a fan-out (no
+    method with a fan-out reads them, and at large inputs they are most of the memory)."""
+    if fan_out is not None and index < fan_out.block:
+        return None
+    return probs
 
 
 def block_entry(hidden: torch.Tensor, index: int, detach_blocks: bool) -> torch.Tensor:

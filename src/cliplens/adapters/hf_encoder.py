@@ -22,7 +22,16 @@ import torch
 
 from ..errors import ModelLoadError
 from ..preprocess import Preprocess
-from .base import Checkpoint, FanOut, ModelAdapter, ReadoutParts, TowerRun, block_entry, run_input_embeds
+from .base import (
+    Checkpoint,
+    FanOut,
+    ModelAdapter,
+    ReadoutParts,
+    TowerRun,
+    block_entry,
+    keep_attention,
+    run_input_embeds,
+)
 from .capture import Capture
 
 
@@ -173,13 +182,13 @@ class HFEncoderAdapter(ModelAdapter):
             def post(module, args, output):
                 run.block_outputs.append(output[0] if isinstance(output, tuple) else output)
 
-            def on_attn(module, args, output):
+            def on_attn(module, args, output, i=i):
                 weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
                 if weights is None:
                     raise RuntimeError(
                         "attention probabilities were not returned; eager attention is required"
                     )
-                run.attentions.append(weights)
+                run.attentions.append(keep_attention(weights, i, fan_out))
 
             capture.forward_pre_hook(layer, pre, with_kwargs=True)
             capture.forward_hook(layer, post)

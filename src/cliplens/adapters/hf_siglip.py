@@ -39,7 +39,7 @@ from ..preprocess import (  # noqa: F401 (the recipes' old import path)
     siglip_preprocess_from_config,
     size_for_max_patches,
 )
-from .base import FanOut, Checkpoint, TextBatch, TokenLayout, TowerRun
+from .base import Checkpoint, FanOut, TextBatch, TokenLayout, TowerRun
 from .capture import Capture
 from .hf_encoder import HFEncoderAdapter
 

@@ -48,7 +48,17 @@ import torch.nn.functional as F
 
 from ..errors import InputError, ModelLoadError
 from ..preprocess import Preprocess, open_clip_preprocess_from_config
-from .base import FanOut, ModelAdapter, ReadoutParts, TextBatch, TokenLayout, TowerRun, block_entry, run_input_embeds
+from .base import (
+    FanOut,
+    ModelAdapter,
+    ReadoutParts,
+    TextBatch,
+    TokenLayout,
+    TowerRun,
+    block_entry,
+    keep_attention,
+    run_input_embeds,
+)
 from .capture import Capture, mha_with_probabilities
 from .open_clip_load import import_open_clip, load_open_clip  # noqa: F401 (load_open_clip: its old import path)
 
@@ -337,7 +347,11 @@ class OpenClipAdapter(ModelAdapter):
         (with ``fan_out``: per-pair rows from its block on, see :class:`FanOut`)."""
         batch_first = getattr(transformer, "batch_first", True)
         with Capture() as capture:
-            attention_probabilities(capture, transformer.resblocks, run.attentions.append)
+            attention_probabilities(
+                capture,
+                transformer.resblocks,
+                lambda probs: run.attentions.append(keep_attention(probs, len(run.attentions), fan_out)),
+            )
             for i, blk in enumerate(transformer.resblocks):
                 if fan_out is not None and i == fan_out.block:
                     x = run.graph_input = fan_out.enter(x)

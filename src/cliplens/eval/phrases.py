@@ -25,8 +25,8 @@ from typing import Sequence
 
 import numpy as np
 
-from ..api import explain
 from ..adapters import ModelAdapter, adapt, load_model
+from ..api import explain
 from ..errors import InputError
 from ..methods import REGISTRY
 from ..tokens import find_phrase

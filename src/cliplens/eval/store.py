@@ -23,8 +23,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..files import atomic_write
 from ..errors import InputError
+from ..files import atomic_write
 from .config import EvalConfig
 
 __all__ = ["ResultStore", "StoredResults", "atomic_write", "read_results", "shard_files"]

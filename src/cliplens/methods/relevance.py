@@ -38,7 +38,7 @@ def one_hot_rows(run: TowerRun) -> torch.Tensor:
     """(rows, n) one-hot rows at each row's readout token."""
     rows = run.layout.readout.shape[0]
     n = run.layout.valid.shape[1]
-    dtype = accumulation_dtype(run.attentions[0].dtype if run.attentions else torch.float32)
+    dtype = accumulation_dtype(run.attentions[-1].dtype if run.attentions else torch.float32)
     out = torch.zeros(rows, n, dtype=dtype, device=run.layout.readout.device)
     out[torch.arange(rows), run.layout.readout] = 1.0
     return out
