@@ -23,21 +23,25 @@ def main() -> None:
     ap.add_argument("--interaction", default=",".join(INTERACTION_METHODS))
     ap.add_argument("--first-order", default=",".join(FIRST_ORDER_METHODS))
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     split = lambda s: tuple(m for m in s.split(",") if m)  # noqa: E731
     t0 = time.perf_counter()
+    from cliplens import load_model
+
     res = evaluate_phrases(
-        args.model,
+        load_model(args.model, device=args.device),
         args.scenes,
         seed=args.seed,
         interaction_methods=split(args.interaction),
         first_order=split(args.first_order),
         progress=True,
     )
+    where = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"{res.n_scenes} scenes, {res.n_phrases} named objects, seed {args.seed}, "
-          f"{time.perf_counter() - t0:.0f} s, threads {torch.get_num_threads()}")
+          f"{time.perf_counter() - t0:.0f} s, {where}")
     print(res.markdown())
 
 
