@@ -26,6 +26,35 @@ from .base import Checkpoint, ModelAdapter, ReadoutParts, TowerRun, block_entry,
 from .capture import Capture
 
 
+#: two prompts that any real tokenizer encodes differently
+_PROBES = ("a photo of a cat", "a diagram of two dogs")
+
+
+def check_tokenizer_fits(tokenizer, text_model, name: str) -> None:
+    """Refuse a tokenizer that does not belong to the text tower: a vocabulary far smaller than
+    the token embedding (transformers builds a 2-entry stand-in vocabulary when a checkpoint
+    folder has no tokenizer files), ids beyond the embedding, or distinct prompts encoded alike
+    (every prompt would then get the same logit). A few added special tokens beyond the
+    embedding are tolerated as long as plain prompts do not use them. One-line ModelLoadError."""
+    embedding = getattr(getattr(text_model, "embeddings", None), "token_embedding", None)
+    rows = getattr(embedding, "num_embeddings", None)
+    try:
+        size = len(tokenizer)
+    except TypeError:
+        size = None
+    hint = "; put the checkpoint's tokenizer files (tokenizer.json or vocab.json + merges.txt) in the folder"
+    if rows is not None and size is not None and size < rows // 2:
+        raise ModelLoadError(
+            f"{name}: the tokenizer's vocabulary ({size} entries) does not fit the model's text "
+            f"embedding ({rows} rows){hint}"
+        )
+    ids = [list(tokenizer(t)["input_ids"]) for t in _PROBES]
+    if ids[0] == ids[1]:
+        raise ModelLoadError(f"{name}: the tokenizer encodes different prompts alike ({ids[0]}){hint}")
+    if rows is not None and max(max(i) for i in ids) >= rows:
+        raise ModelLoadError(f"{name}: the tokenizer gives ids beyond the model's text embedding ({rows} rows){hint}")
+
+
 class HFEncoderAdapter(ModelAdapter):
     """Shared base of the transformers CLIP-family adapters (``CLIPModel``, ``SiglipModel``, ...)."""
 
@@ -73,6 +102,7 @@ class HFEncoderAdapter(ModelAdapter):
                 # e.g. SigLIP's own tokenizer is SentencePiece: name the missing piece, not fail later
                 first = str(exc).splitlines()[0]
                 raise ModelLoadError(f"{name}: could not load the {cls.label} tokenizer ({first})") from None
+        check_tokenizer_fits(tokenizer, model.text_model, name)
         preprocess = adapter_class._preprocess_from(checkpoint.processor_config, model.config.vision_config)
         return adapter_class(model, tokenizer, preprocess=preprocess, name=name)
 
