@@ -50,3 +50,35 @@ def test_tokenizer_that_encodes_prompts_alike_is_refused(tiny_checkpoint):
     with pytest.raises(ModelLoadError, match="alike"):
         check_tokenizer_fits(Same(), model.text_model, "x")
     load_model(tiny_checkpoint)  # its own tokenizer fits
+
+
+# ---- 2. the checkpoint's own CLIP processor, every variant ---------------------------------------
+
+PROCESSOR_VARIANTS = {
+    "shortest_edge+crop": {"size": {"shortest_edge": 32}, "crop_size": {"height": 32, "width": 32}},
+    "squash": {"size": {"height": 32, "width": 40}, "do_center_crop": False},
+    "squash+crop": {"size": {"height": 40, "width": 48}, "crop_size": {"height": 32, "width": 32}},
+    "squash+uneven crop": {"size": {"height": 45, "width": 37}, "crop_size": {"height": 24, "width": 32}},
+}
+
+
+@pytest.mark.parametrize("variant", list(PROCESSOR_VARIANTS))
+@pytest.mark.parametrize("shape", [(53, 37), (30, 70)])
+def test_clip_processor_variants_match_transformers(variant, shape):
+    import warnings
+
+    from cliplens.preprocess import preprocess_from_config
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from transformers import CLIPImageProcessor
+
+    cfg = {"do_center_crop": True, "image_mean": [0.4, 0.5, 0.6], "image_std": [0.2, 0.3, 0.25], "resample": 3}
+    cfg.update(PROCESSOR_VARIANTS[variant])
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (shape[1], shape[0], 3), dtype=np.uint8))
+    want = CLIPImageProcessor(**cfg)(images=image, return_tensors="np")["pixel_values"][0]
+    got, geometry = preprocess_from_config(cfg, 32)(image)
+    assert tuple(got.shape) == want.shape, variant
+    np.testing.assert_allclose(got.numpy(), want, rtol=0, atol=1e-4)
+    assert geometry.input_size == (want.shape[2], want.shape[1])

@@ -21,7 +21,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .errors import ImageError
 
 #: names that moved to :mod:`cliplens.preprocess`, still importable from here
-_MOVED = {"Preprocess", "SquashPreprocess", "NaFlexPreprocess"}
+_MOVED = {"Preprocess", "SquashPreprocess", "SquashCropPreprocess", "NaFlexPreprocess"}
 
 
 def __getattr__(name: str):

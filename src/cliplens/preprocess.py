@@ -9,6 +9,8 @@ cut; turning the result into normalised pixels is one shared step (:meth:`Prepro
 - :class:`Preprocess`: resize the shortest edge, centre crop (CLIP, open_clip ``shortest``);
 - :class:`SquashPreprocess`: resize to the model size without keeping the aspect ratio (SigLIP,
   open_clip ``squash``);
+- :class:`SquashCropPreprocess`: resize to ``{height, width}``, then (optionally) centre crop
+  (CLIP checkpoints whose processor's ``size`` is a height and width);
 - :class:`NaFlexPreprocess`: keep the aspect ratio, at most ``max_patches`` whole patches
   (SigLIP 2).
 
@@ -121,6 +123,25 @@ class SquashPreprocess(Preprocess):
         return resized, Geometry(w, h, crop_w / w, crop_h / h, (0.0, 0.0), (crop_w, crop_h))
 
 
+@dataclass(frozen=True)
+class SquashCropPreprocess(Preprocess):
+    """A CLIP processor whose ``size`` is ``{height, width}``: ``resize="model"`` resizes the whole
+    image to ``resize_to`` (height, width) without keeping the aspect ratio, then, when
+    ``do_center_crop``, cuts the centre ``crop`` (height, width) out of it, exactly as
+    ``CLIPImageProcessor`` does with such a config; ``resize="full"`` is the common recipe."""
+
+    resize_to: tuple[int, int] = (224, 224)  # (height, width)
+
+    def _model_input(self, image: Image.Image) -> tuple[Image.Image, Geometry]:
+        w, h = image.size
+        new_h, new_w = self.resize_to
+        resized = image.resize((new_w, new_h), resample=self.resample)
+        crop_h, crop_w = self.crop if self.do_center_crop else (new_h, new_w)
+        top, left = (new_h - crop_h) // 2, (new_w - crop_w) // 2
+        cropped = resized.crop((left, top, left + crop_w, top + crop_h))
+        return cropped, Geometry(w, h, new_w / w, new_h / h, (float(left), float(top)), (crop_w, crop_h))
+
+
 def size_for_max_patches(height: int, width: int, patch: int, max_patches: int) -> tuple[int, int]:
     """SigLIP 2's NaFlex size: the aspect ratio kept, each side rounded up to whole patches, the
     largest such size with at most ``max_patches`` patches (a bisection on the scale, as the
@@ -159,17 +180,27 @@ class NaFlexPreprocess(Preprocess):
 
 
 def preprocess_from_config(processor_config: dict | None, image_size: int) -> Preprocess:
-    """The CLIP image recipe from a ``preprocessor_config.json`` dict (or OpenAI defaults)."""
+    """The CLIP image recipe from a ``preprocessor_config.json`` dict (or OpenAI defaults), as
+    ``CLIPImageProcessor`` reads it: ``size: {shortest_edge}`` (or a plain int) resizes the
+    shortest edge; ``size: {height, width}`` squashes to that size; either is followed by the
+    centre crop ``crop_size`` when ``do_center_crop`` (true unless the config says otherwise)."""
     cfg = processor_config or {}
     size = cfg.get("size", image_size)
+    squash = None
     if isinstance(size, dict):
-        size = size.get("shortest_edge") or size.get("height") or image_size
+        if size.get("shortest_edge"):
+            size = size["shortest_edge"]
+        elif size.get("height") and size.get("width"):
+            squash = (int(size["height"]), int(size["width"]))
+            size = min(squash)
+        else:
+            size = size.get("height") or size.get("width") or image_size
     crop = cfg.get("crop_size", size)
     if isinstance(crop, dict):
         crop = (int(crop.get("height", size)), int(crop.get("width", size)))
     else:
         crop = (int(crop), int(crop))
-    return Preprocess(
+    common = dict(
         size=int(size),
         crop=crop,
         mean=tuple(cfg.get("image_mean", OPENAI_MEAN)),
@@ -177,6 +208,9 @@ def preprocess_from_config(processor_config: dict | None, image_size: int) -> Pr
         resample=int(cfg.get("resample", Image.BICUBIC)),
         do_center_crop=bool(cfg.get("do_center_crop", True)),
     )
+    if squash is not None:
+        return SquashCropPreprocess(**common, resize_to=squash)
+    return Preprocess(**common)
 
 
 def siglip_preprocess_from_config(processor_config: dict | None, image_size: int) -> Preprocess:
