@@ -82,3 +82,32 @@ def test_clip_processor_variants_match_transformers(variant, shape):
     assert tuple(got.shape) == want.shape, variant
     np.testing.assert_allclose(got.numpy(), want, rtol=0, atol=1e-4)
     assert geometry.input_size == (want.shape[2], want.shape[1])
+
+
+# ---- 3. the token count of resize="full" ---------------------------------------------------------
+
+
+def test_thin_image_full_resize_is_refused_by_token_count(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("CLIPLENS_MAX_TOKENS", raising=False)
+    thin = tmp_path / "thin.png"
+    Image.new("RGB", (1000, 3), (200, 10, 10)).save(thin)
+    with pytest.raises(InputError, match="CLIPLENS_MAX_TOKENS") as info:
+        cliplens.explain("shapes", str(thin), ["a red square"], resize="full")
+    assert "patch tokens" in str(info.value) and "\n" not in str(info.value)
+    capsys.readouterr()
+    code = run_cli(["explain", thin, "-m", "shapes", "-t", "a red square", "--resize", "full", "--out", tmp_path / "o"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--max-tokens" in err and err.count("\n") == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_max_tokens_option_and_env_raise_the_limit(tmp_path, monkeypatch):
+    from cliplens.preprocess import Preprocess
+
+    monkeypatch.setenv("CLIPLENS_MAX_TOKENS", "3")
+    recipe = Preprocess(size=32, crop=(32, 32), mean=(0.5,) * 3, std=(0.5,) * 3)
+    with pytest.raises(InputError, match="limit of 3"):
+        recipe(Image.new("RGB", (64, 32)), resize="full", patch_size=8)
+    monkeypatch.setenv("CLIPLENS_MAX_TOKENS", "32")
+    pixels, _ = recipe(Image.new("RGB", (64, 32)), resize="full", patch_size=8)
+    assert tuple(pixels.shape) == (3, 32, 64)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import html
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -68,6 +69,10 @@ def cmd_explain(args) -> int:
     from .viz import pages
     from .viz.html import write_page
 
+    if args.max_tokens is not None:
+        if args.max_tokens < 1:
+            raise InputError(f"--max-tokens must be at least 1, got {args.max_tokens}")
+        os.environ["CLIPLENS_MAX_TOKENS"] = str(args.max_tokens)  # read by the resize recipes
     options = dict(_parse_option(o) for o in args.option or [])
     # everything is checked before the model loads: prompts, method, options, target, images
     request = ExplainRequest.build(
@@ -167,6 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass. Default: 8")
     p.add_argument("--max-pixels", type=int, default=None, help="refuse images above this many pixels")
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        default=None,
+        help="with --resize full, refuse an image that needs more patch tokens than this "
+        "(default: CLIPLENS_MAX_TOKENS or 4096)",
+    )
     p.add_argument("--device", default=None, help="torch device, e.g. cuda. Default: where the model loads (CPU)")
     p.set_defaults(func=cmd_explain)
 

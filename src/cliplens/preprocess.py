@@ -40,6 +40,28 @@ def check_resize(resize) -> str:
         raise InputError(f"resize must be 'model' or 'full', got {resize!r}")
     return resize
 
+#: Default limit on the patch tokens of one ``resize="full"`` input (a 64 x 64 grid). Attention
+#: and the relevance maps grow with its square. Raise it with ``CLIPLENS_MAX_TOKENS`` (the CLI's
+#: ``--max-tokens``).
+DEFAULT_MAX_TOKENS = 4096
+
+
+def max_tokens_budget() -> int:
+    """The patch-token limit of one image input: ``CLIPLENS_MAX_TOKENS`` or the default."""
+    import os
+
+    value = os.environ.get("CLIPLENS_MAX_TOKENS")
+    if value is None:
+        return DEFAULT_MAX_TOKENS
+    try:
+        budget = int(value)
+    except ValueError:
+        raise InputError(f"CLIPLENS_MAX_TOKENS must be an integer, got {value!r}") from None
+    if budget <= 0:
+        raise InputError(f"CLIPLENS_MAX_TOKENS must be positive, got {budget}")
+    return budget
+
+
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 SIGLIP_MEAN = (0.5, 0.5, 0.5)
@@ -106,6 +128,13 @@ class Preprocess:
         factor = self.size / min(w, h)
         new_w = max(patch_size, int(round(w * factor / patch_size)) * patch_size)
         new_h = max(patch_size, int(round(h * factor / patch_size)) * patch_size)
+        tokens, budget = (new_w // patch_size) * (new_h // patch_size), max_tokens_budget()
+        if tokens > budget:  # checked before resizing: a thin image would become a huge one
+            raise InputError(
+                f"resize='full' turns this {w}x{h} image into {new_w}x{new_h} pixels = {tokens} patch tokens, "
+                f"above the limit of {budget}; raise it with CLIPLENS_MAX_TOKENS or --max-tokens, "
+                "or use resize='model'"
+            )
         resized = image.resize((new_w, new_h), resample=self.resample)
         return resized, Geometry(w, h, new_w / w, new_h / h, (0.0, 0.0), (new_w, new_h))
 
