@@ -111,3 +111,38 @@ def test_max_tokens_option_and_env_raise_the_limit(tmp_path, monkeypatch):
     monkeypatch.setenv("CLIPLENS_MAX_TOKENS", "32")
     pixels, _ = recipe(Image.new("RGB", (64, 32)), resize="full", patch_size=8)
     assert tuple(pixels.shape) == (3, 32, 64)
+
+
+# ---- 4. overlays at display size -----------------------------------------------------------------
+
+
+def _overlay_peak(size):
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    ex = cliplens.explain("shapes", image, ["a red square"])
+    tracemalloc.start()
+    picture = ex.overlay(0, 0, max_side=128)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return picture, peak
+
+
+def test_overlay_at_display_size_uses_memory_independent_of_the_source():
+    small, small_peak = _overlay_peak((160, 120))
+    big, big_peak = _overlay_peak((2400, 1800))
+    assert small.size == (128, 96) and big.size == (128, 96)
+    # the source is 4.3 million pixels: a full-size float map alone would be 35 MB
+    assert big_peak < 4 * small_peak + 2_000_000, (small_peak, big_peak)
+
+
+def test_cli_overlays_are_display_size_unless_asked(tmp_path):
+    image = tmp_path / "wide.png"
+    Image.new("RGB", (1500, 600), (30, 60, 90)).save(image)
+    assert run_cli(["explain", image, "-m", "shapes", "-t", "a red square", "--out", tmp_path / "a"]) == 0
+    (png,) = (tmp_path / "a").glob("*.png")
+    assert Image.open(png).size == (1024, 410)
+    assert run_cli(["explain", image, "-m", "shapes", "-t", "x", "--overlay-size", "0", "--out", tmp_path / "b"]) == 0
+    (png,) = (tmp_path / "b").glob("*.png")
+    assert Image.open(png).size == (1500, 600)

@@ -69,6 +69,8 @@ def cmd_explain(args) -> int:
     from .viz import pages
     from .viz.html import write_page
 
+    if args.overlay_size < 0:
+        raise InputError(f"--overlay-size must be 0 (full size) or positive, got {args.overlay_size}")
     if args.max_tokens is not None:
         if args.max_tokens < 1:
             raise InputError(f"--max-tokens must be at least 1, got {args.max_tokens}")
@@ -92,8 +94,9 @@ def cmd_explain(args) -> int:
     labels = [str(p) for p in args.images]
     out = Path(args.out)
     with staged_dir(out) as stage:
-        overlays = pages.write_overlays(ex, stage, labels, mode=args.normalise)
-        words = pages.write_word_overlays(ex, stage, labels, mode=args.normalise)
+        side = args.overlay_size or None
+        overlays = pages.write_overlays(ex, stage, labels, mode=args.normalise, max_side=side)
+        words = pages.write_word_overlays(ex, stage, labels, mode=args.normalise, max_side=side)
         matrices = pages.write_matrices(ex, stage, labels)
         inter = pages.write_interactions(ex, stage)
         results = pages.results(ex, labels, overlays, out, mode=args.normalise, interactions=inter)
@@ -169,6 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="minmax",
         help="display scaling of the overlays (raw values are kept in results.json): minmax, positive "
         "(negative parts cut), signed (diverging colours around zero). Default: minmax",
+    )
+    p.add_argument(
+        "--overlay-size",
+        type=int,
+        default=1024,
+        help="longest side of the overlay PNGs in pixels; 0: the source image's full size. Default: 1024",
     )
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass. Default: 8")
     p.add_argument("--max-pixels", type=int, default=None, help="refuse images above this many pixels")

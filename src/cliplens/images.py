@@ -119,6 +119,14 @@ def load_image(source: str | os.PathLike | Image.Image | np.ndarray, *, max_pixe
     return rgb
 
 
+def display_size(width: int, height: int, max_side: int | None) -> tuple[int, int]:
+    """(w, h) of an image shown with its longest side at most ``max_side`` (None or 0: as is)."""
+    if not max_side or max(width, height) <= max_side:
+        return width, height
+    f = max_side / max(width, height)
+    return max(1, round(width * f)), max(1, round(height * f))
+
+
 def _check_budget(size: tuple[int, int], budget: int, name: str) -> None:
     w, h = size
     if w <= 0 or h <= 0:
@@ -169,6 +177,18 @@ class Geometry:
             (int(d["input_size"][0]), int(d["input_size"][1])),
         )
 
+    def resized(self, width: int, height: int) -> "Geometry":
+        """The same model input seen from a copy of the original shown at ``width`` x ``height``
+        (a display-size overlay): only the scales change."""
+        return Geometry(
+            int(width),
+            int(height),
+            self.scale_x * self.width / width,
+            self.scale_y * self.height / height,
+            self.crop,
+            self.input_size,
+        )
+
     def seen_mask(self) -> np.ndarray:
         """(height, width) bool: True where the pixel centre falls inside the model input."""
         u, v = self._input_coords()
@@ -180,16 +200,17 @@ class Geometry:
         ys = (np.arange(self.height) + 0.5) * self.scale_y - self.crop[1]
         return xs, ys
 
-    def grid_to_original(self, grid_map: np.ndarray) -> np.ndarray:
+    def grid_to_original(self, grid_map: np.ndarray, dtype=np.float64) -> np.ndarray:
         """Bilinearly resample a (Gh, Gw) map, which tiles the model input evenly, onto the
-        original image. Pixels the model never saw are NaN."""
-        grid_map = np.asarray(grid_map, dtype=np.float64)
+        original image. Pixels the model never saw are NaN. ``dtype`` float32 halves the
+        memory of a display map."""
+        grid_map = np.asarray(grid_map, dtype=dtype)
         gh, gw = grid_map.shape
         u, v = self._input_coords()
         w_in, h_in = self.input_size
         # normalised coordinates in [-1, 1] across the input (align_corners=False convention)
-        gx = torch.from_numpy(2.0 * u / w_in - 1.0)
-        gy = torch.from_numpy(2.0 * v / h_in - 1.0)
+        gx = torch.from_numpy((2.0 * u / w_in - 1.0).astype(dtype))
+        gy = torch.from_numpy((2.0 * v / h_in - 1.0).astype(dtype))
         grid = torch.stack(torch.meshgrid(gy, gx, indexing="ij")[::-1], dim=-1)[None]
         src = torch.from_numpy(grid_map)[None, None]
         out = F.grid_sample(src, grid, mode="bilinear", padding_mode="border", align_corners=False)[0, 0]
