@@ -146,3 +146,314 @@ def test_cli_overlays_are_display_size_unless_asked(tmp_path):
     assert run_cli(["explain", image, "-m", "shapes", "-t", "x", "--overlay-size", "0", "--out", tmp_path / "b"]) == 0
     (png,) = (tmp_path / "b").glob("*.png")
     assert Image.open(png).size == (1500, 600)
+
+
+# ---- 5. one line, exit 2, a CliplensError: user mistakes -----------------------------------------
+
+PHOTO_SIZE = (40, 40)
+
+
+@pytest.fixture
+def photo(tmp_path):
+    path = tmp_path / "photo.png"
+    Image.new("RGB", PHOTO_SIZE, (120, 30, 200)).save(path)
+    return path
+
+
+def one_line_error(capsys, code):
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("cliplens: error: ") and err.count("\n") == 1, err
+    return err
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "empty"])
+def test_corrupt_weights_are_one_line(tiny_checkpoint, photo, tmp_path, capsys, damage):
+    weights = tiny_checkpoint / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes({"garbage": os.urandom(4000), "truncated": data[:5000], "empty": b""}[damage])
+    with pytest.raises(ModelLoadError, match="could not load"):
+        load_model(tiny_checkpoint)
+    capsys.readouterr()
+    code = run_cli(["explain", photo, "-t", "x", "-m", tiny_checkpoint, "--out", tmp_path / "o"])
+    one_line_error(capsys, code)
+
+
+@pytest.fixture
+def open_tmp():
+    """A temporary folder that 'nobody' can reach (pytest's tmp_path is private to root)."""
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix="cliplens-harden-"))
+    path.chmod(0o755)
+    yield path
+    for root, dirs, _ in os.walk(path):
+        for d in dirs:
+            os.chmod(os.path.join(root, d), 0o755)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _preimport():
+    # everything the CLI imports before it checks --out, imported while still privileged
+    import tqdm  # noqa: F401
+
+    import cliplens.api  # noqa: F401
+    import cliplens.explanation  # noqa: F401
+    import cliplens.viz.html  # noqa: F401
+    import cliplens.viz.pages  # noqa: F401
+
+
+class unprivileged:
+    """Run a block as 'nobody' when the tests run as root (root writes anywhere)."""
+
+    def __enter__(self):
+        self.root = hasattr(os, "geteuid") and os.geteuid() == 0
+        if self.root:
+            os.setegid(65534)
+            os.seteuid(65534)
+
+    def __exit__(self, *exc):
+        if self.root:
+            os.seteuid(0)
+            os.setegid(0)
+
+
+def _no_model_load(monkeypatch):
+    import cliplens.adapters as adapters
+
+    def refuse(*a, **k):
+        raise AssertionError("the output folder must be checked before the model loads")
+
+    monkeypatch.setattr(adapters, "load_model", refuse)
+
+
+@pytest.mark.parametrize("which", ["out", "parent"])
+def test_read_only_out_is_refused_before_the_work(open_tmp, capsys, monkeypatch, which):
+    photo = open_tmp / "photo.png"
+    Image.new("RGB", PHOTO_SIZE).save(photo)
+    base = open_tmp / "ro"
+    base.mkdir()
+    out = base / "out"
+    if which == "out":
+        out.mkdir()
+        out.chmod(0o555)
+    else:
+        out = base / "sub" / "out"
+        base.chmod(0o555)
+    _no_model_load(monkeypatch)
+    _preimport()
+    with unprivileged():
+        code = run_cli(["explain", photo, "-t", "x", "-m", "shapes", "--out", out])
+    err = one_line_error(capsys, code)
+    assert "not writable" in err
+
+
+def test_out_dot_in_a_folder_whose_parent_is_read_only(open_tmp, capsys, monkeypatch):
+    photo = open_tmp / "photo.png"
+    Image.new("RGB", PHOTO_SIZE).save(photo)
+    parent = open_tmp / "locked"
+    here = parent / "work"
+    here.mkdir(parents=True)
+    (here / "old.txt").write_text("x")
+    here.chmod(0o777)
+    (here / "old.txt").chmod(0o666)
+    parent.chmod(0o555)
+    monkeypatch.chdir(here)
+    _preimport()
+    cliplens.load_model("shapes")  # reads the model files while privileged (cached imports)
+    with unprivileged():
+        code = run_cli(["explain", photo, "-t", "x", "-m", "shapes", "--out", ".", "--overwrite"])
+    assert code == 0, capsys.readouterr().err
+    names = sorted(os.listdir(here))
+    assert "results.json" in names and "old.txt" not in names
+    assert not [n for n in names if n.startswith(".partial") or n.endswith(".lock")]
+    assert os.listdir(parent) == ["work"]
+
+
+@pytest.mark.parametrize("device", ["banana", "cuda:0" if not torch.cuda.is_available() else "cuda:99"])
+def test_bad_device_is_one_line(photo, tmp_path, capsys, device):
+    code = run_cli(["explain", photo, "-t", "x", "-m", "shapes", "--device", device, "--out", tmp_path / "o"])
+    assert "--device" in one_line_error(capsys, code)
+    assert not (tmp_path / "o").exists()
+
+
+def test_demo_negative_seed_is_one_line(tmp_path, capsys):
+    code = run_cli(["demo", "--seed", "-1", "--out", tmp_path / "d"])
+    assert "--seed" in one_line_error(capsys, code)
+    assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize("template", ["a {} {name}", "a {}}", "{0} {}"])
+def test_evaluate_bad_prompt_template_writes_nothing(tmp_path, capsys, template):
+    out = tmp_path / "ev"
+    code = run_cli([
+        "evaluate", "--model", "shapes", "--dataset", f"shapes:{tmp_path / 'sh'}", "--make-shapes", "2",
+        "--limit", "1", "--methods", "chefer", "--metrics", "pointing", "--prompt", template, "--out", out,
+    ])
+    assert "template" in one_line_error(capsys, code)
+    assert not (out / "config.json").exists()
+
+
+def test_ctrl_c_during_start_up_is_one_line(capsys, monkeypatch):
+    import cliplens.cli as cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    assert cli.main(["methods"]) == 130
+    assert capsys.readouterr().err == "cliplens: interrupted\n"
+
+
+def test_ctrl_c_while_torch_imports_is_one_line():
+    """The console script imports cliplens.cli, then calls main(): torch loads inside main."""
+    code = (
+        "import builtins\n"
+        "real = builtins.__import__\n"
+        "def imp(name, *a, **k):\n"
+        "    if name == 'torch' or name.startswith('torch.'):\n"
+        "        raise KeyboardInterrupt\n"
+        "    return real(name, *a, **k)\n"
+        "builtins.__import__ = imp\n"
+        "from cliplens.cli import main\n"
+        "raise SystemExit(main(['methods']))\n"
+    )
+    src = str(Path(cliplens.__file__).resolve().parent.parent)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": src}, timeout=120
+    )
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr == "cliplens: interrupted\n"
+
+
+def _closed_image():
+    image = Image.new("RGB", (8, 8))
+    image.close()
+    return image
+
+
+def _truncated_image(tmp_path):
+    path = tmp_path / "cut.png"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(path)
+    path.write_bytes(path.read_bytes()[:2000])
+    return Image.open(path)
+
+
+BAD_IMAGES = {
+    "None": lambda tmp: None,
+    "list of None": lambda tmp: [None],
+    "tensor": lambda tmp: torch.zeros(3, 8, 8),
+    "int": lambda tmp: 5,
+    "bytes": lambda tmp: b"\x89PNG\r\n",
+    "0x0 array": lambda tmp: np.zeros((0, 0, 3), np.uint8),
+    "truncated PIL": _truncated_image,
+    "closed PIL": lambda tmp: _closed_image(),
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_IMAGES))
+def test_api_refuses_bad_images_with_one_line(tiny_adapter, tmp_path, kind):
+    images = BAD_IMAGES[kind](tmp_path)
+    for call in (cliplens.explain, cliplens.similarity):
+        with pytest.raises(CliplensError) as info:
+            call(tiny_adapter, images, ["a cat"])
+        assert "\n" not in str(info.value)
+
+
+# ---- 6. SIGTERM and kills leave no hidden staging folders ----------------------------------------
+
+
+def _hidden(folder):
+    return sorted(n for n in os.listdir(folder) if n.startswith("."))
+
+
+def test_sigterm_during_the_work_cleans_up_like_ctrl_c(tmp_path, photo, capsys, monkeypatch):
+    import signal
+
+    from cliplens.viz import pages
+
+    def killed(*a, **k):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM did not stop the run")
+
+    monkeypatch.setattr(pages, "write_overlays", killed)
+    before = signal.getsignal(signal.SIGTERM)
+    code = run_cli(["explain", photo, "-t", "x", "-m", "shapes", "--out", tmp_path / "o"])
+    assert code == 143 and capsys.readouterr().err == "cliplens: terminated\n"
+    assert not (tmp_path / "o").exists() and _hidden(tmp_path) == []
+    assert signal.getsignal(signal.SIGTERM) is before  # restored after the call
+
+
+def test_staging_folders_of_dead_processes_are_swept(tmp_path, photo):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    stale = tmp_path / f".o.partial-{dead_pid}-abcd"
+    (stale / "sub").mkdir(parents=True)
+    live = tmp_path / f".o.partial-{os.getpid()}-efgh"  # a running process's: left alone
+    live.mkdir()
+    assert run_cli(["explain", photo, "-t", "x", "-m", "shapes", "--out", tmp_path / "o"]) == 0
+    assert not stale.exists() and live.exists()
+
+
+def test_a_killed_run_leaves_a_folder_the_next_run_sweeps(tmp_path, photo):
+    import signal
+    import time
+
+    src = str(Path(cliplens.__file__).resolve().parent.parent)
+    code = (
+        "import time, sys\n"
+        "from cliplens.viz import pages\n"
+        "def hang(*a, **k):\n"
+        "    print('staged', flush=True); time.sleep(60)\n"
+        "pages.write_overlays = hang\n"
+        "from cliplens.cli import main\n"
+        f"main(['explain', {str(photo)!r}, '-t', 'x', '-m', 'shapes', '--out', {str(tmp_path / 'o')!r}])\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": src, "OMP_NUM_THREADS": "1"})
+    assert proc.stdout.readline().strip() == "staged"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert any(".partial-" in n for n in _hidden(tmp_path))  # what a kill leaves
+    time.sleep(0.1)
+    assert run_cli(["explain", photo, "-t", "x", "-m", "shapes", "--out", tmp_path / "o"]) == 0
+    assert _hidden(tmp_path) == []
+
+
+# ---- 7. an --out that already holds files --------------------------------------------------------
+
+
+def test_non_empty_foreign_folder_is_refused_unless_overwrite(tmp_path, photo, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "thesis.tex").write_text("precious")
+    code = run_cli(["explain", photo, "-t", "x", "-m", "shapes", "--out", out])
+    assert "--overwrite" in one_line_error(capsys, code)
+    assert os.listdir(out) == ["thesis.tex"]
+    assert run_cli(["explain", photo, "-t", "x", "-m", "shapes", "--out", out, "--overwrite"]) == 0
+    assert not (out / "thesis.tex").exists() and (out / "results.json").is_file()
+
+
+def test_an_earlier_output_is_replaced_as_a_whole(tmp_path, photo):
+    out = tmp_path / "o"
+    assert run_cli(["explain", photo, "-t", "a cat", "-t", "a dog", "-m", "shapes", "--out", out]) == 0
+    assert len(list(out.glob("*.png"))) == 2
+    assert run_cli(["explain", photo, "-t", "a cat", "-m", "shapes", "--out", out]) == 0
+    assert len(list(out.glob("*.png"))) == 1  # the dog's overlay of the earlier run is gone
+    assert _hidden(tmp_path) == []
+
+
+def test_a_concurrent_run_is_locked_out(tmp_path, photo, capsys, monkeypatch):
+    out = tmp_path / "o"
+    _no_model_load(monkeypatch)  # refused before the work
+    lock = tmp_path / ".o.lock"
+    lock.write_text(str(os.getppid()))  # a live process holds it
+    code = run_cli(["explain", photo, "-t", "x", "-m", "shapes", "--out", out])
+    assert "another cliplens run" in one_line_error(capsys, code)
+    assert not out.exists() and lock.read_text() == str(os.getppid())
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock.write_text(dead.stdout.strip())  # a stale lock of a dead run is taken over
+    monkeypatch.undo()
+    assert run_cli(["explain", photo, "-t", "x", "-m", "shapes", "--out", out]) == 0
+    assert not lock.exists()

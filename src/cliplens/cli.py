@@ -44,6 +44,33 @@ def _read_texts(args) -> list[str]:
     return texts
 
 
+def check_device(device: str | None):
+    """``device`` as a torch device, checked before the model loads: a one-line InputError for
+    an unknown name or a device this torch build or machine does not have."""
+    if device is None:
+        return None
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise InputError(f"--device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1, mps)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise InputError(f"--device {device}: {build}; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise InputError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise InputError(f"--device {device}: MPS is not available here; use --device cpu")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        try:
+            torch.empty(0, device=dev)
+        except (RuntimeError, ValueError, AssertionError):
+            raise InputError(f"--device {device}: not available in this torch build") from None
+    return dev
+
+
 def cmd_methods(args) -> int:
     from .methods import REGISTRY
 
@@ -64,11 +91,13 @@ def cmd_explain(args) -> int:
     from .adapters import load_model
     from .api import ExplainRequest, explain_request
     from .explanation import Explanation
-    from .files import staged_dir
+    from .files import check_output_dir, staged_dir
     from .images import load_image
     from .viz import pages
     from .viz.html import write_page
 
+    check_output_dir(args.out, overwrite=args.overwrite)  # before any work
+    device = check_device(args.device)
     if args.overlay_size < 0:
         raise InputError(f"--overlay-size must be 0 (full size) or positive, got {args.overlay_size}")
     if args.max_tokens is not None:
@@ -83,7 +112,7 @@ def cmd_explain(args) -> int:
     if not args.images:
         raise InputError("no images given")
     images = [load_image(p, max_pixels=args.max_pixels) for p in args.images]
-    adapter = load_model(args.model, device=args.device)
+    adapter = load_model(args.model, device=device)
     parts = []
     with tqdm(total=len(images), desc="explaining", unit="image", disable=len(images) < 2 or None) as bar:
         for start in range(0, len(images), args.batch_size):
@@ -93,7 +122,7 @@ def cmd_explain(args) -> int:
     ex = Explanation.concat(parts)
     labels = [str(p) for p in args.images]
     out = Path(args.out)
-    with staged_dir(out) as stage:
+    with staged_dir(out, overwrite=args.overwrite) as stage:
         side = args.overlay_size or None
         overlays = pages.write_overlays(ex, stage, labels, mode=args.normalise, max_side=side)
         words = pages.write_word_overlays(ex, stage, labels, mode=args.normalise, max_side=side)
@@ -118,6 +147,11 @@ def cmd_explain(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo, summary_table
 
+    from .files import check_output_dir
+
+    if args.seed < 0:
+        raise InputError(f"--seed must be 0 or more, got {args.seed}")
+    check_output_dir(args.out)
     print(f"cliplens demo: scene {args.seed} of the shapes world, model {args.model}")
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
     rows = run_demo(args.out, seed=args.seed, model=args.model, methods=methods)
@@ -160,6 +194,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--option", "-o", action="append", help="method option KEY=VALUE, e.g. start_layer=0")
     p.add_argument("--out", default="cliplens-out", help="output folder (created). Default: cliplens-out")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the contents of a non-empty --out that is not a cliplens output "
+        "(an earlier cliplens output is always replaced as a whole)",
+    )
     p.add_argument(
         "--resize",
         choices=["model", "full"],
@@ -229,7 +269,39 @@ def _quiet_libraries() -> None:
         pass
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every ``finally`` (staging folders, locks) runs."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+
+    previous = None
+    try:
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread: leave signals alone
+        pass
+    try:
+        return _main(argv)
+    except CliplensError as exc:
+        print(f"cliplens: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return exc.exit_code
+    except Terminated:
+        print("cliplens: terminated", file=sys.stderr)
+        return 143
+    except KeyboardInterrupt:
+        print("cliplens: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
@@ -243,14 +315,7 @@ def main(argv: list[str] | None = None) -> int:
 
     warnings.showwarning = show
     _quiet_libraries()
-    try:
-        return int(args.func(args) or 0)
-    except CliplensError as exc:
-        print(f"cliplens: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("cliplens: interrupted", file=sys.stderr)
-        return 130
+    return int(args.func(args) or 0)
 
 
 if __name__ == "__main__":  # pragma: no cover

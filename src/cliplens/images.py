@@ -85,16 +85,33 @@ def load_image(source: str | os.PathLike | Image.Image | np.ndarray, *, max_pixe
     """
     budget = max_pixels if max_pixels is not None else max_pixels_budget()
     if isinstance(source, np.ndarray):
+        if source.ndim in (2, 3) and min(source.shape[:2]) == 0:
+            raise ImageError(f"an image array is empty (shape {source.shape})")
         if source.ndim == 2:
             source = np.stack([source] * 3, axis=-1)
         if source.ndim != 3 or source.shape[2] not in (3, 4):
             raise ImageError(f"an image array must be HxW, HxWx3 or HxWx4, got shape {source.shape}")
         if source.dtype != np.uint8:
             raise ImageError(f"an image array must be uint8, got {source.dtype}")
+        _check_budget((source.shape[1], source.shape[0]), budget, "the image array")
         return to_rgb(Image.fromarray(source))
     if isinstance(source, Image.Image):
         _check_budget(source.size, budget, "the image")
-        return to_rgb(ImageOps.exif_transpose(source))
+        try:
+            source.load()
+            return to_rgb(ImageOps.exif_transpose(source))
+        except ValueError as exc:  # "Operation on closed image"
+            raise ImageError(f"the PIL image cannot be read ({exc}); pass it before closing it") from None
+        except (OSError, SyntaxError) as exc:
+            raise ImageError(f"the PIL image is unreadable or truncated ({exc})") from None
+    if not isinstance(source, (str, os.PathLike)):
+        what = type(source).__name__
+        hint = {
+            "NoneType": "an image is None",
+            "bytes": "an image given as bytes: open it with PIL.Image.open(io.BytesIO(data))",
+            "Tensor": "an image given as a torch tensor: pass tensor.permute(1, 2, 0) as a uint8 numpy array",
+        }.get(what, f"an image given as a {what}")
+        raise ImageError(f"{hint}; images are paths, PIL images or HxWx3 uint8 arrays")
     path = Path(source)
     if not path.exists():
         raise ImageError(f"{path}: no such file")

@@ -26,6 +26,15 @@ from .base import Checkpoint, ModelAdapter, ReadoutParts, TowerRun, block_entry,
 from .capture import Capture
 
 
+def _weight_file_errors() -> tuple[type[BaseException], ...]:
+    """The error a corrupt or garbage ``model.safetensors`` raises (not an OSError)."""
+    try:
+        from safetensors import SafetensorError
+    except ImportError:  # pragma: no cover
+        return ()
+    return (SafetensorError,)
+
+
 #: two prompts that any real tokenizer encodes differently
 _PROBES = ("a photo of a cat", "a diagram of two dogs")
 
@@ -91,8 +100,8 @@ class HFEncoderAdapter(ModelAdapter):
             adapter_class = cls._for_config(AutoConfig.from_pretrained(source, local_files_only=local))
             model_class = getattr(transformers, adapter_class.model_class)
             model = model_class.from_pretrained(source, dtype=checkpoint.dtype, local_files_only=local)
-        except (OSError, ValueError, RuntimeError) as exc:
-            first = str(exc).splitlines()[0]
+        except (OSError, ValueError, RuntimeError, *_weight_file_errors()) as exc:
+            first = (str(exc).splitlines() or [type(exc).__name__])[0]
             raise ModelLoadError(f"{name}: could not load the {cls.label} checkpoint ({first})") from None
         tokenizer = checkpoint.tokenizer
         if tokenizer is None:
