@@ -457,3 +457,59 @@ def test_a_concurrent_run_is_locked_out(tmp_path, photo, capsys, monkeypatch):
     monkeypatch.undo()
     assert run_cli(["explain", photo, "-t", "x", "-m", "shapes", "--out", out]) == 0
     assert not lock.exists()
+
+
+# ---- 8. option checks ------------------------------------------------------------------------------
+
+
+def test_max_pixels_must_be_positive(photo, tmp_path, capsys):
+    code = run_cli(["explain", photo, "-t", "x", "-m", "shapes", "--max-pixels", "0", "--out", tmp_path / "o"])
+    assert "--max-pixels" in one_line_error(capsys, code)
+    with pytest.raises(ImageError, match="max_pixels"):
+        cliplens.explain("shapes", str(photo), ["x"], max_pixels=0)
+
+
+def test_contrast_index_text_and_explicit_index():
+    from cliplens.targets import resolve_target
+
+    texts = ["a cat", "1", "a dog"]
+    assert resolve_target("contrast:1", texts).index(texts) == 1
+    assert resolve_target("contrast:#2", texts).index(texts) == 2  # '#' always means an index
+    assert resolve_target("contrast:#1", texts).index(texts) == 1
+    assert resolve_target("contrast:2", texts).index(texts) == 2  # the old form, unambiguous
+    texts = ["0", "a cat"]
+    assert resolve_target("contrast:0", texts).index(texts) == 0
+    assert resolve_target("contrast:#1", texts).index(texts) == 1
+    with pytest.raises(InputError, match="#K"):
+        resolve_target("contrast:#x", texts)
+    texts = ["2", "a cat", "a dog"]
+    assert resolve_target("contrast:2", texts).index(texts) == 0  # "2" is a prompt: not index 2
+    assert resolve_target("contrast:#2", texts).index(texts) == 2
+
+
+@pytest.mark.parametrize("case", ["limit 0", "empty dataset"])
+def test_evaluate_with_nothing_to_do_writes_and_reports_nothing(tmp_path, capsys, case):
+    out = tmp_path / "ev"
+    if case == "limit 0":
+        from cliplens.worlds.shapes import write_dataset
+
+        data = write_dataset(tmp_path / "sh", 2, seed=1, size=64)
+        dataset, extra = f"shapes:{data}", ["--limit", "0"]
+    else:
+        (tmp_path / "empty" / "images").mkdir(parents=True)
+        (tmp_path / "empty" / "masks").mkdir(parents=True)
+        dataset, extra = f"folder:{tmp_path / 'empty'}", []
+    code = run_cli(["evaluate", "--model", "shapes", "--dataset", dataset, "--methods", "chefer",
+                    "--metrics", "pointing", "--out", out, *extra])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "nothing to evaluate" in err, err
+    assert not out.exists()
+
+
+def test_evaluate_names_only_the_files_it_wrote(tmp_path):
+    from cliplens.eval.cli import written_line
+
+    (tmp_path / "results.md").write_text("x")
+    (tmp_path / "curve.png").write_bytes(b"")
+    assert written_line(str(tmp_path)) == f"wrote {tmp_path}/ (results.md, 1 PNG chart(s))"
+    assert written_line(str(tmp_path / "none")) == "wrote nothing"

@@ -98,6 +98,8 @@ def cmd_explain(args) -> int:
 
     check_output_dir(args.out, overwrite=args.overwrite)  # before any work
     device = check_device(args.device)
+    if args.max_pixels is not None and args.max_pixels < 1:
+        raise InputError(f"--max-pixels must be at least 1, got {args.max_pixels}")
     if args.overlay_size < 0:
         raise InputError(f"--overlay-size must be 0 (full size) or positive, got {args.overlay_size}")
     if args.max_tokens is not None:
@@ -190,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--target",
         default="logit",
         help="what to explain: logit (scaled cosine), probability (softmax over the prompts), "
-        "contrast:OTHER (logit minus the logit of prompt OTHER, an index or text). Default: logit",
+        "contrast:OTHER (logit minus the logit of prompt OTHER: #K for the prompt at index K, or the "
+        "prompt's exact text; a bare number is an index unless a prompt is exactly that text). Default: logit",
     )
     p.add_argument("--option", "-o", action="append", help="method option KEY=VALUE, e.g. start_layer=0")
     p.add_argument("--out", default="cliplens-out", help="output folder (created). Default: cliplens-out")

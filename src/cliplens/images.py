@@ -83,6 +83,8 @@ def load_image(source: str | os.PathLike | Image.Image | np.ndarray, *, max_pixe
     Raises :class:`ImageError` with a one-line reason for missing, unreadable, truncated,
     non-image and over-budget files. EXIF orientation is applied.
     """
+    if max_pixels is not None and (isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1):
+        raise ImageError(f"max_pixels must be a positive whole number, got {max_pixels!r}")
     budget = max_pixels if max_pixels is not None else max_pixels_budget()
     if isinstance(source, np.ndarray):
         if source.ndim in (2, 3) and min(source.shape[:2]) == 0:
