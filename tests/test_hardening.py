@@ -513,3 +513,61 @@ def test_evaluate_names_only_the_files_it_wrote(tmp_path):
     (tmp_path / "curve.png").write_bytes(b"")
     assert written_line(str(tmp_path)) == f"wrote {tmp_path}/ (results.md, 1 PNG chart(s))"
     assert written_line(str(tmp_path / "none")) == "wrote nothing"
+
+
+# ---- 9. the report: threads, multi-byte tokens, quiet loading ----------------------------------
+
+
+def test_explain_threads_is_set_for_the_run_and_restored(photo, tmp_path, monkeypatch):
+    import cliplens.api as api
+
+    seen = []
+    real = api.explain_request
+
+    def spy(*a, **k):
+        seen.append(torch.get_num_threads())
+        return real(*a, **k)
+
+    monkeypatch.setattr(api, "explain_request", spy)
+    before = torch.get_num_threads()
+    want = 2 if before != 2 else 1
+    assert run_cli(["explain", photo, "-t", "x", "-m", "shapes", "--threads", want, "--out", tmp_path / "o"]) == 0
+    assert seen == [want] and torch.get_num_threads() == before
+
+
+def test_multibyte_characters_show_whole_with_summed_scores(photo, tmp_path):
+    import json
+
+    from cliplens.viz.html import merge_byte_tokens
+
+    prompt = "一只猫 on a café ☃"
+    assert run_cli(["explain", photo, "-t", prompt, "-m", "shapes", "--out", tmp_path / "o"]) == 0
+    page = (tmp_path / "o" / "index.html").read_text(encoding="utf-8")
+    results = json.loads((tmp_path / "o" / "results.json").read_text(encoding="utf-8"))
+    (pair,) = results["pairs"]
+    assert "\ufffd" not in page
+    for char in "一只猫☃":
+        assert f">{char}<small>" in page
+    ex = cliplens.explain("shapes", str(photo), [prompt])
+    table = ex.token_table(0, 0)
+    assert all("\ufffd" not in t for t, _ in table)
+    merged = {t: (s, idx) for t, s, idx in merge_byte_tokens(table)}
+    score, idx = merged["猫"]
+    assert len(idx) == 3 and score == pytest.approx(sum(table[i][1] for i in idx), rel=1e-6)
+    # results.json keeps one raw score per token
+    raw = json.dumps(pair)
+    assert len(ex.tokens[0]) > len(merge_byte_tokens([(t, 0.0) for t in ex.tokens[0]]))
+    assert "\\\\xe7" in raw or "\\\\xe7" in json.dumps(results)
+
+
+def test_load_model_prints_no_progress_bar_and_restores_the_setting(tiny_checkpoint, capfd):
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_progress_bar()
+    try:
+        capfd.readouterr()
+        load_model(tiny_checkpoint)
+        assert "Loading weights" not in capfd.readouterr().err
+        assert hf_logging.is_progress_bar_enabled()
+    finally:
+        hf_logging.enable_progress_bar()

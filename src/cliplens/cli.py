@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import html
 import json
 import os
@@ -71,6 +72,22 @@ def check_device(device: str | None):
     return dev
 
 
+@contextlib.contextmanager
+def torch_threads(threads: int | None):
+    """torch's CPU thread count set to ``threads`` for the block (None: left alone), restored after."""
+    if threads is None:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def cmd_methods(args) -> int:
     from .methods import REGISTRY
 
@@ -98,6 +115,8 @@ def cmd_explain(args) -> int:
 
     check_output_dir(args.out, overwrite=args.overwrite)  # before any work
     device = check_device(args.device)
+    if args.threads is not None and args.threads < 1:
+        raise InputError(f"--threads must be at least 1, got {args.threads}")
     if args.max_pixels is not None and args.max_pixels < 1:
         raise InputError(f"--max-pixels must be at least 1, got {args.max_pixels}")
     if args.overlay_size < 0:
@@ -114,13 +133,14 @@ def cmd_explain(args) -> int:
     if not args.images:
         raise InputError("no images given")
     images = [load_image(p, max_pixels=args.max_pixels) for p in args.images]
-    adapter = load_model(args.model, device=device)
-    parts = []
-    with tqdm(total=len(images), desc="explaining", unit="image", disable=len(images) < 2 or None) as bar:
-        for start in range(0, len(images), args.batch_size):
-            batch = images[start : start + args.batch_size]
-            parts.append(explain_request(adapter, batch, request))
-            bar.update(len(batch))
+    with torch_threads(args.threads):
+        adapter = load_model(args.model, device=device)
+        parts = []
+        with tqdm(total=len(images), desc="explaining", unit="image", disable=len(images) < 2 or None) as bar:
+            for start in range(0, len(images), args.batch_size):
+                batch = images[start : start + args.batch_size]
+                parts.append(explain_request(adapter, batch, request))
+                bar.update(len(batch))
     ex = Explanation.concat(parts)
     labels = [str(p) for p in args.images]
     out = Path(args.out)
@@ -232,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: CLIPLENS_MAX_TOKENS or 4096)",
     )
     p.add_argument("--device", default=None, help="torch device, e.g. cuda. Default: where the model loads (CPU)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads for the run. Default: torch's own")
     p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser(

@@ -26,6 +26,21 @@ from .base import Checkpoint, ModelAdapter, ReadoutParts, TowerRun, block_entry,
 from .capture import Capture
 
 
+@contextlib.contextmanager
+def _quiet_progress() -> Iterator[None]:
+    """No transformers progress bar ("Loading weights") while a checkpoint loads; the setting
+    is restored after, so a caller's own choice stands."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
 def _weight_file_errors() -> tuple[type[BaseException], ...]:
     """The error a corrupt or garbage ``model.safetensors`` raises (not an OSError)."""
     try:
@@ -33,6 +48,33 @@ def _weight_file_errors() -> tuple[type[BaseException], ...]:
     except ImportError:  # pragma: no cover
         return ()
     return (SafetensorError,)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """The byte -> printable character table of byte-level BPE (GPT-2, CLIP)."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+_BYTE_OF = {c: b for b, c in _bytes_to_unicode().items()}
+
+
+def _byte_token_text(raw: str | None) -> str | None:
+    """The text of a byte-level BPE token with the bytes that do not form a whole UTF-8
+    character escaped as ``\\xNN``; None when ``raw`` is not a byte-level token."""
+    if not raw:
+        return None
+    raw = raw[: -len("</w>")] if raw.endswith("</w>") else raw
+    if not raw or any(c not in _BYTE_OF for c in raw):
+        return None
+    return bytes(_BYTE_OF[c] for c in raw).decode("utf-8", errors="backslashreplace")
 
 
 #: two prompts that any real tokenizer encodes differently
@@ -96,6 +138,14 @@ class HFEncoderAdapter(ModelAdapter):
         from transformers import AutoConfig, AutoTokenizer
 
         source, local, name = checkpoint.source, checkpoint.local_files_only, checkpoint.name
+        with _quiet_progress():
+            return cls._load(checkpoint, source, local, name)
+
+    @classmethod
+    def _load(cls, checkpoint: Checkpoint, source, local, name) -> "HFEncoderAdapter":
+        import transformers
+        from transformers import AutoConfig, AutoTokenizer
+
         try:
             adapter_class = cls._for_config(AutoConfig.from_pretrained(source, local_files_only=local))
             model_class = getattr(transformers, adapter_class.model_class)
@@ -154,9 +204,19 @@ class HFEncoderAdapter(ModelAdapter):
 
     # ---- inputs ------------------------------------------------------------------------
     def _token_strings(self, ids: list[int]) -> list[str]:
-        """How each token id reads, for the token scores of a text."""
+        """How each token id reads, for the token scores of a text. A byte-level BPE token that
+        holds part of a multi-byte character (CLIP splits CJK characters and emoji into byte
+        tokens) reads as its text with the loose bytes escaped (``\\xe7``), not as U+FFFD, so
+        that a display can join consecutive pieces back into the character
+        (:func:`cliplens.viz.html.merge_byte_tokens`)."""
         tok = self.tokenizer
-        return [tok.decode([t]).strip() or tok.convert_ids_to_tokens(t) for t in ids]
+        out = []
+        for t in ids:
+            text = tok.decode([t]).strip()
+            if "\ufffd" in text:
+                text = _byte_token_text(tok.convert_ids_to_tokens(t)) or text
+            out.append(text or tok.convert_ids_to_tokens(t))
+        return out
 
     # ---- running -----------------------------------------------------------------------
     @contextlib.contextmanager
