@@ -73,7 +73,12 @@ def test_clip_processor_variants_match_transformers(variant, shape):
         warnings.simplefilter("ignore")
         from transformers import CLIPImageProcessor
 
-    cfg = {"do_center_crop": True, "image_mean": [0.4, 0.5, 0.6], "image_std": [0.2, 0.3, 0.25], "resample": 3}
+    cfg = {
+        "do_center_crop": True,
+        "image_mean": [0.4, 0.5, 0.6],
+        "image_std": [0.2, 0.3, 0.25],
+        "resample": 3,
+    }
     cfg.update(PROCESSOR_VARIANTS[variant])
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 256, (shape[1], shape[0], 3), dtype=np.uint8))
@@ -95,7 +100,9 @@ def test_thin_image_full_resize_is_refused_by_token_count(tmp_path, capsys, monk
         cliplens.explain("shapes", str(thin), ["a red square"], resize="full")
     assert "patch tokens" in str(info.value) and "\n" not in str(info.value)
     capsys.readouterr()
-    code = run_cli(["explain", thin, "-m", "shapes", "-t", "a red square", "--resize", "full", "--out", tmp_path / "o"])
+    code = run_cli(
+        ["explain", thin, "-m", "shapes", "-t", "a red square", "--resize", "full", "--out", tmp_path / "o"]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "--max-tokens" in err and err.count("\n") == 1
     assert not (tmp_path / "o").exists()
@@ -143,7 +150,10 @@ def test_cli_overlays_are_display_size_unless_asked(tmp_path):
     assert run_cli(["explain", image, "-m", "shapes", "-t", "a red square", "--out", tmp_path / "a"]) == 0
     (png,) = (tmp_path / "a").glob("*.png")
     assert Image.open(png).size == (1024, 410)
-    assert run_cli(["explain", image, "-m", "shapes", "-t", "x", "--overlay-size", "0", "--out", tmp_path / "b"]) == 0
+    assert (
+        run_cli(["explain", image, "-m", "shapes", "-t", "x", "--overlay-size", "0", "--out", tmp_path / "b"])
+        == 0
+    )
     (png,) = (tmp_path / "b").glob("*.png")
     assert Image.open(png).size == (1500, 600)
 
@@ -197,9 +207,9 @@ def _preimport():
     # everything the CLI imports before it checks --out, imported while still privileged
     import tqdm  # noqa: F401
 
-    import cliplens.api  # noqa: F401
-    import cliplens.explanation  # noqa: F401
-    import cliplens.viz.html  # noqa: F401
+    import cliplens.api
+    import cliplens.explanation
+    import cliplens.viz.html
     import cliplens.viz.pages  # noqa: F401
 
 
@@ -219,7 +229,7 @@ class unprivileged:
 
 
 def _no_model_load(monkeypatch):
-    import cliplens.adapters as adapters
+    from cliplens import adapters
 
     def refuse(*a, **k):
         raise AssertionError("the output folder must be checked before the model loads")
@@ -286,16 +296,33 @@ def test_demo_negative_seed_is_one_line(tmp_path, capsys):
 @pytest.mark.parametrize("template", ["a {} {name}", "a {}}", "{0} {}"])
 def test_evaluate_bad_prompt_template_writes_nothing(tmp_path, capsys, template):
     out = tmp_path / "ev"
-    code = run_cli([
-        "evaluate", "--model", "shapes", "--dataset", f"shapes:{tmp_path / 'sh'}", "--make-shapes", "2",
-        "--limit", "1", "--methods", "chefer", "--metrics", "pointing", "--prompt", template, "--out", out,
-    ])
+    code = run_cli(
+        [
+            "evaluate",
+            "--model",
+            "shapes",
+            "--dataset",
+            f"shapes:{tmp_path / 'sh'}",
+            "--make-shapes",
+            "2",
+            "--limit",
+            "1",
+            "--methods",
+            "chefer",
+            "--metrics",
+            "pointing",
+            "--prompt",
+            template,
+            "--out",
+            out,
+        ]
+    )
     assert "template" in one_line_error(capsys, code)
     assert not (out / "config.json").exists()
 
 
 def test_ctrl_c_during_start_up_is_one_line(capsys, monkeypatch):
-    import cliplens.cli as cli
+    from cliplens import cli
 
     def interrupted():
         raise KeyboardInterrupt
@@ -320,7 +347,12 @@ def test_ctrl_c_while_torch_imports_is_one_line():
     )
     src = str(Path(cliplens.__file__).resolve().parent.parent)
     proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": src}, timeout=120
+        [sys.executable, "-c", code],
+        check=False,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": src},
+        timeout=120,
     )
     assert proc.returncode == 130, proc.stderr
     assert proc.stderr == "cliplens: interrupted\n"
@@ -386,7 +418,9 @@ def test_sigterm_during_the_work_cleans_up_like_ctrl_c(tmp_path, photo, capsys, 
 
 
 def test_staging_folders_of_dead_processes_are_swept(tmp_path, photo):
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], check=True, capture_output=True, text=True
+    )
     dead_pid = int(dead.stdout)
     stale = tmp_path / f".o.partial-{dead_pid}-abcd"
     (stale / "sub").mkdir(parents=True)
@@ -410,8 +444,12 @@ def test_a_killed_run_leaves_a_folder_the_next_run_sweeps(tmp_path, photo):
         "from cliplens.cli import main\n"
         f"main(['explain', {str(photo)!r}, '-t', 'x', '-m', 'shapes', '--out', {str(tmp_path / 'o')!r}])\n"
     )
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": src, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": src, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.stdout.readline().strip() == "staged"
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
@@ -452,7 +490,9 @@ def test_a_concurrent_run_is_locked_out(tmp_path, photo, capsys, monkeypatch):
     code = run_cli(["explain", photo, "-t", "x", "-m", "shapes", "--out", out])
     assert "another cliplens run" in one_line_error(capsys, code)
     assert not out.exists() and lock.read_text() == str(os.getppid())
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], check=True, capture_output=True, text=True
+    )
     lock.write_text(dead.stdout.strip())  # a stale lock of a dead run is taken over
     monkeypatch.undo()
     assert run_cli(["explain", photo, "-t", "x", "-m", "shapes", "--out", out]) == 0
@@ -463,7 +503,9 @@ def test_a_concurrent_run_is_locked_out(tmp_path, photo, capsys, monkeypatch):
 
 
 def test_max_pixels_must_be_positive(photo, tmp_path, capsys):
-    code = run_cli(["explain", photo, "-t", "x", "-m", "shapes", "--max-pixels", "0", "--out", tmp_path / "o"])
+    code = run_cli(
+        ["explain", photo, "-t", "x", "-m", "shapes", "--max-pixels", "0", "--out", tmp_path / "o"]
+    )
     assert "--max-pixels" in one_line_error(capsys, code)
     with pytest.raises(ImageError, match="max_pixels"):
         cliplens.explain("shapes", str(photo), ["x"], max_pixels=0)
@@ -499,8 +541,22 @@ def test_evaluate_with_nothing_to_do_writes_and_reports_nothing(tmp_path, capsys
         (tmp_path / "empty" / "images").mkdir(parents=True)
         (tmp_path / "empty" / "masks").mkdir(parents=True)
         dataset, extra = f"folder:{tmp_path / 'empty'}", []
-    code = run_cli(["evaluate", "--model", "shapes", "--dataset", dataset, "--methods", "chefer",
-                    "--metrics", "pointing", "--out", out, *extra])
+    code = run_cli(
+        [
+            "evaluate",
+            "--model",
+            "shapes",
+            "--dataset",
+            dataset,
+            "--methods",
+            "chefer",
+            "--metrics",
+            "pointing",
+            "--out",
+            out,
+            *extra,
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "nothing to evaluate" in err, err
     assert not out.exists()
@@ -519,7 +575,7 @@ def test_evaluate_names_only_the_files_it_wrote(tmp_path):
 
 
 def test_explain_threads_is_set_for_the_run_and_restored(photo, tmp_path, monkeypatch):
-    import cliplens.api as api
+    from cliplens import api
 
     seen = []
     real = api.explain_request
@@ -531,7 +587,10 @@ def test_explain_threads_is_set_for_the_run_and_restored(photo, tmp_path, monkey
     monkeypatch.setattr(api, "explain_request", spy)
     before = torch.get_num_threads()
     want = 2 if before != 2 else 1
-    assert run_cli(["explain", photo, "-t", "x", "-m", "shapes", "--threads", want, "--out", tmp_path / "o"]) == 0
+    assert (
+        run_cli(["explain", photo, "-t", "x", "-m", "shapes", "--threads", want, "--out", tmp_path / "o"])
+        == 0
+    )
     assert seen == [want] and torch.get_num_threads() == before
 
 

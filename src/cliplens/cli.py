@@ -168,7 +168,6 @@ def cmd_explain(args) -> int:
 
 def cmd_demo(args) -> int:
     from .demo import run_demo, summary_table
-
     from .files import check_output_dir
 
     if args.seed < 0:

@@ -229,14 +229,14 @@ def preprocess_from_config(processor_config: dict | None, image_size: int) -> Pr
         crop = (int(crop.get("height", size)), int(crop.get("width", size)))
     else:
         crop = (int(crop), int(crop))
-    common = dict(
-        size=int(size),
-        crop=crop,
-        mean=tuple(cfg.get("image_mean", OPENAI_MEAN)),
-        std=tuple(cfg.get("image_std", OPENAI_STD)),
-        resample=int(cfg.get("resample", Image.BICUBIC)),
-        do_center_crop=bool(cfg.get("do_center_crop", True)),
-    )
+    common = {
+        "size": int(size),
+        "crop": crop,
+        "mean": tuple(cfg.get("image_mean", OPENAI_MEAN)),
+        "std": tuple(cfg.get("image_std", OPENAI_STD)),
+        "resample": int(cfg.get("resample", Image.BICUBIC)),
+        "do_center_crop": bool(cfg.get("do_center_crop", True)),
+    }
     if squash is not None:
         return SquashCropPreprocess(**common, resize_to=squash)
     return Preprocess(**common)

@@ -71,7 +71,7 @@ def _byte_token_text(raw: str | None) -> str | None:
     character escaped as ``\\xNN``; None when ``raw`` is not a byte-level token."""
     if not raw:
         return None
-    raw = raw[: -len("</w>")] if raw.endswith("</w>") else raw
+    raw = raw.removesuffix("</w>")
     if not raw or any(c not in _BYTE_OF for c in raw):
         return None
     return bytes(_BYTE_OF[c] for c in raw).decode("utf-8", errors="backslashreplace")
@@ -134,9 +134,6 @@ class HFEncoderAdapter(ModelAdapter):
     def load(cls, checkpoint: Checkpoint) -> "HFEncoderAdapter":
         """An adapter around a checkpoint directory or a cached/reachable hub name: the model in
         ``checkpoint.dtype``, its own tokenizer (unless one is given), its image recipe."""
-        import transformers
-        from transformers import AutoConfig, AutoTokenizer
-
         source, local, name = checkpoint.source, checkpoint.local_files_only, checkpoint.name
         with _quiet_progress():
             return cls._load(checkpoint, source, local, name)

@@ -12,9 +12,8 @@ import argparse
 import dataclasses
 import shlex
 import typing
-from typing import Any
-
 from pathlib import Path
+from typing import Any
 
 from ..errors import InputError
 from .config import EvalConfig, cli_default, knobs, resolve_methods
