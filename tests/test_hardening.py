@@ -630,3 +630,17 @@ def test_load_model_prints_no_progress_bar_and_restores_the_setting(tiny_checkpo
         assert hf_logging.is_progress_bar_enabled()
     finally:
         hf_logging.enable_progress_bar()
+
+
+def test_overwrite_never_empties_home_or_root(tmp_path, monkeypatch, capsys):
+    from cliplens.files import check_output_dir
+
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "notes.txt").write_text("x")
+    monkeypatch.setenv("HOME", str(home))
+    with pytest.raises(InputError, match="will not replace"):
+        check_output_dir(home, overwrite=True)
+    with pytest.raises(InputError, match="will not replace"):
+        check_output_dir("/", overwrite=True)
+    assert (home / "notes.txt").exists()

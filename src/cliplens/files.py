@@ -80,6 +80,10 @@ def check_output_dir(out: str | Path, *, overwrite: bool = False) -> Path:
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: exists and is not a directory")
     parent = out.resolve().parent
+    if overwrite and _precious(out):
+        raise InputError(
+            f"{out}: --overwrite will not replace the contents of {out.resolve()}; choose a folder of its own"
+        )
     if out.is_dir():
         entries = [e for e in os.listdir(out) if not _is_helper(e)]
         if entries and not overwrite and not is_cliplens_output(out):
@@ -118,6 +122,12 @@ def _check_lock(path: Path) -> None:
         raise InputError(
             f"another cliplens run (pid {holder}) is writing to this output folder ({path} is its lock)"
         )
+
+
+def _precious(out: Path) -> bool:
+    """The filesystem root or the home folder: never emptied by ``--overwrite``."""
+    target = out.resolve()
+    return target == Path(target.anchor) or target == Path.home().resolve()
 
 
 def _is_helper(name: str) -> bool:
