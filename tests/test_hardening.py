@@ -644,3 +644,27 @@ def test_overwrite_never_empties_home_or_root(tmp_path, monkeypatch, capsys):
     with pytest.raises(InputError, match="will not replace"):
         check_output_dir("/", overwrite=True)
     assert (home / "notes.txt").exists()
+
+
+def test_evaluate_unwritable_out_is_one_line(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code = run_cli(
+        [
+            "evaluate",
+            "--model",
+            "shapes",
+            "--dataset",
+            f"shapes:{tmp_path / 'sh'}",
+            "--make-shapes",
+            "1",
+            "--methods",
+            "chefer",
+            "--metrics",
+            "pointing",
+            "--out",
+            blocker / "ev",
+        ]
+    )
+    assert "cannot create the output folder" in one_line_error(capsys, code)
+    assert not (tmp_path / "sh").exists()  # nothing drawn

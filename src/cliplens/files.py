@@ -71,6 +71,23 @@ def _existing_ancestor(path: Path) -> Path:
     return path
 
 
+def check_writable_dir(out: str | Path) -> None:
+    """A one-line InputError unless ``out`` is a writable folder or can be created (for
+    outputs written in place, such as the resumable ``evaluate`` store)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: exists and is not a directory")
+    if out.is_dir():
+        if not _writable(out):
+            raise InputError(f"{out}: the output folder is not writable")
+        return
+    base = _existing_ancestor(out.resolve().parent)
+    if not base.is_dir():
+        raise InputError(f"{out}: cannot create the output folder ({base} is not a directory)")
+    if not _writable(base):
+        raise InputError(f"{out}: cannot create the output folder ({base} is not writable)")
+
+
 def check_output_dir(out: str | Path, *, overwrite: bool = False) -> Path:
     """Check ``out`` before any work: a one-line InputError when it is a file, cannot be
     created or written, or already holds files that are not a cliplens output (unless
