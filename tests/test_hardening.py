@@ -108,6 +108,15 @@ def test_thin_image_full_resize_is_refused_by_token_count(tmp_path, capsys, monk
     assert not (tmp_path / "o").exists()
 
 
+def test_max_tokens_option_is_for_the_run_only(tmp_path, monkeypatch):
+    monkeypatch.delenv("CLIPLENS_MAX_TOKENS", raising=False)
+    thin = tmp_path / "thin.png"
+    Image.new("RGB", (300, 40)).save(thin)
+    args = ["explain", thin, "-m", "shapes", "-t", "x", "--resize", "full", "--out", tmp_path / "o"]
+    assert run_cli([*args, "--max-tokens", "20000"]) == 0
+    assert "CLIPLENS_MAX_TOKENS" not in os.environ
+
+
 def test_max_tokens_option_and_env_raise_the_limit(tmp_path, monkeypatch):
     from cliplens.preprocess import Preprocess
 
@@ -490,6 +499,7 @@ def test_a_concurrent_run_is_locked_out(tmp_path, photo, capsys, monkeypatch):
     code = run_cli(["explain", photo, "-t", "x", "-m", "shapes", "--out", out])
     assert "another cliplens run" in one_line_error(capsys, code)
     assert not out.exists() and lock.read_text() == str(os.getppid())
+    assert not list(tmp_path.glob(".o.partial-*"))
     dead = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"], check=True, capture_output=True, text=True
     )

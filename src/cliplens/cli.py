@@ -103,17 +103,30 @@ def cmd_methods(args) -> int:
 
 
 def cmd_explain(args) -> int:
+    from .files import reserve_output
+
+    saved = os.environ.get("CLIPLENS_MAX_TOKENS")
+    try:
+        with reserve_output(args.out, overwrite=args.overwrite):  # checked and locked before any work
+            return _explain(args)
+    finally:  # --max-tokens is set for this run only
+        if saved is None:
+            os.environ.pop("CLIPLENS_MAX_TOKENS", None)
+        else:
+            os.environ["CLIPLENS_MAX_TOKENS"] = saved
+
+
+def _explain(args) -> int:
     from tqdm import tqdm
 
     from .adapters import load_model
     from .api import ExplainRequest, explain_request
     from .explanation import Explanation
-    from .files import check_output_dir, staged_dir
+    from .files import staged_dir
     from .images import load_image
     from .viz import pages
     from .viz.html import write_page
 
-    check_output_dir(args.out, overwrite=args.overwrite)  # before any work
     device = check_device(args.device)
     if args.threads is not None and args.threads < 1:
         raise InputError(f"--threads must be at least 1, got {args.threads}")

@@ -172,25 +172,44 @@ def sweep_stale(folder: Path) -> list[Path]:
 @contextlib.contextmanager
 def output_lock(path: Path) -> Iterator[None]:
     """Hold ``path`` as a lock file holding this pid; a one-line InputError when a live
-    process holds it (a stale lock of a dead process is taken over)."""
+    process holds it (a stale lock of a dead process is taken over). Re-entrant within one
+    process: an inner hold leaves the lock to the outer one."""
+    mine = False
     for _ in range(2):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
+            if _lock_holder(path) == os.getpid():
+                break  # held by an outer block of this process
             _check_lock(path)
             with contextlib.suppress(OSError):
                 path.unlink()
             continue
         with os.fdopen(fd, "w") as f:
             f.write(str(os.getpid()))
+        mine = True
         break
     else:
         raise InputError(f"{path}: cannot take the output lock")
     try:
         yield
     finally:
-        with contextlib.suppress(OSError):
-            path.unlink()
+        if mine:
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+
+@contextlib.contextmanager
+def reserve_output(out: str | Path, *, overwrite: bool = False) -> Iterator[None]:
+    """Check ``out`` (:func:`check_output_dir`) and hold its lock for the whole block, so that
+    a concurrent run is refused before either does any work; :func:`staged_dir` inside the
+    block writes the results."""
+    out = Path(out)
+    where = check_output_dir(out, overwrite=overwrite)
+    where.mkdir(parents=True, exist_ok=True)
+    sweep_stale(where)
+    with output_lock(_lock_path(out, where)):
+        yield
 
 
 @contextlib.contextmanager
@@ -265,9 +284,11 @@ __all__ = [
     "MARKER",
     "atomic_write",
     "check_output_dir",
+    "check_writable_dir",
     "is_cliplens_output",
     "output_lock",
     "pid_alive",
+    "reserve_output",
     "slug",
     "staged_dir",
     "sweep_stale",
