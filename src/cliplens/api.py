@@ -84,8 +84,17 @@ def _adapter(model, tokenizer) -> ModelAdapter:
 
 
 def _load_images(images, max_pixels: int | None) -> list[Image.Image]:
-    if isinstance(images, (str, os.PathLike, Image.Image, np.ndarray)):
+    if images is None:
+        raise InputError("no images given (images is None)")
+    if isinstance(images, (str, bytes, os.PathLike, Image.Image, np.ndarray, torch.Tensor)):
         images = [images]
+    try:
+        images = list(images)
+    except TypeError:
+        raise InputError(
+            f"images must be an image or a list of them (paths, PIL images, HxWx3 uint8 arrays), "
+            f"got a {type(images).__name__}"
+        ) from None
     pil_images = [load_image(img, max_pixels=max_pixels) for img in images]
     if not pil_images:
         raise InputError("no images given")

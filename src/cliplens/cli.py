@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import html
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -43,6 +45,49 @@ def _read_texts(args) -> list[str]:
     return texts
 
 
+def check_device(device: str | None):
+    """``device`` as a torch device, checked before the model loads: a one-line InputError for
+    an unknown name or a device this torch build or machine does not have."""
+    if device is None:
+        return None
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise InputError(f"--device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1, mps)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise InputError(f"--device {device}: {build}; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise InputError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise InputError(f"--device {device}: MPS is not available here; use --device cpu")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        try:
+            torch.empty(0, device=dev)
+        except (RuntimeError, ValueError, AssertionError):
+            raise InputError(f"--device {device}: not available in this torch build") from None
+    return dev
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None):
+    """torch's CPU thread count set to ``threads`` for the block (None: left alone), restored after."""
+    if threads is None:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def cmd_methods(args) -> int:
     from .methods import REGISTRY
 
@@ -58,6 +103,20 @@ def cmd_methods(args) -> int:
 
 
 def cmd_explain(args) -> int:
+    from .files import reserve_output
+
+    saved = os.environ.get("CLIPLENS_MAX_TOKENS")
+    try:
+        with reserve_output(args.out, overwrite=args.overwrite):  # checked and locked before any work
+            return _explain(args)
+    finally:  # --max-tokens is set for this run only
+        if saved is None:
+            os.environ.pop("CLIPLENS_MAX_TOKENS", None)
+        else:
+            os.environ["CLIPLENS_MAX_TOKENS"] = saved
+
+
+def _explain(args) -> int:
     from tqdm import tqdm
 
     from .adapters import load_model
@@ -68,6 +127,17 @@ def cmd_explain(args) -> int:
     from .viz import pages
     from .viz.html import write_page
 
+    device = check_device(args.device)
+    if args.threads is not None and args.threads < 1:
+        raise InputError(f"--threads must be at least 1, got {args.threads}")
+    if args.max_pixels is not None and args.max_pixels < 1:
+        raise InputError(f"--max-pixels must be at least 1, got {args.max_pixels}")
+    if args.overlay_size < 0:
+        raise InputError(f"--overlay-size must be 0 (full size) or positive, got {args.overlay_size}")
+    if args.max_tokens is not None:
+        if args.max_tokens < 1:
+            raise InputError(f"--max-tokens must be at least 1, got {args.max_tokens}")
+        os.environ["CLIPLENS_MAX_TOKENS"] = str(args.max_tokens)  # read by the resize recipes
     options = dict(_parse_option(o) for o in args.option or [])
     # everything is checked before the model loads: prompts, method, options, target, images
     request = ExplainRequest.build(
@@ -76,19 +146,21 @@ def cmd_explain(args) -> int:
     if not args.images:
         raise InputError("no images given")
     images = [load_image(p, max_pixels=args.max_pixels) for p in args.images]
-    adapter = load_model(args.model, device=args.device)
-    parts = []
-    with tqdm(total=len(images), desc="explaining", unit="image", disable=len(images) < 2 or None) as bar:
-        for start in range(0, len(images), args.batch_size):
-            batch = images[start : start + args.batch_size]
-            parts.append(explain_request(adapter, batch, request))
-            bar.update(len(batch))
+    with torch_threads(args.threads):
+        adapter = load_model(args.model, device=device)
+        parts = []
+        with tqdm(total=len(images), desc="explaining", unit="image", disable=len(images) < 2 or None) as bar:
+            for start in range(0, len(images), args.batch_size):
+                batch = images[start : start + args.batch_size]
+                parts.append(explain_request(adapter, batch, request))
+                bar.update(len(batch))
     ex = Explanation.concat(parts)
     labels = [str(p) for p in args.images]
     out = Path(args.out)
-    with staged_dir(out) as stage:
-        overlays = pages.write_overlays(ex, stage, labels, mode=args.normalise)
-        words = pages.write_word_overlays(ex, stage, labels, mode=args.normalise)
+    with staged_dir(out, overwrite=args.overwrite) as stage:
+        side = args.overlay_size or None
+        overlays = pages.write_overlays(ex, stage, labels, mode=args.normalise, max_side=side)
+        words = pages.write_word_overlays(ex, stage, labels, mode=args.normalise, max_side=side)
         matrices = pages.write_matrices(ex, stage, labels)
         inter = pages.write_interactions(ex, stage)
         results = pages.results(ex, labels, overlays, out, mode=args.normalise, interactions=inter)
@@ -109,7 +181,11 @@ def cmd_explain(args) -> int:
 
 def cmd_demo(args) -> int:
     from .demo import run_demo, summary_table
+    from .files import check_output_dir
 
+    if args.seed < 0:
+        raise InputError(f"--seed must be 0 or more, got {args.seed}")
+    check_output_dir(args.out)
     print(f"cliplens demo: scene {args.seed} of the shapes world, model {args.model}")
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
     rows = run_demo(args.out, seed=args.seed, model=args.model, methods=methods)
@@ -148,10 +224,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--target",
         default="logit",
         help="what to explain: logit (scaled cosine), probability (softmax over the prompts), "
-        "contrast:OTHER (logit minus the logit of prompt OTHER, an index or text). Default: logit",
+        "contrast:OTHER (logit minus the logit of prompt OTHER: #K for the prompt at index K, or the "
+        "prompt's exact text; a bare number is an index unless a prompt is exactly that text). Default: logit",
     )
     p.add_argument("--option", "-o", action="append", help="method option KEY=VALUE, e.g. start_layer=0")
     p.add_argument("--out", default="cliplens-out", help="output folder (created). Default: cliplens-out")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the contents of a non-empty --out that is not a cliplens output "
+        "(an earlier cliplens output is always replaced as a whole)",
+    )
     p.add_argument(
         "--resize",
         choices=["model", "full"],
@@ -165,9 +248,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="display scaling of the overlays (raw values are kept in results.json): minmax, positive "
         "(negative parts cut), signed (diverging colours around zero). Default: minmax",
     )
+    p.add_argument(
+        "--overlay-size",
+        type=int,
+        default=1024,
+        help="longest side of the overlay PNGs in pixels; 0: the source image's full size. Default: 1024",
+    )
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass. Default: 8")
     p.add_argument("--max-pixels", type=int, default=None, help="refuse images above this many pixels")
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        default=None,
+        help="with --resize full, refuse an image that needs more patch tokens than this "
+        "(default: CLIPLENS_MAX_TOKENS or 4096)",
+    )
     p.add_argument("--device", default=None, help="torch device, e.g. cuda. Default: where the model loads (CPU)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads for the run. Default: torch's own")
     p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser(
@@ -208,7 +305,39 @@ def _quiet_libraries() -> None:
         pass
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every ``finally`` (staging folders, locks) runs."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+
+    previous = None
+    try:
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread: leave signals alone
+        pass
+    try:
+        return _main(argv)
+    except CliplensError as exc:
+        print(f"cliplens: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return exc.exit_code
+    except Terminated:
+        print("cliplens: terminated", file=sys.stderr)
+        return 143
+    except KeyboardInterrupt:
+        print("cliplens: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
@@ -222,14 +351,7 @@ def main(argv: list[str] | None = None) -> int:
 
     warnings.showwarning = show
     _quiet_libraries()
-    try:
-        return int(args.func(args) or 0)
-    except CliplensError as exc:
-        print(f"cliplens: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("cliplens: interrupted", file=sys.stderr)
-        return 130
+    return int(args.func(args) or 0)
 
 
 if __name__ == "__main__":  # pragma: no cover

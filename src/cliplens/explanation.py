@@ -173,11 +173,26 @@ class Explanation:
         total = sum(s for _, s in table)
         return [(t, s / total if total else 0.0) for t, s in table]
 
-    def overlay(self, b: int, p: int, **kwargs) -> Image.Image:
-        """The original image b with prompt p's map over it (see :func:`cliplens.viz.overlay`)."""
+    def overlay(self, b: int, p: int, *, max_side: int | None = None, **kwargs) -> Image.Image:
+        """The original image b with prompt p's map over it (see :func:`cliplens.viz.overlay`).
+        ``max_side``: build it at display size, the longest side at most this many pixels (the
+        image is shrunk first and the map resampled straight onto the small image, so the memory
+        does not grow with the source); None: full size."""
         from .viz import overlay
 
-        return overlay(self.images[b], self.map_on_original(b, p), **kwargs)
+        return overlay(*self.display_pair(b, self.grid_map(b, p), max_side), **kwargs)
+
+    def display_pair(self, b: int, grid: np.ndarray, max_side: int | None) -> tuple[Image.Image, np.ndarray]:
+        """(image b at display size, ``grid`` resampled onto it as float32) for an overlay."""
+        from .images import display_size
+
+        img = Image.fromarray(np.asarray(self.images[b]))
+        geometry = self.geometries[b]
+        w, h = display_size(img.width, img.height, max_side)
+        if (w, h) != img.size:
+            img = img.resize((w, h), resample=Image.BOX, reducing_gap=3.0)
+            geometry = geometry.resized(w, h)
+        return img, geometry.grid_to_original(grid, dtype=np.float32)
 
     # ---- what can be read from a pair --------------------------------------------------
     @property

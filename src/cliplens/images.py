@@ -21,7 +21,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .errors import ImageError
 
 #: names that moved to :mod:`cliplens.preprocess`, still importable from here
-_MOVED = {"Preprocess", "SquashPreprocess", "NaFlexPreprocess"}
+_MOVED = {"Preprocess", "SquashPreprocess", "SquashCropPreprocess", "NaFlexPreprocess"}
 
 
 def __getattr__(name: str):
@@ -83,18 +83,37 @@ def load_image(source: str | os.PathLike | Image.Image | np.ndarray, *, max_pixe
     Raises :class:`ImageError` with a one-line reason for missing, unreadable, truncated,
     non-image and over-budget files. EXIF orientation is applied.
     """
+    if max_pixels is not None and (isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1):
+        raise ImageError(f"max_pixels must be a positive whole number, got {max_pixels!r}")
     budget = max_pixels if max_pixels is not None else max_pixels_budget()
     if isinstance(source, np.ndarray):
+        if source.ndim in (2, 3) and min(source.shape[:2]) == 0:
+            raise ImageError(f"an image array is empty (shape {source.shape})")
         if source.ndim == 2:
             source = np.stack([source] * 3, axis=-1)
         if source.ndim != 3 or source.shape[2] not in (3, 4):
             raise ImageError(f"an image array must be HxW, HxWx3 or HxWx4, got shape {source.shape}")
         if source.dtype != np.uint8:
             raise ImageError(f"an image array must be uint8, got {source.dtype}")
+        _check_budget((source.shape[1], source.shape[0]), budget, "the image array")
         return to_rgb(Image.fromarray(source))
     if isinstance(source, Image.Image):
         _check_budget(source.size, budget, "the image")
-        return to_rgb(ImageOps.exif_transpose(source))
+        try:
+            source.load()
+            return to_rgb(ImageOps.exif_transpose(source))
+        except ValueError as exc:  # "Operation on closed image"
+            raise ImageError(f"the PIL image cannot be read ({exc}); pass it before closing it") from None
+        except (OSError, SyntaxError) as exc:
+            raise ImageError(f"the PIL image is unreadable or truncated ({exc})") from None
+    if not isinstance(source, (str, os.PathLike)):
+        what = type(source).__name__
+        hint = {
+            "NoneType": "an image is None",
+            "bytes": "an image given as bytes: open it with PIL.Image.open(io.BytesIO(data))",
+            "Tensor": "an image given as a torch tensor: pass tensor.permute(1, 2, 0) as a uint8 numpy array",
+        }.get(what, f"an image given as a {what}")
+        raise ImageError(f"{hint}; images are paths, PIL images or HxWx3 uint8 arrays")
     path = Path(source)
     if not path.exists():
         raise ImageError(f"{path}: no such file")
@@ -117,6 +136,14 @@ def load_image(source: str | os.PathLike | Image.Image | np.ndarray, *, max_pixe
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"{path}: unreadable or truncated image ({exc})") from None
     return rgb
+
+
+def display_size(width: int, height: int, max_side: int | None) -> tuple[int, int]:
+    """(w, h) of an image shown with its longest side at most ``max_side`` (None or 0: as is)."""
+    if not max_side or max(width, height) <= max_side:
+        return width, height
+    f = max_side / max(width, height)
+    return max(1, round(width * f)), max(1, round(height * f))
 
 
 def _check_budget(size: tuple[int, int], budget: int, name: str) -> None:
@@ -169,6 +196,18 @@ class Geometry:
             (int(d["input_size"][0]), int(d["input_size"][1])),
         )
 
+    def resized(self, width: int, height: int) -> "Geometry":
+        """The same model input seen from a copy of the original shown at ``width`` x ``height``
+        (a display-size overlay): only the scales change."""
+        return Geometry(
+            int(width),
+            int(height),
+            self.scale_x * self.width / width,
+            self.scale_y * self.height / height,
+            self.crop,
+            self.input_size,
+        )
+
     def seen_mask(self) -> np.ndarray:
         """(height, width) bool: True where the pixel centre falls inside the model input."""
         u, v = self._input_coords()
@@ -180,16 +219,17 @@ class Geometry:
         ys = (np.arange(self.height) + 0.5) * self.scale_y - self.crop[1]
         return xs, ys
 
-    def grid_to_original(self, grid_map: np.ndarray) -> np.ndarray:
+    def grid_to_original(self, grid_map: np.ndarray, dtype=np.float64) -> np.ndarray:
         """Bilinearly resample a (Gh, Gw) map, which tiles the model input evenly, onto the
-        original image. Pixels the model never saw are NaN."""
-        grid_map = np.asarray(grid_map, dtype=np.float64)
+        original image. Pixels the model never saw are NaN. ``dtype`` float32 halves the
+        memory of a display map."""
+        grid_map = np.asarray(grid_map, dtype=dtype)
         gh, gw = grid_map.shape
         u, v = self._input_coords()
         w_in, h_in = self.input_size
         # normalised coordinates in [-1, 1] across the input (align_corners=False convention)
-        gx = torch.from_numpy(2.0 * u / w_in - 1.0)
-        gy = torch.from_numpy(2.0 * v / h_in - 1.0)
+        gx = torch.from_numpy((2.0 * u / w_in - 1.0).astype(dtype))
+        gy = torch.from_numpy((2.0 * v / h_in - 1.0).astype(dtype))
         grid = torch.stack(torch.meshgrid(gy, gx, indexing="ij")[::-1], dim=-1)[None]
         src = torch.from_numpy(grid_map)[None, None]
         out = F.grid_sample(src, grid, mode="bilinear", padding_mode="border", align_corners=False)[0, 0]

@@ -9,6 +9,8 @@ cut; turning the result into normalised pixels is one shared step (:meth:`Prepro
 - :class:`Preprocess`: resize the shortest edge, centre crop (CLIP, open_clip ``shortest``);
 - :class:`SquashPreprocess`: resize to the model size without keeping the aspect ratio (SigLIP,
   open_clip ``squash``);
+- :class:`SquashCropPreprocess`: resize to ``{height, width}``, then (optionally) centre crop
+  (CLIP checkpoints whose processor's ``size`` is a height and width);
 - :class:`NaFlexPreprocess`: keep the aspect ratio, at most ``max_patches`` whole patches
   (SigLIP 2).
 
@@ -37,6 +39,28 @@ def check_resize(resize) -> str:
     if resize not in RESIZE_MODES:
         raise InputError(f"resize must be 'model' or 'full', got {resize!r}")
     return resize
+
+#: Default limit on the patch tokens of one ``resize="full"`` input (a 64 x 64 grid). Attention
+#: and the relevance maps grow with its square. Raise it with ``CLIPLENS_MAX_TOKENS`` (the CLI's
+#: ``--max-tokens``).
+DEFAULT_MAX_TOKENS = 4096
+
+
+def max_tokens_budget() -> int:
+    """The patch-token limit of one image input: ``CLIPLENS_MAX_TOKENS`` or the default."""
+    import os
+
+    value = os.environ.get("CLIPLENS_MAX_TOKENS")
+    if value is None:
+        return DEFAULT_MAX_TOKENS
+    try:
+        budget = int(value)
+    except ValueError:
+        raise InputError(f"CLIPLENS_MAX_TOKENS must be an integer, got {value!r}") from None
+    if budget <= 0:
+        raise InputError(f"CLIPLENS_MAX_TOKENS must be positive, got {budget}")
+    return budget
+
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -104,6 +128,13 @@ class Preprocess:
         factor = self.size / min(w, h)
         new_w = max(patch_size, int(round(w * factor / patch_size)) * patch_size)
         new_h = max(patch_size, int(round(h * factor / patch_size)) * patch_size)
+        tokens, budget = (new_w // patch_size) * (new_h // patch_size), max_tokens_budget()
+        if tokens > budget:  # checked before resizing: a thin image would become a huge one
+            raise InputError(
+                f"resize='full' turns this {w}x{h} image into {new_w}x{new_h} pixels = {tokens} patch tokens, "
+                f"above the limit of {budget}; raise it with CLIPLENS_MAX_TOKENS or --max-tokens, "
+                "or use resize='model'"
+            )
         resized = image.resize((new_w, new_h), resample=self.resample)
         return resized, Geometry(w, h, new_w / w, new_h / h, (0.0, 0.0), (new_w, new_h))
 
@@ -119,6 +150,25 @@ class SquashPreprocess(Preprocess):
         crop_h, crop_w = self.crop
         resized = image.resize((crop_w, crop_h), resample=self.resample)
         return resized, Geometry(w, h, crop_w / w, crop_h / h, (0.0, 0.0), (crop_w, crop_h))
+
+
+@dataclass(frozen=True)
+class SquashCropPreprocess(Preprocess):
+    """A CLIP processor whose ``size`` is ``{height, width}``: ``resize="model"`` resizes the whole
+    image to ``resize_to`` (height, width) without keeping the aspect ratio, then, when
+    ``do_center_crop``, cuts the centre ``crop`` (height, width) out of it, exactly as
+    ``CLIPImageProcessor`` does with such a config; ``resize="full"`` is the common recipe."""
+
+    resize_to: tuple[int, int] = (224, 224)  # (height, width)
+
+    def _model_input(self, image: Image.Image) -> tuple[Image.Image, Geometry]:
+        w, h = image.size
+        new_h, new_w = self.resize_to
+        resized = image.resize((new_w, new_h), resample=self.resample)
+        crop_h, crop_w = self.crop if self.do_center_crop else (new_h, new_w)
+        top, left = (new_h - crop_h) // 2, (new_w - crop_w) // 2
+        cropped = resized.crop((left, top, left + crop_w, top + crop_h))
+        return cropped, Geometry(w, h, new_w / w, new_h / h, (float(left), float(top)), (crop_w, crop_h))
 
 
 def size_for_max_patches(height: int, width: int, patch: int, max_patches: int) -> tuple[int, int]:
@@ -159,24 +209,37 @@ class NaFlexPreprocess(Preprocess):
 
 
 def preprocess_from_config(processor_config: dict | None, image_size: int) -> Preprocess:
-    """The CLIP image recipe from a ``preprocessor_config.json`` dict (or OpenAI defaults)."""
+    """The CLIP image recipe from a ``preprocessor_config.json`` dict (or OpenAI defaults), as
+    ``CLIPImageProcessor`` reads it: ``size: {shortest_edge}`` (or a plain int) resizes the
+    shortest edge; ``size: {height, width}`` squashes to that size; either is followed by the
+    centre crop ``crop_size`` when ``do_center_crop`` (true unless the config says otherwise)."""
     cfg = processor_config or {}
     size = cfg.get("size", image_size)
+    squash = None
     if isinstance(size, dict):
-        size = size.get("shortest_edge") or size.get("height") or image_size
+        if size.get("shortest_edge"):
+            size = size["shortest_edge"]
+        elif size.get("height") and size.get("width"):
+            squash = (int(size["height"]), int(size["width"]))
+            size = min(squash)
+        else:
+            size = size.get("height") or size.get("width") or image_size
     crop = cfg.get("crop_size", size)
     if isinstance(crop, dict):
         crop = (int(crop.get("height", size)), int(crop.get("width", size)))
     else:
         crop = (int(crop), int(crop))
-    return Preprocess(
-        size=int(size),
-        crop=crop,
-        mean=tuple(cfg.get("image_mean", OPENAI_MEAN)),
-        std=tuple(cfg.get("image_std", OPENAI_STD)),
-        resample=int(cfg.get("resample", Image.BICUBIC)),
-        do_center_crop=bool(cfg.get("do_center_crop", True)),
-    )
+    common = {
+        "size": int(size),
+        "crop": crop,
+        "mean": tuple(cfg.get("image_mean", OPENAI_MEAN)),
+        "std": tuple(cfg.get("image_std", OPENAI_STD)),
+        "resample": int(cfg.get("resample", Image.BICUBIC)),
+        "do_center_crop": bool(cfg.get("do_center_crop", True)),
+    }
+    if squash is not None:
+        return SquashCropPreprocess(**common, resize_to=squash)
+    return Preprocess(**common)
 
 
 def siglip_preprocess_from_config(processor_config: dict | None, image_size: int) -> Preprocess:

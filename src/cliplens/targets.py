@@ -168,9 +168,25 @@ class Contrast(Target):
 TARGETS = {"logit": PairLogit, "probability": PromptProbability, "prob": PromptProbability}
 
 
+def _contrast_versus(rest: str, texts: list[str]) -> int | str:
+    """The other prompt of ``contrast:REST``: ``#K`` is always index K; text equal to a prompt
+    is that prompt (so a prompt "1" is reachable as ``contrast:1``); otherwise a whole number
+    is an index (the old form) and anything else must be a prompt's text."""
+    if rest.startswith("#"):
+        if not rest[1:].lstrip("-").isdigit():
+            raise InputError(f"contrast:#K needs a prompt index after '#', got {rest!r}")
+        return int(rest[1:])
+    if rest in texts:
+        return rest
+    if rest.lstrip("-").isdigit():
+        return int(rest)
+    return rest
+
+
 def resolve_target(target, texts: list[str]) -> Target:
     """A Target from a Target object or a string: ``logit`` (default), ``probability``,
-    ``contrast:K`` (prompt index) or ``contrast:TEXT``."""
+    ``contrast:#K`` (prompt index K), ``contrast:TEXT`` (the prompt with exactly this text) or
+    ``contrast:K`` (see :func:`_contrast_versus`)."""
     if target is None:
         target = "logit"
     if isinstance(target, Contrast):
@@ -182,9 +198,8 @@ def resolve_target(target, texts: list[str]) -> Target:
     if target.startswith("contrast"):
         _, _, rest = target.partition(":")
         if not rest:
-            raise InputError("the contrast target needs the other prompt: contrast:INDEX or contrast:TEXT")
-        versus: int | str = int(rest) if rest.lstrip("-").isdigit() else rest
-        return Contrast(versus).bind(texts)
+            raise InputError("the contrast target needs the other prompt: contrast:#INDEX or contrast:TEXT")
+        return Contrast(_contrast_versus(rest, texts)).bind(texts)
     if target not in TARGETS:
         raise InputError(f"unknown target {target!r}; choose logit, probability or contrast:OTHER")
     return TARGETS[target]()

@@ -35,6 +35,86 @@ from .base import (
 from .capture import Capture
 
 
+@contextlib.contextmanager
+def _quiet_progress() -> Iterator[None]:
+    """No transformers progress bar ("Loading weights") while a checkpoint loads; the setting
+    is restored after, so a caller's own choice stands."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
+def _weight_file_errors() -> tuple[type[BaseException], ...]:
+    """The error a corrupt or garbage ``model.safetensors`` raises (not an OSError)."""
+    try:
+        from safetensors import SafetensorError
+    except ImportError:  # pragma: no cover
+        return ()
+    return (SafetensorError,)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """The byte -> printable character table of byte-level BPE (GPT-2, CLIP)."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+_BYTE_OF = {c: b for b, c in _bytes_to_unicode().items()}
+
+
+def _byte_token_text(raw: str | None) -> str | None:
+    """The text of a byte-level BPE token with the bytes that do not form a whole UTF-8
+    character escaped as ``\\xNN``; None when ``raw`` is not a byte-level token."""
+    if not raw:
+        return None
+    raw = raw.removesuffix("</w>")
+    if not raw or any(c not in _BYTE_OF for c in raw):
+        return None
+    return bytes(_BYTE_OF[c] for c in raw).decode("utf-8", errors="backslashreplace")
+
+
+#: two prompts that any real tokenizer encodes differently
+_PROBES = ("a photo of a cat", "a diagram of two dogs")
+
+
+def check_tokenizer_fits(tokenizer, text_model, name: str) -> None:
+    """Refuse a tokenizer that does not belong to the text tower: a vocabulary far smaller than
+    the token embedding (transformers builds a 2-entry stand-in vocabulary when a checkpoint
+    folder has no tokenizer files), ids beyond the embedding, or distinct prompts encoded alike
+    (every prompt would then get the same logit). A few added special tokens beyond the
+    embedding are tolerated as long as plain prompts do not use them. One-line ModelLoadError."""
+    embedding = getattr(getattr(text_model, "embeddings", None), "token_embedding", None)
+    rows = getattr(embedding, "num_embeddings", None)
+    try:
+        size = len(tokenizer)
+    except TypeError:
+        size = None
+    hint = "; put the checkpoint's tokenizer files (tokenizer.json or vocab.json + merges.txt) in the folder"
+    if rows is not None and size is not None and size < rows // 2:
+        raise ModelLoadError(
+            f"{name}: the tokenizer's vocabulary ({size} entries) does not fit the model's text "
+            f"embedding ({rows} rows){hint}"
+        )
+    ids = [list(tokenizer(t)["input_ids"]) for t in _PROBES]
+    if ids[0] == ids[1]:
+        raise ModelLoadError(f"{name}: the tokenizer encodes different prompts alike ({ids[0]}){hint}")
+    if rows is not None and max(max(i) for i in ids) >= rows:
+        raise ModelLoadError(f"{name}: the tokenizer gives ids beyond the model's text embedding ({rows} rows){hint}")
+
+
 class HFEncoderAdapter(ModelAdapter):
     """Shared base of the transformers CLIP-family adapters (``CLIPModel``, ``SiglipModel``, ...)."""
 
@@ -63,16 +143,21 @@ class HFEncoderAdapter(ModelAdapter):
     def load(cls, checkpoint: Checkpoint) -> "HFEncoderAdapter":
         """An adapter around a checkpoint directory or a cached/reachable hub name: the model in
         ``checkpoint.dtype``, its own tokenizer (unless one is given), its image recipe."""
+        source, local, name = checkpoint.source, checkpoint.local_files_only, checkpoint.name
+        with _quiet_progress():
+            return cls._load(checkpoint, source, local, name)
+
+    @classmethod
+    def _load(cls, checkpoint: Checkpoint, source, local, name) -> "HFEncoderAdapter":
         import transformers
         from transformers import AutoConfig, AutoTokenizer
 
-        source, local, name = checkpoint.source, checkpoint.local_files_only, checkpoint.name
         try:
             adapter_class = cls._for_config(AutoConfig.from_pretrained(source, local_files_only=local))
             model_class = getattr(transformers, adapter_class.model_class)
             model = model_class.from_pretrained(source, dtype=checkpoint.dtype, local_files_only=local)
-        except (OSError, ValueError, RuntimeError) as exc:
-            first = str(exc).splitlines()[0]
+        except (OSError, ValueError, RuntimeError, *_weight_file_errors()) as exc:
+            first = (str(exc).splitlines() or [type(exc).__name__])[0]
             raise ModelLoadError(f"{name}: could not load the {cls.label} checkpoint ({first})") from None
         tokenizer = checkpoint.tokenizer
         if tokenizer is None:
@@ -82,6 +167,7 @@ class HFEncoderAdapter(ModelAdapter):
                 # e.g. SigLIP's own tokenizer is SentencePiece: name the missing piece, not fail later
                 first = str(exc).splitlines()[0]
                 raise ModelLoadError(f"{name}: could not load the {cls.label} tokenizer ({first})") from None
+        check_tokenizer_fits(tokenizer, model.text_model, name)
         preprocess = adapter_class._preprocess_from(checkpoint.processor_config, model.config.vision_config)
         return adapter_class(model, tokenizer, preprocess=preprocess, name=name)
 
@@ -124,9 +210,19 @@ class HFEncoderAdapter(ModelAdapter):
 
     # ---- inputs ------------------------------------------------------------------------
     def _token_strings(self, ids: list[int]) -> list[str]:
-        """How each token id reads, for the token scores of a text."""
+        """How each token id reads, for the token scores of a text. A byte-level BPE token that
+        holds part of a multi-byte character (CLIP splits CJK characters and emoji into byte
+        tokens) reads as its text with the loose bytes escaped (``\\xe7``), not as U+FFFD, so
+        that a display can join consecutive pieces back into the character
+        (:func:`cliplens.viz.html.merge_byte_tokens`)."""
         tok = self.tokenizer
-        return [tok.decode([t]).strip() or tok.convert_ids_to_tokens(t) for t in ids]
+        out = []
+        for t in ids:
+            text = tok.decode([t]).strip()
+            if "\ufffd" in text:
+                text = _byte_token_text(tok.convert_ids_to_tokens(t)) or text
+            out.append(text or tok.convert_ids_to_tokens(t))
+        return out
 
     # ---- running -----------------------------------------------------------------------
     @contextlib.contextmanager

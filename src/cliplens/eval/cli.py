@@ -12,8 +12,10 @@ import argparse
 import dataclasses
 import shlex
 import typing
+from pathlib import Path
 from typing import Any
 
+from ..errors import InputError
 from .config import EvalConfig, cli_default, knobs, resolve_methods
 
 __all__ = [
@@ -113,7 +115,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .harness import open_eval_dataset, run_evaluation
 
     config = config_from_args(args, progress=True)
-    open_eval_dataset(config, draw=False)
+    if config.out:
+        from ..files import check_writable_dir
+
+        check_writable_dir(config.out)  # before the dataset is drawn or the model loads
+    if config.limit == 0:
+        raise InputError("--limit 0: nothing to evaluate; give --limit 1 or more, or leave it out for every item")
+    dataset = open_eval_dataset(config, draw=False)
+    if dataset is not None and dataset.size == 0:
+        raise InputError(f"{config.dataset}: the dataset has no items; nothing to evaluate")
     resolve_methods(config.methods)
     results = run_evaluation(args.model, config, command=command_line(args))
     print(results.table())
@@ -122,5 +132,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     best = results.best()
     if best:
         print("best method: " + "; ".join(f"{report.column_heading(k)} {v}" for k, v in best.items()))
-    print(f"wrote {config.out}/ (results.md, results.csv, results.jsonl, summary.json, *.png)")
+    print(written_line(config.out))
     return 0
+
+
+def written_line(out: str | None) -> str:
+    """"wrote OUT/ (...)" naming the files that are there, not the ones a run usually writes."""
+    folder = Path(out) if out else None
+    if folder is None or not folder.is_dir():
+        return "wrote nothing"
+    names = sorted(p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    pngs = [n for n in names if n.endswith(".png")]
+    shown = [n for n in names if not n.endswith(".png")] + ([f"{len(pngs)} PNG chart(s)"] if pngs else [])
+    return f"wrote {out}/ ({', '.join(shown)})" if shown else f"wrote nothing to {out}/"

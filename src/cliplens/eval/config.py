@@ -196,6 +196,8 @@ class EvalConfig:
                 set_(name, os.fspath(value))
         if self.prompt is not None and (not isinstance(self.prompt, str) or self.prompt.count("{}") != 1):
             raise InputError(f"the prompt template needs exactly one {{}}, got {self.prompt!r}")
+        if self.prompt is not None:
+            check_template(self.prompt, "the prompt template")
         for name, low in (("limit", 0), ("make_shapes", 0), ("threads", 1)):
             value = getattr(self, name)
             if value is not None:
@@ -268,6 +270,18 @@ def cli_default(f: dataclasses.Field) -> Any:
     """The default a knob has on the command line (its Python default unless it declares another)."""
     value = f.metadata["cli_default"]
     return f.default if value is dataclasses.MISSING else value
+
+
+def check_template(template: str, what: str) -> None:
+    """A one-line InputError unless ``template.format(name)`` works (other braces must be
+    doubled: ``{{`` and ``}}``), checked before anything is written."""
+    try:
+        template.format("x")
+    except (KeyError, IndexError, ValueError) as exc:
+        raise InputError(
+            f"{what} {template!r} is not a valid format string ({exc.__class__.__name__}: {exc}); "
+            "write literal braces as {{ and }}"
+        ) from None
 
 
 def default_prompt(kind: str) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import html
 import math
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,6 +75,50 @@ def fold(text: str, limit: int = 60) -> str:
     )
 
 
+_BYTE_ESCAPE = re.compile(r"\\x([0-9a-f]{2})")
+
+
+def merge_byte_tokens(table: list[tuple[str, float]]) -> list[tuple[str, float, list[int]]]:
+    """Join runs of tokens that hold pieces of one multi-byte character (their loose bytes
+    written ``\\xNN`` by the adapter) into whole characters, for display: (text, summed score,
+    the indices of ``table`` joined). Tokens that are whole already pass through alone; a run
+    whose bytes still do not decode is left as it was."""
+    out: list[tuple[str, float, list[int]]] = []
+    i = 0
+    while i < len(table):
+        tok, score = table[i]
+        if not _BYTE_ESCAPE.search(tok):
+            out.append((tok, score, [i]))
+            i += 1
+            continue
+        j, data, joined = i, b"", None
+        while j < len(table) and j - i < 8:  # a character is at most 4 bytes; tokens hold 1 or more
+            data += _token_bytes(table[j][0])
+            j += 1
+            try:
+                joined = data.decode("utf-8")
+                break
+            except UnicodeDecodeError:
+                pass
+        if joined is None:
+            out.append((tok, score, [i]))
+            i += 1
+            continue
+        out.append((joined, float(sum(s for _, s in table[i:j])), list(range(i, j))))
+        i = j
+    return out
+
+
+def _token_bytes(tok: str) -> bytes:
+    parts, last = [], 0
+    for m in _BYTE_ESCAPE.finditer(tok):
+        parts.append(tok[last : m.start()].encode("utf-8"))
+        parts.append(bytes([int(m.group(1), 16)]))
+        last = m.end()
+    parts.append(tok[last:].encode("utf-8"))
+    return b"".join(parts)
+
+
 def token_html(
     table: list[tuple[str, float]],
     *,
@@ -88,6 +133,11 @@ def token_html(
     ``ranges`` the raw values of that overlay's palette ends, shown on the card's colour bar."""
     if not table:
         return ""
+    groups = merge_byte_tokens(table)
+    if len(groups) < len(table):  # pieces of one character shown as one chip, scores summed
+        images = [next((images[k] for k in g if images[k]), "") for *_, g in groups] if images else None
+        ranges = [next((ranges[k] for k in g if ranges[k]), None) for *_, g in groups] if ranges else None
+        table = [(t, s) for t, s, _ in groups]
     scores = np.array([s for _, s in table], dtype=np.float64)
     if coloured:
         colours = colorize(normalise(scores, "minmax"))

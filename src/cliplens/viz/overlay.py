@@ -26,7 +26,7 @@ def overlay(
     Pixels the model never saw are darkened and hatched (``unseen="hatch"``) or left
     untouched (``"plain"``), never coloured as if scored.
     """
-    img = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, dtype=np.float64)
+    img = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, dtype=np.float32)
     if img.shape[:2] != heat.shape:
         raise ValueError(f"map {heat.shape} does not match image {img.shape[:2]}")
     seen = np.isfinite(heat)
@@ -38,9 +38,10 @@ def overlay(
         scaled = np.clip((heat - lo) / (hi - lo), 0.0, 1.0) if hi > lo else np.zeros_like(heat)
         if signed:
             scaled = 2 * scaled - 1
-    colours = colorize(scaled, signed=signed).astype(np.float64)
+    colours = colorize(scaled, signed=signed).astype(np.float32)
     out = img.copy()
     out[seen] = (1 - alpha) * img[seen] + alpha * colours[seen]
+    del colours, scaled
     if unseen == "hatch" and (~seen).any():
         yy, xx = np.indices(heat.shape)
         stripes = ((xx + yy) // 6) % 2 == 0

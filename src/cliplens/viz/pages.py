@@ -26,6 +26,9 @@ from .overlay import overlay
 
 MODES = ("minmax", "positive", "signed")
 
+#: longest side of the overlay pictures unless asked otherwise (None or 0: the source size)
+DISPLAY_SIDE = 1024
+
 
 def overlay_name(b: int, label: str, p: int, text: str) -> str:
     """File name of the overlay of image b (``label``: its path or name) with prompt p. The
@@ -81,6 +84,7 @@ def write_overlays(
     *,
     mode: str = "minmax",
     first_index: int = 0,
+    max_side: int | None = DISPLAY_SIDE,
 ) -> list[list[str]]:
     """Write one PNG per pair into ``directory``; [b][p] file names ("" where the method gave
     no image map). ``labels`` name the images (paths or names) for :func:`overlay_name`, whose
@@ -102,9 +106,11 @@ def write_overlays(
                 continue
             name = overlay_name(first_index + b, labels[b], p, ex.texts[p])
             if notes[b][p]:
-                image = ex.overlay(b, p, alpha=0.0)
+                image = ex.overlay(b, p, alpha=0.0, max_side=max_side)
             else:
-                image = ex.overlay(b, p, mode=mode, value_range=display_range(ex.grid_map(b, p), mode))
+                image = ex.overlay(
+                    b, p, mode=mode, value_range=display_range(ex.grid_map(b, p), mode), max_side=max_side
+                )
             image.save(directory / name)
             row.append(name)
         out.append(row)
@@ -118,6 +124,7 @@ def write_word_overlays(
     *,
     mode: str = "minmax",
     first_index: int = 0,
+    max_side: int | None = DISPLAY_SIDE,
 ) -> list[list[dict[int, str]]]:
     """For a method with token x patch interactions: per pair, one overlay per content token of
     the prompt (its row of :meth:`Explanation.interaction_matrix` on the original image).
@@ -137,9 +144,9 @@ def write_word_overlays(
                 stem = overlay_name(first_index + b, labels[b], p, ex.texts[p])[: -len(".png")]
                 for t in np.flatnonzero(ex.content[p][: len(ex.tokens[p])]):
                     grid = matrix[t]
-                    heat = ex.geometries[b].grid_to_original(grid)
+                    image, heat = ex.display_pair(b, grid, max_side)
                     name = f"{stem}__w{int(t):02d}.png"
-                    overlay(ex.images[b], heat, mode=mode, value_range=display_range(grid, mode)).save(
+                    overlay(image, heat, mode=mode, value_range=display_range(grid, mode)).save(
                         Path(directory) / name
                     )
                     files[int(t)] = name
