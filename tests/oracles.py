@@ -189,13 +189,20 @@ def _scatter(run, patch_values: torch.Tensor) -> np.ndarray:
     return row
 
 
-def oracle_legrad(adapter, images, texts, target="logit", layers=None, pooling="model"):
+def oracle_legrad(
+    adapter, images, texts, target="logit", layers=2, pooling="mean", correction="auto", correction_threshold=0.8
+):
     """Per explained block l: s^l = the target on block l's output read out as the last block
-    (``adapter.readout``), the other tower's final embedding constant; map^l = mean over heads
-    and valid query rows of (ds^l / dA^l)^+ (for a pooling head: of its attention in that
-    readout); the map is the sum over l. Each layer gets its own backward (no detached blocks).
-    On the text side the other prompts' logits in a probability are their layer-l logits too."""
+    (``pooling="mean"`` on a class-token image tower: mean over all tokens, then ``adapter.head``;
+    otherwise ``adapter.readout_with_attention``), the other tower's final embedding constant;
+    map^l = mean over heads and valid query rows of (ds^l / dA^l)^+ (for a pooling head: of its
+    attention in that readout); the map is the sum over l. Each layer gets its own backward (no
+    detached blocks). On the text side the other prompts' logits in a probability are their
+    layer-l logits too. Correction (image; 'auto' = pooled towers): the same map for the cosine
+    with the normalised embedding of "a photo of a"; patches where its min-max exceeds the
+    threshold are set to 0 (loops over patches)."""
     batch = adapter.tokenize(texts)
+    empty_batch = adapter.tokenize(["a photo of a"])
     results = {}
     for b, image in enumerate(images):
         for p in range(len(texts)):
@@ -203,13 +210,19 @@ def oracle_legrad(adapter, images, texts, target="logit", layers=None, pooling="
             with adapter.explaining():
                 img = _image_run(adapter, image, grad=True)
                 txts = [_text_run(adapter, batch, q, grad=True) for q in range(len(texts))]
+                with torch.no_grad():
+                    t_empty = adapter.run_text(empty_batch.input_ids, empty_batch.attention_mask).embeds[0].double()
+                t_empty = t_empty / torch.sqrt((t_empty**2).sum())
                 for tower, run in (("image", img), ("text", txts[p])):
                     L = len(run.attentions)
                     chosen = range(L) if layers is None else range(max(0, L - layers), L)
+                    pooled_tower = int(run.layout.readout[0]) < 0
+                    correct = tower == "image" and (correction == "on" or (correction == "auto" and pooled_tower))
                     total = np.zeros(run.layout.valid.shape[1])
+                    empty = np.zeros(run.layout.valid.shape[1])
                     for l in chosen:
                         hidden = run.block_outputs[l]
-                        if tower == "image" and pooling == "mean":
+                        if tower == "image" and pooling == "mean" and not pooled_tower:
                             e, pool = adapter.head(tower, hidden.mean(1)), None
                         else:
                             e, pool = adapter.readout_with_attention(tower, hidden, run.layout)
@@ -221,13 +234,27 @@ def oracle_legrad(adapter, images, texts, target="logit", layers=None, pooling="
                             tes = [e if q == p else _layer_embed(adapter, t, l) for q, t in enumerate(txts)]
                             s = _score(adapter, img.embeds.detach(), tes, p, target)
                         wrt = run.attentions[l] if pool is None else pool
-                        (G,) = torch.autograd.grad(s, [wrt], retain_graph=True, allow_unused=True)
-                        G = torch.zeros_like(wrt) if G is None else G
-                        pos = torch.clamp(G[0], min=0).mean(0)  # (q, n)
-                        if pool is None:
-                            valid = run.layout.valid[0]
-                            pos = pos[valid]
-                        total += pos.mean(0).detach().numpy()
+                        scores = [s]
+                        if correct:
+                            scores.append((e[0] @ t_empty) / torch.sqrt((e[0] ** 2).sum()))
+                        for k, sc in enumerate(scores):
+                            (G,) = torch.autograd.grad(sc, [wrt], retain_graph=True, allow_unused=True)
+                            G = torch.zeros_like(wrt) if G is None else G
+                            pos = torch.clamp(G[0], min=0).mean(0)  # (q, n)
+                            if pool is None:
+                                valid = run.layout.valid[0]
+                                pos = pos[valid]
+                            if k == 0:
+                                total += pos.mean(0).detach().numpy()
+                            else:
+                                empty += pos.mean(0).detach().numpy()
+                    if correct:
+                        idx = run.layout.patches.cpu().numpy()
+                        ev = empty[idx]
+                        if ev.max() > ev.min():
+                            for j, v in zip(idx, ev):
+                                if (v - ev.min()) / (ev.max() - ev.min()) > correction_threshold:
+                                    total[j] = 0.0
                     out.append(total)
             results[b, p] = (_grid(img, out[0]), _tokens(txts[p], out[1]))
     return _collect(images, texts, results)
