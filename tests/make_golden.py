@@ -48,6 +48,7 @@ CASES: list[tuple[str, str, dict]] = [
     ("sensitivity-pixel", "sensitivity", {"variant": "pixel_grad"}),
     ("sensitivity-iterative", "sensitivity", {"variant": "iterative", "steps": 3}),
     ("sensitivity-full", "sensitivity", {"variant": "pixel_grad", "resize": "full"}),
+    ("grad_eclip", "grad_eclip", {}),
     ("decomposition", "decomposition", {}),
     ("decomposition-contrast", "decomposition", {"target": "contrast:0"}),
 ]

@@ -282,7 +282,69 @@ def oracle_sensitivity(adapter, images, texts, target="logit", variant="grad_nor
     return _collect(images, texts, results)
 
 
+def oracle_grad_eclip(adapter, images, texts, target="logit", towers=("image", "text")):
+    """At the last block: o = sum_h sum_j A_hrj V_hj + b_O at the readout token r, made a leaf;
+    y recomputed from it (residual, MLP branch, head, pair score); g = dy/do;
+    w_hj = min-max over the kept tokens j of cos(q_hr, k_hj); map_j = relu(sum_h w_hj <g, V_hj>)
+    (loops over heads and tokens). Kept tokens: patches (image), real tokens (text)."""
+    batch = adapter.tokenize(texts)
+    results = {}
+
+    def tail(run, o):
+        L = len(run.attentions)
+        r = int(run.layout.readout[0])
+        x = run.block_inputs[L - 1][0, r].detach().double()
+        z = x + o
+        out = z + adapter.mlp_output(run.tower, L - 1, z[None, None])[0, 0]
+        return adapter.head(run.tower, out[None])
+
+    def tower_map(run, score):
+        L = len(run.attentions)
+        r = int(run.layout.readout[0])
+        x = run.block_inputs[L - 1].detach().double()
+        V = adapter.attention_value_heads(run.tower, L - 1, x)[0].detach()  # (H, n, C)
+        A = run.attentions[L - 1][0].detach().double()
+        H, n = A.shape[0], A.shape[-1]
+        o = sum(A[h, r, j] * V[h, j] for h in range(H) for j in range(n))
+        bias = adapter.attention_out_bias(run.tower, L - 1)
+        if bias is not None:
+            o = o + bias.double()
+        o = o.detach().requires_grad_(True)
+        e = tail(run, o)
+        assert torch.allclose(e, run.embeds.double(), rtol=1e-8, atol=1e-10), "tail does not rebuild the embedding"
+        (g,) = torch.autograd.grad(score(e), [o])
+        q, k = adapter.attention_qk(run.tower, L - 1, x)
+        keep = (run.layout.content if run.tower == "image" else run.layout.valid)[0]
+        kept = [j for j in range(n) if keep[j]]
+        vals = np.zeros(n)
+        for h in range(H):
+            cos = {j: float((q[0, h, r] @ k[0, h, j]) / (q[0, h, r].norm() * k[0, h, j].norm())) for j in kept}
+            lo, hi = min(cos.values()), max(cos.values())
+            for j in kept:
+                w = (cos[j] - lo) / (hi - lo) if hi > lo else 0.0
+                vals[j] += w * float(g @ V[h, j])
+        return np.maximum(vals, 0.0)
+
+    for b, image in enumerate(images):
+        for p in range(len(texts)):
+            with adapter.explaining(), torch.no_grad():
+                img = _image_run(adapter, image, grad=False)
+                txts = [_text_run(adapter, batch, q, grad=False) for q in range(len(texts))]
+            with adapter.explaining(), torch.enable_grad():
+                tes = [t.embeds.detach().double() for t in txts]
+                im = tower_map(img, lambda e: _score(adapter, e, tes, p, target)) if "image" in towers else None
+                tx = tower_map(
+                    txts[p],
+                    lambda e: _score(
+                        adapter, img.embeds.detach().double(), [e if q == p else t for q, t in enumerate(tes)], p, target
+                    ),
+                )
+            results[b, p] = (None if im is None else _grid(img, im), _tokens(txts[p], tx))
+    return _collect(images, texts, results)
+
+
 ORACLES = {
+    "grad_eclip": oracle_grad_eclip,
     "chefer": oracle_chefer,
     "rollout": oracle_rollout,
     "raw_attention": oracle_raw_attention,

@@ -31,6 +31,8 @@ CASES = [
     ("legrad", {"layers": None, "pooling": "model", "correction": "off"}),
     ("legrad", {"correction": "on", "correction_threshold": 0.5}),
     ("legrad", {"target": "probability"}),
+    ("grad_eclip", {}),
+    ("grad_eclip", {"target": "probability"}),
     ("sensitivity", {}),
     ("sensitivity", {"variant": "grad_x_input"}),
 ]

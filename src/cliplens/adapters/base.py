@@ -194,8 +194,8 @@ class ModelAdapter(ABC):
         - ``"readout_token"``: the tower reads its embedding out of one token (class token,
           end-of-text token), not through an attention-pooling head;
         - ``"linear_split"``: its blocks and readout are exposed as exact linear pieces
-          (:meth:`attention_value_heads`, :meth:`attention_out_bias`, :meth:`mlp_output`,
-          :meth:`readout_parts`), for exact decompositions.
+          (:meth:`attention_value_heads`, :meth:`attention_qk`, :meth:`attention_out_bias`,
+          :meth:`mlp_output`, :meth:`readout_parts`), for exact decompositions.
         """
         return frozenset()
 
@@ -319,6 +319,15 @@ class ModelAdapter(ABC):
         ``sum_h sum_j A[:, h, i, j] * V[:, h, j] + attention_out_bias`` (any layer scale
         folded in)."""
         raise NotImplementedError(f"{type(self).__name__} does not expose per-head value vectors")
+
+    def attention_qk(
+        self, tower: str, layer_index: int, block_input: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, n, C) residual stream entering block ``layer_index`` -> ``(q, k)``, each
+        (B, H, n, d): every head's query and key vectors as its attention scores use them
+        (after the pre-norm and the projections with their biases, before the 1/sqrt(d)
+        scaling), so ``softmax(q k^T / sqrt(d) + mask)`` is the block's attention."""
+        raise NotImplementedError(f"{type(self).__name__} does not expose per-head queries and keys")
 
     def attention_out_bias(self, tower: str, layer_index: int) -> torch.Tensor | None:
         """(C,) the bias the attention branch of block ``layer_index`` adds (after its output

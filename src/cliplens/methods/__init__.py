@@ -11,5 +11,6 @@ from .base import REGISTRY, Attribution, Method, MethodResult, get_method, list_
 # Importing the modules registers the methods.
 from . import chefer  # noqa: E402,F401
 from . import legrad, rollout, raw_attention, gradcam, sensitivity, decomposition, interactions, jacobian_interactions  # noqa: E402,F401
+from . import grad_eclip  # noqa: E402,F401
 
 __all__ = ["REGISTRY", "Attribution", "Method", "MethodResult", "get_method", "list_methods", "register"]
