@@ -120,7 +120,7 @@ def test_capability_flags_are_what_explain_does():
         if _unsupported(method, factory(seed=0))
     }
     expected = {
-        (m, f) for m in ("decomposition", "interactions", "grad_eclip") for f in ("hf-siglip", "hf-siglip2")
+        (m, f) for m in ("interactions", "grad_eclip") for f in ("hf-siglip", "hf-siglip2")
     }
     assert refused == expected
 
