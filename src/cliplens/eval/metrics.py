@@ -53,6 +53,7 @@ __all__ = [
     "centre_prior",
     "deletion_curve",
     "gaussian_blur",
+    "is_flat",
     "insertion_curve",
     "minmax_normalize",
     "oracle_map",
@@ -137,16 +138,35 @@ def average_precision(scores, labels) -> float:
     return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
 
 
+#: a map whose finite values span at most this fraction of their largest magnitude is treated
+#: as constant (float rounding of an upsampled or accumulated constant, not a signal)
+FLAT_RTOL = 1e-6
+
+
+def is_flat(values) -> bool:
+    """Whether finite ``values`` are constant up to float rounding: ``max - min <= FLAT_RTOL *
+    max(|values|)`` (exactly equal values included; an empty set counts as flat)."""
+    v = np.asarray(_to_numpy(values), dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return True
+    lo, hi = v.min(), v.max()
+    return bool(hi - lo <= FLAT_RTOL * max(abs(lo), abs(hi)))
+
+
 def threshold_at_mean(heatmap) -> np.ndarray:
     """Binary prediction of the segmentation protocol: ``map > mean(map)``.
 
     The mean is taken over finite pixels; non-finite pixels come back False (and the metrics
     below exclude them anyway). Strictly greater, as the reference (``Res.gt(Res.mean())``):
-    a constant map predicts background everywhere.
+    a constant map predicts background everywhere. The reference min-max normalises first, so
+    a constant map is NaN there and predicts background; a map that is constant up to float
+    rounding (:func:`is_flat`) does the same here, instead of being split into foreground and
+    background by the rounding of its mean.
     """
     m = _as_map(heatmap)
     valid = np.isfinite(m)
-    if not valid.any():
+    if not valid.any() or is_flat(m[valid]):
         return np.zeros(m.shape, dtype=bool)
     thr = m[valid].mean()
     with np.errstate(invalid="ignore"):
@@ -214,8 +234,7 @@ def segmentation_counts(heatmap, mask) -> SegmentationCounts:
     ap = average_precision(scores, fg)
     if scores.size:
         r = minmax_normalize(scores)
-        lo, hi = scores.min(), scores.max()
-        bg_score = np.zeros_like(r) if hi == lo else 1.0 - r
+        bg_score = np.zeros_like(r) if is_flat(scores) else 1.0 - r
         ap_ref = average_precision(np.r_[bg_score, r], np.r_[~fg, fg])
     else:
         ap_ref = float("nan")
@@ -331,7 +350,9 @@ def pointing_game(heatmap, mask, *, tolerance: float = 0.0, ties: Literal["first
 
 
 def minmax_normalize(heatmap) -> np.ndarray:
-    """``(m - min) / (max - min)`` over finite values; a constant map becomes all zeros.
+    """``(m - min) / (max - min)`` over finite values; a constant map -- also one constant up
+    to float rounding (:func:`is_flat`), whose min-max would be rounding noise -- becomes all
+    zeros.
 
     Non-finite values stay NaN. Works on arrays of any shape.
     """
@@ -341,7 +362,7 @@ def minmax_normalize(heatmap) -> np.ndarray:
     if not valid.any():
         return out
     lo, hi = m[valid].min(), m[valid].max()
-    out[valid] = (m[valid] - lo) / (hi - lo) if hi > lo else 0.0
+    out[valid] = 0.0 if is_flat(m[valid]) else (m[valid] - lo) / (hi - lo)
     return out
 
 

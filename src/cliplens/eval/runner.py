@@ -130,7 +130,8 @@ class ItemRunner:
         found: list[Scores] = []
         metrics = set(cfg.metrics)
         if metrics & LOCALISATION:
-            found.append(localisation_scores(cfg, maps, labels, masks, points, geom))
+            ignore = (item.extra or {}).get("ignore")
+            found.append(localisation_scores(cfg, maps, labels, masks, points, geom, ignore=ignore))
         if metrics & PERTURBATION:
             curves, record["unique_inputs"] = perturbation_scores(
                 adapter, cfg, pixels, maps, text_embeds, target
@@ -254,9 +255,12 @@ def localisation_scores(
     masks: dict[str, np.ndarray],
     points: dict[str, Any],
     geom: Geometry,
+    ignore: np.ndarray | None = None,
 ) -> Scores:
     """Segmentation counts (``seg``), pointing hit (``pointing``) and point counts (``points``)
-    of every source's map on the original image; the oracle is scored with the mask itself."""
+    of every source's map on the original image; the oracle is scored with the mask itself.
+    ``ignore`` (H, W) bool, where a dataset marks pixels as unlabelled (ImageNet-S id 1000):
+    every map is NaN there, so no metric counts them (not as background, not as the peak)."""
     metrics = set(config.metrics)
     out: Scores = {}
     for p, label in enumerate(labels):
@@ -266,6 +270,8 @@ def localisation_scores(
                 on_orig = np.where(geom.seen_mask(), np.asarray(masks[label], dtype=np.float64), np.nan)
             else:
                 on_orig = geom.grid_to_original(maps[s][p])
+            if ignore is not None:
+                on_orig = np.where(np.asarray(ignore, dtype=bool), np.nan, on_orig)
             if label in masks:
                 mask = np.asarray(masks[label], dtype=bool)
                 if "segmentation" in metrics:
