@@ -42,6 +42,7 @@ __all__ = [
     "BASELINES",
     "CURVES",
     "HARNESS_VERSION",
+    "SEGMENTATION_PROTOCOLS",
     "SHAPES_EVAL_SEED",
     "TARGETS",
     "EvalConfig",
@@ -52,7 +53,13 @@ __all__ = [
 ]
 
 #: Bumped when the meaning of a stored record changes (part of the config hash).
-HARNESS_VERSION = 1
+#: 2: ImageNet-S ignore pixels left out, near-constant maps scored as constant (issue 20).
+HARNESS_VERSION = 2
+#: How an item is brought to the scoring resolution (see docs/evaluation.md):
+#: "cliplens": the model's own preprocessing, maps scored on the original image;
+#: "chefer": image and masks squashed to the model input size and scored there (Chefer et al.'s
+#: imagenet_seg_eval.py); "textspan": as "chefer", the map clipped at 0 before scoring (TextSpan).
+SEGMENTATION_PROTOCOLS = ("cliplens", "chefer", "textspan")
 ALL_METRICS = ("segmentation", "pointing", "pmiou", "perturbation", "deletion", "sanity")
 BASELINES = ("random", "centre", "oracle")
 TARGETS = ("logit", "probability", "class", "class-contrast")
@@ -129,7 +136,16 @@ class EvalConfig:
     fractions: tuple[float, ...] = knob(
         CHEFER_FRACTIONS, "fractions of patches removed by the perturbation test", flag=False
     )
-    pointing_tolerance: float = knob(0.0, "pointing game tolerance in pixels of the original image")
+    pointing_tolerance: float = knob(
+        0.0, "pointing game tolerance in pixels of the original image (TorchRay's protocol: 15)"
+    )
+    segmentation_protocol: str = knob(
+        "cliplens",
+        "cliplens: model preprocessing, scored on the original image; chefer: image and masks squashed "
+        "to the model input size and scored there (Chefer's imagenet_seg_eval); textspan: chefer with the "
+        "map clipped at 0 (every metric of the run sees the squashed item)",
+        choices=SEGMENTATION_PROTOCOLS,
+    )
     sanity_items: int = knob(16, "items given the sanity check (the first N)")
     prompt: str | None = knob(
         None, "pair prompt template with {} (default: 'a {}' on shapes, else 'a photo of a {}.')"
@@ -172,6 +188,11 @@ class EvalConfig:
 
         if self.removal not in REMOVAL_MODES:
             raise InputError(f"removal must be one of {', '.join(REMOVAL_MODES)}, got {self.removal!r}")
+        if self.segmentation_protocol not in SEGMENTATION_PROTOCOLS:
+            raise InputError(
+                f"segmentation_protocol must be one of {', '.join(SEGMENTATION_PROTOCOLS)}, "
+                f"got {self.segmentation_protocol!r}"
+            )
         if self.target not in TARGETS:
             raise InputError(f"unknown evaluation target {self.target!r}; choose from {', '.join(TARGETS)}")
         for name, conv in (

@@ -108,6 +108,7 @@ def evaluate(
     steps: int = EvalConfig.steps,
     sanity_items: int = EvalConfig.sanity_items,
     pointing_tolerance: float = EvalConfig.pointing_tolerance,
+    segmentation_protocol: str = EvalConfig.segmentation_protocol,
     make_shapes: int | None = EvalConfig.make_shapes,
     restart: bool = EvalConfig.restart,
     progress: bool = EvalConfig.progress,
@@ -137,6 +138,8 @@ def evaluate(
         steps: deletion / insertion steps (0..100% in ``steps`` equal steps).
         sanity_items: run the sanity check on the first this many items.
         pointing_tolerance: pointing-game tolerance in original pixels.
+        segmentation_protocol: "cliplens", "chefer" (image and masks squashed to the model input
+            and scored there) or "textspan" (chefer, map clipped at 0): see docs/evaluation.md.
         make_shapes: for ``shapes:PATH`` with no folder at PATH, draw this many scenes there
             first (dataset seed :data:`SHAPES_EVAL_SEED`, 224 px).
         restart: discard results of an earlier, different configuration in ``out``.
@@ -157,6 +160,7 @@ def evaluate(
         seed=seed,
         steps=steps,
         pointing_tolerance=pointing_tolerance,
+        segmentation_protocol=segmentation_protocol,
         sanity_items=sanity_items,
         prompt=prompt,
         templates=templates,

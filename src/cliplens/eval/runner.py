@@ -109,6 +109,11 @@ class ItemRunner:
             record["skipped"] = "no labelled object"
             return record
         group = adapter.prepare_images([item.image], resize="model")[0]
+        if cfg.segmentation_protocol != "cliplens":
+            h_in, w_in = group.pixel_values.shape[-2:]
+            item = squashed_item(item, (int(w_in), int(h_in)))
+            masks, points = item.masks or {}, item.points or {}
+            group = adapter.prepare_images([item.image], resize="model")[0]
         pixels, geom = group.pixel_values[0], group.geometries[0]
         texts, target, info = explained_targets(adapter, cfg, labels, pixels, self.classifier)
         text_embeds = encode_texts(adapter, texts)
@@ -152,6 +157,44 @@ def evaluate_item(adapter: ModelAdapter, config: EvalConfig, index: int, item: E
 
 
 # ----------------------------------------------------------------------------- what is explained
+
+
+def squashed_item(item: EvalItem, size: tuple[int, int]) -> EvalItem:
+    """``item`` squashed to ``size`` = (width, height), as Chefer et al.'s ImageNet-Segmentation
+    script does before anything (image bicubic, masks and the ignore mask nearest neighbour,
+    points scaled): the model then sees the squashed image whole and every map is scored at
+    that size."""
+    from dataclasses import replace
+
+    from PIL import Image
+
+    w, h = size
+    W, H = item.image.size
+
+    def nearest(mask) -> np.ndarray:
+        img = Image.fromarray(np.asarray(mask, dtype=bool).astype(np.uint8) * 255)
+        return np.asarray(img.resize((w, h), resample=Image.NEAREST)) > 127
+
+    sx, sy = w / W, h / H
+    points = None
+    if item.points is not None:
+        points = {}
+        for label, (pos, neg) in item.points.items():
+            scaled = []
+            for pts in (pos, neg):
+                a = np.asarray(pts, dtype=np.float64).reshape(-1, 2) * [sx, sy]
+                scaled.append(a)
+            points[label] = tuple(scaled)
+    extra = dict(item.extra or {})
+    if extra.get("ignore") is not None:
+        extra["ignore"] = nearest(extra["ignore"])
+    return replace(
+        item,
+        image=item.image.resize((w, h), resample=Image.BICUBIC),
+        masks=None if item.masks is None else {k: nearest(m) for k, m in item.masks.items()},
+        points=points,
+        extra=extra,
+    )
 
 
 def scored_labels(item: EvalItem) -> list[str]:
@@ -272,10 +315,13 @@ def localisation_scores(
                 on_orig = geom.grid_to_original(maps[s][p])
             if ignore is not None:
                 on_orig = np.where(np.asarray(ignore, dtype=bool), np.nan, on_orig)
+            seg_map = on_orig
+            if config.segmentation_protocol == "textspan" and s != "oracle":
+                seg_map = np.maximum(on_orig, 0.0)  # TextSpan clips the map at 0 (NaN stays NaN)
             if label in masks:
                 mask = np.asarray(masks[label], dtype=bool)
                 if "segmentation" in metrics:
-                    c = segmentation_counts(on_orig, mask)
+                    c = segmentation_counts(seg_map, mask)
                     entry["seg"] = [c.correct, c.labeled, *c.intersection, *c.union, c.ap, c.ap_reference]
                 if "pointing" in metrics and mask.any():
                     entry["pointing"] = int(pointing_game(on_orig, mask, tolerance=config.pointing_tolerance))
