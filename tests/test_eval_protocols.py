@@ -157,3 +157,54 @@ def test_an_evaluation_runs_under_the_squashed_protocol(adapter, tmp_path):  # n
         rows[protocol] = {r["source"]: r for r in res.rows}
         assert rows[protocol]["oracle"]["miou"] == pytest.approx(1.0)
     assert res.config["segmentation_protocol"] == "chefer"
+
+
+# ---- ties in removal orders ----------------------------------------------------------------------
+
+
+def test_random_ties_shuffle_only_within_tied_groups():
+    from cliplens.eval.metrics import relevance_order
+
+    r = np.array([3.0, 1.0, 1.0, 1.0, 2.0, 1.0])
+    assert relevance_order(r).tolist() == [0, 4, 1, 2, 3, 5]  # index order (former behaviour)
+    seen = set()
+    for seed in range(20):
+        o = relevance_order(r, tie_seed=seed)
+        assert o[:2].tolist() == [0, 4] and sorted(o[2:].tolist()) == [1, 2, 3, 5]
+        # a small reimplementation: sort by (-value, a random rank drawn from the same seed)
+        jitter = np.random.default_rng(seed).permutation(r.size)
+        want = sorted(range(r.size), key=lambda j: (-r[j], jitter[j]))
+        assert o.tolist() == want
+        seen.add(tuple(o[2:]))
+        neg = relevance_order(r, most_relevant_first=False, tie_seed=seed)
+        assert neg[-2:].tolist() == [4, 0]
+    assert len(seen) > 5  # really random
+    np.testing.assert_array_equal(relevance_order(r, tie_seed=7), relevance_order(r, tie_seed=7))
+
+
+def test_random_ties_average_the_draws(adapter):  # noqa: F811
+    """``ties="random"``: each curve is the mean of 8 draws; a map without ties gives exactly the
+    index-order curves (and no extra model input), a constant map does not."""
+    from cliplens.eval.runner import perturbation_scores
+    from cliplens.eval.classifier import encode_texts
+    from cliplens.targets import resolve_target
+
+    pixels = adapter.prepare_images([_item().image])[0].pixel_values[0]
+    g = pixels.shape[-1] // adapter.patch_size[0]
+    distinct = np.arange(g * g, dtype=float).reshape(1, g, g)
+    flat = np.ones((1, g, g))
+    texts = ["a red square"]
+    emb = encode_texts(adapter, texts)
+    target = resolve_target("logit", texts)
+    out = {}
+    for ties in ("index", "random"):
+        cfg = EvalConfig(methods="chefer", dataset="x", metrics="perturbation,deletion", steps=4, ties=ties)
+        out[ties] = perturbation_scores(adapter, cfg, pixels, {"d": distinct, "f": flat}, emb, target, index=3)
+    (idx, n_idx), (rnd, n_rnd) = out["index"], out["random"]
+    assert idx[("d", 0)] == rnd[("d", 0)]
+    assert idx[("f", 0)] != rnd[("f", 0)] and n_rnd > n_idx
+    for kind in ("positive", "deletion"):
+        curve = rnd[("f", 0)][kind]
+        assert rnd[("f", 0)][kind + "_auc"] == pytest.approx(
+            float(np.trapezoid(curve, np.linspace(0, 1, len(curve)) if kind == "deletion" else np.arange(10) / 10))
+        )

@@ -44,6 +44,8 @@ __all__ = [
     "HARNESS_VERSION",
     "SEGMENTATION_PROTOCOLS",
     "SHAPES_EVAL_SEED",
+    "TIE_DRAWS",
+    "TIE_MODES",
     "TARGETS",
     "EvalConfig",
     "knobs",
@@ -60,6 +62,11 @@ HARNESS_VERSION = 2
 #: "chefer": image and masks squashed to the model input size and scored there (Chefer et al.'s
 #: imagenet_seg_eval.py); "textspan": as "chefer", the map clipped at 0 before scoring (TextSpan).
 SEGMENTATION_PROTOCOLS = ("cliplens", "chefer", "textspan")
+#: How tied relevance values are ordered in perturbation / deletion / insertion: "index" (flat
+#: index order: deterministic, biased towards the top rows), "random" (each tied group shuffled,
+#: curves averaged over TIE_DRAWS seeded draws).
+TIE_MODES = ("index", "random")
+TIE_DRAWS = 8
 ALL_METRICS = ("segmentation", "pointing", "pmiou", "perturbation", "deletion", "sanity")
 BASELINES = ("random", "centre", "oracle")
 TARGETS = ("logit", "probability", "class", "class-contrast")
@@ -133,6 +140,12 @@ class EvalConfig:
     metrics: tuple[str, ...] = knob(ALL_METRICS, "comma-separated subset of the metrics")
     seed: int = knob(0, "seed of the random baseline and the sanity check")
     steps: int = knob(10, "deletion/insertion steps (0..100% in equal steps)")
+    ties: str = knob(
+        "index",
+        "order of tied relevance values when removing patches: index (flat index order) or random "
+        "(shuffled within each tied group, curves averaged over 8 seeded draws)",
+        choices=TIE_MODES,
+    )
     fractions: tuple[float, ...] = knob(
         CHEFER_FRACTIONS, "fractions of patches removed by the perturbation test", flag=False
     )
@@ -193,6 +206,8 @@ class EvalConfig:
                 f"segmentation_protocol must be one of {', '.join(SEGMENTATION_PROTOCOLS)}, "
                 f"got {self.segmentation_protocol!r}"
             )
+        if self.ties not in TIE_MODES:
+            raise InputError(f"ties must be one of {', '.join(TIE_MODES)}, got {self.ties!r}")
         if self.target not in TARGETS:
             raise InputError(f"unknown evaluation target {self.target!r}; choose from {', '.join(TARGETS)}")
         for name, conv in (

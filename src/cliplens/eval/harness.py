@@ -109,6 +109,7 @@ def evaluate(
     sanity_items: int = EvalConfig.sanity_items,
     pointing_tolerance: float = EvalConfig.pointing_tolerance,
     segmentation_protocol: str = EvalConfig.segmentation_protocol,
+    ties: str = EvalConfig.ties,
     make_shapes: int | None = EvalConfig.make_shapes,
     restart: bool = EvalConfig.restart,
     progress: bool = EvalConfig.progress,
@@ -140,6 +141,8 @@ def evaluate(
         pointing_tolerance: pointing-game tolerance in original pixels.
         segmentation_protocol: "cliplens", "chefer" (image and masks squashed to the model input
             and scored there) or "textspan" (chefer, map clipped at 0): see docs/evaluation.md.
+        ties: "index" (tied relevance removed in flat index order) or "random" (shuffled within
+            each tied group, curves averaged over 8 seeded draws).
         make_shapes: for ``shapes:PATH`` with no folder at PATH, draw this many scenes there
             first (dataset seed :data:`SHAPES_EVAL_SEED`, 224 px).
         restart: discard results of an earlier, different configuration in ``out``.
@@ -161,6 +164,7 @@ def evaluate(
         steps=steps,
         pointing_tolerance=pointing_tolerance,
         segmentation_protocol=segmentation_protocol,
+        ties=ties,
         sanity_items=sanity_items,
         prompt=prompt,
         templates=templates,

@@ -513,23 +513,34 @@ def _as_relevance(relevance) -> np.ndarray:
     return r
 
 
-def relevance_order(relevance, *, most_relevant_first: bool = True) -> np.ndarray:
+def relevance_order(
+    relevance, *, most_relevant_first: bool = True, tie_seed: int | None = None
+) -> np.ndarray:
     """Flat patch indices in removal order.
 
-    Ties keep index order (a stable sort: the lower flat index goes first in both directions),
-    so the order is deterministic.
+    Ties keep index order by default (a stable sort: the lower flat index goes first in both
+    directions), so the order is deterministic -- and biased towards the top rows for a map with
+    tied values (a constant map removes the image top-down). With ``tie_seed`` each group of
+    equal values is ordered at random (a permutation drawn from that seed); averaging curves
+    over several seeds (evaluation knob ``ties="random"``) removes the bias.
     """
     r = _as_relevance(relevance).ravel()
-    return np.argsort(-r if most_relevant_first else r, kind="stable")
+    key = -r if most_relevant_first else r
+    if tie_seed is None:
+        return np.argsort(key, kind="stable")
+    jitter = np.random.default_rng(tie_seed).permutation(r.size)
+    return np.lexsort((jitter, key))
 
 
-def removal_masks(relevance, counts: Sequence[int], *, most_relevant_first: bool = True) -> np.ndarray:
+def removal_masks(
+    relevance, counts: Sequence[int], *, most_relevant_first: bool = True, tie_seed: int | None = None
+) -> np.ndarray:
     """Boolean masks, shaped like ``relevance`` with a leading step axis; True = removed.
 
     Step k removes the first ``counts[k]`` patches of :func:`relevance_order`.
     """
     r = _as_relevance(relevance)
-    order = relevance_order(r, most_relevant_first=most_relevant_first)
+    order = relevance_order(r, most_relevant_first=most_relevant_first, tie_seed=tie_seed)
     rank = np.empty(order.size, dtype=np.int64)
     rank[order] = np.arange(order.size)
     counts_arr = np.asarray(counts, dtype=np.int64)
@@ -558,8 +569,8 @@ def area_under_curve(x, y, *, normalize: bool = False) -> float:
     return area
 
 
-def _run_curve(kind, r, score_fn, counts, fractions, *, most_relevant_first, invert, normalize):
-    masks = removal_masks(r, counts, most_relevant_first=most_relevant_first)
+def _run_curve(kind, r, score_fn, counts, fractions, *, most_relevant_first, invert, normalize, tie_seed=None):
+    masks = removal_masks(r, counts, most_relevant_first=most_relevant_first, tie_seed=tie_seed)
     scores = np.empty(len(counts), dtype=np.float64)
     for k, mask in enumerate(masks):
         scores[k] = float(score_fn(~mask if invert else mask.copy()))
@@ -574,6 +585,7 @@ def perturbation_curve(
     order: Literal["positive", "negative"] = "positive",
     fractions: Sequence[float] = CHEFER_FRACTIONS,
     normalize_auc: bool = False,
+    tie_seed: int | None = None,
 ) -> PerturbationCurve:
     """Chefer et al. 2021's positive / negative perturbation curve over patches.
 
@@ -603,6 +615,7 @@ def perturbation_curve(
         most_relevant_first=order == "positive",
         invert=False,
         normalize=normalize_auc,
+        tie_seed=tie_seed,
     )
 
 
@@ -615,7 +628,11 @@ def _step_counts(n: int, n_steps: int | None) -> np.ndarray:
 
 
 def deletion_curve(
-    relevance, score_fn: Callable[[np.ndarray], float], *, n_steps: int | None = None
+    relevance,
+    score_fn: Callable[[np.ndarray], float],
+    *,
+    n_steps: int | None = None,
+    tie_seed: int | None = None,
 ) -> PerturbationCurve:
     """Deletion curve (Petsiuk et al. 2018): remove the most relevant patches first, 0% to 100%.
 
@@ -635,11 +652,16 @@ def deletion_curve(
         most_relevant_first=True,
         invert=False,
         normalize=False,
+        tie_seed=tie_seed,
     )
 
 
 def insertion_curve(
-    relevance, score_fn: Callable[[np.ndarray], float], *, n_steps: int | None = None
+    relevance,
+    score_fn: Callable[[np.ndarray], float],
+    *,
+    n_steps: int | None = None,
+    tie_seed: int | None = None,
 ) -> PerturbationCurve:
     """Insertion curve (Petsiuk et al. 2018): start from everything removed and put the most
     relevant patches back first, 0% to 100% inserted.
@@ -659,6 +681,7 @@ def insertion_curve(
         most_relevant_first=True,
         invert=True,
         normalize=False,
+        tie_seed=tie_seed,
     )
 
 

@@ -33,7 +33,7 @@ from ..errors import CliplensError
 from ..images import Geometry
 from ..targets import Target, resolve_target
 from .classifier import ZeroShotClassifier, encode_images, encode_texts
-from .config import BASELINES, EvalConfig
+from .config import BASELINES, TIE_DRAWS, EvalConfig
 from .datasets import EvalItem
 from .metrics import (
     centre_prior,
@@ -139,7 +139,7 @@ class ItemRunner:
             found.append(localisation_scores(cfg, maps, labels, masks, points, geom, ignore=ignore))
         if metrics & PERTURBATION:
             curves, record["unique_inputs"] = perturbation_scores(
-                adapter, cfg, pixels, maps, text_embeds, target
+                adapter, cfg, pixels, maps, text_embeds, target, index=index
             )
             found.append(curves)
         if "sanity" in metrics and index < cfg.sanity_items:
@@ -339,29 +339,52 @@ def perturbation_scores(
     maps: dict[str, np.ndarray],
     text_embeds: torch.Tensor,
     target: Target,
+    *,
+    index: int = 0,
 ) -> tuple[Scores, int]:
     """(curves and AUCs per source and pair, number of distinct model inputs run): the
     perturbation test (``positive`` / ``negative``) and ``deletion`` / ``insertion``, all
-    steps of all curves batched through one :class:`CurveBatch`."""
+    steps of all curves batched through one :class:`CurveBatch`. With ``config.ties ==
+    "random"`` every curve is drawn :data:`TIE_DRAWS` times with tied values shuffled (seeds
+    from ``config.seed``, the item ``index``, the pair and the draw) and the draws are averaged
+    (a map without ties gives the same masks every draw: no extra model input)."""
     metrics = set(config.metrics)
     batch = CurveBatch(pixels, tuple(adapter.patch_size), config.removal, blur_sigma=config.blur_sigma)
     n_pairs = len(next(iter(maps.values())))
+    draws = TIE_DRAWS if config.ties == "random" else 1
+
+    def seed(p: int, d: int) -> int | None:
+        if config.ties != "random":
+            return None
+        return int(np.random.SeedSequence([int(config.seed), int(index), int(p), int(d), 0x71E5]).generate_state(1)[0])
+
     for p in range(n_pairs):
         for s, m in maps.items():
             r = m[p]
-            if "perturbation" in metrics:
-                for order in ("positive", "negative"):
-                    batch.add(
-                        (s, p, order), perturbation_curve, r, p, order=order, fractions=config.fractions
-                    )
-            if "deletion" in metrics:
-                batch.add((s, p, "deletion"), deletion_curve, r, p, n_steps=config.steps)
-                batch.add((s, p, "insertion"), insertion_curve, r, p, n_steps=config.steps)
+            for d in range(draws):
+                t = seed(p, d)
+                if "perturbation" in metrics:
+                    for order in ("positive", "negative"):
+                        batch.add(
+                            (s, p, order, d),
+                            perturbation_curve,
+                            r,
+                            p,
+                            order=order,
+                            fractions=config.fractions,
+                            tie_seed=t,
+                        )
+                if "deletion" in metrics:
+                    batch.add((s, p, "deletion", d), deletion_curve, r, p, n_steps=config.steps, tie_seed=t)
+                    batch.add((s, p, "insertion", d), insertion_curve, r, p, n_steps=config.steps, tie_seed=t)
+    grouped: dict[tuple, list] = {}
+    for (s, p, kind, _d), curve in batch.run(adapter, text_embeds, target).items():
+        grouped.setdefault((s, p, kind), []).append(curve)
     out: Scores = {}
-    for (s, p, kind), curve in batch.run(adapter, text_embeds, target).items():
+    for (s, p, kind), curves in grouped.items():
         entry = out.setdefault((s, p), {})
-        entry[kind] = [float(v) for v in curve.scores]
-        entry[kind + "_auc"] = float(curve.auc)
+        entry[kind] = [float(v) for v in np.mean([c.scores for c in curves], axis=0)]
+        entry[kind + "_auc"] = float(np.mean([c.auc for c in curves]))
     return out, len(batch.masks)
 
 
