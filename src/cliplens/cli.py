@@ -45,6 +45,7 @@ def _read_texts(args) -> list[str]:
 
 def cmd_methods(args) -> int:
     from .methods import REGISTRY
+    from .methods.papers import paper_note
 
     width = max(len(n) for n in REGISTRY)
     for name, cls in REGISTRY.items():
@@ -52,6 +53,9 @@ def cmd_methods(args) -> int:
             continue
         towers = "+".join(cls.towers)
         print(f"{name:<{width}}  {cls.summary}  [{towers}]")
+        note = paper_note(name)
+        if note:
+            print(f"{'':<{width}}    paper: {note}")
         for opt, desc in cls.options.items():
             print(f"{'':<{width}}    --option {opt}=...  {desc}")
     return 0
