@@ -153,8 +153,9 @@ def test_stored_record_and_digest_are_unchanged():
     # ... and ties (index order, the former behaviour), before fractions
     keys = list(stored)
     keys.insert(keys.index("pointing_tolerance") + 1, "segmentation_protocol")
+    keys.insert(keys.index("fractions"), "perturbation_protocol")
     keys.insert(keys.index("fractions"), "ties")
-    new = {"segmentation_protocol": "cliplens", "ties": "index"}
+    new = {"segmentation_protocol": "cliplens", "perturbation_protocol": "cliplens", "ties": "index"}
     want = {k: stored.get(k, new.get(k)) for k in keys}
     assert config.to_dict() == want and list(config.to_dict()) == keys  # same keys, same order
     assert config.digest() != STORED_BEFORE_THE_SPLIT["digest"]

@@ -208,3 +208,65 @@ def test_random_ties_average_the_draws(adapter):  # noqa: F811
         assert rnd[("f", 0)][kind + "_auc"] == pytest.approx(
             float(np.trapezoid(curve, np.linspace(0, 1, len(curve)) if kind == "deletion" else np.arange(10) / 10))
         )
+
+
+# ---- Chefer et al.'s perturbation protocol ----------------------------------------------------------
+
+
+def test_chefer_perturbation_is_the_reference_loop(adapter):  # noqa: F811
+    """pertubation_eval_from_hdf5.py on one image: the top int(f * h * w) pixels of the map
+    upsampled x patch size (torch.topk; bottom ones for negative) set to black (0 in [0, 1]
+    space), top-1 accuracy of the classifier against the class, AUC = trapz(acc, f) * 100."""
+    from cliplens.eval.classifier import ZeroShotClassifier, encode_images, encode_texts
+    from cliplens.eval.metrics import CHEFER_FRACTIONS
+    from cliplens.eval.perturbation import black_value
+    from cliplens.eval.runner import perturbation_scores
+    from cliplens.targets import resolve_target
+
+    clf = ZeroShotClassifier.build(adapter, ["red square", "blue circle", "green triangle"], "a")
+    pixels = adapter.prepare_images([_item().image])[0].pixel_values[0]
+    probs = clf.probabilities(encode_images(adapter, pixels[None]).double())[0]
+    label = int(probs.argmax())  # the class the unperturbed image is classified as: accuracy starts at 1
+    ph, pw = adapter.patch_size
+    h, w = pixels.shape[-2:]
+    grid = np.random.default_rng(2).normal(size=(h // ph, w // pw))
+    texts = [clf.classes[label]]
+    cfg = EvalConfig(
+        methods="chefer", dataset="x", metrics="perturbation", target="class", perturbation_protocol="chefer"
+    )
+    got, _ = perturbation_scores(
+        adapter, cfg, pixels, {"m": grid[None]}, encode_texts(adapter, texts), resolve_target("logit", texts),
+        top1=(clf, [label]),
+    )
+    vis = upsample(grid, ph).ravel()
+    black = torch.as_tensor(black_value(adapter), dtype=pixels.dtype)
+    for order in ("positive", "negative"):
+        accs = []
+        for f in CHEFER_FRACTIONS:
+            k = int(len(vis) * f)
+            x = pixels.clone().reshape(3, -1)
+            if k:
+                # torch.topk; the upsampled map has tied pixels (clamped borders), whose order topk
+                # leaves unspecified: broken by index here, as ties="index"
+                key = -vis if order == "positive" else vis
+                idx = torch.from_numpy(np.argsort(key, kind="stable")[:k].copy())
+                x[:, idx] = black[:, None]
+            e = encode_images(adapter, x.reshape(1, 3, h, w))
+            accs.append(float(clf.probabilities(e.double()).argmax(-1)[0] == label))
+        assert got[("m", 0)][order] == accs
+        assert got[("m", 0)][order + "_auc"] == pytest.approx(np.trapezoid(accs, CHEFER_FRACTIONS) * 100)
+    with pytest.raises(InputError, match="class"):
+        EvalConfig(dataset="x", perturbation_protocol="chefer")
+
+
+def test_an_evaluation_runs_under_the_chefer_perturbation_protocol(adapter, tmp_path):  # noqa: F811
+    from cliplens.eval import harness
+    from cliplens.worlds.shapes import write_dataset
+
+    data = write_dataset(tmp_path / "shapes", 1, seed=11, size=48)
+    res = harness.evaluate(
+        adapter, ["chefer"], f"shapes:{data}", metrics="perturbation", target="class", templates="a",
+        perturbation_protocol="chefer",
+    )
+    row = {r["source"]: r for r in res.rows}["chefer"]
+    assert 0.0 <= row["positive_auc"] <= 90.0 and 0.0 <= row["negative_auc"] <= 90.0  # accuracy x 100

@@ -44,6 +44,7 @@ __all__ = [
     "HARNESS_VERSION",
     "SEGMENTATION_PROTOCOLS",
     "SHAPES_EVAL_SEED",
+    "PERTURBATION_PROTOCOLS",
     "TIE_DRAWS",
     "TIE_MODES",
     "TARGETS",
@@ -66,6 +67,11 @@ SEGMENTATION_PROTOCOLS = ("cliplens", "chefer", "textspan")
 #: index order: deterministic, biased towards the top rows), "random" (each tied group shuffled,
 #: curves averaged over TIE_DRAWS seeded draws).
 TIE_MODES = ("index", "random")
+#: The positive / negative perturbation test: "cliplens" (patches of the model's grid, the
+#: explained target as the score, fill ``removal``); "chefer" (Chefer et al.'s
+#: pertubation_eval_from_hdf5.py: the pixels of the bilinearly upsampled map, black fill,
+#: top-1 accuracy of the zero-shot classifier against the pair's class, AUC x 100).
+PERTURBATION_PROTOCOLS = ("cliplens", "chefer")
 TIE_DRAWS = 8
 ALL_METRICS = ("segmentation", "pointing", "pmiou", "perturbation", "deletion", "sanity")
 BASELINES = ("random", "centre", "oracle")
@@ -140,6 +146,13 @@ class EvalConfig:
     metrics: tuple[str, ...] = knob(ALL_METRICS, "comma-separated subset of the metrics")
     seed: int = knob(0, "seed of the random baseline and the sanity check")
     steps: int = knob(10, "deletion/insertion steps (0..100% in equal steps)")
+    perturbation_protocol: str = knob(
+        "cliplens",
+        "positive/negative perturbation: cliplens (patches, the explained target, --removal fill) or chefer "
+        "(pixels of the upsampled map, black fill, top-1 accuracy against the class, AUC x 100; needs "
+        "--target class or class-contrast)",
+        choices=PERTURBATION_PROTOCOLS,
+    )
     ties: str = knob(
         "index",
         "order of tied relevance values when removing patches: index (flat index order) or random "
@@ -205,6 +218,16 @@ class EvalConfig:
             raise InputError(
                 f"segmentation_protocol must be one of {', '.join(SEGMENTATION_PROTOCOLS)}, "
                 f"got {self.segmentation_protocol!r}"
+            )
+        if self.perturbation_protocol not in PERTURBATION_PROTOCOLS:
+            raise InputError(
+                f"perturbation_protocol must be one of {', '.join(PERTURBATION_PROTOCOLS)}, "
+                f"got {self.perturbation_protocol!r}"
+            )
+        if self.perturbation_protocol == "chefer" and not self.target.startswith("class"):
+            raise InputError(
+                "perturbation_protocol 'chefer' scores top-1 accuracy against the class: "
+                "use target='class' or 'class-contrast' (--target class)"
             )
         if self.ties not in TIE_MODES:
             raise InputError(f"ties must be one of {', '.join(TIE_MODES)}, got {self.ties!r}")

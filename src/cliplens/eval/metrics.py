@@ -719,10 +719,11 @@ def apply_patch_removal(
     pixels,
     removed,
     patch_size: int | tuple[int, int],
-    mode: Literal["mean", "blur", "zero"] = "mean",
+    mode: Literal["mean", "blur", "zero", "black"] = "mean",
     *,
     blur_sigma: float = 5.0,
     blurred=None,
+    black=None,
 ):
     """Replace the removed patches of an image.
 
@@ -734,7 +735,10 @@ def apply_patch_removal(
     - ``"mean"``: each channel's mean over the whole original image;
     - ``"blur"``: the same pixels of a Gaussian-blurred copy (:func:`gaussian_blur`, sigma
       ``blur_sigma``); pass ``blurred`` to reuse one copy across the steps of a curve;
-    - ``"zero"``: 0 (on normalised inputs, the normalisation mean).
+    - ``"zero"``: 0 (on normalised inputs, the normalisation mean);
+    - ``"black"``: ``black`` (C,), the value of a black pixel in the input's space (on
+      normalised inputs ``-mean / std`` per channel: Chefer et al.'s perturbation fill, 0 in
+      [0, 1] pixel space).
     """
     torch_in = _is_torch(pixels)
     x = np.asarray(_to_numpy(pixels))
@@ -763,8 +767,12 @@ def apply_patch_removal(
             raise ValueError(f"blurred has shape {fill.shape}, pixels {xf.shape}")
     elif mode == "zero":
         fill = np.zeros_like(xf)
+    elif mode == "black":
+        if black is None:
+            raise ValueError("mode 'black' needs black= (the value of a black pixel per channel)")
+        fill = np.broadcast_to(np.asarray(black, dtype=np.float64).reshape(-1, 1, 1), xf.shape)
     else:
-        raise ValueError(f"mode must be 'mean', 'blur' or 'zero', got {mode!r}")
+        raise ValueError(f"mode must be 'mean', 'blur', 'zero' or 'black', got {mode!r}")
     out = np.where(pix[None], fill, xf)
     if np.issubdtype(x.dtype, np.integer):
         info = np.iinfo(x.dtype)

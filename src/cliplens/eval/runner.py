@@ -46,7 +46,7 @@ from .metrics import (
     segmentation_counts,
     spearman_correlation,
 )
-from .perturbation import CurveBatch, mask_to_grid, target_scores
+from .perturbation import CurveBatch, black_value, mask_to_grid, target_scores
 from .sanity import CascadingRandomization
 
 __all__ = [
@@ -138,8 +138,13 @@ class ItemRunner:
             ignore = (item.extra or {}).get("ignore")
             found.append(localisation_scores(cfg, maps, labels, masks, points, geom, ignore=ignore))
         if metrics & PERTURBATION:
+            top1 = None
+            if cfg.perturbation_protocol == "chefer":
+                clf = self.classifier
+                assert clf is not None  # the config requires a class target
+                top1 = (clf, [clf.class_index(rec["class"]) for rec in info])
             curves, record["unique_inputs"] = perturbation_scores(
-                adapter, cfg, pixels, maps, text_embeds, target, index=index
+                adapter, cfg, pixels, maps, text_embeds, target, index=index, top1=top1
             )
             found.append(curves)
         if "sanity" in metrics and index < cfg.sanity_items:
@@ -341,15 +346,29 @@ def perturbation_scores(
     target: Target,
     *,
     index: int = 0,
+    top1: tuple[ZeroShotClassifier, list[int]] | None = None,
 ) -> tuple[Scores, int]:
     """(curves and AUCs per source and pair, number of distinct model inputs run): the
     perturbation test (``positive`` / ``negative``) and ``deletion`` / ``insertion``, all
     steps of all curves batched through one :class:`CurveBatch`. With ``config.ties ==
     "random"`` every curve is drawn :data:`TIE_DRAWS` times with tied values shuffled (seeds
     from ``config.seed``, the item ``index``, the pair and the draw) and the draws are averaged
-    (a map without ties gives the same masks every draw: no extra model input)."""
+    (a map without ties gives the same masks every draw: no extra model input).
+
+    ``config.perturbation_protocol == "chefer"``: the positive / negative curves remove the top
+    fraction of the PIXELS of the map upsampled bilinearly to the input (x patch size), fill
+    them black (0 in [0, 1] space), score top-1 accuracy of ``top1 = (classifier, class index
+    per pair)`` and report the trapezoid AUC x 100, as Chefer et al.'s script and its
+    maintainer's rule (issue #31)."""
     metrics = set(config.metrics)
     batch = CurveBatch(pixels, tuple(adapter.patch_size), config.removal, blur_sigma=config.blur_sigma)
+    chefer = config.perturbation_protocol == "chefer" and "perturbation" in metrics
+    pixel_batch = None
+    if chefer:
+        if top1 is None:
+            raise ValueError("the chefer perturbation protocol needs the classifier and the pairs' classes")
+        pixel_batch = CurveBatch(pixels, (1, 1), "black", black=black_value(adapter))
+    ph, pw = adapter.patch_size
     n_pairs = len(next(iter(maps.values())))
     draws = TIE_DRAWS if config.ties == "random" else 1
 
@@ -361,9 +380,15 @@ def perturbation_scores(
     for p in range(n_pairs):
         for s, m in maps.items():
             r = m[p]
+            up = upsample_map(r, (ph, pw)) if chefer else None
             for d in range(draws):
                 t = seed(p, d)
-                if "perturbation" in metrics:
+                if chefer:
+                    for order in ("positive", "negative"):
+                        pixel_batch.add(  # type: ignore[union-attr]
+                            (s, p, order, d), perturbation_curve, up, p, order=order, fractions=config.fractions, tie_seed=t
+                        )
+                elif "perturbation" in metrics:
                     for order in ("positive", "negative"):
                         batch.add(
                             (s, p, order, d),
@@ -378,14 +403,36 @@ def perturbation_scores(
                     batch.add((s, p, "deletion", d), deletion_curve, r, p, n_steps=config.steps, tie_seed=t)
                     batch.add((s, p, "insertion", d), insertion_curve, r, p, n_steps=config.steps, tie_seed=t)
     grouped: dict[tuple, list] = {}
-    for (s, p, kind, _d), curve in batch.run(adapter, text_embeds, target).items():
+    results = list(batch.run(adapter, text_embeds, target).items())
+    if pixel_batch is not None:
+        clf, classes = top1  # type: ignore[misc]
+        wanted = np.asarray(classes)[None]
+
+        def accuracy(embeds: torch.Tensor) -> np.ndarray:
+            predicted = clf.probabilities(embeds.double()).argmax(-1).cpu().numpy()
+            return (predicted[:, None] == wanted).astype(np.float64)
+
+        results += list(pixel_batch.run(adapter, text_embeds, target, score_embeds=accuracy).items())
+    for (s, p, kind, _d), curve in results:
         grouped.setdefault((s, p, kind), []).append(curve)
     out: Scores = {}
     for (s, p, kind), curves in grouped.items():
         entry = out.setdefault((s, p), {})
         entry[kind] = [float(v) for v in np.mean([c.scores for c in curves], axis=0)]
-        entry[kind + "_auc"] = float(np.mean([c.auc for c in curves]))
-    return out, len(batch.masks)
+        auc = float(np.mean([c.auc for c in curves]))
+        entry[kind + "_auc"] = 100.0 * auc if chefer and kind in ("positive", "negative") else auc
+    return out, len(batch.masks) + (len(pixel_batch.masks) if pixel_batch is not None else 0)
+
+
+def upsample_map(grid_map: np.ndarray, patch: tuple[int, int]) -> np.ndarray:
+    """(Gh, Gw) -> (Gh*ph, Gw*pw): bilinear, align_corners=False, as ``F.interpolate(...,
+    scale_factor=16, mode="bilinear")`` in Chefer et al.'s scripts."""
+    import torch.nn.functional as F
+
+    src = torch.from_numpy(np.asarray(grid_map, dtype=np.float64))[None, None]
+    gh, gw = src.shape[-2:]
+    out = F.interpolate(src, size=(gh * patch[0], gw * patch[1]), mode="bilinear", align_corners=False)
+    return out[0, 0].numpy()
 
 
 def sanity_scores(
