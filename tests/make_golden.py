@@ -2,9 +2,10 @@
 tiny seeded float64 model of every family, so that a refactor which changes a number is caught
 by tests/test_golden.py.
 
-Run from the repository root: ``python tests/make_golden.py [FAMILY ...]`` (open_clip needs the
-open_clip extra). Regenerate only for a change that is meant to change numbers, and say which in
-the commit message.
+Run from the repository root: ``python tests/make_golden.py [FAMILY ...] [--cases CASE,...]``
+(open_clip needs the open_clip extra). Regenerate only for a change that is meant to change
+numbers, and say which in the commit message. With ``--cases`` only those cases are recomputed;
+every other case's arrays are copied from the existing file unchanged.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ CASES: list[tuple[str, str, dict]] = [
     ("legrad-mean-2", "legrad", {"pooling": "mean", "layers": 2}),
     ("legrad-probability", "legrad", {"target": "probability"}),
     ("legrad-full", "legrad", {"resize": "full"}),
+    ("legrad-model-all", "legrad", {"pooling": "model", "layers": None, "correction": "off"}),
     ("rollout", "rollout", {}),
     ("rollout-1", "rollout", {"start_layer": 1}),
     ("raw_attention", "raw_attention", {}),
@@ -46,6 +48,7 @@ CASES: list[tuple[str, str, dict]] = [
     ("sensitivity-pixel", "sensitivity", {"variant": "pixel_grad"}),
     ("sensitivity-iterative", "sensitivity", {"variant": "iterative", "steps": 3}),
     ("sensitivity-full", "sensitivity", {"variant": "pixel_grad", "resize": "full"}),
+    ("grad_eclip", "grad_eclip", {}),
     ("decomposition", "decomposition", {}),
     ("decomposition-contrast", "decomposition", {"target": "contrast:0"}),
 ]
@@ -72,10 +75,16 @@ def run_case(adapter, method: str, kwargs: dict) -> dict[str, np.ndarray] | None
     return out
 
 
-def family_arrays(factory) -> dict[str, np.ndarray]:
+def family_arrays(factory, only: set[str] | None = None, old: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     adapter = factory(seed=0, dtype=torch.float64)
     arrays: dict[str, np.ndarray] = {}
     for case, method, kwargs in CASES:
+        if only is not None and case not in only:
+            kept = {k: v for k, v in (old or {}).items() if k.split("/", 1)[0] == case}
+            if not kept:
+                raise SystemExit(f"case {case} is not in the existing golden file: regenerate it too")
+            arrays.update(kept)
+            continue
         result = run_case(adapter, method, kwargs)
         if result is None:
             arrays[f"{case}/refused"] = np.array(True)
@@ -87,11 +96,23 @@ def family_arrays(factory) -> dict[str, np.ndarray]:
 
 def main(argv: list[str]) -> int:
     GOLDEN.mkdir(exist_ok=True)
+    only = None
+    if "--cases" in argv:
+        i = argv.index("--cases")
+        only = set(argv[i + 1].split(","))
+        argv = argv[:i] + argv[i + 2 :]
+        unknown = only - {c[0] for c in CASES}
+        if unknown:
+            raise SystemExit(f"unknown cases: {sorted(unknown)}")
     wanted = set(argv) or {name for name, _ in ADAPTER_FACTORIES}
     for name, factory in ADAPTER_FACTORIES:
         if name not in wanted:
             continue
-        arrays = family_arrays(factory)
+        old = None
+        if only is not None:
+            with np.load(GOLDEN / f"{name}.npz") as z:
+                old = {k: z[k] for k in z.files}
+        arrays = family_arrays(factory, only, old)
         np.savez_compressed(GOLDEN / f"{name}.npz", **arrays)
         print(f"{name}: {len(arrays)} arrays")
     return 0

@@ -189,13 +189,20 @@ def _scatter(run, patch_values: torch.Tensor) -> np.ndarray:
     return row
 
 
-def oracle_legrad(adapter, images, texts, target="logit", layers=None, pooling="model"):
+def oracle_legrad(
+    adapter, images, texts, target="logit", layers=2, pooling="mean", correction="auto", correction_threshold=0.8
+):
     """Per explained block l: s^l = the target on block l's output read out as the last block
-    (``adapter.readout``), the other tower's final embedding constant; map^l = mean over heads
-    and valid query rows of (ds^l / dA^l)^+ (for a pooling head: of its attention in that
-    readout); the map is the sum over l. Each layer gets its own backward (no detached blocks).
-    On the text side the other prompts' logits in a probability are their layer-l logits too."""
+    (``pooling="mean"`` on a class-token image tower: mean over all tokens, then ``adapter.head``;
+    otherwise ``adapter.readout_with_attention``), the other tower's final embedding constant;
+    map^l = mean over heads and valid query rows of (ds^l / dA^l)^+ (for a pooling head: of its
+    attention in that readout); the map is the sum over l. Each layer gets its own backward (no
+    detached blocks). On the text side the other prompts' logits in a probability are their
+    layer-l logits too. Correction (image; 'auto' = pooled towers): the same map for the cosine
+    with the normalised embedding of "a photo of a"; patches where its min-max exceeds the
+    threshold are set to 0 (loops over patches)."""
     batch = adapter.tokenize(texts)
+    empty_batch = adapter.tokenize(["a photo of a"])
     results = {}
     for b, image in enumerate(images):
         for p in range(len(texts)):
@@ -203,13 +210,19 @@ def oracle_legrad(adapter, images, texts, target="logit", layers=None, pooling="
             with adapter.explaining():
                 img = _image_run(adapter, image, grad=True)
                 txts = [_text_run(adapter, batch, q, grad=True) for q in range(len(texts))]
+                with torch.no_grad():
+                    t_empty = adapter.run_text(empty_batch.input_ids, empty_batch.attention_mask).embeds[0].double()
+                t_empty = t_empty / torch.sqrt((t_empty**2).sum())
                 for tower, run in (("image", img), ("text", txts[p])):
                     L = len(run.attentions)
                     chosen = range(L) if layers is None else range(max(0, L - layers), L)
+                    pooled_tower = int(run.layout.readout[0]) < 0
+                    correct = tower == "image" and (correction == "on" or (correction == "auto" and pooled_tower))
                     total = np.zeros(run.layout.valid.shape[1])
+                    empty = np.zeros(run.layout.valid.shape[1])
                     for l in chosen:
                         hidden = run.block_outputs[l]
-                        if tower == "image" and pooling == "mean":
+                        if tower == "image" and pooling == "mean" and not pooled_tower:
                             e, pool = adapter.head(tower, hidden.mean(1)), None
                         else:
                             e, pool = adapter.readout_with_attention(tower, hidden, run.layout)
@@ -221,13 +234,27 @@ def oracle_legrad(adapter, images, texts, target="logit", layers=None, pooling="
                             tes = [e if q == p else _layer_embed(adapter, t, l) for q, t in enumerate(txts)]
                             s = _score(adapter, img.embeds.detach(), tes, p, target)
                         wrt = run.attentions[l] if pool is None else pool
-                        (G,) = torch.autograd.grad(s, [wrt], retain_graph=True, allow_unused=True)
-                        G = torch.zeros_like(wrt) if G is None else G
-                        pos = torch.clamp(G[0], min=0).mean(0)  # (q, n)
-                        if pool is None:
-                            valid = run.layout.valid[0]
-                            pos = pos[valid]
-                        total += pos.mean(0).detach().numpy()
+                        scores = [s]
+                        if correct:
+                            scores.append((e[0] @ t_empty) / torch.sqrt((e[0] ** 2).sum()))
+                        for k, sc in enumerate(scores):
+                            (G,) = torch.autograd.grad(sc, [wrt], retain_graph=True, allow_unused=True)
+                            G = torch.zeros_like(wrt) if G is None else G
+                            pos = torch.clamp(G[0], min=0).mean(0)  # (q, n)
+                            if pool is None:
+                                valid = run.layout.valid[0]
+                                pos = pos[valid]
+                            if k == 0:
+                                total += pos.mean(0).detach().numpy()
+                            else:
+                                empty += pos.mean(0).detach().numpy()
+                    if correct:
+                        idx = run.layout.patches.cpu().numpy()
+                        ev = empty[idx]
+                        if ev.max() > ev.min():
+                            for j, v in zip(idx, ev):
+                                if (v - ev.min()) / (ev.max() - ev.min()) > correction_threshold:
+                                    total[j] = 0.0
                     out.append(total)
             results[b, p] = (_grid(img, out[0]), _tokens(txts[p], out[1]))
     return _collect(images, texts, results)
@@ -255,7 +282,69 @@ def oracle_sensitivity(adapter, images, texts, target="logit", variant="grad_nor
     return _collect(images, texts, results)
 
 
+def oracle_grad_eclip(adapter, images, texts, target="logit", towers=("image", "text")):
+    """At the last block: o = sum_h sum_j A_hrj V_hj + b_O at the readout token r, made a leaf;
+    y recomputed from it (residual, MLP branch, head, pair score); g = dy/do;
+    w_hj = min-max over the kept tokens j of cos(q_hr, k_hj); map_j = relu(sum_h w_hj <g, V_hj>)
+    (loops over heads and tokens). Kept tokens: patches (image), real tokens (text)."""
+    batch = adapter.tokenize(texts)
+    results = {}
+
+    def tail(run, o):
+        L = len(run.attentions)
+        r = int(run.layout.readout[0])
+        x = run.block_inputs[L - 1][0, r].detach().double()
+        z = x + o
+        out = z + adapter.mlp_output(run.tower, L - 1, z[None, None])[0, 0]
+        return adapter.head(run.tower, out[None])
+
+    def tower_map(run, score):
+        L = len(run.attentions)
+        r = int(run.layout.readout[0])
+        x = run.block_inputs[L - 1].detach().double()
+        V = adapter.attention_value_heads(run.tower, L - 1, x)[0].detach()  # (H, n, C)
+        A = run.attentions[L - 1][0].detach().double()
+        H, n = A.shape[0], A.shape[-1]
+        o = sum(A[h, r, j] * V[h, j] for h in range(H) for j in range(n))
+        bias = adapter.attention_out_bias(run.tower, L - 1)
+        if bias is not None:
+            o = o + bias.double()
+        o = o.detach().requires_grad_(True)
+        e = tail(run, o)
+        assert torch.allclose(e, run.embeds.double(), rtol=1e-8, atol=1e-10), "tail does not rebuild the embedding"
+        (g,) = torch.autograd.grad(score(e), [o])
+        q, k = adapter.attention_qk(run.tower, L - 1, x)
+        keep = (run.layout.content if run.tower == "image" else run.layout.valid)[0]
+        kept = [j for j in range(n) if keep[j]]
+        vals = np.zeros(n)
+        for h in range(H):
+            cos = {j: float((q[0, h, r] @ k[0, h, j]) / (q[0, h, r].norm() * k[0, h, j].norm())) for j in kept}
+            lo, hi = min(cos.values()), max(cos.values())
+            for j in kept:
+                w = (cos[j] - lo) / (hi - lo) if hi > lo else 0.0
+                vals[j] += w * float(g @ V[h, j])
+        return np.maximum(vals, 0.0)
+
+    for b, image in enumerate(images):
+        for p in range(len(texts)):
+            with adapter.explaining(), torch.no_grad():
+                img = _image_run(adapter, image, grad=False)
+                txts = [_text_run(adapter, batch, q, grad=False) for q in range(len(texts))]
+            with adapter.explaining(), torch.enable_grad():
+                tes = [t.embeds.detach().double() for t in txts]
+                im = tower_map(img, lambda e: _score(adapter, e, tes, p, target)) if "image" in towers else None
+                tx = tower_map(
+                    txts[p],
+                    lambda e: _score(
+                        adapter, img.embeds.detach().double(), [e if q == p else t for q, t in enumerate(tes)], p, target
+                    ),
+                )
+            results[b, p] = (None if im is None else _grid(img, im), _tokens(txts[p], tx))
+    return _collect(images, texts, results)
+
+
 ORACLES = {
+    "grad_eclip": oracle_grad_eclip,
     "chefer": oracle_chefer,
     "rollout": oracle_rollout,
     "raw_attention": oracle_raw_attention,

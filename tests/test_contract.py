@@ -119,7 +119,9 @@ def test_capability_flags_are_what_explain_does():
         for method in METHODS
         if _unsupported(method, factory(seed=0))
     }
-    expected = {(m, f) for m in ("decomposition", "interactions") for f in ("hf-siglip", "hf-siglip2")}
+    expected = {
+        (m, f) for m in ("interactions", "grad_eclip") for f in ("hf-siglip", "hf-siglip2")
+    }
     assert refused == expected
 
 

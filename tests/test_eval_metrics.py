@@ -477,3 +477,28 @@ def test_baselines():
     assert o.dtype == np.float64 and np.array_equal(o, mask.astype(float))
     # the centre prior sits on this central object: it points right, but segments imperfectly
     assert M.pointing_game(M.centre_prior(mask.shape, 0.1), mask)
+
+
+# ---- issue 20: near-constant maps, ignore pixels ------------------------------------------------
+
+
+@pytest.mark.parametrize("value", [0.1, 3.0, -7.25, 1e-30])
+def test_near_constant_map_is_treated_as_constant(value):
+    """A constant map upsampled or accumulated in floating point differs from itself by a few
+    ulps; its mean must not split it into foreground and background (the reference's min-max
+    makes such a map NaN -> background everywhere)."""
+    rng = np.random.default_rng(0)
+    m = np.full((16, 16), value) * (1.0 + rng.integers(-3, 4, size=(16, 16)) * np.finfo(float).eps)
+    assert np.ptp(m) > 0  # really not constant in floating point
+    assert not M.threshold_at_mean(m).any()
+    mask = np.zeros((16, 16), bool)
+    mask[4:12, 4:12] = True
+    c = M.segmentation_counts(m, mask)
+    assert c.intersection[1] == 0 and c.correct == int((~mask).sum())
+    assert np.all(M.minmax_normalize(m) == 0.0)
+    assert M.point_counts(m, [(5, 5)], [(0, 0)]).tp == 0
+    # a real map with a large offset is not flat
+    real = np.full((4, 4), 1000.0)
+    real[0, 0] += 0.01
+    assert not M.is_flat(real) and M.threshold_at_mean(real)[0, 0]
+    assert M.is_flat(np.zeros((3, 3))) and M.is_flat(np.full((2, 2), np.nan))

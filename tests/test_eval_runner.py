@@ -83,3 +83,33 @@ def test_evaluation_numbers_are_those_before_the_split(adapter, scenes):
     assert got["config"]["dataset"] == f"shapes:{scenes.resolve()}"
     got["config"]["dataset"] = "shapes:<DATA>"
     _assert_same(got, want)
+
+
+def test_ignore_pixels_are_left_out_of_every_localisation_metric(adapter):
+    """ImageNet-S marks unlabelled pixels (id 1000) as ``extra["ignore"]``: they are neither
+    background nor the map's peak (issue 20: they used to count as background)."""
+    import numpy as np
+    from PIL import Image
+
+    from cliplens.eval import metrics as M
+    from cliplens.eval.runner import localisation_scores
+
+    img = Image.new("RGB", (32, 32))
+    geom = adapter.prepare_images([img], resize="model")[0].geometries[0]
+    gh = gw = 32 // adapter.patch_size[0]
+    grid = np.zeros((1, gh, gw))
+    grid[0, 0, 0] = 5.0  # the peak sits in the top-left corner
+    mask = np.zeros((32, 32), bool)
+    mask[16:, 16:] = True
+    ignore = np.zeros((32, 32), bool)
+    ignore[:12, :12] = True  # the peak's region is unlabelled
+    config = EvalConfig(methods="chefer", metrics="segmentation,pointing", pointing_tolerance=0)
+    got = localisation_scores(config, {"m": grid}, ["x"], {"x": mask}, {}, geom, ignore=ignore)[("m", 0)]
+    on_orig = geom.grid_to_original(grid[0])
+    want = M.segmentation_counts(np.where(ignore, np.nan, on_orig), mask)
+    assert got["seg"][1] == want.labeled == int((np.isfinite(on_orig) & ~ignore).sum())
+    assert got["seg"][0] == want.correct
+    without = localisation_scores(config, {"m": grid}, ["x"], {"x": mask}, {}, geom)[("m", 0)]
+    assert without["seg"][1] == int(np.isfinite(on_orig).sum()) > got["seg"][1]
+    # the peak inside the ignored region is not where the map points
+    assert got["pointing"] == int(M.pointing_game(np.where(ignore, np.nan, on_orig), mask))

@@ -5,6 +5,7 @@ terms and projects each; completeness in float64 and float32; the adapter's line
 from __future__ import annotations
 
 import copy
+import math
 
 import numpy as np
 import pytest
@@ -227,3 +228,56 @@ def test_a_bug_inside_the_linear_pieces_is_not_turned_into_a_refusal(monkeypatch
     monkeypatch.setattr(adapter, "attention_value_heads", broken)
     with pytest.raises(NotImplementedError, match="without a kernel"):
         cliplens.explain(adapter, [random_image(1)], ["a cat"], method="decomposition")
+
+
+# ---- SigLIP / SigLIP 2: split at the pooling head ------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["hf-siglip", "hf-siglip2"])
+@pytest.mark.parametrize("target", ["logit", "contrast:1"])
+def test_siglip_image_tower_split_at_the_pooling_head(family, target):
+    """embed = sum_{h,j} P_hj U_hj + b_O + MLP(.), by loops in float64 from the head's own
+    modules (nn.MultiheadAttention weights read here, not through the adapter); each patch's
+    share is scale <sum_h P_hj U_hj, u> / |embed|; complete to 1e-10."""
+    from conftest import ADAPTER_FACTORIES
+
+    adapter = dict(ADAPTER_FACTORIES)[family](seed=0, dtype=torch.float64)
+    images, texts = [random_image(1), random_image(2)], ["a red triangle", "cat"]
+    ex = cliplens.explain(adapter, images, texts, method="decomposition", target=target)
+    assert np.nanmax(ex.extras["delta_embedding"]) < 1e-10
+    assert np.nanmax(ex.extras["delta_similarity"]) < 1e-10
+    assert np.nanmax(ex.extras["text_delta_similarity"]) < 1e-10
+    vm = adapter.model.vision_model
+    mha = vm.head.attention
+    C, H = mha.embed_dim, mha.num_heads
+    d = C // H
+    batch = adapter.tokenize(texts)
+    with adapter.explaining(), torch.no_grad():
+        t = adapter.run_text(batch.input_ids, batch.attention_mask).embeds
+        t_hat = t / t.norm(dim=-1, keepdim=True)
+        for b, image in enumerate(images):
+            run = adapter.run_image(adapter.prepare_images([image])[0].pixel_values)
+            x = vm.post_layernorm(run.block_outputs[-1])[0]  # (n, C)
+            Wq, Wk, Wv = mha.in_proj_weight.split(C)
+            bq, bk, bv = mha.in_proj_bias.split(C)
+            q = vm.head.probe[0, 0] @ Wq.T + bq
+            k = x @ Wk.T + bk
+            v = x @ Wv.T + bv
+            n = x.shape[0]
+            terms = torch.zeros(n, C, dtype=torch.float64)
+            for h in range(H):
+                sl = slice(h * d, (h + 1) * d)
+                p_h = torch.softmax(k[:, sl] @ q[sl] / math.sqrt(d), 0)
+                for j in range(n):
+                    terms[j] += p_h[j] * (mha.out_proj.weight[:, sl] @ v[j, sl])
+            a = terms.sum(0) + mha.out_proj.bias
+            embed = a + vm.head.mlp(vm.head.layernorm(a))
+            np.testing.assert_allclose(embed.numpy(), run.embeds[0].numpy(), rtol=1e-10, atol=1e-12)
+            for p in range(len(texts)):
+                u = t_hat[p] - (t_hat[1] if target == "contrast:1" else 0.0)
+                want = adapter.logit_scale() * (terms @ u) / embed.norm()
+                gh, gw = run.layout.grid
+                np.testing.assert_allclose(
+                    np.asarray(ex.image_maps[b][p]).ravel(), want.numpy(), rtol=1e-8, atol=1e-12
+                )
+    assert ex.extras["pool_head_terms"][0].shape[-1] == H

@@ -24,7 +24,7 @@ def _score(logits_row: torch.Tensor, p: int, target: str, versus: int | None) ->
     return logits_row[p] - logits_row[versus]
 
 
-def oracle_legrad(model, adapter, images, texts, target="logit", layers=None, pooling="model", versus=None):
+def oracle_legrad(model, adapter, images, texts, target="logit", layers=2, pooling="mean", versus=None):
     """For pair (b, p) and layer l: s^l = target on the layer-l readout (other tower final),
     G = ds^l/dA^l in the plain graph, map_l[j] = sum_{h,i} relu(G[h,i,j]) / (H * rows)."""
     m = copy.deepcopy(model).double()
@@ -174,7 +174,8 @@ def test_legrad_pooled_tower_takes_the_pooling_heads_gradient():
 
     adapter = hf_siglip_factory(dtype=torch.float64)
     images, texts = [random_image(1)], ["a cat", "two dogs"]
-    ex = cliplens.explain(adapter, images, texts, method="legrad", towers=["image"])
+    # every layer, no correction: the pooling head's gradient alone (the defaults: test below)
+    ex = cliplens.explain(adapter, images, texts, method="legrad", towers=["image"], layers=None, correction="off")
     batch = adapter.tokenize(texts)
     pixels = adapter.prepare_images(images)[0].pixel_values
     with adapter.explaining():
@@ -196,3 +197,50 @@ def test_legrad_pooled_tower_takes_the_pooling_heads_gradient():
                     total += per
                 np.testing.assert_allclose(ex.image_maps[0, p].ravel(), total, rtol=1e-6, atol=1e-12)
     assert np.ptp(ex.image_maps) > 0
+
+
+def test_legrad_defaults_are_the_references():
+    """Reference defaults (LeWrapper(layer_index=-2), mean readout, correction on SigLIP); the
+    former behaviour stays reachable (layers=None, pooling='model', correction='off')."""
+    from cliplens.methods.legrad import LeGrad
+
+    opts = LeGrad().parse_options({})
+    assert (opts.layers, opts.pooling, opts.correction, opts.correction_threshold) == (2, "mean", "auto", 0.8)
+    old = LeGrad().parse_options({"layers": None, "pooling": "model", "correction": "off"})
+    assert old.layers is None and old.pooling == "model"
+    model = make_tiny_clip(dtype=torch.float64)
+    ex, _ = fast(model, [random_image(1)], TEXTS[:2])
+    assert ex.extras["layer_maps"].shape[2] == 2 and "empty_prompt_maps" not in ex.extras
+
+
+def test_legrad_siglip_empty_prompt_correction():
+    """SigLIP (auto): the map is the uncorrected map with the patches zeroed where the min-max of
+    the empty-prompt ("a photo of a") map exceeds the threshold, as the reference does before its
+    min-max; the empty map is LeGrad for the cosine with that prompt's embedding."""
+    from conftest import hf_siglip_factory
+
+    adapter = hf_siglip_factory(dtype=torch.float64)
+    images, texts = [random_image(1), random_image(5)], ["a cat", "two dogs"]
+    plain = cliplens.explain(adapter, images, texts, method="legrad", correction="off")
+    for thr in (0.8, 0.3):
+        ex = cliplens.explain(adapter, images, texts, method="legrad", correction_threshold=thr)
+        empty = np.asarray(ex.extras["empty_prompt_maps"])
+        lo = empty.min(axis=(2, 3), keepdims=True)
+        mm = (empty - lo) / (empty.max(axis=(2, 3), keepdims=True) - lo)
+        want = np.where(mm > thr, 0.0, plain.image_maps)
+        np.testing.assert_allclose(ex.image_maps, want, rtol=1e-12, atol=0)
+        assert (mm > thr).any() and not (mm > thr).all()
+        # the empty map does not depend on the prompt explained
+        np.testing.assert_allclose(empty[:, 0], empty[:, 1], rtol=1e-10)
+    # the empty map equals the uncorrected map explained against "a photo of a" (cosine target:
+    # a positive multiple of the logit target, so equal after dividing by the scale)
+    ref = cliplens.explain(adapter, images, ["a photo of a"], method="legrad", correction="off", towers=["image"])
+    np.testing.assert_allclose(
+        empty[:, 0], ref.image_maps[:, 0] / float(adapter.logit_scale()), rtol=1e-8, atol=1e-14
+    )
+    # CLIP: off by default, 'on' applies it
+    model = make_tiny_clip(dtype=torch.float64)
+    on, _ = fast(model, images, texts, correction="on")
+    off, _ = fast(model, images, texts)
+    assert "empty_prompt_maps" in on.extras
+    assert np.all((on.image_maps == off.image_maps) | (on.image_maps == 0))

@@ -28,8 +28,11 @@ CASES = [
     ("gradcam", {}),
     ("gradcam", {"layer": 0, "target": "probability"}),
     ("legrad", {}),
-    ("legrad", {"layers": 2, "pooling": "mean"}),
+    ("legrad", {"layers": None, "pooling": "model", "correction": "off"}),
+    ("legrad", {"correction": "on", "correction_threshold": 0.5}),
     ("legrad", {"target": "probability"}),
+    ("grad_eclip", {}),
+    ("grad_eclip", {"target": "probability"}),
     ("sensitivity", {}),
     ("sensitivity", {"variant": "grad_x_input"}),
 ]

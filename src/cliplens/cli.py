@@ -90,6 +90,7 @@ def torch_threads(threads: int | None):
 
 def cmd_methods(args) -> int:
     from .methods import REGISTRY
+    from .methods.papers import paper_note
 
     width = max(len(n) for n in REGISTRY)
     for name, cls in REGISTRY.items():
@@ -97,6 +98,9 @@ def cmd_methods(args) -> int:
             continue
         towers = "+".join(cls.towers)
         print(f"{name:<{width}}  {cls.summary}  [{towers}]")
+        note = paper_note(name)
+        if note:
+            print(f"{'':<{width}}    paper: {note}")
         for opt, desc in cls.options.items():
             print(f"{'':<{width}}    --option {opt}=...  {desc}")
     return 0

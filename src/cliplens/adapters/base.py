@@ -243,8 +243,11 @@ class ModelAdapter(ABC):
         - ``"readout_token"``: the tower reads its embedding out of one token (class token,
           end-of-text token), not through an attention-pooling head;
         - ``"linear_split"``: its blocks and readout are exposed as exact linear pieces
-          (:meth:`attention_value_heads`, :meth:`attention_out_bias`, :meth:`mlp_output`,
-          :meth:`readout_parts`), for exact decompositions.
+          (:meth:`attention_value_heads`, :meth:`attention_qk`, :meth:`attention_out_bias`,
+          :meth:`mlp_output`, :meth:`readout_parts`), for exact decompositions;
+        - ``"pool_split"``: the tower pools with an attention head whose linear pieces are
+          exposed (:meth:`pool_value_heads`, :meth:`pool_out_bias`, :meth:`pool_mlp_output`):
+          its embedding splits exactly per (head, token) plus the head's bias and MLP.
         """
         return frozenset()
 
@@ -383,6 +386,15 @@ class ModelAdapter(ABC):
         folded in)."""
         raise NotImplementedError(f"{type(self).__name__} does not expose per-head value vectors")
 
+    def attention_qk(
+        self, tower: str, layer_index: int, block_input: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, n, C) residual stream entering block ``layer_index`` -> ``(q, k)``, each
+        (B, H, n, d): every head's query and key vectors as its attention scores use them
+        (after the pre-norm and the projections with their biases, before the 1/sqrt(d)
+        scaling), so ``softmax(q k^T / sqrt(d) + mask)`` is the block's attention."""
+        raise NotImplementedError(f"{type(self).__name__} does not expose per-head queries and keys")
+
     def attention_out_bias(self, tower: str, layer_index: int) -> torch.Tensor | None:
         """(C,) the bias the attention branch of block ``layer_index`` adds (after its output
         projection and any layer scale), or None."""
@@ -392,6 +404,24 @@ class ModelAdapter(ABC):
         """(B, n, C) residual stream after block ``layer_index``'s attention branch -> what
         the block's MLP branch adds to it (its norm, MLP and any layer scale)."""
         raise NotImplementedError(f"{type(self).__name__} does not expose the MLP branch")
+
+    # an attention-pooling head (one probe query; SigLIP's MAP head), for towers with "pool_split":
+    #   embed = a + pool_mlp(a),   a = sum_h sum_j P_hj U_hj + pool_out_bias,
+    # P: TowerRun.pool_attention[:, :, 0]; U: pool_value_heads of the last block's output.
+
+    def pool_value_heads(self, tower: str, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, n, C) residual stream leaving the last block -> (B, H, n, C): the pooling head's
+        value vectors per head (after any norm the head reads through), mapped by that head's
+        slice of its output projection (no output bias)."""
+        raise NotImplementedError(f"{type(self).__name__} does not expose its pooling head's values")
+
+    def pool_out_bias(self, tower: str) -> torch.Tensor | None:
+        """(C,) the bias of the pooling head's output projection, or None."""
+        raise NotImplementedError(f"{type(self).__name__} does not expose its pooling head's bias")
+
+    def pool_mlp_output(self, tower: str, attended: torch.Tensor) -> torch.Tensor:
+        """(B, C) the pooling head's attention output -> what its residual MLP adds to it."""
+        raise NotImplementedError(f"{type(self).__name__} does not expose its pooling head's MLP")
 
     def readout_parts(self, tower: str) -> "ReadoutParts":
         """The final norm and projection applied to the readout token's residual stream."""

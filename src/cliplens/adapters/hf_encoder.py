@@ -313,6 +313,18 @@ class HFEncoderAdapter(ModelAdapter):
         w_o = attn.out_proj.weight.reshape(c, h, d)  # out = sum_h W_O[:, h-slice] @ v_h
         return torch.einsum("bnhd,chd->bhnc", values.reshape(b, n, h, d), w_o)
 
+    def attention_qk(
+        self, tower: str, layer_index: int, block_input: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        layer = self._layer(tower, layer_index)
+        attn = layer.self_attn
+        x = layer.layer_norm1(block_input)
+        b, n, _ = x.shape
+        h, d = attn.num_heads, attn.head_dim
+        q = attn.q_proj(x).reshape(b, n, h, d).transpose(1, 2)
+        k = attn.k_proj(x).reshape(b, n, h, d).transpose(1, 2)
+        return q, k
+
     def attention_out_bias(self, tower: str, layer_index: int) -> torch.Tensor | None:
         return self._layer(tower, layer_index).self_attn.out_proj.bias
 

@@ -77,9 +77,36 @@ class HFSiglipAdapter(HFEncoderAdapter):
         return self.model.logit_bias.detach().reshape(())
 
     def capabilities(self, tower: str) -> frozenset[str]:
-        # the image tower pools with an attention head (MAP) followed by an MLP: neither a
-        # readout token nor a linear readout; the text tower reads out its last position
-        return frozenset() if tower == "image" else super().capabilities(tower)
+        # the image tower pools with an attention head (MAP) followed by an MLP: no readout
+        # token, but the head's attention splits per (head, token) with its MLP as one term;
+        # the text tower reads out its last position
+        return frozenset({"pool_split"}) if tower == "image" else super().capabilities(tower)
+
+    # ---- the pooling head's linear pieces (see ModelAdapter.pool_value_heads) -------------
+    def _pool_head(self, tower: str):
+        if tower != "image":
+            raise NotImplementedError("SigLIP's text tower has no pooling head")
+        return self.model.vision_model.head
+
+    def pool_value_heads(self, tower: str, hidden: torch.Tensor) -> torch.Tensor:
+        head = self._pool_head(tower)
+        mha = head.attention
+        c, h = mha.embed_dim, mha.num_heads
+        bias = mha.in_proj_bias
+        x = self.model.vision_model.post_layernorm(hidden)  # what the head attends over
+        values = torch.nn.functional.linear(
+            x, mha.in_proj_weight[2 * c :], None if bias is None else bias[2 * c :]
+        )
+        b, n, _ = values.shape
+        w_o = mha.out_proj.weight.reshape(c, h, c // h)
+        return torch.einsum("bnhd,chd->bhnc", values.reshape(b, n, h, c // h), w_o)
+
+    def pool_out_bias(self, tower: str) -> torch.Tensor | None:
+        return self._pool_head(tower).attention.out_proj.bias
+
+    def pool_mlp_output(self, tower: str, attended: torch.Tensor) -> torch.Tensor:
+        head = self._pool_head(tower)
+        return head.mlp(head.layernorm(attended))
 
     # ---- inputs ------------------------------------------------------------------------
     def tokenize(self, texts: list[str]) -> TextBatch:

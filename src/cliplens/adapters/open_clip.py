@@ -527,6 +527,19 @@ class OpenClipAdapter(ModelAdapter):
         gamma = self._scale(blk.ls_1)
         return heads * gamma if gamma is not None else heads
 
+    def attention_qk(
+        self, tower: str, layer_index: int, block_input: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        blk = self._block(tower, layer_index)
+        mha = blk.attn
+        c, h = mha.embed_dim, mha.num_heads
+        bias = mha.in_proj_bias
+        x = blk.ln_1(block_input)
+        b, n, _ = x.shape
+        q = F.linear(x, mha.in_proj_weight[:c], None if bias is None else bias[:c])
+        k = F.linear(x, mha.in_proj_weight[c : 2 * c], None if bias is None else bias[c : 2 * c])
+        return q.reshape(b, n, h, c // h).transpose(1, 2), k.reshape(b, n, h, c // h).transpose(1, 2)
+
     def attention_out_bias(self, tower: str, layer_index: int) -> torch.Tensor | None:
         blk = self._block(tower, layer_index)
         bias = blk.attn.out_proj.bias

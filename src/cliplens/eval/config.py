@@ -42,7 +42,11 @@ __all__ = [
     "BASELINES",
     "CURVES",
     "HARNESS_VERSION",
+    "SEGMENTATION_PROTOCOLS",
     "SHAPES_EVAL_SEED",
+    "PERTURBATION_PROTOCOLS",
+    "TIE_DRAWS",
+    "TIE_MODES",
     "TARGETS",
     "EvalConfig",
     "knobs",
@@ -52,7 +56,23 @@ __all__ = [
 ]
 
 #: Bumped when the meaning of a stored record changes (part of the config hash).
-HARNESS_VERSION = 1
+#: 2: ImageNet-S ignore pixels left out, near-constant maps scored as constant (issue 20).
+HARNESS_VERSION = 2
+#: How an item is brought to the scoring resolution (see docs/evaluation.md):
+#: "cliplens": the model's own preprocessing, maps scored on the original image;
+#: "chefer": image and masks squashed to the model input size and scored there (Chefer et al.'s
+#: imagenet_seg_eval.py); "textspan": as "chefer", the map clipped at 0 before scoring (TextSpan).
+SEGMENTATION_PROTOCOLS = ("cliplens", "chefer", "textspan")
+#: How tied relevance values are ordered in perturbation / deletion / insertion: "index" (flat
+#: index order: deterministic, biased towards the top rows), "random" (each tied group shuffled,
+#: curves averaged over TIE_DRAWS seeded draws).
+TIE_MODES = ("index", "random")
+#: The positive / negative perturbation test: "cliplens" (patches of the model's grid, the
+#: explained target as the score, fill ``removal``); "chefer" (Chefer et al.'s
+#: pertubation_eval_from_hdf5.py: the pixels of the bilinearly upsampled map, black fill,
+#: top-1 accuracy of the zero-shot classifier against the pair's class, AUC x 100).
+PERTURBATION_PROTOCOLS = ("cliplens", "chefer")
+TIE_DRAWS = 8
 ALL_METRICS = ("segmentation", "pointing", "pmiou", "perturbation", "deletion", "sanity")
 BASELINES = ("random", "centre", "oracle")
 TARGETS = ("logit", "probability", "class", "class-contrast")
@@ -126,10 +146,32 @@ class EvalConfig:
     metrics: tuple[str, ...] = knob(ALL_METRICS, "comma-separated subset of the metrics")
     seed: int = knob(0, "seed of the random baseline and the sanity check")
     steps: int = knob(10, "deletion/insertion steps (0..100% in equal steps)")
+    perturbation_protocol: str = knob(
+        "cliplens",
+        "positive/negative perturbation: cliplens (patches, the explained target, --removal fill) or chefer "
+        "(pixels of the upsampled map, black fill, top-1 accuracy against the class, AUC x 100; needs "
+        "--target class or class-contrast)",
+        choices=PERTURBATION_PROTOCOLS,
+    )
+    ties: str = knob(
+        "index",
+        "order of tied relevance values when removing patches: index (flat index order) or random "
+        "(shuffled within each tied group, curves averaged over 8 seeded draws)",
+        choices=TIE_MODES,
+    )
     fractions: tuple[float, ...] = knob(
         CHEFER_FRACTIONS, "fractions of patches removed by the perturbation test", flag=False
     )
-    pointing_tolerance: float = knob(0.0, "pointing game tolerance in pixels of the original image")
+    pointing_tolerance: float = knob(
+        0.0, "pointing game tolerance in pixels of the original image (TorchRay's protocol: 15)"
+    )
+    segmentation_protocol: str = knob(
+        "cliplens",
+        "cliplens: model preprocessing, scored on the original image; chefer: image and masks squashed "
+        "to the model input size and scored there (Chefer's imagenet_seg_eval); textspan: chefer with the "
+        "map clipped at 0 (every metric of the run sees the squashed item)",
+        choices=SEGMENTATION_PROTOCOLS,
+    )
     sanity_items: int = knob(16, "items given the sanity check (the first N)")
     prompt: str | None = knob(
         None, "pair prompt template with {} (default: 'a {}' on shapes, else 'a photo of a {}.')"
@@ -172,6 +214,23 @@ class EvalConfig:
 
         if self.removal not in REMOVAL_MODES:
             raise InputError(f"removal must be one of {', '.join(REMOVAL_MODES)}, got {self.removal!r}")
+        if self.segmentation_protocol not in SEGMENTATION_PROTOCOLS:
+            raise InputError(
+                f"segmentation_protocol must be one of {', '.join(SEGMENTATION_PROTOCOLS)}, "
+                f"got {self.segmentation_protocol!r}"
+            )
+        if self.perturbation_protocol not in PERTURBATION_PROTOCOLS:
+            raise InputError(
+                f"perturbation_protocol must be one of {', '.join(PERTURBATION_PROTOCOLS)}, "
+                f"got {self.perturbation_protocol!r}"
+            )
+        if self.perturbation_protocol == "chefer" and not self.target.startswith("class"):
+            raise InputError(
+                "perturbation_protocol 'chefer' scores top-1 accuracy against the class: "
+                "use target='class' or 'class-contrast' (--target class)"
+            )
+        if self.ties not in TIE_MODES:
+            raise InputError(f"ties must be one of {', '.join(TIE_MODES)}, got {self.ties!r}")
         if self.target not in TARGETS:
             raise InputError(f"unknown evaluation target {self.target!r}; choose from {', '.join(TARGETS)}")
         for name, conv in (

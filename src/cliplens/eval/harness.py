@@ -108,6 +108,9 @@ def evaluate(
     steps: int = EvalConfig.steps,
     sanity_items: int = EvalConfig.sanity_items,
     pointing_tolerance: float = EvalConfig.pointing_tolerance,
+    segmentation_protocol: str = EvalConfig.segmentation_protocol,
+    ties: str = EvalConfig.ties,
+    perturbation_protocol: str = EvalConfig.perturbation_protocol,
     make_shapes: int | None = EvalConfig.make_shapes,
     restart: bool = EvalConfig.restart,
     progress: bool = EvalConfig.progress,
@@ -137,6 +140,12 @@ def evaluate(
         steps: deletion / insertion steps (0..100% in ``steps`` equal steps).
         sanity_items: run the sanity check on the first this many items.
         pointing_tolerance: pointing-game tolerance in original pixels.
+        segmentation_protocol: "cliplens", "chefer" (image and masks squashed to the model input
+            and scored there) or "textspan" (chefer, map clipped at 0): see docs/evaluation.md.
+        ties: "index" (tied relevance removed in flat index order) or "random" (shuffled within
+            each tied group, curves averaged over 8 seeded draws).
+        perturbation_protocol: "cliplens" or "chefer" (pixels of the upsampled map, black
+            fill, top-1 accuracy against the class, AUC x 100; class targets only).
         make_shapes: for ``shapes:PATH`` with no folder at PATH, draw this many scenes there
             first (dataset seed :data:`SHAPES_EVAL_SEED`, 224 px).
         restart: discard results of an earlier, different configuration in ``out``.
@@ -157,6 +166,9 @@ def evaluate(
         seed=seed,
         steps=steps,
         pointing_tolerance=pointing_tolerance,
+        segmentation_protocol=segmentation_protocol,
+        ties=ties,
+        perturbation_protocol=perturbation_protocol,
         sanity_items=sanity_items,
         prompt=prompt,
         templates=templates,

@@ -53,6 +53,7 @@ __all__ = [
     "centre_prior",
     "deletion_curve",
     "gaussian_blur",
+    "is_flat",
     "insertion_curve",
     "minmax_normalize",
     "oracle_map",
@@ -137,16 +138,35 @@ def average_precision(scores, labels) -> float:
     return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
 
 
+#: a map whose finite values span at most this fraction of their largest magnitude is treated
+#: as constant (float rounding of an upsampled or accumulated constant, not a signal)
+FLAT_RTOL = 1e-6
+
+
+def is_flat(values) -> bool:
+    """Whether finite ``values`` are constant up to float rounding: ``max - min <= FLAT_RTOL *
+    max(|values|)`` (exactly equal values included; an empty set counts as flat)."""
+    v = np.asarray(_to_numpy(values), dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return True
+    lo, hi = v.min(), v.max()
+    return bool(hi - lo <= FLAT_RTOL * max(abs(lo), abs(hi)))
+
+
 def threshold_at_mean(heatmap) -> np.ndarray:
     """Binary prediction of the segmentation protocol: ``map > mean(map)``.
 
     The mean is taken over finite pixels; non-finite pixels come back False (and the metrics
     below exclude them anyway). Strictly greater, as the reference (``Res.gt(Res.mean())``):
-    a constant map predicts background everywhere.
+    a constant map predicts background everywhere. The reference min-max normalises first, so
+    a constant map is NaN there and predicts background; a map that is constant up to float
+    rounding (:func:`is_flat`) does the same here, instead of being split into foreground and
+    background by the rounding of its mean.
     """
     m = _as_map(heatmap)
     valid = np.isfinite(m)
-    if not valid.any():
+    if not valid.any() or is_flat(m[valid]):
         return np.zeros(m.shape, dtype=bool)
     thr = m[valid].mean()
     with np.errstate(invalid="ignore"):
@@ -214,8 +234,7 @@ def segmentation_counts(heatmap, mask) -> SegmentationCounts:
     ap = average_precision(scores, fg)
     if scores.size:
         r = minmax_normalize(scores)
-        lo, hi = scores.min(), scores.max()
-        bg_score = np.zeros_like(r) if hi == lo else 1.0 - r
+        bg_score = np.zeros_like(r) if is_flat(scores) else 1.0 - r
         ap_ref = average_precision(np.r_[bg_score, r], np.r_[~fg, fg])
     else:
         ap_ref = float("nan")
@@ -331,7 +350,9 @@ def pointing_game(heatmap, mask, *, tolerance: float = 0.0, ties: Literal["first
 
 
 def minmax_normalize(heatmap) -> np.ndarray:
-    """``(m - min) / (max - min)`` over finite values; a constant map becomes all zeros.
+    """``(m - min) / (max - min)`` over finite values; a constant map -- also one constant up
+    to float rounding (:func:`is_flat`), whose min-max would be rounding noise -- becomes all
+    zeros.
 
     Non-finite values stay NaN. Works on arrays of any shape.
     """
@@ -341,7 +362,7 @@ def minmax_normalize(heatmap) -> np.ndarray:
     if not valid.any():
         return out
     lo, hi = m[valid].min(), m[valid].max()
-    out[valid] = (m[valid] - lo) / (hi - lo) if hi > lo else 0.0
+    out[valid] = 0.0 if is_flat(m[valid]) else (m[valid] - lo) / (hi - lo)
     return out
 
 
@@ -492,23 +513,34 @@ def _as_relevance(relevance) -> np.ndarray:
     return r
 
 
-def relevance_order(relevance, *, most_relevant_first: bool = True) -> np.ndarray:
+def relevance_order(
+    relevance, *, most_relevant_first: bool = True, tie_seed: int | None = None
+) -> np.ndarray:
     """Flat patch indices in removal order.
 
-    Ties keep index order (a stable sort: the lower flat index goes first in both directions),
-    so the order is deterministic.
+    Ties keep index order by default (a stable sort: the lower flat index goes first in both
+    directions), so the order is deterministic -- and biased towards the top rows for a map with
+    tied values (a constant map removes the image top-down). With ``tie_seed`` each group of
+    equal values is ordered at random (a permutation drawn from that seed); averaging curves
+    over several seeds (evaluation knob ``ties="random"``) removes the bias.
     """
     r = _as_relevance(relevance).ravel()
-    return np.argsort(-r if most_relevant_first else r, kind="stable")
+    key = -r if most_relevant_first else r
+    if tie_seed is None:
+        return np.argsort(key, kind="stable")
+    jitter = np.random.default_rng(tie_seed).permutation(r.size)
+    return np.lexsort((jitter, key))
 
 
-def removal_masks(relevance, counts: Sequence[int], *, most_relevant_first: bool = True) -> np.ndarray:
+def removal_masks(
+    relevance, counts: Sequence[int], *, most_relevant_first: bool = True, tie_seed: int | None = None
+) -> np.ndarray:
     """Boolean masks, shaped like ``relevance`` with a leading step axis; True = removed.
 
     Step k removes the first ``counts[k]`` patches of :func:`relevance_order`.
     """
     r = _as_relevance(relevance)
-    order = relevance_order(r, most_relevant_first=most_relevant_first)
+    order = relevance_order(r, most_relevant_first=most_relevant_first, tie_seed=tie_seed)
     rank = np.empty(order.size, dtype=np.int64)
     rank[order] = np.arange(order.size)
     counts_arr = np.asarray(counts, dtype=np.int64)
@@ -537,8 +569,8 @@ def area_under_curve(x, y, *, normalize: bool = False) -> float:
     return area
 
 
-def _run_curve(kind, r, score_fn, counts, fractions, *, most_relevant_first, invert, normalize):
-    masks = removal_masks(r, counts, most_relevant_first=most_relevant_first)
+def _run_curve(kind, r, score_fn, counts, fractions, *, most_relevant_first, invert, normalize, tie_seed=None):
+    masks = removal_masks(r, counts, most_relevant_first=most_relevant_first, tie_seed=tie_seed)
     scores = np.empty(len(counts), dtype=np.float64)
     for k, mask in enumerate(masks):
         scores[k] = float(score_fn(~mask if invert else mask.copy()))
@@ -553,6 +585,7 @@ def perturbation_curve(
     order: Literal["positive", "negative"] = "positive",
     fractions: Sequence[float] = CHEFER_FRACTIONS,
     normalize_auc: bool = False,
+    tie_seed: int | None = None,
 ) -> PerturbationCurve:
     """Chefer et al. 2021's positive / negative perturbation curve over patches.
 
@@ -582,6 +615,7 @@ def perturbation_curve(
         most_relevant_first=order == "positive",
         invert=False,
         normalize=normalize_auc,
+        tie_seed=tie_seed,
     )
 
 
@@ -594,7 +628,11 @@ def _step_counts(n: int, n_steps: int | None) -> np.ndarray:
 
 
 def deletion_curve(
-    relevance, score_fn: Callable[[np.ndarray], float], *, n_steps: int | None = None
+    relevance,
+    score_fn: Callable[[np.ndarray], float],
+    *,
+    n_steps: int | None = None,
+    tie_seed: int | None = None,
 ) -> PerturbationCurve:
     """Deletion curve (Petsiuk et al. 2018): remove the most relevant patches first, 0% to 100%.
 
@@ -614,11 +652,16 @@ def deletion_curve(
         most_relevant_first=True,
         invert=False,
         normalize=False,
+        tie_seed=tie_seed,
     )
 
 
 def insertion_curve(
-    relevance, score_fn: Callable[[np.ndarray], float], *, n_steps: int | None = None
+    relevance,
+    score_fn: Callable[[np.ndarray], float],
+    *,
+    n_steps: int | None = None,
+    tie_seed: int | None = None,
 ) -> PerturbationCurve:
     """Insertion curve (Petsiuk et al. 2018): start from everything removed and put the most
     relevant patches back first, 0% to 100% inserted.
@@ -638,6 +681,7 @@ def insertion_curve(
         most_relevant_first=True,
         invert=True,
         normalize=False,
+        tie_seed=tie_seed,
     )
 
 
@@ -675,10 +719,11 @@ def apply_patch_removal(
     pixels,
     removed,
     patch_size: int | tuple[int, int],
-    mode: Literal["mean", "blur", "zero"] = "mean",
+    mode: Literal["mean", "blur", "zero", "black"] = "mean",
     *,
     blur_sigma: float = 5.0,
     blurred=None,
+    black=None,
 ):
     """Replace the removed patches of an image.
 
@@ -690,7 +735,10 @@ def apply_patch_removal(
     - ``"mean"``: each channel's mean over the whole original image;
     - ``"blur"``: the same pixels of a Gaussian-blurred copy (:func:`gaussian_blur`, sigma
       ``blur_sigma``); pass ``blurred`` to reuse one copy across the steps of a curve;
-    - ``"zero"``: 0 (on normalised inputs, the normalisation mean).
+    - ``"zero"``: 0 (on normalised inputs, the normalisation mean);
+    - ``"black"``: ``black`` (C,), the value of a black pixel in the input's space (on
+      normalised inputs ``-mean / std`` per channel: Chefer et al.'s perturbation fill, 0 in
+      [0, 1] pixel space).
     """
     torch_in = _is_torch(pixels)
     x = np.asarray(_to_numpy(pixels))
@@ -719,8 +767,12 @@ def apply_patch_removal(
             raise ValueError(f"blurred has shape {fill.shape}, pixels {xf.shape}")
     elif mode == "zero":
         fill = np.zeros_like(xf)
+    elif mode == "black":
+        if black is None:
+            raise ValueError("mode 'black' needs black= (the value of a black pixel per channel)")
+        fill = np.broadcast_to(np.asarray(black, dtype=np.float64).reshape(-1, 1, 1), xf.shape)
     else:
-        raise ValueError(f"mode must be 'mean', 'blur' or 'zero', got {mode!r}")
+        raise ValueError(f"mode must be 'mean', 'blur', 'zero' or 'black', got {mode!r}")
     out = np.where(pix[None], fill, xf)
     if np.issubdtype(x.dtype, np.integer):
         info = np.iinfo(x.dtype)

@@ -29,9 +29,18 @@ from ..targets import PairContext, PairScores, Target
 from .classifier import encode_images
 from .metrics import PerturbationCurve, apply_patch_removal, gaussian_blur
 
-__all__ = ["REMOVAL_MODES", "CurveBatch", "mask_to_grid", "target_scores"]
+__all__ = ["REMOVAL_MODES", "CurveBatch", "black_value", "mask_to_grid", "target_scores"]
 
-REMOVAL_MODES = ("mean", "blur", "zero")
+REMOVAL_MODES = ("mean", "blur", "zero", "black")
+
+
+def black_value(adapter: ModelAdapter) -> np.ndarray:
+    """(3,) a black pixel (0 in [0, 1] space) in the model's normalised input space."""
+    pre = adapter.preprocess
+    mean, std = getattr(pre, "mean", None), getattr(pre, "std", None)
+    if mean is None or std is None:
+        raise ValueError(f"{type(pre).__name__} does not say its normalisation (mean, std)")
+    return -np.asarray(mean, dtype=np.float64) / np.asarray(std, dtype=np.float64)
 
 
 def mask_to_grid(mask: np.ndarray, geometry: Geometry, grid: tuple[int, int]) -> np.ndarray:
@@ -95,6 +104,7 @@ class CurveBatch:
         mode: str = "mean",
         *,
         blur_sigma: float = 5.0,
+        black: np.ndarray | None = None,
     ):
         if mode not in REMOVAL_MODES:
             raise ValueError(f"removal mode must be one of {', '.join(REMOVAL_MODES)}, got {mode!r}")
@@ -103,6 +113,7 @@ class CurveBatch:
         self.patch_size = tuple(patch_size)
         self.mode = mode
         self.blur_sigma = blur_sigma
+        self.black = black
         self.blurred = gaussian_blur(self.base, blur_sigma) if mode == "blur" else None
         self.masks: list[np.ndarray] = []
         self._lookup: dict[bytes, int] = {}
@@ -134,7 +145,13 @@ class CurveBatch:
         """(U, C, h, w): the input with each distinct mask's patches removed."""
         out = [
             apply_patch_removal(
-                self.base, m, self.patch_size, self.mode, blur_sigma=self.blur_sigma, blurred=self.blurred
+                self.base,
+                m,
+                self.patch_size,
+                self.mode,
+                blur_sigma=self.blur_sigma,
+                blurred=self.blurred,
+                black=self.black,
             )
             for m in self.masks
         ]
@@ -147,12 +164,17 @@ class CurveBatch:
         target: Target,
         *,
         batch_size: int = 512,
+        score_embeds: Callable[[torch.Tensor], np.ndarray] | None = None,
     ) -> dict[Hashable, PerturbationCurve]:
-        """Score every distinct perturbed input once; replay each planned curve."""
+        """Score every distinct perturbed input once; replay each planned curve. The score is
+        the target's value per prompt, or ``score_embeds(image embeddings (U, D)) -> (U, P)``."""
         if not self.requests:
             return {}
         embeds = encode_images(adapter, self.perturbed_inputs(), batch_size=batch_size)
-        scores = target_scores(adapter, embeds, text_embeds, target)  # (U, P)
+        if score_embeds is not None:
+            scores = np.asarray(score_embeds(embeds), dtype=np.float64)
+        else:
+            scores = target_scores(adapter, embeds, text_embeds, target)  # (U, P)
         out: dict[Hashable, PerturbationCurve] = {}
         for req in self.requests:
             out[req.key] = req.curve_fn(req.relevance, _replay(scores, req.steps, req.prompt), **req.kwargs)

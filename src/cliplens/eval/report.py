@@ -331,9 +331,11 @@ COLUMNS = [
     Column("source", "source"),
     Column("n_pairs", "pairs", "{}"),
     Column("pointing", "pointing", better="up"),
+    Column("pointing_class_mean", "pointing/class", better="up"),
     Column("miou", "mIoU", better="up"),
     Column("pixel_accuracy", "pixel acc", better="up"),
     Column("map", "mAP", better="up"),
+    Column("fg_ap", "fg AP", better="up"),
     Column("pmiou", "p-mIoU", better="up"),
     Column("positive_auc", "pos AUC", "{:.4g}", better="down"),
     Column("negative_auc", "neg AUC", "{:.4g}", better="up"),
@@ -347,10 +349,11 @@ CSV_KEYS = [
     "kind",
     "n_pairs",
     "pointing",
+    "pointing_class_mean",
     "miou",
     "pixel_accuracy",
     "map",
-    "map_reference",
+    "fg_ap",
     "pmiou",
     "positive_auc",
     "negative_auc",
@@ -369,8 +372,11 @@ REPORT_FILES = (
     "sanity.png",
 )
 _COLUMN_NOTES = """\
-Columns: pointing = share of pairs whose map maximum lies on the object; mIoU, pixel acc, mAP: the
-segmentation protocol (map thresholded at its mean; mAP of the raw map); pos/neg AUC: Chefer et al.'s
+Columns: pointing = share of pairs whose map maximum lies on the object; pointing/class = the mean
+over classes of each class's share (TorchRay's); mIoU, pixel acc: the segmentation protocol (map
+thresholded at its mean); mAP = the literature's: AP of the two-channel score (1 - r, r) of the
+min-max map r against one-hot labels (Chefer et al.'s script, TextSpan); fg AP = AP of the raw map
+against the foreground alone; pos/neg AUC: Chefer et al.'s
 perturbation test (target value while 0..90% of patches are removed, most / least relevant first;
 trapezoid area, unnormalised); del/ins AUC: deletion / insertion (Petsiuk et al.) over 0..100%;
 sanity change: 1 - mean Spearman correlation between the map of the trained model and the map after

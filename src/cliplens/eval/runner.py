@@ -33,7 +33,7 @@ from ..errors import CliplensError
 from ..images import Geometry
 from ..targets import Target, resolve_target
 from .classifier import ZeroShotClassifier, encode_images, encode_texts
-from .config import BASELINES, EvalConfig
+from .config import BASELINES, TIE_DRAWS, EvalConfig
 from .datasets import EvalItem
 from .metrics import (
     centre_prior,
@@ -46,7 +46,7 @@ from .metrics import (
     segmentation_counts,
     spearman_correlation,
 )
-from .perturbation import CurveBatch, mask_to_grid, target_scores
+from .perturbation import CurveBatch, black_value, mask_to_grid, target_scores
 from .sanity import CascadingRandomization
 
 __all__ = [
@@ -109,6 +109,11 @@ class ItemRunner:
             record["skipped"] = "no labelled object"
             return record
         group = adapter.prepare_images([item.image], resize="model")[0]
+        if cfg.segmentation_protocol != "cliplens":
+            h_in, w_in = group.pixel_values.shape[-2:]
+            item = squashed_item(item, (int(w_in), int(h_in)))
+            masks, points = item.masks or {}, item.points or {}
+            group = adapter.prepare_images([item.image], resize="model")[0]
         pixels, geom = group.pixel_values[0], group.geometries[0]
         texts, target, info = explained_targets(adapter, cfg, labels, pixels, self.classifier)
         text_embeds = encode_texts(adapter, texts)
@@ -130,10 +135,16 @@ class ItemRunner:
         found: list[Scores] = []
         metrics = set(cfg.metrics)
         if metrics & LOCALISATION:
-            found.append(localisation_scores(cfg, maps, labels, masks, points, geom))
+            ignore = (item.extra or {}).get("ignore")
+            found.append(localisation_scores(cfg, maps, labels, masks, points, geom, ignore=ignore))
         if metrics & PERTURBATION:
+            top1 = None
+            if cfg.perturbation_protocol == "chefer":
+                clf = self.classifier
+                assert clf is not None  # the config requires a class target
+                top1 = (clf, [clf.class_index(rec["class"]) for rec in info])
             curves, record["unique_inputs"] = perturbation_scores(
-                adapter, cfg, pixels, maps, text_embeds, target
+                adapter, cfg, pixels, maps, text_embeds, target, index=index, top1=top1
             )
             found.append(curves)
         if "sanity" in metrics and index < cfg.sanity_items:
@@ -151,6 +162,44 @@ def evaluate_item(adapter: ModelAdapter, config: EvalConfig, index: int, item: E
 
 
 # ----------------------------------------------------------------------------- what is explained
+
+
+def squashed_item(item: EvalItem, size: tuple[int, int]) -> EvalItem:
+    """``item`` squashed to ``size`` = (width, height), as Chefer et al.'s ImageNet-Segmentation
+    script does before anything (image bicubic, masks and the ignore mask nearest neighbour,
+    points scaled): the model then sees the squashed image whole and every map is scored at
+    that size."""
+    from dataclasses import replace
+
+    from PIL import Image
+
+    w, h = size
+    W, H = item.image.size
+
+    def nearest(mask) -> np.ndarray:
+        img = Image.fromarray(np.asarray(mask, dtype=bool).astype(np.uint8) * 255)
+        return np.asarray(img.resize((w, h), resample=Image.NEAREST)) > 127
+
+    sx, sy = w / W, h / H
+    points = None
+    if item.points is not None:
+        points = {}
+        for label, (pos, neg) in item.points.items():
+            scaled = []
+            for pts in (pos, neg):
+                a = np.asarray(pts, dtype=np.float64).reshape(-1, 2) * [sx, sy]
+                scaled.append(a)
+            points[label] = tuple(scaled)
+    extra = dict(item.extra or {})
+    if extra.get("ignore") is not None:
+        extra["ignore"] = nearest(extra["ignore"])
+    return replace(
+        item,
+        image=item.image.resize((w, h), resample=Image.BICUBIC),
+        masks=None if item.masks is None else {k: nearest(m) for k, m in item.masks.items()},
+        points=points,
+        extra=extra,
+    )
 
 
 def scored_labels(item: EvalItem) -> list[str]:
@@ -254,9 +303,12 @@ def localisation_scores(
     masks: dict[str, np.ndarray],
     points: dict[str, Any],
     geom: Geometry,
+    ignore: np.ndarray | None = None,
 ) -> Scores:
     """Segmentation counts (``seg``), pointing hit (``pointing``) and point counts (``points``)
-    of every source's map on the original image; the oracle is scored with the mask itself."""
+    of every source's map on the original image; the oracle is scored with the mask itself.
+    ``ignore`` (H, W) bool, where a dataset marks pixels as unlabelled (ImageNet-S id 1000):
+    every map is NaN there, so no metric counts them (not as background, not as the peak)."""
     metrics = set(config.metrics)
     out: Scores = {}
     for p, label in enumerate(labels):
@@ -266,10 +318,15 @@ def localisation_scores(
                 on_orig = np.where(geom.seen_mask(), np.asarray(masks[label], dtype=np.float64), np.nan)
             else:
                 on_orig = geom.grid_to_original(maps[s][p])
+            if ignore is not None:
+                on_orig = np.where(np.asarray(ignore, dtype=bool), np.nan, on_orig)
+            seg_map = on_orig
+            if config.segmentation_protocol == "textspan" and s != "oracle":
+                seg_map = np.maximum(on_orig, 0.0)  # TextSpan clips the map at 0 (NaN stays NaN)
             if label in masks:
                 mask = np.asarray(masks[label], dtype=bool)
                 if "segmentation" in metrics:
-                    c = segmentation_counts(on_orig, mask)
+                    c = segmentation_counts(seg_map, mask)
                     entry["seg"] = [c.correct, c.labeled, *c.intersection, *c.union, c.ap, c.ap_reference]
                 if "pointing" in metrics and mask.any():
                     entry["pointing"] = int(pointing_game(on_orig, mask, tolerance=config.pointing_tolerance))
@@ -287,30 +344,95 @@ def perturbation_scores(
     maps: dict[str, np.ndarray],
     text_embeds: torch.Tensor,
     target: Target,
+    *,
+    index: int = 0,
+    top1: tuple[ZeroShotClassifier, list[int]] | None = None,
 ) -> tuple[Scores, int]:
     """(curves and AUCs per source and pair, number of distinct model inputs run): the
     perturbation test (``positive`` / ``negative``) and ``deletion`` / ``insertion``, all
-    steps of all curves batched through one :class:`CurveBatch`."""
+    steps of all curves batched through one :class:`CurveBatch`. With ``config.ties ==
+    "random"`` every curve is drawn :data:`TIE_DRAWS` times with tied values shuffled (seeds
+    from ``config.seed``, the item ``index``, the pair and the draw) and the draws are averaged
+    (a map without ties gives the same masks every draw: no extra model input).
+
+    ``config.perturbation_protocol == "chefer"``: the positive / negative curves remove the top
+    fraction of the PIXELS of the map upsampled bilinearly to the input (x patch size), fill
+    them black (0 in [0, 1] space), score top-1 accuracy of ``top1 = (classifier, class index
+    per pair)`` and report the trapezoid AUC x 100, as Chefer et al.'s script and its
+    maintainer's rule (issue #31)."""
     metrics = set(config.metrics)
     batch = CurveBatch(pixels, tuple(adapter.patch_size), config.removal, blur_sigma=config.blur_sigma)
+    chefer = config.perturbation_protocol == "chefer" and "perturbation" in metrics
+    pixel_batch = None
+    if chefer:
+        if top1 is None:
+            raise ValueError("the chefer perturbation protocol needs the classifier and the pairs' classes")
+        pixel_batch = CurveBatch(pixels, (1, 1), "black", black=black_value(adapter))
+    ph, pw = adapter.patch_size
     n_pairs = len(next(iter(maps.values())))
+    draws = TIE_DRAWS if config.ties == "random" else 1
+
+    def seed(p: int, d: int) -> int | None:
+        if config.ties != "random":
+            return None
+        return int(np.random.SeedSequence([int(config.seed), int(index), int(p), int(d), 0x71E5]).generate_state(1)[0])
+
     for p in range(n_pairs):
         for s, m in maps.items():
             r = m[p]
-            if "perturbation" in metrics:
-                for order in ("positive", "negative"):
-                    batch.add(
-                        (s, p, order), perturbation_curve, r, p, order=order, fractions=config.fractions
-                    )
-            if "deletion" in metrics:
-                batch.add((s, p, "deletion"), deletion_curve, r, p, n_steps=config.steps)
-                batch.add((s, p, "insertion"), insertion_curve, r, p, n_steps=config.steps)
+            up = upsample_map(r, (ph, pw)) if chefer else None
+            for d in range(draws):
+                t = seed(p, d)
+                if chefer:
+                    for order in ("positive", "negative"):
+                        pixel_batch.add(  # type: ignore[union-attr]
+                            (s, p, order, d), perturbation_curve, up, p, order=order, fractions=config.fractions, tie_seed=t
+                        )
+                elif "perturbation" in metrics:
+                    for order in ("positive", "negative"):
+                        batch.add(
+                            (s, p, order, d),
+                            perturbation_curve,
+                            r,
+                            p,
+                            order=order,
+                            fractions=config.fractions,
+                            tie_seed=t,
+                        )
+                if "deletion" in metrics:
+                    batch.add((s, p, "deletion", d), deletion_curve, r, p, n_steps=config.steps, tie_seed=t)
+                    batch.add((s, p, "insertion", d), insertion_curve, r, p, n_steps=config.steps, tie_seed=t)
+    grouped: dict[tuple, list] = {}
+    results = list(batch.run(adapter, text_embeds, target).items())
+    if pixel_batch is not None:
+        clf, classes = top1  # type: ignore[misc]
+        wanted = np.asarray(classes)[None]
+
+        def accuracy(embeds: torch.Tensor) -> np.ndarray:
+            predicted = clf.probabilities(embeds.double()).argmax(-1).cpu().numpy()
+            return (predicted[:, None] == wanted).astype(np.float64)
+
+        results += list(pixel_batch.run(adapter, text_embeds, target, score_embeds=accuracy).items())
+    for (s, p, kind, _d), curve in results:
+        grouped.setdefault((s, p, kind), []).append(curve)
     out: Scores = {}
-    for (s, p, kind), curve in batch.run(adapter, text_embeds, target).items():
+    for (s, p, kind), curves in grouped.items():
         entry = out.setdefault((s, p), {})
-        entry[kind] = [float(v) for v in curve.scores]
-        entry[kind + "_auc"] = float(curve.auc)
-    return out, len(batch.masks)
+        entry[kind] = [float(v) for v in np.mean([c.scores for c in curves], axis=0)]
+        auc = float(np.mean([c.auc for c in curves]))
+        entry[kind + "_auc"] = 100.0 * auc if chefer and kind in ("positive", "negative") else auc
+    return out, len(batch.masks) + (len(pixel_batch.masks) if pixel_batch is not None else 0)
+
+
+def upsample_map(grid_map: np.ndarray, patch: tuple[int, int]) -> np.ndarray:
+    """(Gh, Gw) -> (Gh*ph, Gw*pw): bilinear, align_corners=False, as ``F.interpolate(...,
+    scale_factor=16, mode="bilinear")`` in Chefer et al.'s scripts."""
+    import torch.nn.functional as F
+
+    src = torch.from_numpy(np.asarray(grid_map, dtype=np.float64))[None, None]
+    gh, gw = src.shape[-2:]
+    out = F.interpolate(src, size=(gh * patch[0], gw * patch[1]), mode="bilinear", align_corners=False)
+    return out[0, 0].numpy()
 
 
 def sanity_scores(

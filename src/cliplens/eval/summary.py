@@ -123,12 +123,17 @@ def _source_row(config: EvalConfig, source: str, pairs: list[dict]) -> tuple[dic
             )
     if len(seg):
         res = seg.result()
-        row.update(
-            pixel_accuracy=res.pixel_accuracy, miou=res.miou, map=res.ap, map_reference=res.ap_reference
-        )
-    hits = [sc["pointing"] for sc in scored if "pointing" in sc]
+        # "mAP" is the literature's (Chefer et al.'s script, TextSpan): AP of the two-channel score
+        # (1 - r, r) against one-hot labels; "fg AP" is the AP of the raw map against the foreground
+        row.update(pixel_accuracy=res.pixel_accuracy, miou=res.miou, map=res.ap_reference, fg_ap=res.ap)
+    hits = [(p["label"], p["scores"][source]["pointing"]) for p in pairs if "pointing" in p["scores"].get(source, {})]
     if hits:
-        row["pointing"] = float(np.mean(hits))
+        row["pointing"] = float(np.mean([h for _, h in hits]))  # over pairs
+        per_class: dict[str, list[int]] = {}
+        for label, h in hits:
+            per_class.setdefault(label, []).append(h)
+        # TorchRay's: the mean over classes of each class's accuracy
+        row["pointing_class_mean"] = float(np.mean([np.mean(v) for v in per_class.values()]))
     acc = PointIoUAccumulator()
     for p in pairs:
         sc = p["scores"].get(source, {})

@@ -11,6 +11,6 @@ from .base import REGISTRY, Attribution, Method, MethodResult, get_method, list_
 # Importing the modules registers the methods, in this order (the CLI, docs and demo list them so).
 from . import chefer  # noqa: E402,F401,I001
 from . import legrad, rollout, raw_attention, gradcam, sensitivity, decomposition  # noqa: E402,F401
-from . import interactions, jacobian_interactions  # noqa: E402,F401
+from . import interactions, jacobian_interactions, grad_eclip  # noqa: E402,F401
 
 __all__ = ["REGISTRY", "Attribution", "Method", "MethodResult", "get_method", "list_methods", "register"]

@@ -54,12 +54,18 @@ class MethodResult:
 KINDS = ("int", "positive_int", "positive_number", "choice")
 
 
-def option(default: Any, help: str, kind: str, choices: tuple[str, ...] = ()) -> Any:
+def option(
+    default: Any, help: str, kind: str, choices: tuple[str, ...] = (), *, nullable: bool = False
+) -> Any:
     """A field of a method's ``Options`` dataclass: its default, one line of help, and the kind
-    of value it takes (``None`` is always allowed where the default is ``None``)."""
+    of value it takes (``None`` is always allowed where the default is ``None``, and where
+    ``nullable`` says None means something, e.g. "all layers")."""
     if kind not in KINDS:
         raise ValueError(f"unknown option kind {kind!r}")
-    return field(default=default, metadata={"help": help, "kind": kind, "choices": choices})
+    return field(
+        default=default,
+        metadata={"help": help, "kind": kind, "choices": choices, "nullable": nullable or default is None},
+    )
 
 
 @dataclass(frozen=True)
@@ -69,7 +75,7 @@ class NoOptions:
 
 def _check_value(method: str, f: dataclasses.Field, value: Any) -> Any:
     kind, choices = f.metadata["kind"], f.metadata["choices"]
-    if value is None and f.default is None:
+    if value is None and f.metadata.get("nullable", f.default is None):
         return None
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if kind == "int" and number and isinstance(value, int):

@@ -56,6 +56,14 @@ number of components it collects; here the terms come from the adapter contract,
 centred by its own mean (exact), the bias constant is split over every term, the text tower is
 decomposed too, and completeness is returned with every call.
 
+Towers that pool with an attention head (SigLIP / SigLIP 2 image towers: capability
+``pool_split``) are split at the head instead (:class:`PooledDecomposition`): per (head, token)
+the head's probability times that token's W_O-mapped value, plus the head's output bias and its
+residual MLP as one lumped term each (the MLP is not linear); the head has no projection after
+it, so the shares ``scale * <t, u> / |embed|`` sum to the logit exactly. Extras for such a
+tower: ``pool_head_terms`` (B, P, H), ``pool_bias_term``, ``pool_mlp_term`` (B, P), ``dims``,
+``other_tokens_term`` (0: every token is a patch), the deltas; no per-block terms.
+
 Cost: one forward of each tower over the B images and P prompts (no B*P replication, no
 backward) plus, per block, the value heads of the readout tower (about 2 n C^2 multiply-adds:
 one sixth of a block's forward) and the MLP of one token.
@@ -213,6 +221,57 @@ class TowerDecomposition(FrozenReadout):
         return out
 
 
+class PooledDecomposition:
+    """A tower that pools with an attention head (SigLIP's MAP head: one probe query, then a
+    residual MLP, no projection after it), split at the head:
+
+        embed = sum_h sum_j P_hj U_hj + b_O + MLP(a),   a = sum_h sum_j P_hj U_hj + b_O
+
+    P the head's probabilities, U_hj head h's value of token j (read through the final norm)
+    mapped by its slice of the output projection (``adapter.pool_value_heads``). The (h, j)
+    terms are split per token; the output bias and the MLP (not linear) are one lumped term
+    each. Nothing after the head: a term t's share of the logit is ``scale * <t, u> / |embed|``,
+    and the shares sum to the logit exactly. The blocks before the head are not split (each
+    token's value already mixes them through the final norm of that token)."""
+
+    def __init__(
+        self, adapter: ModelAdapter, run: TowerRun, u: torch.Tensor, scale: torch.Tensor, B: int, P: int
+    ):
+        self.adapter, self.run, self.tower, self.B, self.P = adapter, run, run.tower, B, P
+        if run.pool_attention is None or run.pool_attention.shape[2] != 1:
+            raise InputError("decomposition splits a pooling head with exactly one probe query")
+        self.u = u
+        self.coef = _to_pairs(scale / run.embeds.norm(dim=-1), self.tower, B, P)  # (B, P)
+
+    def share(self, t: torch.Tensor) -> torch.Tensor:
+        """(rows, C) -> (B, P)."""
+        return self.coef * _dot_pairs(t[:, None], self.u, self.tower)[..., 0]
+
+    def run_terms(self) -> dict[str, torch.Tensor]:
+        adapter, run, tower, B, P = self.adapter, self.run, self.tower, self.B, self.P
+        U = adapter.pool_value_heads(tower, run.block_outputs[-1])  # (rows, H, n, C)
+        rows, H, n, C = U.shape
+        probs = run.pool_attention[:, :, 0]  # (rows, H, n)
+        uw = _dot_pairs(U.reshape(rows, H * n, C), self.u, tower).reshape(B, P, H, n)
+        tok = self.coef[..., None, None] * _to_pairs(probs, tower, B, P) * uw  # (B, P, H, n)
+        attended = torch.einsum("rhn,rhnc->rc", probs, U)
+        bias = adapter.pool_out_bias(tower)
+        if bias is not None:
+            attended = attended + bias
+        mlp = adapter.pool_mlp_output(tower, attended)
+        embeds = run.embeds
+        delta = (attended + mlp - embeds).norm(dim=-1) / embeds.norm(dim=-1)
+        out = {
+            "token_terms": tok.sum(2),
+            "pool_head_terms": tok.sum(3),  # (B, P, H)
+            "pool_bias_term": self.share(bias.expand_as(mlp)) if bias is not None else torch.zeros_like(self.coef),
+            "pool_mlp_term": self.share(mlp),
+            "delta_embedding": _to_pairs(delta, tower, B, P),
+        }
+        out["total"] = out["token_terms"].sum(-1) + out["pool_bias_term"] + out["pool_mlp_term"]
+        return out
+
+
 def _unit(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=-1, keepdim=True)
 
@@ -225,6 +284,17 @@ class Decomposition(Method):
     needs_gradient = False
     requires = frozenset({"readout_token", "linear_split"})
     complete = True
+
+    def unsupported(self, adapter: ModelAdapter, towers: tuple[str, ...], opts) -> str | None:
+        # a tower that pools with a head whose pieces are exposed is split at the head instead
+        split_at_head = tuple(t for t in towers if "pool_split" in adapter.capabilities(t))
+        rest = tuple(t for t in towers if t not in split_at_head)
+        return super().unsupported(adapter, rest, opts) if rest else None
+
+    @staticmethod
+    def _tower_terms(adapter, run, u, scale, B, P) -> dict:
+        cls = TowerDecomposition if run.layout.has_readout_token else PooledDecomposition
+        return cls(adapter, run, u, scale, B, P).run_terms()
 
     def check_target(self, target: Target) -> None:
         if not isinstance(target, (Contrast, PairLogit)):
@@ -250,7 +320,7 @@ class Decomposition(Method):
                 if versus is not None:
                     u = u - t_hat[versus]
                     const = const * 0.0
-                terms = TowerDecomposition(adapter, runs.image, u, scale, B, P).run_terms()
+                terms = self._tower_terms(adapter, runs.image, u, scale, B, P)
                 gh, gw = runs.image.layout.grid
                 patches = runs.image.layout.patches
                 out.image_maps = terms["token_terms"][:, :, patches].reshape(B, P, gh, gw)
@@ -264,10 +334,10 @@ class Decomposition(Method):
                 const = torch.full_like(y, 1.0) * bias_v
                 if versus is not None:
                     const = const - logits[:, versus : versus + 1]
-                terms = TowerDecomposition(adapter, runs.text, u, scale, B, P).run_terms()
+                terms = self._tower_terms(adapter, runs.text, u, scale, B, P)
                 tok = terms["token_terms"]
                 out.token_scores = tok.masked_fill(~runs.text.layout.valid[None].expand_as(tok), float("nan"))
-                terms.pop("head_embeddings")  # per prompt, not per image: not kept as an extra
+                terms.pop("head_embeddings", None)  # per prompt, not per image: not kept as an extra
                 out.extras.update(self._finish(terms, const, y, logits, prefix="text_"))
         return out
 

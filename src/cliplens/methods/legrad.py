@@ -17,39 +17,53 @@ L' the explained blocks in forward order.
 Paper: W. Bousselham, A. Boggust, S. Chaybouti, H. Strobelt, H. Kuehne, "LeGrad: An
 Explainability Method for Vision Transformers via Feature Formation Sensitivity", 2024.
 
-Differences from the reference (WalBouss/LeGrad, ``legrad/wrapper.py``):
+Defaults are the reference's (WalBouss/LeGrad ``legrad/wrapper.py``, PyPI ``legrad-torch``
+``LeWrapper(model, layer_index=-2)``, ``compute_legrad(..., apply_correction=True)``):
 
-- Readout. The reference reads an intermediate CLIP layer out by the MEAN over all tokens
-  (class token included), then ``ln_post`` and the projection. Here the default
-  (``pooling="model"``) is the tower's own readout: the class token for HF/OpenAI CLIP, the
-  end-of-text token for the text tower, the pooling head for attention-pooled towers. Why: at
-  the last block s^L is then exactly the similarity the model computes, and the method stays
-  family-neutral. Consequence: with a readout token, s^l depends on A^l only through the
-  readout token's attention row, so only that query row has a non-zero gradient and the mean
-  over query rows divides it by n (a uniform scale, kept: maps are raw).
-  ``pooling="mean"`` reproduces the reference readout on the image tower (towers with a
-  readout token only); the text tower always uses its own readout.
-- Layers. The paper sums all layers (the default here); the reference wrapper's default is
-  the last 2 (``layers=2``). No min-max normalisation, no upsampling (explicit later steps);
-  no SigLIP empty-prompt suppression.
-- Pooled towers (no readout token, e.g. SigLIP's MAP head): as the reference, G^l is taken
-  on the pooling head's attention (H x q x n) in the readout of Z^l
-  (``adapter.readout_with_attention``), mean over heads and the q queries; the reference's
-  SigLIP empty-prompt suppression is not applied (a separate, explicit step if wanted).
+- Readout (``pooling="mean"``, default). A tower with a class token is read out at layer l by
+  the MEAN over ALL its tokens (class token included), then the tower's head (final norm and
+  projection: ``adapter.head``), as the reference's ``ln_post(feat.mean(0)) @ proj``. Towers
+  that pool with an attention head (SigLIP's MAP head, CoCa's attention pooler) keep that head,
+  as the reference does: G^l is taken on the head's attention (H x q x n) in the readout of Z^l
+  (``adapter.readout_with_attention``), mean over heads and the q queries. ``pooling="model"``
+  is the tower's own readout everywhere (the class token for HF/OpenAI CLIP): at the last block
+  s^L is then exactly the model's similarity, but only the readout token's query row has a
+  gradient, so the mean over query rows (the paper's difference from Chefer) divides one row
+  by n. The text tower always uses its own readout (the reference has no text side).
+- Layers (``layers=2``, default): the last 2 blocks, the reference wrapper's default
+  (``layer_index=-2``). ``layers=None`` sums every block (what the paper's figures sweep).
+- SigLIP empty-prompt correction (``correction="auto"``, default: on for image towers that pool
+  with an attention head, as the reference applies it to SigLIP only; ``"on"``: every image
+  tower; ``"off"``). The reference computes the same LeGrad map for the text
+  ``"a photo of a"`` (its "empty" embedding: cosine with the layer-l readout, summed over the
+  explained layers), min-max normalises it over the patches and sets the explained map to 0
+  wherever that normalised empty map exceeds ``correction_threshold`` (0.8) -- before its own
+  min-max. Here the same zeroing happens on the raw map (the min-max is a later, explicit step),
+  so min-max(map) equals the reference's output. The raw empty-prompt map is in
+  ``extras["empty_prompt_maps"]`` (B, P, Gh, Gw); ``layer_maps`` are left uncorrected.
+- Known difference kept: on open_clip/timm SigLIP the reference pools the raw block output with
+  ``attn_pool`` (no final norm before it); here the head sees what the model's own head sees
+  (``post_layernorm`` first), so s^L stays the model's similarity.
+- No min-max normalisation, no upsampling (explicit later steps).
 - Targets. The paper's s^l is the cosine. Here s^l is the call's target on the layer-l
   embedding, so the default logit target gives ``logit_scale`` times the paper's map (ReLU
   commutes with a positive scale); ``probability`` uses the softmax over the prompts of the
   layer-l logits, ``contrast`` the difference of the layer-l logits (other prompt's text
-  embedding constant).
+  embedding constant). The empty-prompt map always uses the cosine, as the reference (its
+  scale does not matter after min-max).
 - Text side: the paper defines the image side; the text side here is the same rule on the
   text tower (each layer's end-of-text readout against the final image embedding). Optional:
   ``towers=("image",)`` skips it and its B*P text rows.
+
+Measured: ``layers=2, pooling="mean"`` equals legrad-torch 1.1 (open_clip 2.23) to 2.5e-6
+relative on the same ViT-B/16 weights (CLIP path).
 
 Cost: one forward of each explained tower over the B*P pairs (eager attention), L' extra
 readouts (final norm + projection of one token), and ONE backward pass: every block receives
 a detached copy of the previous block's output (same values), so the gradient of
 ``sum_l s^l`` reaching A^l is exactly ds^l/dA^l; that backward stops at the attention
-probabilities (it never runs through the softmax or the earlier blocks).
+probabilities (it never runs through the softmax or the earlier blocks). The correction adds
+one text forward of the empty prompt and a second backward of the same (short) graph.
 """
 
 from __future__ import annotations
@@ -65,6 +79,9 @@ from .pairs import PairRuns, per_pair, tower_result
 from .relevance import accumulation_dtype
 
 POOLINGS = ("model", "mean")
+CORRECTIONS = ("auto", "on", "off")
+#: the reference's "empty" prompt for the SigLIP correction (``LeWrapper._init_empty_embedding``)
+EMPTY_PROMPT = "a photo of a"
 
 
 def explained_layers(layers: int | None, num_layers: int) -> list[int]:
@@ -72,15 +89,45 @@ def explained_layers(layers: int | None, num_layers: int) -> list[int]:
     return last_layers(layers, num_layers, "layers")
 
 
-def layer_readout(adapter: ModelAdapter, run: TowerRun, hidden: torch.Tensor, pooling: str) -> torch.Tensor:
-    """(rows, n, C) block output -> (rows, D) embedding read out as if it left the last block:
-    the tower's own readout, or (``pooling="mean"``, the reference's) the mean over the valid
-    tokens through the tower's head (final norm and projection)."""
-    if pooling == "model":
-        return adapter.readout(run.tower, hidden, run.layout)
-    valid = run.layout.valid.to(hidden.dtype)[:, :, None]
-    mean = (hidden * valid).sum(1) / valid.sum(1)
-    return adapter.head(run.tower, mean)
+def layer_readout(
+    adapter: ModelAdapter, run: TowerRun, hidden: torch.Tensor, pooling: str
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(rows, n, C) block output -> ((rows, D) embedding read out as if it left the last block,
+    the pooling head's probabilities or None). ``pooling="mean"`` (the reference's) on an image
+    tower with a readout token: the mean over the valid tokens through the tower's head (final
+    norm and projection); otherwise the tower's own readout (a pooling head stays a head)."""
+    if pooling == "mean" and run.tower == "image" and run.layout.has_readout_token:
+        valid = run.layout.valid.to(hidden.dtype)[:, :, None]
+        mean = (hidden * valid).sum(1) / valid.sum(1)
+        return adapter.head(run.tower, mean), None
+    return adapter.readout_with_attention(run.tower, hidden, run.layout)
+
+
+def corrects(run: TowerRun, correction: str) -> bool:
+    """Whether the empty-prompt correction applies to this tower run."""
+    if run.tower != "image" or correction == "off":
+        return False
+    return correction == "on" or not run.layout.has_readout_token
+
+
+def empty_prompt_embedding(adapter: ModelAdapter) -> torch.Tensor:
+    """(D,) the normalised text embedding of :data:`EMPTY_PROMPT` (no graph)."""
+    batch = adapter.tokenize([EMPTY_PROMPT])
+    with torch.no_grad():
+        e = adapter.run_text(batch.input_ids, batch.attention_mask).embeds[0]
+    return e / e.norm()
+
+
+def suppress(values: torch.Tensor, empty: torch.Tensor, patches: torch.Tensor, threshold: float) -> torch.Tensor:
+    """(rows, n) map values with the patches zeroed where the min-max over the patches of the
+    empty-prompt map (rows, n) exceeds ``threshold`` (a constant empty map zeroes nothing)."""
+    ev = empty[:, patches]
+    lo, hi = ev.min(1, keepdim=True).values, ev.max(1, keepdim=True).values
+    span = hi - lo
+    mm = torch.where(span > 0, (ev - lo) / torch.where(span > 0, span, 1.0), torch.zeros_like(ev))
+    out = values.clone()
+    out[:, patches] = values[:, patches].masked_fill(mm > threshold, 0.0)
+    return out
 
 
 def positive_mean(grad: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
@@ -107,17 +154,29 @@ class LeGrad(Method):
 
     @dataclass(frozen=True)
     class Options:
-        layers: int | None = option(None, "explain the last K blocks of each tower (default: all blocks)", "positive_int")
+        layers: int | None = option(
+            2,
+            "explain the last K blocks of each tower (default 2, the reference's; None: all blocks)",
+            "positive_int",
+            nullable=True,
+        )
         pooling: str = option(
-            "model",
-            "image readout of a layer: 'model' (the tower's own, default) or 'mean' (over all tokens, as the reference)",
+            "mean",
+            "image readout of a layer: 'mean' (over all tokens then the head, as the reference; default; "
+            "a pooling head stays a head) or 'model' (the tower's own readout)",
             "choice",
             POOLINGS,
         )
-
-    def requirements(self, tower: str, opts: Options) -> frozenset[str]:
-        # the reference's mean readout goes through the image tower's token readout (norm + projection)
-        return frozenset({"readout_token"}) if tower == "image" and opts.pooling == "mean" else frozenset()
+        correction: str = option(
+            "auto",
+            "the reference's empty-prompt correction: 'auto' (on for attention-pooled image towers, "
+            "as the reference does on SigLIP; default), 'on', 'off'",
+            "choice",
+            CORRECTIONS,
+        )
+        correction_threshold: float = option(
+            0.8, "zero the map where the min-max empty-prompt map exceeds this (reference: 0.8)", "positive_number"
+        )
 
     def graph_from(self, tower: str, opts: Options, num_layers: int) -> int:
         # each explained block's gradient comes from its own readout: earlier blocks need none
@@ -131,20 +190,25 @@ class LeGrad(Method):
         # that is a pooling head's attention
         plan: dict[str, tuple[TowerRun, list[tuple[torch.Tensor, bool]]]] = {}
         total = runs.y.new_zeros(())
+        empty_total = None  # the empty prompt's summed cosines (correction), or None
         with torch.enable_grad():
             for tower in towers:
                 run = runs.run(tower)
                 wrt: list[tuple[torch.Tensor, bool]] = []
                 plan[tower] = (run, wrt)
+                empty_e = empty_prompt_embedding(adapter) if corrects(run, opts.correction) else None
                 for l in explained_layers(opts.layers, len(run.attentions)):
-                    hidden = run.block_outputs[l]
-                    if opts.pooling == "model" or tower == "text":
-                        rows_e, pool = adapter.readout_with_attention(tower, hidden, run.layout)
-                    else:
-                        rows_e, pool = layer_readout(adapter, run, hidden, opts.pooling), None
+                    rows_e, pool = layer_readout(adapter, run, run.block_outputs[l], opts.pooling)
                     wrt.append((run.attentions[l], False) if pool is None else (pool, True))
                     total = total + target(runs.context_with(tower, per_pair(rows_e, B, P))).sum()
+                    if empty_e is not None:
+                        cos = (rows_e / rows_e.norm(dim=-1, keepdim=True)) @ empty_e.to(rows_e.dtype)
+                        empty_total = cos.sum() if empty_total is None else empty_total + cos.sum()
             attns = [a for _, wrt in plan.values() for a, _ in wrt]
+            empty_grads = None
+            if empty_total is not None:
+                image_attns = [a for a, _ in plan["image"][1]]
+                empty_grads = torch.autograd.grad(empty_total, image_attns, retain_graph=True, allow_unused=True)
             grads = list(torch.autograd.grad(total, attns, allow_unused=True)) if attns else []
         out = Attribution()
         k = 0
@@ -158,7 +222,18 @@ class LeGrad(Method):
                 layer_vals.append(positive_mean(g, None if pooled else run.layout.valid))
             stacked = torch.stack(layer_vals, 1)  # (rows, L', n)
             if tower == "image":
-                out.image_maps = tower_result(runs, tower, stacked.sum(1))
+                values = stacked.sum(1)
+                if empty_grads is not None:
+                    empty = sum(
+                        positive_mean(
+                            (g if g is not None else torch.zeros_like(a)).detach(),
+                            None if pooled else run.layout.valid,
+                        )
+                        for g, (a, pooled) in zip(empty_grads, wrt)
+                    )
+                    values = suppress(values, empty, run.layout.patches, opts.correction_threshold)
+                    out.extras["empty_prompt_maps"] = tower_result(runs, tower, empty)
+                out.image_maps = tower_result(runs, tower, values)
                 gh, gw = run.layout.grid
                 out.extras["layer_maps"] = stacked[:, :, run.layout.patches].reshape(B, P, stacked.shape[1], gh, gw)
             else:
