@@ -80,6 +80,10 @@ class GradEclip(Method):
     )
     requires = frozenset({"readout_token", "linear_split"})
 
+    def graph_from(self, tower: str, opts, num_layers: int) -> int:
+        # only the last block's attention output is asked a gradient: earlier blocks run once
+        return num_layers - 1
+
     def attribute(
         self, adapter: ModelAdapter, runs: PairRuns, target: Target, towers: tuple[str, ...], opts
     ) -> Attribution:
