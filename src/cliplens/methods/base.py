@@ -18,7 +18,7 @@ import torch
 from ..adapters.base import ImageBatch, ModelAdapter, TextBatch
 from ..errors import InputError
 from ..targets import Target
-from .pairs import PairRuns, forward_pairs
+from .pairs import PairRuns, forward_pairs, tower_result
 
 
 @dataclass
@@ -33,6 +33,15 @@ class Attribution:
     image_maps: torch.Tensor | None = None
     token_scores: torch.Tensor | None = None
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @classmethod
+    def of_rows(cls, runs: PairRuns, rows: dict[str, torch.Tensor]) -> "Attribution":
+        """From per-row token values of each explained tower ({tower: (rows, n)}): the image
+        tower's as patch maps, the text tower's as token scores."""
+        return cls(
+            image_maps=tower_result(runs, "image", rows["image"]) if "image" in rows else None,
+            token_scores=tower_result(runs, "text", rows["text"]) if "text" in rows else None,
+        )
 
 
 @dataclass

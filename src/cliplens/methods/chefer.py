@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from ..adapters.base import ModelAdapter
 from ..targets import Target
 from .base import Attribution, Method, option, register, resolve_layer
-from .pairs import PairRuns, tower_result
+from .pairs import PairRuns
 from .relevance import RowFold
 
 
@@ -61,7 +61,4 @@ class Chefer(Method):
         finally:
             for fold in folds.values():
                 fold.remove()
-        return Attribution(
-            image_maps=tower_result(runs, "image", rows["image"]) if "image" in rows else None,
-            token_scores=tower_result(runs, "text", rows["text"]) if "text" in rows else None,
-        )
+        return Attribution.of_rows(runs, rows)

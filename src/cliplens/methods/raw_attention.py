@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from ..adapters.base import ModelAdapter
 from ..targets import Target
 from .base import Attribution, Method, option, register, resolve_layer
-from .pairs import PairRuns, tower_result
+from .pairs import PairRuns
 from .relevance import head_mean_row, readout_rows
 
 
@@ -51,10 +51,9 @@ class RawAttention(Method):
     def attribute(
         self, adapter: ModelAdapter, runs: PairRuns, target: Target, towers: tuple[str, ...], opts: Options
     ) -> Attribution:
-        out = {}
+        rows = {}
         for tower in towers:
             run = runs.run(tower)
-            n_layers = len(run.attentions)
-            l = resolve_layer(opts.layer, n_layers, n_layers - 1)
-            out[tower] = tower_result(runs, tower, head_mean_row(run.attentions[l], readout_rows(self.name, run)))
-        return Attribution(image_maps=out.get("image"), token_scores=out.get("text"))
+            l = resolve_layer(opts.layer, len(run.attentions), len(run.attentions) - 1)
+            rows[tower] = head_mean_row(run.attentions[l], readout_rows(self.name, run))
+        return Attribution.of_rows(runs, rows)

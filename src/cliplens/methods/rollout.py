@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from ..adapters.base import ModelAdapter
 from ..targets import Target
 from .base import Attribution, Method, option, register, resolve_layer
-from .pairs import PairRuns, tower_result
+from .pairs import PairRuns
 from .relevance import readout_rows, rollout_row
 
 
@@ -53,9 +53,9 @@ class Rollout(Method):
     def attribute(
         self, adapter: ModelAdapter, runs: PairRuns, target: Target, towers: tuple[str, ...], opts: Options
     ) -> Attribution:
-        out = {}
+        rows = {}
         for tower in towers:
             run = runs.run(tower)
             start = resolve_layer(opts.start_layer, len(run.attentions), 0, "start_layer")
-            out[tower] = tower_result(runs, tower, rollout_row(run, readout_rows(self.name, run), start))
-        return Attribution(image_maps=out.get("image"), token_scores=out.get("text"))
+            rows[tower] = rollout_row(run, readout_rows(self.name, run), start)
+        return Attribution.of_rows(runs, rows)
