@@ -96,3 +96,42 @@ def test_pair_scores_against_float64_oracle():
     np.testing.assert_allclose(scores.table(img, txt).numpy(), want, rtol=1e-12)
     np.testing.assert_allclose(scores.against(img, txt).numpy(), want, rtol=1e-12)
     np.testing.assert_allclose(scores.probs(scores.table(img, txt)).numpy(), 1 / (1 + np.exp(-want)), rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "method,kwargs",
+    [
+        ("chefer", {}),  # logit target: the prompts are split
+        ("legrad", {"target": "probability"}),  # a target over every prompt: the images are split
+        ("decomposition", {}),  # an extra without a prompt axis
+        ("interactions", {}),
+    ],
+)
+def test_chunks_give_the_numbers_of_one_batch(adapter, method, kwargs):
+    """max_pairs bounds the pairs per forward/backward; the result is the one-batch result."""
+    images = [WIDE, TALL, random_image(3)]
+    texts = ["a red circle", "a dog", "two cats", "a blue star", "cat"]
+    whole = cliplens.explain(adapter, images, texts, method=method, **kwargs)
+    parts = cliplens.explain(adapter, images, texts, method=method, max_pairs=2, **kwargs)
+    np.testing.assert_allclose(parts.logits, whole.logits, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(parts.probs, whole.probs, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(parts.target_values, whole.target_values, rtol=1e-5, atol=1e-6)
+    for b in range(len(images)):
+        scale = np.abs(whole.image_maps[b]).max()
+        np.testing.assert_allclose(parts.image_maps[b], whole.image_maps[b], rtol=1e-4, atol=1e-5 * scale)
+    if whole.token_scores is not None:
+        scale = np.nanmax(np.abs(whole.token_scores))
+        np.testing.assert_allclose(parts.token_scores, whole.token_scores, rtol=1e-4, atol=1e-5 * scale)
+    assert parts.extras.keys() == whole.extras.keys()
+    for key in whole.extras:
+        if "delta_" in key:  # completeness errors are rounding noise: both stay at it
+            assert np.nanmax(parts.extras[key]) < 1e-4
+            continue
+        for a, w in zip(parts.extras[key], whole.extras[key]):
+            scale = np.nanmax(np.abs(w)) + 1e-12
+            np.testing.assert_allclose(a, w, rtol=1e-4, atol=1e-5 * scale, err_msg=key)
+
+
+def test_max_pairs_must_be_positive():
+    with pytest.raises(cliplens.InputError, match="max_pairs"):
+        cliplens.explain("/no/such/model", [WIDE], TEXTS, max_pairs=0)

@@ -19,7 +19,7 @@ from .explanation import Explanation
 from .images import load_image
 from .methods import Method, get_method
 from .preprocess import check_resize
-from .targets import PairScores, Target, resolve_target
+from .targets import PairLogit, PairScores, Target, resolve_target
 
 ImageLike = str | os.PathLike | Image.Image | np.ndarray
 
@@ -38,6 +38,11 @@ def check_texts(texts) -> list[str]:
     return texts
 
 
+#: pairs explained together in one forward/backward unless ``max_pairs`` says otherwise: the
+#: memory of a call is bounded by this many pairs, whatever the numbers of images and prompts
+DEFAULT_MAX_PAIRS = 128
+
+
 @dataclass(frozen=True)
 class ExplainRequest:
     """Everything an explain call asks, except the model and the images, validated once and
@@ -50,6 +55,7 @@ class ExplainRequest:
     towers: tuple[str, ...]
     resize: str
     options: dict
+    max_pairs: int = DEFAULT_MAX_PAIRS
 
     @classmethod
     def build(
@@ -61,6 +67,7 @@ class ExplainRequest:
         towers: str | Sequence[str] | None = None,
         resize: str = "model",
         options: dict | None = None,
+        max_pairs: int | None = None,
     ) -> "ExplainRequest":
         texts = check_texts(texts)
         meth = get_method(method)
@@ -76,7 +83,11 @@ class ExplainRequest:
                 raise InputError(f"method {meth.name!r} gives no {t} map (it covers: {', '.join(meth.towers)})")
         if not towers:
             raise InputError("no towers to explain")
-        return cls(texts, meth, resolve_target(target, texts), towers, check_resize(resize), options)
+        if max_pairs is None:
+            max_pairs = DEFAULT_MAX_PAIRS
+        if isinstance(max_pairs, bool) or not isinstance(max_pairs, int) or max_pairs < 1:
+            raise InputError(f"max_pairs must be a positive integer (pairs explained at once), got {max_pairs!r}")
+        return cls(texts, meth, resolve_target(target, texts), towers, check_resize(resize), options, max_pairs)
 
 
 def _adapter(model, tokenizer) -> ModelAdapter:
@@ -112,6 +123,7 @@ def explain(
     resize: str = "model",
     tokenizer=None,
     max_pixels: int | None = None,
+    max_pairs: int | None = None,
     **options,
 ) -> Explanation:
     """Explain the similarity of every (image, text) pair.
@@ -128,12 +140,17 @@ def explain(
         towers: which towers to explain (default: every tower the method covers).
         resize: ``"model"`` (the checkpoint's resize and centre crop) or ``"full"`` (whole
             image, shortest edge to the model size, grid follows the aspect ratio).
+        max_pairs: at most this many (image, prompt) pairs go through one forward and backward
+            (default :data:`DEFAULT_MAX_PAIRS`); more are explained in chunks, with the same
+            numbers, so memory is bounded by the chunk and not by the call.
         options: method options (see ``cliplens methods``), e.g. ``start_layer=0``.
 
-    All pairs go through one forward pass per tower and one backward pass (per distinct
-    input size when ``resize="full"`` mixes aspect ratios).
+    The pairs of a chunk go through one forward pass per tower and one backward pass (per
+    distinct input size when ``resize="full"`` mixes aspect ratios).
     """
-    request = ExplainRequest.build(texts, method, target=target, towers=towers, resize=resize, options=options)
+    request = ExplainRequest.build(
+        texts, method, target=target, towers=towers, resize=resize, options=options, max_pairs=max_pairs
+    )
     adapter = _adapter(model, tokenizer)
     return explain_request(adapter, _load_images(images, max_pixels), request)
 
@@ -152,27 +169,41 @@ def explain_request(adapter: ModelAdapter, pil_images: list[Image.Image], reques
     B, P = len(pil_images), len(texts)
     per_image: dict[str, list] = {"image_maps": [None] * B}
     tokens_out = np.full((B, P, batch.input_ids.shape[1]), np.nan)
-    logits, probs, values = np.zeros((B, P)), np.zeros((B, P)), np.zeros((B, P))
+    logits, values = np.zeros((B, P)), np.zeros((B, P))
     geometries = [None] * B
     has_tokens = False
-    for group in adapter.prepare_images(pil_images, resize=request.resize):
-        res = meth.compute(adapter, group, batch, request.target, towers=towers, **request.options)
+    groups = adapter.prepare_images(pil_images, resize=request.resize)
+    chunks = [c for g in groups for c in pair_chunks(g, batch, request)]
+    bar = _progress(len(chunks))
+    for group, prompts in chunks:
+        text_chunk = batch.rows(prompts)
+        res = meth.compute(adapter, group, text_chunk, request.target, towers=towers, **request.options)
         idx = group.indices
+        cells = np.ix_(idx, range(prompts.start, prompts.stop))
         for j, b in enumerate(idx):
             geometries[b] = group.geometries[j]
         named = {"image_maps": res.image_maps, **{f"extra__{k}": v for k, v in res.extras.items()}}
         for key, value in named.items():
-            if value is not None:
-                rows = _np(value)
-                slots = per_image.setdefault(key, [None] * B)
-                for j, b in enumerate(idx):
+            if value is None:
+                continue
+            rows = _np(value)
+            slots = per_image.setdefault(key, [None] * B)
+            for j, b in enumerate(idx):
+                if key[len("extra__") :] in meth.image_only_extras:  # no prompt axis
                     slots[b] = rows[j]
+                    continue
+                if slots[b] is None:
+                    slots[b] = np.full((P, *rows.shape[2:]), np.nan, dtype=rows.dtype)
+                slots[b][prompts] = rows[j]
         if res.token_scores is not None:
             has_tokens = True
-            tokens_out[idx] = _np(res.token_scores)
-        logits[idx] = _np(res.logits)
-        probs[idx] = _np(res.probs)
-        values[idx] = _np(res.target_values)
+            tokens_out[cells] = _np(res.token_scores)
+        logits[cells] = _np(res.logits)
+        values[cells] = _np(res.target_values)
+        bar.update(1)
+    bar.close()
+    # probabilities over every prompt of the call, from the pairs' logits (chunks see only some)
+    probs = PairScores(torch.tensor(1.0), None, adapter.pair_probability).probs(torch.from_numpy(logits)).numpy()
     image_maps = _stack_or_list(per_image.pop("image_maps"))
     # extras follow the maps: one array when every image has the same grid, else one per image
     extras = {key[len("extra__") :]: _stack_or_list(v) for key, v in per_image.items()}
@@ -202,6 +233,31 @@ def explain_request(adapter: ModelAdapter, pil_images: list[Image.Image], reques
             "torch": torch.__version__,
         },
     )
+
+
+def pair_chunks(group, batch, request: ExplainRequest):
+    """Split one image group x all prompts into chunks of at most ``request.max_pairs`` pairs:
+    [(image sub-batch, prompt slice)]. Prompts are split only where each pair's target is its
+    own (the logit); a target that reads other prompts (probability, contrast) keeps them all
+    together and the images are split instead. Every chunk gives exactly the numbers its pairs
+    get in one batch (rows of a batch never mix)."""
+    B, P = len(group), len(batch)
+    limit = request.max_pairs
+    split_prompts = isinstance(request.target, PairLogit) and P > limit
+    p_step = min(P, limit) if split_prompts else P
+    b_step = max(1, limit // p_step)
+    out = []
+    for b0 in range(0, B, b_step):
+        sub = group if b_step >= B else group.rows(slice(b0, b0 + b_step))
+        for p0 in range(0, P, p_step):
+            out.append((sub, slice(p0, min(P, p0 + p_step))))
+    return out
+
+
+def _progress(total: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="explaining pairs", unit="chunk", disable=total < 2 or None)
 
 
 def _stack_or_list(rows: list[np.ndarray | None]) -> np.ndarray | list[np.ndarray] | None:

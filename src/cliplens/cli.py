@@ -145,7 +145,12 @@ def _explain(args) -> int:
     options = dict(_parse_option(o) for o in args.option or [])
     # everything is checked before the model loads: prompts, method, options, target, images
     request = ExplainRequest.build(
-        _read_texts(args), args.method, target=args.target, resize=args.resize, options=options
+        _read_texts(args),
+        args.method,
+        target=args.target,
+        resize=args.resize,
+        options=options,
+        max_pairs=args.max_pairs,
     )
     if not args.images:
         raise InputError("no images given")
@@ -258,7 +263,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=1024,
         help="longest side of the overlay PNGs in pixels; 0: the source image's full size. Default: 1024",
     )
-    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass. Default: 8")
+    p.add_argument("--batch-size", type=int, default=8, help="images read and explained per step. Default: 8")
+    p.add_argument(
+        "--max-pairs",
+        type=int,
+        default=None,
+        help="at most this many (image, prompt) pairs per forward/backward pass: memory is bounded by "
+        "it, the numbers are the same. Default: 128",
+    )
     p.add_argument("--max-pixels", type=int, default=None, help="refuse images above this many pixels")
     p.add_argument(
         "--max-tokens",

@@ -141,6 +141,19 @@ class TextBatch:
     def __len__(self) -> int:
         return len(self.texts)
 
+    def rows(self, prompts: slice) -> "TextBatch":
+        """The prompts of ``prompts`` (same token width, so their numbers do not change)."""
+        if prompts == slice(0, len(self.texts)):
+            return self
+        return TextBatch(
+            self.texts[prompts],
+            self.input_ids[prompts],
+            self.attention_mask[prompts],
+            self.tokens[prompts],
+            self.truncated[prompts],
+            self.content[prompts],
+        )
+
 
 @dataclass
 class ImageBatch:
@@ -153,6 +166,12 @@ class ImageBatch:
 
     def __len__(self) -> int:
         return self.pixel_values.shape[0]
+
+    def rows(self, images: slice) -> "ImageBatch":
+        """The images of ``images``, with their geometries and positions."""
+        return ImageBatch(
+            self.pixel_values[images], self.geometries[images], self.originals[images], self.indices[images]
+        )
 
 
 @dataclass(frozen=True)

@@ -126,6 +126,8 @@ class Method:
     detach_blocks: ClassVar[bool] = False
     #: what an explained tower must offer (``ModelAdapter.capabilities``)
     requires: ClassVar[frozenset[str]] = frozenset()
+    #: extras with no prompt axis (B, ...): the same for every prompt of an image
+    image_only_extras: ClassVar[frozenset[str]] = frozenset()
     #: the result carries a completeness check (``delta_*`` extras: how far the parts' sum is
     #: from the explained value)
     complete: ClassVar[bool] = False

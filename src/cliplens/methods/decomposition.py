@@ -284,6 +284,7 @@ class Decomposition(Method):
     needs_gradient = False
     requires = frozenset({"readout_token", "linear_split"})
     complete = True
+    image_only_extras = frozenset({"head_embeddings"})
 
     def unsupported(self, adapter: ModelAdapter, towers: tuple[str, ...], opts) -> str | None:
         # a tower that pools with a head whose pieces are exposed is split at the head instead
