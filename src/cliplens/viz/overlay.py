@@ -23,7 +23,8 @@ def overlay(
     diverging palette). ``value_range`` (lo, hi), when given, pins the two ends of the
     palette to those raw values instead of the ones ``mode`` reads off ``heat`` (so that a
     colour bar can be labelled with them; see :func:`cliplens.viz.pages.display_range`).
-    Pixels the model never saw are darkened and hatched (``unseen="hatch"``) or left
+    Signed maps are blended by magnitude (a value near 0 leaves the photo visible; white, the
+    palette's middle, never washes it out). Pixels the model never saw are darkened and hatched (``unseen="hatch"``) or left
     untouched (``"plain"``), never coloured as if scored.
     """
     img = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, dtype=np.float32)
@@ -40,7 +41,14 @@ def overlay(
             scaled = 2 * scaled - 1
     colours = colorize(scaled, signed=signed).astype(np.float32)
     out = img.copy()
-    out[seen] = (1 - alpha) * img[seen] + alpha * colours[seen]
+    if signed:
+        # the diverging palette is white at 0: blend by magnitude instead, so that values near 0
+        # leave the photo as it is and only positive (red) and negative (blue) parts are painted
+        weight = alpha * np.clip(np.abs(np.nan_to_num(scaled)), 0.0, 1.0) ** 0.5
+        weight = weight[..., None].astype(np.float32)
+        out[seen] = (1 - weight[seen]) * img[seen] + weight[seen] * colours[seen]
+    else:
+        out[seen] = (1 - alpha) * img[seen] + alpha * colours[seen]
     del colours, scaled
     if unseen == "hatch" and (~seen).any():
         yy, xx = np.indices(heat.shape)
