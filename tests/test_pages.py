@@ -124,3 +124,19 @@ def test_sections_and_results_agree(tmp_path):
         assert e["overlay"] == overlays[e["image_index"]][e["prompt_index"]]
         assert e["image"] == d["images"][e["image_index"]]["path"]
     assert d["display"] == {"normalise": "minmax"}
+
+
+def test_signed_overlay_leaves_zero_regions_as_the_photo():
+    """A signed map is white at 0 in its palette; blended by magnitude, zero pixels show the
+    photo unchanged and the extreme pixels carry the palette's ends."""
+    from cliplens.viz import overlay
+
+    rng = np.random.default_rng(0)
+    photo = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    heat = np.zeros((20, 30))
+    heat[5, 5], heat[10, 10] = 2.0, -2.0
+    out = np.asarray(overlay(photo, heat, mode="signed", alpha=0.5)).astype(int)
+    zero = heat == 0
+    assert np.abs(out[zero] - photo[zero]).max() <= 1
+    assert out[5, 5, 0] > out[5, 5, 2] or photo[5, 5, 0] > 200  # the positive end is red
+    assert not np.array_equal(out[10, 10], photo[10, 10])
