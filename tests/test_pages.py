@@ -144,3 +144,19 @@ def test_signed_overlay_leaves_zero_regions_as_the_photo():
     for (y, x), end in (((5, 5), 1.0), ((10, 10), -1.0)):
         want = 0.5 * photo[y, x] + 0.5 * colorize(np.array([end]), signed=True)[0]
         assert np.abs(out[y, x] - want).max() <= 1
+
+
+def test_image_scale_shares_the_palette_across_an_images_prompts():
+    """--scale image: every prompt of an image uses one colour range (the range of all its
+    maps), so a weak map is drawn weak; --scale pair stretches each map on its own."""
+    import cliplens
+    from cliplens.viz import pages
+    from conftest import hf_clip_factory, random_image
+
+    ex = cliplens.explain(hf_clip_factory(seed=0), [random_image(1)], ["a cat", "a red dog", "x"], method="chefer")
+    shared = [pages.pair_range(ex, 0, p, "minmax", "image") for p in range(3)]
+    assert shared[0] == shared[1] == shared[2]
+    values = np.concatenate([np.ravel(ex.grid_map(0, p)) for p in range(3)])
+    assert shared[0] == (values.min(), values.max())
+    own = pages.pair_range(ex, 0, 1, "minmax", "pair")
+    assert own == (ex.grid_map(0, 1).min(), ex.grid_map(0, 1).max())

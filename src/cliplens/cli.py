@@ -168,7 +168,7 @@ def _explain(args) -> int:
     out = Path(args.out)
     with staged_dir(out, overwrite=args.overwrite) as stage:
         side = args.overlay_size or None
-        overlays = pages.write_overlays(ex, stage, labels, mode=args.normalise, max_side=side)
+        overlays = pages.write_overlays(ex, stage, labels, mode=args.normalise, max_side=side, scale=args.scale)
         words = pages.write_word_overlays(ex, stage, labels, mode=args.normalise, max_side=side)
         matrices = pages.write_matrices(ex, stage, labels)
         inter = pages.write_interactions(ex, stage)
@@ -176,12 +176,12 @@ def _explain(args) -> int:
         (stage / "results.json").write_text(json.dumps(results, indent=1, allow_nan=False), encoding="utf-8")
         intro = (
             f"<p class='note'>model <b>{html.escape(adapter.name)}</b> · method <b>{html.escape(ex.method)}</b> · "
-            f"target <b>{html.escape(ex.target)}</b> · maps shown {args.normalise}-normalised per pair, the colour "
+            f"target <b>{html.escape(ex.target)}</b> · maps shown {args.normalise}-normalised per {args.scale}, the colour "
             "bar under each labelled with the raw values of its ends; hatched = not seen by the model; token chips "
             "show raw scores; every number is in results.json</p>"
         )
         sections = pages.image_sections(
-            ex, labels, overlays, mode=args.normalise, words=words, matrices=matrices
+            ex, labels, overlays, mode=args.normalise, words=words, matrices=matrices, scale=args.scale
         )
         write_page(stage / "index.html", "cliplens explanation", sections, intro)
     print(f"wrote {len(results['pairs'])} pair(s) to {args.out}/ (index.html, results.json)")
@@ -256,6 +256,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="minmax",
         help="display scaling of the overlays (raw values are kept in results.json): minmax, positive "
         "(negative parts cut), signed (diverging colours around zero). Default: minmax",
+    )
+    p.add_argument(
+        "--scale",
+        choices=["pair", "image"],
+        default="pair",
+        help="the overlays' colour scale: per pair, or shared by every prompt of an image (an absent "
+        "object's map then no longer looks as hot as a present one's). Default: pair",
     )
     p.add_argument(
         "--overlay-size",

@@ -55,6 +55,23 @@ def display_range(grid: np.ndarray, mode: str = "minmax") -> tuple[float, float]
     return -m, m
 
 
+#: how the palette's ends are chosen: per pair, or shared by every prompt of an image (so an
+#: absent object's map no longer looks as hot as a present one's)
+SCALES = ("pair", "image")
+
+
+def pair_range(ex: Explanation, b: int, p: int, mode: str = "minmax", scale: str = "pair"):
+    """The raw values the palette's ends stand for in pair (b, p)'s overlay: :func:`display_range`
+    of its own map (``scale="pair"``), or of all maps of image b that get a heatmap (``"image"``)."""
+    if scale not in SCALES:
+        raise ValueError(f"unknown scale {scale!r}")
+    if scale == "pair":
+        return display_range(ex.grid_map(b, p), mode)
+    notes = pair_notes(ex)[b]
+    maps = [np.ravel(ex.grid_map(b, q)) for q in range(ex.shape[1]) if not notes[q]]
+    return display_range(np.concatenate(maps), mode) if maps else None
+
+
 def pair_notes(ex: Explanation) -> list[list[str | None]]:
     """[b][p]: why pair (b, p) gets no heatmap (its target is constant, or its map is flat),
     or None when it gets one."""
@@ -85,6 +102,7 @@ def write_overlays(
     mode: str = "minmax",
     first_index: int = 0,
     max_side: int | None = DISPLAY_SIDE,
+    scale: str = "pair",
 ) -> list[list[str]]:
     """Write one PNG per pair into ``directory``; [b][p] file names ("" where the method gave
     no image map). ``labels`` name the images (paths or names) for :func:`overlay_name`, whose
@@ -109,7 +127,7 @@ def write_overlays(
                 image = ex.overlay(b, p, alpha=0.0, max_side=max_side)
             else:
                 image = ex.overlay(
-                    b, p, mode=mode, value_range=display_range(ex.grid_map(b, p), mode), max_side=max_side
+                    b, p, mode=mode, value_range=pair_range(ex, b, p, mode, scale), max_side=max_side
                 )
             image.save(directory / name)
             row.append(name)
@@ -233,6 +251,7 @@ def pair_card(
     note: str | None = None,
     extra: str = "",
     words: dict[int, str] | None = None,
+    scale: str = "pair",
 ) -> Card:
     """The card of pair (b, p): its overlay with a colour bar labelled in raw map values (or
     ``note`` instead of a heatmap), the prompt (folded when long), logit and probability, the
@@ -257,7 +276,7 @@ def pair_card(
             below = f"<div class='nomap'>{html.escape(note)}</div>"
         else:
             r = ex.map_range(b, p)
-            lo, hi = display_range(ex.grid_map(b, p), mode) or (float("nan"), float("nan"))
+            lo, hi = pair_range(ex, b, p, mode, scale) or (float("nan"), float("nan"))
             raw = "" if r is None or r == (lo, hi) else f"raw {number(r[0])} … {number(r[1])}"
             below = colour_bar(lo, hi, signed=mode == "signed", label=raw)
     tokens = ""
@@ -301,6 +320,7 @@ def image_sections(
     mode: str = "minmax",
     words: list[list[dict[int, str]]] | None = None,
     matrices: list[list[str]] | None = None,
+    scale: str = "pair",
 ) -> list[Section]:
     """One section per image (headed by its label): the table of its prompts, then a card per
     prompt (with word maps and the token x patch matrix where ``words`` / ``matrices`` from
@@ -318,6 +338,7 @@ def image_sections(
                     p,
                     overlays[b][p],
                     mode=mode,
+                    scale=scale,
                     note=notes[b][p],
                     words=words[b][p] if words else None,
                     extra=matrix_html(ex, b, p, matrices[b][p]) if matrices else "",
