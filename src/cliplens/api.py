@@ -19,7 +19,7 @@ from .explanation import Explanation
 from .images import load_image
 from .methods import Method, get_method
 from .preprocess import check_resize
-from .targets import PairLogit, PairScores, Target, resolve_target
+from .targets import PairLogit, PairScores, Target, probabilities, resolve_target
 
 ImageLike = str | os.PathLike | Image.Image | np.ndarray
 
@@ -203,7 +203,7 @@ def explain_request(adapter: ModelAdapter, pil_images: list[Image.Image], reques
         bar.update(1)
     bar.close()
     # probabilities over every prompt of the call, from the pairs' logits (chunks see only some)
-    probs = PairScores(torch.tensor(1.0), None, adapter.pair_probability).probs(torch.from_numpy(logits)).numpy()
+    probs = probabilities(torch.from_numpy(logits), adapter.pair_probability).numpy()
     image_maps = _stack_or_list(per_image.pop("image_maps"))
     # extras follow the maps: one array when every image has the same grid, else one per image
     extras = {key[len("extra__") :]: _stack_or_list(v) for key, v in per_image.items()}

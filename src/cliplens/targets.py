@@ -58,7 +58,13 @@ class PairScores:
 
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
         """(B, P) logits -> (B, P) probabilities of each prompt for each image."""
-        return torch.sigmoid(logits) if self.probability == "sigmoid" else logits.softmax(-1)
+        return probabilities(logits, self.probability)
+
+
+def probabilities(logits: torch.Tensor, kind: str) -> torch.Tensor:
+    """(B, P) pair logits -> probabilities: ``"softmax"`` over the prompts, or each pair's
+    ``"sigmoid"``."""
+    return torch.sigmoid(logits) if kind == "sigmoid" else logits.softmax(-1)
 
 
 @dataclass(frozen=True)
