@@ -66,7 +66,6 @@ def cmd_explain(args) -> int:
     from .files import staged_dir
     from .images import load_image
     from .viz import pages
-    from .viz.html import write_page
 
     options = dict(_parse_option(o) for o in args.option or [])
     # everything is checked before the model loads: prompts, method, options, target, images
@@ -87,22 +86,7 @@ def cmd_explain(args) -> int:
     labels = [str(p) for p in args.images]
     out = Path(args.out)
     with staged_dir(out) as stage:
-        overlays = pages.write_overlays(ex, stage, labels, mode=args.normalise)
-        words = pages.write_word_overlays(ex, stage, labels, mode=args.normalise)
-        matrices = pages.write_matrices(ex, stage, labels)
-        inter = pages.write_interactions(ex, stage)
-        results = pages.results(ex, labels, overlays, out, mode=args.normalise, interactions=inter)
-        (stage / "results.json").write_text(json.dumps(results, indent=1, allow_nan=False), encoding="utf-8")
-        intro = (
-            f"<p class='note'>model <b>{html.escape(adapter.name)}</b> · method <b>{html.escape(ex.method)}</b> · "
-            f"target <b>{html.escape(ex.target)}</b> · maps shown {args.normalise}-normalised per pair, the colour "
-            "bar under each labelled with the raw values of its ends; hatched = not seen by the model; token chips "
-            "show raw scores; every number is in results.json</p>"
-        )
-        sections = pages.image_sections(
-            ex, labels, overlays, mode=args.normalise, words=words, matrices=matrices
-        )
-        write_page(stage / "index.html", "cliplens explanation", sections, intro)
+        results = pages.write_folder(ex, labels, stage, model=adapter.name, mode=args.normalise, final=out)
     print(f"wrote {len(results['pairs'])} pair(s) to {args.out}/ (index.html, results.json)")
     return 0
 
@@ -116,6 +100,17 @@ def cmd_demo(args) -> int:
     print()
     print(summary_table(rows))
     print(f"\nopen {args.out}/index.html")
+    return 0
+
+
+def cmd_app(args) -> int:
+    try:
+        from .app.server import serve
+    except ImportError as exc:  # the optional extra is not installed
+        raise InputError(
+            f"the app needs the optional extra: pip install 'cliplens[app]' (missing: {exc.name})"
+        ) from None
+    serve(args.model, host=args.host, port=args.port, device=args.device)
     return 0
 
 
@@ -182,6 +177,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="shapes", help="model to explain. Default: shapes (embedded)")
     p.add_argument("--methods", default=None, help="comma-separated methods. Default: all")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser(
+        "app",
+        help="a local web app: upload an image or pick a scene, compare methods (needs cliplens[app])",
+        description="Serve a local web page to explain images with several methods side by side. The model "
+        "loads once; results are kept in a temporary folder removed on exit.",
+    )
+    p.add_argument("--model", "-m", default="shapes", help="model to explain. Default: shapes (embedded, offline)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind. Default: 127.0.0.1 (this machine only)")
+    p.add_argument("--port", type=int, default=8765, help="port. Default: 8765")
+    p.add_argument("--device", default=None, help="torch device, e.g. cuda. Default: where the model loads (CPU)")
+    p.set_defaults(func=cmd_app)
 
     p = sub.add_parser("methods", help="list attribution methods", description="List the registered methods.")
     p.set_defaults(func=cmd_methods)
