@@ -422,9 +422,10 @@ class Service:
                 card.caption = f"<div class='method'>{html.escape(name)}</div>" + card.caption
                 parts_html = card_html(card)
                 if sc is not None and overlay:
-                    parts_html = parts_html.replace(
-                        "<div class='card'>", f"<div class='card gt'><img class='outline' src='{base}outlines.png' alt=''>", 1
-                    )
+                    # after the overlay: the word-map script swaps the card's first picture
+                    head, sep, tail = parts_html.partition("alt=''>")
+                    outline = f"<img class='outline' src='{base}outlines.png' alt=''>"
+                    parts_html = head.replace("<div class='card'>", "<div class='card gt'>", 1) + sep + outline + tail
                 cards.append(parts_html)
             parts.append(f"<h2 class='prompt'>{html.escape(text)}</h2><div class='grid'>{''.join(cards)}</div>")
         return "\n".join(parts)
@@ -447,7 +448,7 @@ class Service:
             )
         cls = "card gt" if sc is not None else "card"
         return (
-            f"<div class='{cls}'>{outline}<img src='{base}image.png' alt='original'>"
+            f"<div class='{cls}'><img src='{base}image.png' alt='original'>{outline}"
             f"<div class='cap'>{''.join(lines)}</div></div>"
         )
 

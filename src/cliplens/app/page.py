@@ -29,6 +29,7 @@ h2.prompt{border-top:1px solid #ddd;padding-top:.6em}
 button{font-size:1em;padding:4px 14px}
 """
 
+#: after html._SCRIPT in the same scope: no name here may repeat one of its (pic, ends, paint, show, back)
 _APP_SCRIPT = """
 const $=s=>document.querySelector(s);
 let job=null;
@@ -42,7 +43,7 @@ async function loadScene(){
 }
 function pickFile(){const f=$('#image').files[0];if(!f)return;
   document.querySelector('input[name=source][value=upload]').checked=true;$('#preview').src=URL.createObjectURL(f);}
-async function run(ev){
+async function submitRun(ev){
   ev.preventDefault();$('#error').textContent='';$('#viewbar').style.display='none';
   const fd=new FormData($('#form'));
   if(fd.get('source')!=='upload')fd.delete('image');
@@ -61,22 +62,22 @@ async function poll(){
     if(!r.ok){fail(j.error);return;}
     if(j.status==='error'){fail(j.error);return;}
     const bar=`<progress max='${j.total}' value='${j.done}'></progress> `;
-    if(j.status==='done'){$('#status').innerHTML=bar+'done';await show();return;}
+    if(j.status==='done'){$('#status').innerHTML=bar+'done';await showResults();return;}
     $('#status').innerHTML=bar+(j.status==='queued'?'waiting for another run to finish':
       `${j.done}/${j.total} methods · running ${j.current}`);
     await new Promise(res=>setTimeout(res,250));
   }
 }
-async function show(){
+async function showResults(){
   const r=await fetch('api/jobs/'+job+'/view?mode='+$('#mode').value);
   if(!r.ok){let j={};try{j=await r.json();}catch(e){}fail(j.error||('the server answered '+r.status));return;}
   $('#results').innerHTML=await r.text();
   $('#download').href='api/jobs/'+job+'/download';$('#viewbar').style.display='flex';
 }
 function outlines(){$('#results').classList.toggle('no-outlines',!$('#outlines').checked);}
-document.addEventListener('DOMContentLoaded',()=>{$('#form').addEventListener('submit',run);
+document.addEventListener('DOMContentLoaded',()=>{$('#form').addEventListener('submit',submitRun);
   $('#loadscene').addEventListener('click',loadScene);$('#image').addEventListener('change',pickFile);
-  $('#mode').addEventListener('change',()=>{if(job)show();});$('#outlines').addEventListener('change',outlines);
+  $('#mode').addEventListener('change',()=>{if(job)showResults();});$('#outlines').addEventListener('change',outlines);
   loadScene();});
 """
 
