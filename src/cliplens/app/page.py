@@ -98,7 +98,7 @@ def index_html(service: Service) -> str:
 <form id='form'>
 <fieldset><legend>image</legend>
  <label><input type='radio' name='source' value='scene' checked> demo scene (shapes world)
-  <input type='number' id='scene' name='scene' value='0' min='0' max='{lim.max_scene_seed}'>
+  <input type='number' id='scene' name='scene' value='1' min='0' max='{lim.max_scene_seed}'>
   <button type='button' id='loadscene'>load</button></label>
  <label><input type='radio' name='source' value='upload'> upload
   <input type='file' id='image' name='image' accept='image/*'></label>
