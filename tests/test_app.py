@@ -266,3 +266,54 @@ def test_parse_prompts_and_named_object():
     for obj in sc.objects:
         assert (drawn & obj.mask).any()  # every object outlined, the outline on its mask
     assert not (drawn & ~np.logical_or.reduce([o.mask for o in sc.objects])).any()
+
+
+# ---- the command -------------------------------------------------------------------------------------
+
+
+def test_cliplens_app_serves_then_cleans_up(tmp_path):
+    """``cliplens app`` on a free port: the page answers; Ctrl-C stops it and its folder is gone;
+    a host other than 127.0.0.1 prints a warning."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "TMPDIR": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "cliplens.cli", "app", "--port", str(port), "--host", "localhost"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert f"http://localhost:{port}/" in line, line + proc.stderr.read()
+        assert list(tmp_path.glob("cliplens-app-*"))
+        for _ in range(100):
+            try:
+                page = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5).read().decode()
+                break
+            except OSError:
+                time.sleep(0.1)
+        assert "value='chefer'" in page
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err
+    assert not list(tmp_path.glob("cliplens-app-*"))
+
+
+def test_host_other_than_loopback_warns(monkeypatch, capsys):
+    import uvicorn
+
+    from cliplens import cli
+
+    seen = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(kw))
+    assert cli.main(["app", "--host", "0.0.0.0", "--port", "8999"]) == 0
+    assert seen["host"] == "0.0.0.0" and seen["port"] == 8999
+    err = capsys.readouterr().err
+    assert "warning: serving on 0.0.0.0" in err

@@ -276,6 +276,7 @@ class Service:
         self.scratch.mkdir()
         self._model_lock = threading.Lock()
         self._jobs_lock = threading.Lock()
+        self._render_lock = threading.Lock()  # a view writes its overlays once, whoever asks first
         self._jobs: OrderedDict[str, Job] = OrderedDict()
         self._threads: list[threading.Thread] = []
 
@@ -381,6 +382,10 @@ class Service:
             raise InputError(f"unknown view {mode[:20]!r}; choose {', '.join(MODES)}")
         if job.status != "done":
             raise InputError("the run has not finished")
+        with self._render_lock:
+            return self._render(job, mode)
+
+    def _render(self, job: Job, mode: str) -> str:
         base = f"files/{job.id}/"
         label = str(job.folder / "image.png")
         views = {}
