@@ -21,12 +21,12 @@ pytest.importorskip("multipart")
 pytest.importorskip("httpx")
 pytest.importorskip("uvicorn")
 
-from starlette.testclient import TestClient  # noqa: E402
+from starlette.testclient import TestClient
 
-from cliplens.app.core import Limits, Service, named_object, outline_image, parse_prompts  # noqa: E402
-from cliplens.app.server import create_app  # noqa: E402
-from cliplens.errors import InputError  # noqa: E402
-from cliplens.worlds import shapes  # noqa: E402
+from cliplens.app.core import Limits, Service, named_object, outline_image, parse_prompts
+from cliplens.app.server import create_app
+from cliplens.errors import InputError
+from cliplens.worlds import shapes
 
 pytestmark = pytest.mark.app
 
@@ -62,7 +62,12 @@ def png_bytes(size=(96, 80), colour=(200, 30, 30)) -> bytes:
 
 
 def form(**kw):
-    data = {"source": "scene", "scene": "3", "prompts": "a blue star\na green square", "methods": ["chefer", "rollout"]}
+    data = {
+        "source": "scene",
+        "scene": "3",
+        "prompts": "a blue star\na green square",
+        "methods": ["chefer", "rollout"],
+    }
     data.update(kw)
     return data
 
@@ -125,10 +130,13 @@ def test_scene_run_shows_every_method_per_prompt_with_ground_truth(client):
     job = run_ok(client)
     view = client.get(f"/api/jobs/{job}/view").text
     assert view.count("<h2 class='prompt'>") == 2
-    assert view.count("<div class='method'>chefer</div>") == 2 and view.count("<div class='method'>rollout</div>") == 2
+    assert (
+        view.count("<div class='method'>chefer</div>") == 2
+        and view.count("<div class='method'>rollout</div>") == 2
+    )
     assert "outlines.png" in view and "ground-truth masks" in view
     assert "verdict" in view and "class='bar'" in view  # peak verdicts and colour bars
-    for src in set(part.split("'")[0] for part in view.split("src='")[1:]):
+    for src in {part.split("'")[0] for part in view.split("src='")[1:]}:
         r = client.get("/" + src)
         assert r.status_code == 200, src
         assert r.headers["content-type"] == "image/png"
@@ -144,7 +152,9 @@ def test_upload_run_and_view_modes(client):
 
 
 def test_probability_and_contrast_targets_and_options(client):
-    job = run_ok(client, target="contrast", contrast="1", methods=["chefer", "legrad"], start_layer="0", layers="2")
+    job = run_ok(
+        client, target="contrast", contrast="1", methods=["chefer", "legrad"], start_layer="0", layers="2"
+    )
     view = client.get(f"/api/jobs/{job}/view").text
     assert "target contrast" in view
     assert "start layer 0" in view and "layers 2" in view
@@ -208,7 +218,9 @@ def test_bad_uploads(client):
 
 
 def test_prompt_limits(client):
-    one_line_400(client.post("/api/run", data=form(prompts="\n".join(f"a thing {i}" for i in range(5)))), "at most 4")
+    one_line_400(
+        client.post("/api/run", data=form(prompts="\n".join(f"a thing {i}" for i in range(5)))), "at most 4"
+    )
     one_line_400(client.post("/api/run", data=form(prompts="x" * 51)), "51 characters; at most 50")
     one_line_400(client.post("/api/run", data=form(prompts=" \n \n")), "no prompts")
 

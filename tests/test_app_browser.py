@@ -7,7 +7,6 @@ Skipped where the app extra, selenium or chromium/chromedriver are missing.
 
 from __future__ import annotations
 
-import io
 import shutil
 import socket
 import threading
@@ -23,19 +22,23 @@ pytest.importorskip("multipart")
 uvicorn = pytest.importorskip("uvicorn")
 pytest.importorskip("selenium")
 
-from selenium import webdriver  # noqa: E402
-from selenium.webdriver.chrome.service import Service as DriverService  # noqa: E402
-from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.support import expected_conditions as EC  # noqa: E402
-from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service as DriverService
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support import expected_conditions as EC
+from selenium.webdriver.support.ui import WebDriverWait
 
-from cliplens.app.core import Limits, Service  # noqa: E402
-from cliplens.app.server import create_app  # noqa: E402
+from cliplens.app.core import Limits, Service
+from cliplens.app.server import create_app
 
 pytestmark = pytest.mark.app
 
-CHROMIUM = next((p for p in ("/usr/bin/chromium", shutil.which("chromium") or "") if p and Path(p).exists()), None)
-DRIVER = next((p for p in ("/usr/bin/chromedriver", shutil.which("chromedriver") or "") if p and Path(p).exists()), None)
+CHROMIUM = next(
+    (p for p in ("/usr/bin/chromium", shutil.which("chromium") or "") if p and Path(p).exists()), None
+)
+DRIVER = next(
+    (p for p in ("/usr/bin/chromedriver", shutil.which("chromedriver") or "") if p and Path(p).exists()), None
+)
 if CHROMIUM is None or DRIVER is None:
     pytest.skip("needs chromium and chromedriver", allow_module_level=True)
 
@@ -52,7 +55,9 @@ def server(tmp_path_factory):
 
     service = Service(load_model("shapes"), Limits(max_pixels=500 * 500), root=tmp_path_factory.mktemp("app"))
     port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(create_app(service), host="127.0.0.1", port=port, log_level="warning"))
+    srv = uvicorn.Server(
+        uvicorn.Config(create_app(service), host="127.0.0.1", port=port, log_level="warning")
+    )
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     for _ in range(200):
@@ -70,7 +75,13 @@ def server(tmp_path_factory):
 def browser():
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,1800"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--window-size=1400,1800",
+    ):
         options.add_argument(arg)
     driver = webdriver.Chrome(service=DriverService(DRIVER), options=options)
     yield driver

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import html
-import json
 import sys
 import warnings
 from pathlib import Path

@@ -125,7 +125,9 @@ def parse_prompts(text: str, limits: Limits) -> list[str]:
         raise InputError(f"{len(prompts)} prompts; at most {limits.max_prompts} are allowed")
     for i, prompt in enumerate(prompts, 1):
         if len(prompt) > limits.max_prompt_chars:
-            raise InputError(f"prompt {i} has {len(prompt)} characters; at most {limits.max_prompt_chars} are allowed")
+            raise InputError(
+                f"prompt {i} has {len(prompt)} characters; at most {limits.max_prompt_chars} are allowed"
+            )
     return prompts
 
 
@@ -157,7 +159,9 @@ def scene_prompts(sc: shapes.Scene) -> list[str]:
     """Each object's caption and one absent object's, as the demo does."""
     absent = shapes.absent_labels(sc)
     rng = np.random.default_rng(sc.seed)
-    return [shapes.caption(label) for label in sc.labels] + [shapes.caption(absent[int(rng.integers(len(absent)))])]
+    return [shapes.caption(label) for label in sc.labels] + [
+        shapes.caption(absent[int(rng.integers(len(absent)))])
+    ]
 
 
 def parse_form(
@@ -345,7 +349,10 @@ class Service:
             job.error, job.status = " ".join(str(exc).split()), "error"
         except Exception:  # a bug: the log gets the traceback, the page one line
             log.exception("run %s failed", job.id)
-            job.error, job.status = "internal error while explaining (the server log has the details)", "error"
+            job.error, job.status = (
+                "internal error while explaining (the server log has the details)",
+                "error",
+            )
 
     # files
     def file(self, job_id: str, parts: Sequence[str]) -> Path:
@@ -398,7 +405,9 @@ class Service:
             names = _overlay_names(ex, label)
             words = _word_names(ex, label)
             matrices = [
-                n[: -len(".png")] + "__matrix.png" if n and (job.folder / name / (n[: -len(".png")] + "__matrix.png")).is_file() else ""
+                n[: -len(".png")] + "__matrix.png"
+                if n and (job.folder / name / (n[: -len(".png")] + "__matrix.png")).is_file()
+                else ""
                 for n in names
             ]
             views[name] = (folder, names, words, matrices)
@@ -422,7 +431,11 @@ class Service:
                 if matrices[p]:
                     extra += pages.matrix_html(ex, 0, p, base + f"{name}/{matrices[p]}")
                 overlay = base + f"{folder}/{names[p]}" if names[p] else ""
-                wmap = {t: base + f"{folder}/{f}" for t, f in words[p].items()} if words[p] and not note else None
+                wmap = (
+                    {t: base + f"{folder}/{f}" for t, f in words[p].items()}
+                    if words[p] and not note
+                    else None
+                )
                 card = pages.pair_card(ex, 0, p, overlay, mode=mode, note=note, extra=extra, words=wmap)
                 card.caption = f"<div class='method'>{html.escape(name)}</div>" + card.caption
                 parts_html = card_html(card)
@@ -430,9 +443,13 @@ class Service:
                     # after the overlay: the word-map script swaps the card's first picture
                     head, sep, tail = parts_html.partition("alt=''>")
                     outline = f"<img class='outline' src='{base}outlines.png' alt=''>"
-                    parts_html = head.replace("<div class='card'>", "<div class='card gt'>", 1) + sep + outline + tail
+                    parts_html = (
+                        head.replace("<div class='card'>", "<div class='card gt'>", 1) + sep + outline + tail
+                    )
                 cards.append(parts_html)
-            parts.append(f"<h2 class='prompt'>{html.escape(text)}</h2><div class='grid'>{''.join(cards)}</div>")
+            parts.append(
+                f"<h2 class='prompt'>{html.escape(text)}</h2><div class='grid'>{''.join(cards)}</div>"
+            )
         return "\n".join(parts)
 
     def _original_card(self, job: Job, ex: Explanation, p: int, base: str) -> str:
@@ -448,7 +465,11 @@ class Service:
             lines.append(
                 "<div class='note'>outlines: ground-truth masks of "
                 + html.escape(", ".join(sc.labels))
-                + (f"; the prompt names the {html.escape(named)}" if named else "; the prompt names no single object")
+                + (
+                    f"; the prompt names the {html.escape(named)}"
+                    if named
+                    else "; the prompt names no single object"
+                )
                 + "</div>"
             )
         cls = "card gt" if sc is not None else "card"
@@ -475,5 +496,7 @@ def _word_names(ex: Explanation, label: str) -> list[dict[int, str]]:
         if notes[0][p]:
             out.append({})
             continue
-        out.append({int(t): f"{stem}__w{int(t):02d}.png" for t in np.flatnonzero(ex.content[p][: len(ex.tokens[p])])})
+        out.append(
+            {int(t): f"{stem}__w{int(t):02d}.png" for t in np.flatnonzero(ex.content[p][: len(ex.tokens[p])])}
+        )
     return out

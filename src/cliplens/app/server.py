@@ -56,7 +56,7 @@ def create_app(service: Service) -> Starlette:
             return _error(f"the upload is too large; at most {limits.max_upload_bytes} bytes are allowed")
         try:
             form = await request.form(max_files=1, max_fields=40, max_part_size=_FIELD_BYTES)
-        except Exception as exc:  # malformed multipart, a field above its size
+        except Exception as exc:  # noqa: BLE001  (malformed multipart, a field above its size)
             detail = getattr(exc, "detail", None) or exc.__class__.__name__
             return _error(f"cannot read the form: {detail}")
         try:
