@@ -155,6 +155,7 @@ def test_upload_two_prompts_two_methods_then_a_bad_upload(server, browser, shots
     snap(d, shots, "5-bad-upload")
     assert "not an image" in message and "\n" not in message and "Traceback" not in message
     assert str(tmp_path) not in message
+    assert "stale" in d.find_element(By.ID, "results").get_attribute("class")  # the old results are dimmed
 
 
 def test_scene_with_word_maps(server, browser, shots):

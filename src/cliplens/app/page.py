@@ -24,6 +24,7 @@ label{display:block;font-size:.9em;margin:2px 0} input[type=number]{width:6em}
 .card.gt{position:relative}
 .card img.outline{position:absolute;top:8px;left:8px;width:calc(100% - 16px);pointer-events:none}
 #results.no-outlines img.outline{display:none}
+#results.stale{opacity:.35} #results.stale::before{content:'results of the previous run';font-weight:600}
 .method{font-weight:700;font-size:.95em;margin-bottom:2px}
 h2.prompt{border-top:1px solid #ddd;padding-top:.6em}
 button{font-size:1em;padding:4px 14px}
@@ -45,6 +46,7 @@ function pickFile(){const f=$('#image').files[0];if(!f)return;
   document.querySelector('input[name=source][value=upload]').checked=true;$('#preview').src=URL.createObjectURL(f);}
 async function submitRun(ev){
   ev.preventDefault();$('#error').textContent='';$('#viewbar').style.display='none';
+  if($('#results').innerHTML)$('#results').classList.add('stale');
   const fd=new FormData($('#form'));
   if(fd.get('source')!=='upload')fd.delete('image');
   $('#run').disabled=true;$('#status').textContent='sending…';
@@ -71,7 +73,7 @@ async function poll(){
 async function showResults(){
   const r=await fetch('api/jobs/'+job+'/view?mode='+$('#mode').value);
   if(!r.ok){let j={};try{j=await r.json();}catch(e){}fail(j.error||('the server answered '+r.status));return;}
-  $('#results').innerHTML=await r.text();
+  $('#results').innerHTML=await r.text();$('#results').classList.remove('stale');
   $('#download').href='api/jobs/'+job+'/download';$('#viewbar').style.display='flex';
 }
 function outlines(){$('#results').classList.toggle('no-outlines',!$('#outlines').checked);}
