@@ -217,6 +217,17 @@ def test_bad_uploads(client):
     one_line_400(client.post("/api/run", data=form(source="upload")), "no image uploaded")
 
 
+def test_upload_size_checked_before_reading(client):
+    big = b"x" * (LIMITS.max_upload_bytes + 200_000)
+    one_line_400(client.post("/api/run", data=form(source="upload"), files={"image": ("big.png", big)}), "too large")
+
+    def chunks():
+        yield b"--b\r\nContent-Disposition: form-data; name=prompts\r\n\r\na\r\n--b--\r\n"
+
+    r = client.post("/api/run", content=chunks(), headers={"content-type": "multipart/form-data; boundary=b"})
+    one_line_400(r, "Content-Length")
+
+
 def test_prompt_limits(client):
     one_line_400(
         client.post("/api/run", data=form(prompts="\n".join(f"a thing {i}" for i in range(5)))), "at most 4"

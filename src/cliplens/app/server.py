@@ -51,8 +51,12 @@ def create_app(service: Service) -> Starlette:
         return Response(buf.getvalue(), media_type="image/png", headers={"Cache-Control": "max-age=3600"})
 
     async def run(request: Request) -> Response:
-        size = request.headers.get("content-length")
-        if size is not None and size.isdigit() and int(size) > limits.max_upload_bytes + _FIELD_BYTES:
+        # the stated length bounds what is read (the server refuses a body longer than it says);
+        # without one a chunked upload would be spooled to disk whole before any check
+        size = request.headers.get("content-length", "")
+        if not size.isdigit():
+            return _error("the form must be sent with a Content-Length (a browser always sends one)")
+        if int(size) > limits.max_upload_bytes + _FIELD_BYTES:
             return _error(f"the upload is too large; at most {limits.max_upload_bytes} bytes are allowed")
         try:
             form = await request.form(max_files=1, max_fields=40, max_part_size=_FIELD_BYTES)
