@@ -219,7 +219,9 @@ def test_bad_uploads(client):
 
 def test_upload_size_checked_before_reading(client):
     big = b"x" * (LIMITS.max_upload_bytes + 200_000)
-    one_line_400(client.post("/api/run", data=form(source="upload"), files={"image": ("big.png", big)}), "too large")
+    one_line_400(
+        client.post("/api/run", data=form(source="upload"), files={"image": ("big.png", big)}), "too large"
+    )
 
     def chunks():
         yield b"--b\r\nContent-Disposition: form-data; name=prompts\r\n\r\na\r\n--b--\r\n"
@@ -327,6 +329,14 @@ def test_cliplens_app_serves_then_cleans_up(tmp_path):
     assert proc.returncode == 0, err
     assert "Traceback" not in err
     assert not list(tmp_path.glob("cliplens-app-*"))
+
+
+def test_app_with_a_model_that_cannot_load_is_one_line(tmp_path, capsys):
+    from cliplens import cli
+
+    assert cli.main(["app", "--model", str(tmp_path / "no-such-checkpoint")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("cliplens: error:") and "\n" not in err
 
 
 def test_host_other_than_loopback_warns(monkeypatch, capsys):

@@ -177,3 +177,34 @@ def test_scene_with_word_maps(server, browser, shots):
     word.click()
     assert card_img.get_attribute("src") != before and "__w" in card_img.get_attribute("src")
     snap(d, shots, "6-scene-word-map")
+
+
+def test_two_tabs_at_once(server, browser, shots):
+    """Two tabs submit one after the other without waiting for results (a run that finds the
+    model busy waits for it: tests/test_app.py::test_two_runs_at_once); each shows its own."""
+    url, _service = server
+    d = browser
+    wait = WebDriverWait(d, 120)
+    tabs = []
+    for seed, method in (("1", "legrad"), ("2", "rollout")):
+        if tabs:
+            d.switch_to.new_window("tab")
+        d.get(url)
+        wait.until(lambda drv: drv.find_element(By.ID, "prompts").get_attribute("value"))
+        scene = d.find_element(By.ID, "scene")
+        scene.clear()
+        scene.send_keys(seed)
+        d.find_element(By.ID, "loadscene").click()
+        for box in d.find_elements(By.CSS_SELECTOR, "input[name=methods]"):
+            if box.is_selected() != (box.get_attribute("value") == method):
+                box.click()
+        d.find_element(By.ID, "run").click()
+        tabs.append((d.current_window_handle, seed, method))
+    for handle, seed, method in tabs:
+        d.switch_to.window(handle)
+        wait.until(EC.visibility_of_element_located((By.ID, "download")))
+        meta = d.find_element(By.CSS_SELECTOR, "#results .meta").text
+        assert f"scene {seed}" in meta and method in meta
+        snap(d, shots, f"7-tab-scene-{seed}")
+    d.close()
+    d.switch_to.window(tabs[0][0])
