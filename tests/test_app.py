@@ -199,6 +199,22 @@ def test_two_runs_at_once(client):
     assert len(set(results)) == 2
 
 
+def test_runs_waiting_are_limited(shapes_adapter, tmp_path):
+    svc = Service(shapes_adapter, Limits(max_waiting=1), root=tmp_path)
+    c = TestClient(create_app(svc))
+    svc._model_lock.acquire()  # the model is busy: the first run waits
+    try:
+        first = c.post("/api/run", data=form()).json()
+        assert first["status"] in ("queued", "running")
+        assert c.get(f"/api/jobs/{first['job']}").json()["status"] == "queued"
+        one_line_400(c.post("/api/run", data=form()), "waiting already")
+    finally:
+        svc._model_lock.release()
+    assert wait(c, first["job"])["status"] == "done"
+    run_ok(c)  # room again
+    svc.close()
+
+
 # ---- user errors: one line, HTTP 400 ----------------------------------------------------------------
 
 

@@ -15,6 +15,7 @@ import secrets
 import shutil
 import tempfile
 import threading
+import time
 import warnings
 import zipfile
 from collections import OrderedDict
@@ -57,6 +58,7 @@ class Limits:
     max_prompt_chars: int = 200
     max_scene_seed: int = 99_999
     kept_jobs: int = 24  # finished runs kept (their folders too); older ones are removed
+    max_waiting: int = 8  # runs queued or running at once, all tabs together
 
 
 @dataclass
@@ -293,6 +295,10 @@ class Service:
     # runs
     def submit(self, fields: Mapping[str, object], upload: bytes | None, *, wait: bool = False) -> Job:
         spec = parse_form(fields, upload, self.limits, self.scratch, self.adapter)
+        with self._jobs_lock:
+            busy = sum(j.status in ("queued", "running") for j in self._jobs.values())
+        if busy >= self.limits.max_waiting:
+            raise InputError(f"{busy} runs are waiting already; try again when one has finished")
         job_id = secrets.token_hex(8)
         folder = self.root / job_id
         folder.mkdir()
@@ -324,8 +330,6 @@ class Service:
             shutil.rmtree(old.folder, ignore_errors=True)
 
     def _run(self, job: Job) -> None:
-        import time
-
         try:
             with self._model_lock:
                 job.status = "running"
