@@ -136,6 +136,8 @@ def test_scene_run_shows_every_method_per_prompt_with_ground_truth(client):
     )
     assert "outlines.png" in view and "ground-truth masks" in view
     assert "verdict" in view and "class='bar'" in view  # peak verdicts and colour bars
+    peaks = view.split("<table class='peaks'>")[1].split("</table>")[0]
+    assert peaks.count("<tr><td>") == 2 and "/2</td>" in peaks  # both prompts name an object
     for src in {part.split("'")[0] for part in view.split("src='")[1:]}:
         r = client.get("/" + src)
         assert r.status_code == 200, src

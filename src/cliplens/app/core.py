@@ -250,20 +250,52 @@ def named_object(sc: shapes.Scene, prompt: str) -> str | None:
     return hits[0] if len(set(hits)) == 1 else None
 
 
-def verdict(ex: Explanation, p: int, sc: shapes.Scene, note: str | None) -> str:
-    """HTML: where the map's peak lies, and whether that is the object the prompt names."""
-    from ..demo import peak_object
+def peak_on(ex: Explanation, p: int, sc: shapes.Scene, note: str | None) -> str | None:
+    """Label of the object under the map's peak, "background", FLAT for a map with no peak, or
+    None where the method gives no image map."""
+    from ..demo import FLAT, peak_object
 
     if ex.image_maps is None:
+        return None
+    return FLAT if note else peak_object(ex.grid_map(0, p), ex.geometries[0], sc)
+
+
+def verdict(ex: Explanation, p: int, sc: shapes.Scene, note: str | None) -> str:
+    """HTML: where the map's peak lies, and whether that is the object the prompt names."""
+    on = peak_on(ex, p, sc, note)
+    if on is None:
         return ""
-    on = "no peak (flat map)" if note else peak_object(ex.grid_map(0, p), ex.geometries[0], sc)
     named = named_object(sc, ex.texts[p])
-    where = on if note else f"peak on {on}"
+    where = "no peak (flat map)" if note else f"peak on {on}"
     if named is None:
         return f"<div class='note verdict'>names no single scene object; {html.escape(where)}</div>"
     if on == named:
         return "<div class='ok verdict'>peak on the named object</div>"
     return f"<div class='bad verdict'>{html.escape(where)}, not the {html.escape(named)}</div>"
+
+
+def peak_table(explanations: Mapping[str, Explanation], sc: shapes.Scene) -> str:
+    """HTML: per method, the object under its peak for each prompt (green on the named object,
+    red elsewhere, plain for a prompt naming no single object) and its hits."""
+    first = next(iter(explanations.values()))
+    named = [named_object(sc, t) for t in first.texts]
+    head = "".join(f"<th>{html.escape(t)}</th>" for t in first.texts)
+    rows = []
+    for name, ex in explanations.items():
+        notes = pages.pair_notes(ex)[0]
+        cells, hits = [], 0
+        for p in range(len(first.texts)):
+            on = peak_on(ex, p, sc, notes[p])
+            cls = "" if on is None or named[p] is None else "ok" if on == named[p] else "bad"
+            hits += cls == "ok"
+            cells.append(f"<td class='{cls}'>{html.escape(on or '–')}</td>")
+        scored = sum(n is not None for n in named)
+        rows.append(f"<tr><td>{html.escape(name)}</td>{''.join(cells)}<td>{hits}/{scored}</td></tr>")
+    return (
+        "<h2>Where each method's peak lies</h2>"
+        f"<table class='peaks'><tr><th>method</th>{head}<th>on the named object</th></tr>{''.join(rows)}</table>"
+        "<p class='note'>the object covering most of the peak patch; green: the object the prompt names</p>"
+    )
 
 
 # ---- the service: one model, a folder, the runs --------------------------------------------------
@@ -426,6 +458,8 @@ class Service:
             "<h2>The image against every prompt</h2>",
             pages.prompt_table(first, 0),
         ]
+        if sc is not None:
+            parts.append(peak_table(job.explanations, sc))
         for p, text in enumerate(first.texts):
             cards = [self._original_card(job, first, p, base)]
             for name, ex in job.explanations.items():
