@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import html
-import json
 import os
 import sys
 import warnings
@@ -129,7 +127,6 @@ def _explain(args) -> int:
     from .files import staged_dir
     from .images import load_image
     from .viz import pages
-    from .viz.html import write_page
 
     device = check_device(args.device)
     if args.threads is not None and args.threads < 1:
@@ -167,23 +164,16 @@ def _explain(args) -> int:
     labels = [str(p) for p in args.images]
     out = Path(args.out)
     with staged_dir(out, overwrite=args.overwrite) as stage:
-        side = args.overlay_size or None
-        overlays = pages.write_overlays(ex, stage, labels, mode=args.normalise, max_side=side, scale=args.scale)
-        words = pages.write_word_overlays(ex, stage, labels, mode=args.normalise, max_side=side)
-        matrices = pages.write_matrices(ex, stage, labels)
-        inter = pages.write_interactions(ex, stage)
-        results = pages.results(ex, labels, overlays, out, mode=args.normalise, interactions=inter)
-        (stage / "results.json").write_text(json.dumps(results, indent=1, allow_nan=False), encoding="utf-8")
-        intro = (
-            f"<p class='note'>model <b>{html.escape(adapter.name)}</b> · method <b>{html.escape(ex.method)}</b> · "
-            f"target <b>{html.escape(ex.target)}</b> · maps shown {args.normalise}-normalised per {args.scale}, the colour "
-            "bar under each labelled with the raw values of its ends; hatched = not seen by the model; token chips "
-            "show raw scores; every number is in results.json</p>"
+        results = pages.write_folder(
+            ex,
+            labels,
+            stage,
+            model=adapter.name,
+            mode=args.normalise,
+            final=out,
+            max_side=args.overlay_size or None,
+            scale=args.scale,
         )
-        sections = pages.image_sections(
-            ex, labels, overlays, mode=args.normalise, words=words, matrices=matrices, scale=args.scale
-        )
-        write_page(stage / "index.html", "cliplens explanation", sections, intro)
     print(f"wrote {len(results['pairs'])} pair(s) to {args.out}/ (index.html, results.json)")
     return 0
 
@@ -201,6 +191,17 @@ def cmd_demo(args) -> int:
     print()
     print(summary_table(rows))
     print(f"\nopen {args.out}/index.html")
+    return 0
+
+
+def cmd_app(args) -> int:
+    try:
+        from .app.server import serve
+    except ImportError as exc:  # the optional extra is not installed
+        raise InputError(
+            f"the app needs the optional extra: pip install 'cliplens[app]' (missing: {exc.name})"
+        ) from None
+    serve(args.model, host=args.host, port=args.port, device=args.device)
     return 0
 
 
@@ -302,6 +303,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="shapes", help="model to explain. Default: shapes (embedded)")
     p.add_argument("--methods", default=None, help="comma-separated methods. Default: all")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser(
+        "app",
+        help="a local web app: upload an image or pick a scene, compare methods (needs cliplens[app])",
+        description="Serve a local web page to explain images with several methods side by side. The model "
+        "loads once; results are kept in a temporary folder removed on exit.",
+    )
+    p.add_argument("--model", "-m", default="shapes", help="model to explain. Default: shapes (embedded, offline)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind. Default: 127.0.0.1 (this machine only)")
+    p.add_argument("--port", type=int, default=8765, help="port. Default: 8765")
+    p.add_argument("--device", default=None, help="torch device, e.g. cuda. Default: where the model loads (CPU)")
+    p.set_defaults(func=cmd_app)
 
     p = sub.add_parser("methods", help="list attribution methods", description="List the registered methods.")
     p.set_defaults(func=cmd_methods)

@@ -11,6 +11,7 @@ confident-looking picture.
 from __future__ import annotations
 
 import html
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,7 +22,7 @@ from PIL import Image
 from ..explanation import Explanation
 from ..files import slug
 from .colors import colorize, normalise
-from .html import Card, Section, colour_bar, fold, number, table, token_html
+from .html import Card, Section, colour_bar, fold, number, table, token_html, write_page
 from .overlay import overlay
 
 MODES = ("minmax", "positive", "signed")
@@ -379,6 +380,41 @@ def results(
             "(NaN on padding); image_const_B (P, T), text_const_B (P, Gh, Gw): the constants' rows and columns",
         }
     return d
+
+
+def write_folder(
+    ex: Explanation,
+    labels: Sequence[str],
+    stage: str | Path,
+    *,
+    model: str,
+    mode: str = "minmax",
+    final: str | Path | None = None,
+    max_side: int | None = DISPLAY_SIDE,
+    scale: str = "pair",
+) -> dict:
+    """Write what ``cliplens explain`` writes into ``stage``: one overlay per pair, word maps and
+    matrices where the method has interactions, ``results.json`` and ``index.html``. Paths in
+    the results are relative to ``final`` (where the folder ends up; default ``stage``); overlays
+    at ``max_side`` pixels at most, coloured per ``scale`` (:data:`SCALES`). Returns the results
+    dict. The CLI and the web app both write their folders with this."""
+    stage = Path(stage)
+    final = stage if final is None else Path(final)
+    overlays = write_overlays(ex, stage, labels, mode=mode, max_side=max_side, scale=scale)
+    words = write_word_overlays(ex, stage, labels, mode=mode, max_side=max_side)
+    matrices = write_matrices(ex, stage, labels)
+    inter = write_interactions(ex, stage)
+    res = results(ex, labels, overlays, final, mode=mode, interactions=inter)
+    (stage / "results.json").write_text(json.dumps(res, indent=1, allow_nan=False), encoding="utf-8")
+    intro = (
+        f"<p class='note'>model <b>{html.escape(model)}</b> · method <b>{html.escape(ex.method)}</b> · "
+        f"target <b>{html.escape(ex.target)}</b> · maps shown {mode}-normalised per {scale}, the colour "
+        "bar under each labelled with the raw values of its ends; hatched = not seen by the model; token chips "
+        "show raw scores; every number is in results.json</p>"
+    )
+    sections = image_sections(ex, labels, overlays, mode=mode, words=words, matrices=matrices, scale=scale)
+    write_page(stage / "index.html", "cliplens explanation", sections, intro)
+    return res
 
 
 def _relative(path: str | os.PathLike, folder: str | Path) -> str:
