@@ -188,7 +188,9 @@ def _run_ray(job, pending, store, batch_size, device, bar, on_part, address, wor
         return
     started = False
     if not ray.is_initialized():
-        ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
+        import logging
+
+        ray.init(address=address, ignore_reinit_error=True, log_to_driver=False, logging_level=logging.WARNING)
         started = True
     try:
         ctx = ray.data.DataContext.get_current()
@@ -201,7 +203,7 @@ def _run_ray(job, pending, store, batch_size, device, bar, on_part, address, wor
             fn_constructor_kwargs={"job": job.to_dict(), "device": device},
             batch_size=batch_size,
             batch_format="numpy",
-            concurrency=workers,
+            compute=ray.data.ActorPoolStrategy(size=workers),
             num_cpus=1,
             **gpus,
         )
