@@ -171,3 +171,15 @@ def test_ray_engine_gives_the_local_records(ray_cluster, job, local_records, tmp
         np.testing.assert_allclose(r["token_scores"], l["token_scores"], rtol=1e-4, atol=1e-5)
         for k in ("logit", "probability", "target"):
             assert r[k] == pytest.approx(l[k], rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ray_job_survives_a_killed_worker(ray_cluster, job, local_records, tmp_path):
+    out, marker = tmp_path / "out", tmp_path / "killed"
+    summary = explain_dataset(
+        job, out, engine="ray", batch_size=1, device="cpu", workers=2, progress=False, _kill_worker_once=str(marker)
+    )
+    assert marker.exists(), "no worker was killed"
+    assert summary.items_done == N_ITEMS
+    assert _by_key(read_records(out)).keys() == _by_key(local_records).keys()  # every item exactly once

@@ -48,12 +48,15 @@ def explain_dataset(
     workers: int = 2,
     progress: bool = True,
     on_part: Callable[[int], None] | None = None,
+    _kill_worker_once: str | None = None,
 ) -> ScaleSummary:
     """Explain every (item, prompt, method) of ``job`` into the Parquet dataset ``out``.
 
     Everything is checked before a model loads (methods, prompts, target, dtype, dataset, the
     output folder and its earlier job). ``on_part(items_committed_so_far)`` is called after each
     committed part (a test hook: raising there interrupts the run like a kill would).
+    ``_kill_worker_once`` (tests, Ray engine): a file path; the first actor to reach its second
+    batch while the file is missing creates it and exits, as a crashed worker would.
     """
     from ..files import output_lock
 
@@ -87,7 +90,7 @@ def explain_dataset(
             if engine == "local":
                 _run_local(job, requests, pending, store, batch_size, dev, bar, on_part)
             else:
-                _run_ray(job, pending, store, batch_size, dev, bar, on_part, ray_address, workers)
+                _run_ray(job, pending, store, batch_size, dev, bar, on_part, ray_address, workers, _kill_worker_once)
         finally:
             bar.close()
     return ScaleSummary(out, len(store.done), len(store.done) - before, store.rows_per_item)
@@ -147,13 +150,26 @@ def job_from_dict(d: dict) -> ScaleJob:
 class RayExplainer:
     """The ``map_batches`` callable: one per actor, holding the model once."""
 
-    def __init__(self, job: dict, device: str):
+    def __init__(self, job: dict, device: str, kill_once: str | None = None):
         self.job = job_from_dict(job)
         self.requests = self.job.requests()
         self.adapter = _load(self.job, device)
+        self.kill_once, self.calls = kill_once, 0
 
     def __call__(self, batch: dict):
         from .store import rows_table
+
+        self.calls += 1
+        if self.kill_once and self.calls == 2:
+            import os
+
+            try:
+                fd = os.open(self.kill_once, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                pass
+            else:
+                os.close(fd)
+                os._exit(1)  # a worker crash in the middle of the job
 
         items = []
         for i in range(len(batch["id"])):
@@ -179,7 +195,7 @@ def _ray_rows(pending: Iterable[dict]) -> list[dict]:
     return rows
 
 
-def _run_ray(job, pending, store, batch_size, device, bar, on_part, address, workers) -> None:
+def _run_ray(job, pending, store, batch_size, device, bar, on_part, address, workers, kill_once=None) -> None:
     import pyarrow as pa
     import ray
 
@@ -200,7 +216,7 @@ def _run_ray(job, pending, store, batch_size, device, bar, on_part, address, wor
         gpus = {"num_gpus": 1} if device.startswith("cuda") else {}
         results = ds.map_batches(
             RayExplainer,
-            fn_constructor_kwargs={"job": job.to_dict(), "device": device},
+            fn_constructor_kwargs={"job": job.to_dict(), "device": device, "kill_once": kill_once},
             batch_size=batch_size,
             batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=workers),
