@@ -206,7 +206,10 @@ def _run_ray(job, pending, store, batch_size, device, bar, on_part, address, wor
     if not ray.is_initialized():
         import logging
 
-        ray.init(address=address, ignore_reinit_error=True, log_to_driver=False, logging_level=logging.WARNING)
+        try:
+            ray.init(address=address, ignore_reinit_error=True, log_to_driver=False, logging_level=logging.WARNING)
+        except ConnectionError as exc:
+            raise InputError(f"--ray-address {address}: cannot join that Ray cluster ({exc})") from None
         started = True
     try:
         ctx = ray.data.DataContext.get_current()
