@@ -22,11 +22,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-import torch  # noqa: E402
+import torch
 
-from cliplens.scale import ScaleJob, explain_dataset  # noqa: E402
-from cliplens.scale.job import explain_rows, list_items  # noqa: E402
-from cliplens.worlds.shapes import COLOURS, SHAPES, write_dataset  # noqa: E402
+from cliplens.scale import ScaleJob, explain_dataset
+from cliplens.scale.job import explain_rows, list_items
+from cliplens.worlds.shapes import COLOURS, SHAPES, write_dataset
 
 
 def main() -> None:
@@ -46,15 +46,21 @@ def main() -> None:
         methods = tuple(args.methods.split(","))
         job = ScaleJob(model="shapes", dataset=f"shapes:{world}", texts=texts, methods=methods)
         pairs = args.images * len(texts) * len(methods)
-        print(f"{args.images} images x {len(texts)} prompts x {len(methods)} method(s) = {pairs} records, "
-              f"batch {args.batch_size}, torch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs")
+        print(
+            f"{args.images} images x {len(texts)} prompts x {len(methods)} method(s) = {pairs} records, "
+            f"batch {args.batch_size}, torch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs"
+        )
 
         for threads in sorted({1, args.workers}):
             torch.set_num_threads(threads)
             t = time.perf_counter()
-            explain_dataset(job, tmp / f"local{threads}", batch_size=args.batch_size, device="cpu", progress=False)
+            explain_dataset(
+                job, tmp / f"local{threads}", batch_size=args.batch_size, device="cpu", progress=False
+            )
             local = time.perf_counter() - t
-            print(f"local engine, 1 process, {threads} thread(s):   {local:7.1f} s  {pairs / local:7.1f} records/s")
+            print(
+                f"local engine, 1 process, {threads} thread(s):   {local:7.1f} s  {pairs / local:7.1f} records/s"
+            )
         torch.set_num_threads(1)
 
         import ray
@@ -64,13 +70,22 @@ def main() -> None:
         start = time.perf_counter() - t
         try:
             t = time.perf_counter()
-            explain_dataset(job, tmp / "ray", engine="ray", batch_size=args.batch_size, device="cpu",
-                            workers=args.workers, progress=False)
+            explain_dataset(
+                job,
+                tmp / "ray",
+                engine="ray",
+                batch_size=args.batch_size,
+                device="cpu",
+                workers=args.workers,
+                progress=False,
+            )
             dist = time.perf_counter() - t
         finally:
             ray.shutdown()
-        print(f"ray engine, {args.workers} actors x 1 thread:     {dist:7.1f} s  {pairs / dist:7.1f} records/s "
-              f"(+ {start:.1f} s cluster start; with it {pairs / (dist + start):.1f} records/s)")
+        print(
+            f"ray engine, {args.workers} actors x 1 thread:     {dist:7.1f} s  {pairs / dist:7.1f} records/s "
+            f"(+ {start:.1f} s cluster start; with it {pairs / (dist + start):.1f} records/s)"
+        )
 
         # the writer's share: explain one batch, then time only Arrow conversion + committed parts
         from cliplens.adapters import load_model
@@ -88,8 +103,10 @@ def main() -> None:
             renamed = dict(cols, item_id=[f"{i}-{r}" for i in cols["item_id"]])
             store.write(rows_table(renamed))
         write_per_item = (time.perf_counter() - t) / (reps * len(items))
-        print(f"writer: {1e3 * write_per_item:.2f} ms per item ({len(texts) * len(methods)} records) vs "
-              f"{1e3 * explain_per_item:.1f} ms explaining it ({100 * write_per_item / explain_per_item:.1f}%)")
+        print(
+            f"writer: {1e3 * write_per_item:.2f} ms per item ({len(texts) * len(methods)} records) vs "
+            f"{1e3 * explain_per_item:.1f} ms explaining it ({100 * write_per_item / explain_per_item:.1f}%)"
+        )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

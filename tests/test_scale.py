@@ -14,10 +14,10 @@ import pytest
 
 pytest.importorskip("pyarrow")
 
-import cliplens  # noqa: E402
-from cliplens.cli import main  # noqa: E402
-from cliplens.errors import InputError  # noqa: E402
-from cliplens.scale import ScaleJob, explain_dataset, read_records  # noqa: E402
+import cliplens
+from cliplens.cli import main
+from cliplens.errors import InputError
+from cliplens.scale import ScaleJob, explain_dataset, read_records
 
 TEXTS = ("a red circle", "a blue square")
 METHODS = ("chefer", "legrad")
@@ -113,14 +113,22 @@ def test_cli_plain_folder_and_one_line_errors(world, tmp_path, capsys):
     labels = tmp_path / "labels.txt"
     labels.write_text("a red circle\n\na blue square\n")
     out = tmp_path / "out"
-    args = ["explain-dataset", "--model", "shapes", "--dataset", str(world / "images"), "--texts-file", str(labels)]
+    args = [
+        "explain-dataset",
+        "--model",
+        "shapes",
+        "--dataset",
+        str(world / "images"),
+        "--texts-file",
+        str(labels),
+    ]
     assert main([*args, "--methods", "chefer,nope", "--out", str(out)]) == 2
     assert "unknown method 'nope'" in capsys.readouterr().err
     assert not out.exists()  # refused before the folder (or a model) was touched
     assert main([*args, "--methods", "rollout", "--out", str(out), "--limit", "2", "--device", "cpu"]) == 0
     table = read_records(out)
     assert table.num_rows == 4 and set(table.column("method").to_pylist()) == {"rollout"}
-    assert sorted(set(table.column("item_id").to_pylist()))[0].endswith(".png")
+    assert all(i.endswith(".png") for i in table.column("item_id").to_pylist())
 
 
 def test_core_import_needs_neither_ray_nor_pyarrow():
@@ -134,7 +142,9 @@ def test_core_import_needs_neither_ray_nor_pyarrow():
         print(json.dumps(sorted(m for m in ("ray", "pyarrow") if m in sys.modules)))
         """
     )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(done.stdout.strip().splitlines()[-1]) == []
 
@@ -159,7 +169,7 @@ def test_ray_engine_gives_the_local_records(ray_cluster, job, local_records, tmp
     ray_rows, local_rows = _by_key(read_records(out)), _by_key(local_records)
     assert ray_rows.keys() == local_rows.keys()
     for key, r in ray_rows.items():
-        l = local_rows[key]  # noqa: E741
+        l = local_rows[key]
         assert (r["item_index"], r["prompt"], r["tokens"], r["grid_h"], r["grid_w"]) == (
             l["item_index"],
             l["prompt"],
@@ -178,7 +188,14 @@ def test_ray_engine_gives_the_local_records(ray_cluster, job, local_records, tmp
 def test_ray_job_survives_a_killed_worker(ray_cluster, job, local_records, tmp_path):
     out, marker = tmp_path / "out", tmp_path / "killed"
     summary = explain_dataset(
-        job, out, engine="ray", batch_size=1, device="cpu", workers=2, progress=False, _kill_worker_once=str(marker)
+        job,
+        out,
+        engine="ray",
+        batch_size=1,
+        device="cpu",
+        workers=2,
+        progress=False,
+        _kill_worker_once=str(marker),
     )
     assert marker.exists(), "no worker was killed"
     assert summary.items_done == N_ITEMS

@@ -54,7 +54,8 @@ class ScaleJob:
         if self.limit is not None and self.limit < 0:
             raise InputError(f"--limit must be 0 or more, got {self.limit}")
         reqs = [
-            ExplainRequest.build(list(self.texts), m, target=self.target, resize=self.resize) for m in self.methods
+            ExplainRequest.build(list(self.texts), m, target=self.target, resize=self.resize)
+            for m in self.methods
         ]
         return reqs
 
@@ -92,7 +93,9 @@ def list_items(spec: str, limit: int | None = None) -> Iterator[dict]:
 
     if root.is_dir():
         files = sorted(
-            p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not _hidden(p, root)
+            p
+            for p in root.rglob("*")
+            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not _hidden(p, root)
         )
         if not files:
             raise DatasetError(f"{spec}: no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder")
@@ -173,7 +176,7 @@ def explain_rows(adapter, requests: list, items: list[dict]) -> dict[str, list]:
     cols: dict[str, list] = {c: [] for c in COLUMNS}
     for req in requests:
         ex = explain_request(adapter, images, req)
-        B, P = ex.shape
+        P = len(ex.texts)
         for b, it in enumerate(items):
             geom = ex.geometries[b]
             for p in range(P):
@@ -185,7 +188,11 @@ def explain_rows(adapter, requests: list, items: list[dict]) -> dict[str, list]:
                     gh = gw = None
                     flat = None
                 n = len(ex.tokens[p])
-                scores = None if ex.token_scores is None else np.asarray(ex.token_scores[b, p, :n], dtype=np.float32)
+                scores = (
+                    None
+                    if ex.token_scores is None
+                    else np.asarray(ex.token_scores[b, p, :n], dtype=np.float32)
+                )
                 cols["method"].append(ex.method)
                 cols["item_index"].append(int(it["index"]))
                 cols["item_id"].append(str(it["id"]))

@@ -58,12 +58,12 @@ def explain_dataset(
     ``_kill_worker_once`` (tests, Ray engine): a file path; the first actor to reach its second
     batch while the file is missing creates it and exits, as a crashed worker would.
     """
-    from ..files import output_lock
-
     try:
         from .store import ParquetStore
     except ImportError:
-        raise InputError("explain-dataset writes Parquet and needs pyarrow: pip install 'cliplens[scale]'") from None
+        raise InputError(
+            "explain-dataset writes Parquet and needs pyarrow: pip install 'cliplens[scale]'"
+        ) from None
 
     if engine not in ENGINES:
         raise InputError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
@@ -74,13 +74,30 @@ def explain_dataset(
     requests = job.requests()
     check_dataset(job.dataset)
     dev = resolve_device(device)
-    if engine == "ray":
-        try:
-            import ray  # noqa: F401
-        except ImportError:
-            raise InputError("--engine ray needs Ray: pip install 'cliplens[ray]'") from None
     out = Path(out)
-    store = ParquetStore(out, job, restart=restart)
+    with _ray_session(engine, ray_address):
+        store = ParquetStore(out, job, restart=restart)
+        return _run(
+            job,
+            requests,
+            store,
+            out,
+            engine,
+            batch_size,
+            dev,
+            progress,
+            on_part,
+            ray_address,
+            workers,
+            _kill_worker_once,
+        )
+
+
+def _run(
+    job, requests, store, out, engine, batch_size, dev, progress, on_part, ray_address, workers, kill_once
+):
+    from ..files import output_lock
+
     before = len(store.done)
     with output_lock(out / ".explain-dataset.lock"):
         pending = (it for it in list_items(job.dataset, job.limit) if it["id"] not in store.done)
@@ -90,7 +107,7 @@ def explain_dataset(
             if engine == "local":
                 _run_local(job, requests, pending, store, batch_size, dev, bar, on_part)
             else:
-                _run_ray(job, pending, store, batch_size, dev, bar, on_part, ray_address, workers, _kill_worker_once)
+                _run_ray(job, pending, store, batch_size, dev, bar, on_part, workers, kill_once)
         finally:
             bar.close()
     return ScaleSummary(out, len(store.done), len(store.done) - before, store.rows_per_item)
@@ -175,7 +192,12 @@ class RayExplainer:
         for i in range(len(batch["id"])):
             png = batch["png"][i]
             items.append(
-                {"index": int(batch["index"][i]), "id": str(batch["id"][i]), "path": str(batch["path"][i]), "png": png}
+                {
+                    "index": int(batch["index"][i]),
+                    "id": str(batch["id"][i]),
+                    "path": str(batch["path"][i]),
+                    "png": png,
+                }
             )
         return rows_table(explain_rows(self.adapter, self.requests, items))
 
@@ -195,53 +217,66 @@ def _ray_rows(pending: Iterable[dict]) -> list[dict]:
     return rows
 
 
-def _run_ray(job, pending, store, batch_size, device, bar, on_part, address, workers, kill_once=None) -> None:
+def _run_ray(job, pending, store, batch_size, device, bar, on_part, workers, kill_once=None) -> None:
     import pyarrow as pa
     import ray
 
     rows = _ray_rows(pending)
     if not rows:
         return
-    started = False
-    if not ray.is_initialized():
-        import logging
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    blocks = max(1, min(len(rows) // batch_size, 4 * workers * 4)) if len(rows) >= batch_size else 1
+    ds = ray.data.from_items(rows, override_num_blocks=blocks)
+    gpus = {"num_gpus": 1} if device.startswith("cuda") else {}
+    results = ds.map_batches(
+        RayExplainer,
+        fn_constructor_kwargs={"job": job.to_dict(), "device": device, "kill_once": kill_once},
+        batch_size=batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=workers),
+        num_cpus=1,
+        **gpus,
+    )
+    leftover: pa.Table | None = None
+    for table in results.iter_batches(batch_size=None, batch_format="pyarrow"):
+        if leftover is not None:
+            table = pa.concat_tables([leftover, table.cast(leftover.schema)])
+        whole, leftover = _whole_items(table, store.rows_per_item)
+        if whole.num_rows:
+            n = store.write(whole)
+            bar.update(n)
+            if on_part is not None:
+                on_part(len(store.done))
+    if leftover is not None and leftover.num_rows:
+        raise RuntimeError(f"Ray returned incomplete rows for {leftover.num_rows} records")
 
-        try:
-            ray.init(address=address, ignore_reinit_error=True, log_to_driver=False, logging_level=logging.WARNING)
-        except ConnectionError as exc:
-            raise InputError(f"--ray-address {address}: cannot join that Ray cluster ({exc})") from None
-        started = True
+
+@contextlib.contextmanager
+def _ray_session(engine: str, address: str | None):
+    """Ray joined (or a local cluster started) for the run, before the output folder is touched;
+    a cluster this run started is shut down after it. Nothing for the local engine."""
+    if engine != "ray":
+        yield
+        return
     try:
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = False
-        blocks = max(1, min(len(rows) // batch_size, 4 * workers * 4)) if len(rows) >= batch_size else 1
-        ds = ray.data.from_items(rows, override_num_blocks=blocks)
-        gpus = {"num_gpus": 1} if device.startswith("cuda") else {}
-        results = ds.map_batches(
-            RayExplainer,
-            fn_constructor_kwargs={"job": job.to_dict(), "device": device, "kill_once": kill_once},
-            batch_size=batch_size,
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=workers),
-            num_cpus=1,
-            **gpus,
-        )
-        leftover: pa.Table | None = None
-        for table in results.iter_batches(batch_size=None, batch_format="pyarrow"):
-            if leftover is not None:
-                table = pa.concat_tables([leftover, table.cast(leftover.schema)])
-            whole, leftover = _whole_items(table, store.rows_per_item)
-            if whole.num_rows:
-                n = store.write(whole)
-                bar.update(n)
-                if on_part is not None:
-                    on_part(len(store.done))
-        if leftover is not None and leftover.num_rows:
-            raise RuntimeError(f"Ray returned incomplete rows for {leftover.num_rows} records")
+        import ray
+    except ImportError:
+        raise InputError("--engine ray needs Ray: pip install 'cliplens[ray]'") from None
+    if ray.is_initialized():
+        yield
+        return
+    import logging
+
+    try:
+        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+    except ConnectionError as exc:
+        raise InputError(f"--ray-address {address}: cannot join that Ray cluster ({exc})") from None
+    try:
+        yield
     finally:
-        if started:
-            with contextlib.suppress(Exception):
-                ray.shutdown()
+        with contextlib.suppress(Exception):
+            ray.shutdown()
 
 
 def _whole_items(table, rows_per_item: int):
@@ -255,5 +290,5 @@ def _whole_items(table, rows_per_item: int):
         counts[i] = counts.get(i, 0) + 1
     whole = [k for k, v in enumerate(ids) if counts[v] >= rows_per_item]
     rest = [k for k, v in enumerate(ids) if counts[v] < rows_per_item]
-    take = lambda idx: table.take(pa.array(idx, type=pa.int64()))  # noqa: E731
+    take = lambda idx: table.take(pa.array(idx, type=pa.int64()))
     return take(whole), (take(rest) if rest else None)

@@ -106,7 +106,9 @@ class ParquetStore:
         self.job_path = self.out / "_job.json"
         self.data, self.parts = self.out / "data", self.out / "_parts"
         if self.out.is_dir() and any(self.out.iterdir()) and not self.job_path.exists() and not restart:
-            raise InputError(f"{self.out}: the folder is not empty and holds no explain-dataset output; choose another --out")
+            raise InputError(
+                f"{self.out}: the folder is not empty and holds no explain-dataset output; choose another --out"
+            )
         if self.job_path.exists() and not restart:
             self._check_job()
         if restart:
@@ -181,7 +183,9 @@ class ParquetStore:
             counts[ids[i]] = counts.get(ids[i], 0) + 1
         short = [k for k, n in counts.items() if n != self.rows_per_item]
         if short:
-            raise ValueError(f"part holds {counts[short[0]]} rows of item {short[0]!r}, not {self.rows_per_item}")
+            raise ValueError(
+                f"part holds {counts[short[0]]} rows of item {short[0]!r}, not {self.rows_per_item}"
+            )
         if not keep:
             return 0
         table = table.take(pa.array(keep, type=pa.int64()))
