@@ -109,6 +109,19 @@ def test_changed_job_is_refused_unless_restart(job, tmp_path):
     assert len(read_records(out)) == len(TEXTS)
 
 
+def test_a_second_run_on_the_folder_is_refused_before_touching_it(job, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".explain-dataset.lock").write_text("1")  # a live process (pid 1) holds the folder
+    uncommitted = out / "data" / "method=chefer" / "part-000003.parquet"
+    uncommitted.parent.mkdir(parents=True)
+    uncommitted.write_bytes(b"being written")
+    (out / "_job.json").write_text(json.dumps({"digest": job.digest(), "job": job.to_dict()}))
+    with pytest.raises(InputError, match="another cliplens run"):
+        explain_dataset(job, out, device="cpu", progress=False)
+    assert uncommitted.exists()  # the other run's files are left alone
+
+
 def test_cli_plain_folder_and_one_line_errors(world, tmp_path, capsys):
     labels = tmp_path / "labels.txt"
     labels.write_text("a red circle\n\na blue square\n")

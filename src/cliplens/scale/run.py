@@ -75,42 +75,50 @@ def explain_dataset(
     check_dataset(job.dataset)
     dev = resolve_device(device)
     out = Path(out)
-    with _ray_session(engine, ray_address):
+    with _ray_session(engine, ray_address), _locked(out):
+        # opened under the lock: a second run on the folder is refused before it can sweep
+        # the first one's uncommitted files
         store = ParquetStore(out, job, restart=restart)
         return _run(
-            job,
-            requests,
-            store,
-            out,
-            engine,
-            batch_size,
-            dev,
-            progress,
-            on_part,
-            ray_address,
-            workers,
-            _kill_worker_once,
+            job, requests, store, engine, batch_size, dev, progress, on_part, workers, _kill_worker_once
         )
 
 
-def _run(
-    job, requests, store, out, engine, batch_size, dev, progress, on_part, ray_address, workers, kill_once
-):
+@contextlib.contextmanager
+def _locked(out: Path):
+    """Hold ``OUT/.explain-dataset.lock`` (the pid) for the run; a folder made only for the lock
+    is removed again when the run fails before writing anything."""
     from ..files import output_lock
 
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: exists and is not a directory")
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"{out}: cannot create the output folder ({exc.strerror})") from None
+    try:
+        with output_lock(out / ".explain-dataset.lock"):
+            yield
+    except BaseException:
+        if created and not any(out.iterdir()):
+            out.rmdir()
+        raise
+
+
+def _run(job, requests, store, engine, batch_size, dev, progress, on_part, workers, kill_once):
     before = len(store.done)
-    with output_lock(out / ".explain-dataset.lock"):
-        pending = (it for it in list_items(job.dataset, job.limit) if it["id"] not in store.done)
-        total = _count(job)
-        bar = _bar(progress, total, before)
-        try:
-            if engine == "local":
-                _run_local(job, requests, pending, store, batch_size, dev, bar, on_part)
-            else:
-                _run_ray(job, pending, store, batch_size, dev, bar, on_part, workers, kill_once)
-        finally:
-            bar.close()
-    return ScaleSummary(out, len(store.done), len(store.done) - before, store.rows_per_item)
+    pending = (it for it in list_items(job.dataset, job.limit) if it["id"] not in store.done)
+    total = _count(job)
+    bar = _bar(progress, total, before)
+    try:
+        if engine == "local":
+            _run_local(job, requests, pending, store, batch_size, dev, bar, on_part)
+        else:
+            _run_ray(job, pending, store, batch_size, dev, bar, on_part, workers, kill_once)
+    finally:
+        bar.close()
+    return ScaleSummary(store.out, len(store.done), len(store.done) - before, store.rows_per_item)
 
 
 def _count(job: ScaleJob) -> int | None:

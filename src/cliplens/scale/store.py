@@ -105,7 +105,7 @@ class ParquetStore:
             raise InputError(f"{self.out}: exists and is not a directory")
         self.job_path = self.out / "_job.json"
         self.data, self.parts = self.out / "data", self.out / "_parts"
-        if self.out.is_dir() and any(self.out.iterdir()) and not self.job_path.exists() and not restart:
+        if self._foreign() and not restart:
             raise InputError(
                 f"{self.out}: the folder is not empty and holds no explain-dataset output; choose another --out"
             )
@@ -123,6 +123,12 @@ class ParquetStore:
         self.next_part = 0
         self._recover()
         atomic_write(self.job_path, json.dumps({"digest": job.digest(), "job": job.to_dict()}, indent=1))
+
+    def _foreign(self) -> bool:
+        """Whether the folder holds visible files but no job of ours (hidden ones: locks, temps)."""
+        if not self.out.is_dir() or self.job_path.exists():
+            return False
+        return any(not p.name.startswith(".") for p in self.out.iterdir())
 
     def _check_job(self) -> None:
         try:
