@@ -70,6 +70,16 @@ def check_device(device: str | None):
     return dev
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def torch_dtype(name: str):
+    """The torch dtype of a --dtype name (checked by argparse's choices)."""
+    import torch
+
+    return getattr(torch, name)
+
+
 @contextlib.contextmanager
 def torch_threads(threads: int | None):
     """torch's CPU thread count set to ``threads`` for the block (None: left alone), restored after."""
@@ -153,7 +163,7 @@ def _explain(args) -> int:
         raise InputError("no images given")
     images = [load_image(p, max_pixels=args.max_pixels) for p in args.images]
     with torch_threads(args.threads):
-        adapter = load_model(args.model, device=device)
+        adapter = load_model(args.model, device=device, dtype=torch_dtype(getattr(args, "dtype", "float32")))
         parts = []
         with tqdm(total=len(images), desc="explaining", unit="image", disable=len(images) < 2 or None) as bar:
             for start in range(0, len(images), args.batch_size):
@@ -176,6 +186,71 @@ def _explain(args) -> int:
         )
     print(f"wrote {len(results['pairs'])} pair(s) to {args.out}/ (index.html, results.json)")
     return 0
+
+
+def cmd_explain_dataset(args) -> int:
+    from .scale import ScaleJob, explain_dataset
+
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    job = ScaleJob(
+        model=args.model,
+        dataset=args.dataset,
+        texts=tuple(_read_texts(args)),
+        methods=methods,
+        target=args.target,
+        resize=args.resize,
+        dtype=args.dtype,
+        limit=args.limit,
+    )
+    with torch_threads(args.threads):
+        done = explain_dataset(
+            job,
+            args.out,
+            engine=args.engine,
+            batch_size=args.batch_size,
+            device=args.device,
+            restart=args.restart,
+            ray_address=args.ray_address,
+            workers=args.workers,
+        )
+    print(
+        f"{done.items_new} item(s) explained this run, {done.items_done} in {done.out}/data "
+        f"({done.rows_per_item} record(s) per item: prompts x methods)"
+    )
+    return 0
+
+
+def _add_explain_dataset_parser(sub) -> None:
+    p = sub.add_parser(
+        "explain-dataset",
+        help="explain every image of a dataset x prompts x methods into Parquet (resumable; local or Ray)",
+        description="Explain every (image, prompt, method) of a dataset and write the raw grid maps, token "
+        "scores, logits, probabilities and target values as a Parquet dataset under --out/data "
+        "(partitioned by method and part). Rerun the same command to resume; see docs/scale.md.",
+    )
+    p.add_argument("--model", "-m", default=DEFAULT_MODEL, help=f"as for explain. Default: {DEFAULT_MODEL}")
+    p.add_argument(
+        "--dataset",
+        required=True,
+        help="a folder of images (every image file under it; its relative path is the item id) or KIND:PATH "
+        "as for evaluate (e.g. shapes:DIR, coco:FILE.json)",
+    )
+    p.add_argument("--text", "-t", action="append", help="a prompt; repeat for several")
+    p.add_argument("--texts-file", help="a UTF-8 file with one prompt per line")
+    p.add_argument("--methods", default="chefer", help="comma-separated methods. Default: chefer")
+    p.add_argument("--target", default="logit", help="as for explain. Default: logit")
+    p.add_argument("--resize", choices=["model", "full"], default="model", help="as for explain")
+    p.add_argument("--out", required=True, help="output folder (created; resumed when it holds this job)")
+    p.add_argument("--restart", action="store_true", help="discard what --out holds of an earlier job")
+    p.add_argument("--limit", type=int, default=None, help="only the first N items")
+    p.add_argument("--batch-size", type=int, default=8, help="images per batch and part. Default: 8")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto. Default: auto")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="weights' dtype. Default: float32")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (local engine)")
+    p.add_argument("--engine", choices=["local", "ray"], default="local", help="local or ray. Default: local")
+    p.add_argument("--ray-address", default=None, help="Ray cluster to join (auto: the running one)")
+    p.add_argument("--workers", type=int, default=2, help="Ray actors, one model each. Default: 2")
+    p.set_defaults(func=cmd_explain_dataset)
 
 
 def cmd_demo(args) -> int:
@@ -289,7 +364,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default=None, help="torch device, e.g. cuda. Default: where the model loads (CPU)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads for the run. Default: torch's own")
+    p.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="float32",
+        help="weights' dtype (bfloat16/float16 halve memory; maps and scores are returned in float). Default: float32",
+    )
     p.set_defaults(func=cmd_explain)
+
+    _add_explain_dataset_parser(sub)
 
     p = sub.add_parser(
         "demo",
