@@ -134,3 +134,43 @@ def measure_peak_in_subprocess(script: str, args: list[str], threads: int = 0) -
     cmd = [sys.executable, script, "--measure", *args] + (["--threads", str(threads)] if threads else [])
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def on_device(fn, device: torch.device):
+    """``fn`` itself on the CPU; on CUDA, ``fn`` followed by a synchronisation, so that a timer
+    around it measures the work and not the launch."""
+    if device.type != "cuda":
+        return fn
+
+    def synced():
+        fn()
+        torch.cuda.synchronize()
+
+    return synced
+
+
+def cuda_peak_mb(run) -> float:
+    """Peak CUDA allocation of one run (after a warm-up run) above what was allocated before it."""
+    run()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    run()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def random_photo(side_h: int = 256, side_w: int = 320):
+    """A seeded random RGB image (PIL) of the given size."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    return Image.fromarray(rng.integers(0, 256, (side_h, side_w, 3), dtype=np.uint8))
+
+
+def plain_forward(adapter, image, texts):
+    """One no-grad forward of the model over the image and the P texts (default attention)."""
+    batch = adapter.tokenize(texts)
+    pixels = adapter.prepare_images([image])[0].pixel_values
+    with torch.no_grad():
+        adapter.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, pixel_values=pixels)

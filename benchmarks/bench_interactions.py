@@ -20,9 +20,7 @@ import os
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
@@ -35,44 +33,17 @@ PAIRS = {"interactions": "forward", "jacobian_interactions": "plain"}
 
 
 def setup(size: str, device: str = "cpu"):
-    adapter = HFClipAdapter(C.build_clip(size).to(device), C.tokenizer(), name=f"random-{size}")
-    rng = np.random.default_rng(0)
-    image = Image.fromarray(rng.integers(0, 256, (256, 320, 3), dtype=np.uint8))
-    return adapter, image
-
-
-def plain_forward(adapter, image, texts):
-    batch = adapter.tokenize(texts)
-    pixels = adapter.prepare_images([image])[0].pixel_values
-    with torch.no_grad():
-        adapter.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, pixel_values=pixels)
+    return HFClipAdapter(C.build_clip(size).to(device), C.tokenizer(), name=f"random-{size}"), C.random_photo()
 
 
 def runner(adapter, image, texts, mode: str):
     if mode == "forward":
-        fn = lambda: plain_forward(adapter, image, texts)  # noqa: E731
+        fn = lambda: C.plain_forward(adapter, image, texts)  # noqa: E731
     elif mode == "plain":
         fn = lambda: C.plain_pass(adapter, image, texts)  # noqa: E731
     else:
         fn = lambda: cliplens.explain(adapter, image, texts, method=mode)  # noqa: E731
-    if adapter.device.type != "cuda":
-        return fn
-
-    def synced():
-        fn()
-        torch.cuda.synchronize()
-
-    return synced
-
-
-def cuda_peak_mb(run) -> float:
-    """Peak CUDA allocation of one run above what was allocated before it."""
-    run()
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    run()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
+    return C.on_device(fn, adapter.device)
 
 
 def measure(size: str, mode: str, P: int) -> None:
@@ -116,7 +87,7 @@ def main() -> None:
                 print(f"| {method} | {P} | {t_m:.3f} | {base} | {t_b:.3f} | {ratio:.2f} | | | |", flush=True)
                 continue
             if args.device == "cuda":
-                mem = {method: cuda_peak_mb(run_m), base: cuda_peak_mb(run_b)}
+                mem = {method: C.cuda_peak_mb(run_m), base: C.cuda_peak_mb(run_b)}
             else:
                 mem = {
                     m: C.measure_peak_in_subprocess(__file__, [size, m, str(P)], threads=torch.get_num_threads())[

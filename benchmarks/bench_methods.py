@@ -58,14 +58,6 @@ def setup(size: str):
     return adapter, image
 
 
-def plain_forward(adapter, image, texts):
-    """One no-grad forward of the model over the image and the P texts (default attention)."""
-    batch = adapter.tokenize(texts)
-    pixels = adapter.prepare_images([image])[0].pixel_values
-    with torch.no_grad():
-        adapter.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, pixel_values=pixels)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="a small model, for a smoke run")
@@ -100,7 +92,7 @@ def main() -> None:
                 C.plain_pass(adapter, image, texts)
 
             def forward(texts=texts):
-                plain_forward(adapter, image, texts)
+                C.plain_forward(adapter, image, texts)
 
             t_m, t_plain, ratio = C.paired_ratio(run, plain, args.repeats)
             fwd = ""

@@ -140,23 +140,7 @@ def runner(adapter, image, texts, label: str):
                     p.requires_grad_(f)
                 adapter.model.set_attn_implementation(attn)
 
-    if adapter.device.type != "cuda":
-        return fn
-
-    def synced():
-        fn()
-        torch.cuda.synchronize()
-
-    return synced
-
-
-def cuda_peak_mb(run) -> float:
-    run()
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    run()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
+    return C.on_device(fn, adapter.device)
 
 
 def prompts(P: int) -> list[str]:
@@ -205,7 +189,7 @@ def main() -> None:
                     if name in mems:
                         continue
                     if args.device == "cuda":
-                        mems[name] = cuda_peak_mb(runner(adapter, image, texts, name))
+                        mems[name] = C.cuda_peak_mb(runner(adapter, image, texts, name))
                     else:
                         mems[name] = C.measure_peak_in_subprocess(
                             __file__, [str(size), name, str(P), args.dtype], threads=torch.get_num_threads()
