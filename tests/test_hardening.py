@@ -678,3 +678,19 @@ def test_evaluate_unwritable_out_is_one_line(tmp_path, capsys):
     )
     assert "cannot create the output folder" in one_line_error(capsys, code)
     assert not (tmp_path / "sh").exists()  # nothing drawn
+
+
+def test_write_dataset_sweeps_the_temporary_folders_of_killed_runs(tmp_path):
+    """A killed write_dataset leaves `.NAME.tmp-PID-*`; the next one removes those of dead
+    processes (and keeps a live process's)."""
+    import os
+
+    from cliplens.worlds.shapes import write_dataset
+
+    dead = tmp_path / ".data.tmp-999999999-abc"
+    live = tmp_path / f".other.tmp-{os.getpid()}-xyz"
+    dead.mkdir()
+    live.mkdir()
+    write_dataset(tmp_path / "data", 1, seed=0, size=32)
+    assert not dead.exists() and live.exists()
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name and p != live]

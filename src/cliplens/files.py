@@ -25,7 +25,7 @@ MARKER = ".cliplens-output"
 #: files that mark an output written before the marker existed
 _LEGACY = ("results.json", "index.html")
 
-_STAGE_RE = re.compile(r"^\.(?:.*\.)?(?:partial|old)-(\d+)-")
+_STAGE_RE = re.compile(r"^\.(?:.*\.)?(?:partial|old|tmp)-(\d+)-")
 
 
 def slug(text: str, limit: int = 40) -> str:
@@ -152,8 +152,8 @@ def _is_helper(name: str) -> bool:
 
 
 def sweep_stale(folder: Path) -> list[Path]:
-    """Remove the staging folders (``.partial-PID-*``, ``.old-PID-*``) in ``folder`` whose
-    process is gone; returns what was removed."""
+    """Remove the staging folders (``.partial-PID-*``, ``.old-PID-*``, ``.tmp-PID-*``) in
+    ``folder`` whose process is gone; returns what was removed."""
     removed = []
     try:
         names = os.listdir(folder)
