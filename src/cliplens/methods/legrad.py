@@ -76,7 +76,7 @@ from ..adapters.base import ModelAdapter, TowerRun
 from ..targets import Target
 from .base import Attribution, Method, last_layers, option, register
 from .pairs import PairRuns, per_pair, tower_result
-from .relevance import accumulation_dtype
+from .relevance import accumulation_dtype, reduced_gradients
 
 POOLINGS = ("model", "mean")
 CORRECTIONS = ("auto", "on", "off")
@@ -128,6 +128,14 @@ def suppress(values: torch.Tensor, empty: torch.Tensor, patches: torch.Tensor, t
     out = values.clone()
     out[:, patches] = values[:, patches].masked_fill(mm > threshold, 0.0)
     return out
+
+
+def unique(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The tensors without repeats (by identity), in order."""
+    seen: dict[int, torch.Tensor] = {}
+    for t in tensors:
+        seen.setdefault(id(t), t)
+    return list(seen.values())
 
 
 def positive_mean(grad: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
@@ -205,31 +213,40 @@ class LeGrad(Method):
                         cos = (rows_e / rows_e.norm(dim=-1, keepdim=True)) @ empty_e.to(rows_e.dtype)
                         empty_total = cos.sum() if empty_total is None else empty_total + cos.sum()
             attns = [a for _, wrt in plan.values() for a, _ in wrt]
-            empty_grads = None
+            queries = [None if pooled else run.layout.valid for run, wrt in plan.values() for _, pooled in wrt]
+            leaves = unique(
+                [run.block_inputs[l] for run, wrt in plan.values() for l in explained_layers(opts.layers, len(run.attentions))]
+            )
+
+            def layer_maps(output: torch.Tensor, tensors: list[torch.Tensor], rows: list) -> list:
+                # per tensor: the mean over heads and query rows (the tower's valid tokens, or all
+                # of a pooling head's queries) of its gradient's positive part, as it arrives
+                def reduce(i: int, g: torch.Tensor) -> torch.Tensor:
+                    return positive_mean(g.to(accumulation_dtype(g.dtype)), rows[i])
+
+                return reduced_gradients(output, tensors, reduce, leaves)
+
+            empty_maps = None
             if empty_total is not None:
-                image_attns = [a for a, _ in plan["image"][1]]
-                empty_grads = torch.autograd.grad(empty_total, image_attns, retain_graph=True, allow_unused=True)
-            grads = list(torch.autograd.grad(total, attns, allow_unused=True)) if attns else []
+                image_run, image_wrt = plan["image"]
+                image_rows = [None if pooled else image_run.layout.valid for _, pooled in image_wrt]
+                empty_maps = layer_maps(empty_total, [a for a, _ in image_wrt], image_rows)
+            maps = layer_maps(total, attns, queries) if attns else []
         out = Attribution()
         k = 0
         for tower, (run, wrt) in plan.items():
             layer_vals = []
             for a, pooled in wrt:
-                g = grads[k] if grads[k] is not None else torch.zeros_like(a)
+                m = maps[k]
                 k += 1
-                # query rows: the tower's valid tokens, or all of the pooling head's queries
-                g = g.detach().to(accumulation_dtype(g.dtype))
-                layer_vals.append(positive_mean(g, None if pooled else run.layout.valid))
+                layer_vals.append(m if m is not None else a.new_zeros(a.shape[0], a.shape[-1]))
             stacked = torch.stack(layer_vals, 1)  # (rows, L', n)
             if tower == "image":
                 values = stacked.sum(1)
-                if empty_grads is not None:
+                if empty_maps is not None:
                     empty = sum(
-                        positive_mean(
-                            (g if g is not None else torch.zeros_like(a)).detach(),
-                            None if pooled else run.layout.valid,
-                        )
-                        for g, (a, pooled) in zip(empty_grads, wrt)
+                        m if m is not None else a.new_zeros(a.shape[0], a.shape[-1])
+                        for m, (a, _) in zip(empty_maps, wrt)
                     )
                     values = suppress(values, empty, run.layout.patches, opts.correction_threshold)
                     out.extras["empty_prompt_maps"] = tower_result(runs, tower, empty)

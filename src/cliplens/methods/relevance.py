@@ -129,3 +129,26 @@ class RowFold:
         if self.expected >= self.start or self.row is None:
             raise RuntimeError("the backward pass did not reach every explained block")
         return self.row
+
+
+def reduced_gradients(output: torch.Tensor, tensors: list[torch.Tensor], reduce, through: list[torch.Tensor]) -> list:
+    """``reduce(i, d output / d tensors[i])`` for every tensor, from ONE backward pass, each
+    gradient reduced by a hook the moment it is computed and then dropped: never all of them
+    held at once (an attention gradient is rows x H x n x n). ``through``: leaves behind the
+    tensors that the backward runs to (the block inputs). A tensor the output does not reach
+    gives None."""
+    out: list = [None] * len(tensors)
+
+    def keep(i):
+        def hook(grad: torch.Tensor) -> None:
+            out[i] = reduce(i, grad.detach())
+
+        return hook
+
+    handles = [t.register_hook(keep(i)) for i, t in enumerate(tensors)]
+    try:
+        torch.autograd.grad(output, through, allow_unused=True, retain_graph=True)
+    finally:
+        for h in handles:
+            h.remove()
+    return out
