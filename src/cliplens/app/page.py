@@ -183,7 +183,7 @@ def index_html(service: Service) -> str:
 </div>
 <div id='results'></div>
 <section id='evalpanel'><h2>Evaluate the methods on N shapes-world scenes</h2>
-<form id='evalform'>
+<form id='evalform' novalidate>
 <fieldset><legend>scenes</legend>
  <label>N <input type='number' id='evaln' name='n' value='3' min='1' max='{MAX_EVAL_SCENES}'></label>
  <div class='note'>1 to {MAX_EVAL_SCENES}, drawn as <code>cliplens evaluate --make-shapes N</code> does</div>
