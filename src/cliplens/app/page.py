@@ -94,6 +94,7 @@ let ev=null,evShown=-1;
 function evalFail(msg){$('#evalerror').textContent=msg;}
 async function startEval(e){
   e.preventDefault();$('#evalerror').textContent='';evShown=-1;
+  if(!document.querySelector('#evalform input[name=metrics]:checked')){evalFail('choose at least one metric');return;}
   const fd=new URLSearchParams();fd.append('n',$('#evaln').value);
   document.querySelectorAll('#evalform input[name=eval_methods]:checked').forEach(b=>fd.append('methods',b.value));
   document.querySelectorAll('#evalform input[name=metrics]:checked').forEach(b=>fd.append('metrics',b.value));
