@@ -241,7 +241,9 @@ def test_evaluation_panel(server, browser, shots):
     heads = d.find_element(By.CSS_SELECTOR, "#evaltable thead").text
     assert "pointing" in heads and "mIoU" in heads and "pos AUC" in heads
     chart = d.find_element(By.CSS_SELECTOR, "#evalresults img.evalchart")
-    wait.until(lambda drv: drv.execute_script("return arguments[0].complete && arguments[0].naturalWidth", chart))
+    wait.until(
+        lambda drv: drv.execute_script("return arguments[0].complete && arguments[0].naturalWidth", chart)
+    )
     assert d.find_element(By.ID, "evalerror").text == ""
     d.execute_script("document.getElementById('evalpanel').scrollIntoView()")
     snap(d, shots, "8-evaluation-done")

@@ -214,7 +214,10 @@ class Evaluations:
             job.error, job.status = " ".join(str(exc).split()), "error"
         except Exception:  # a bug: the log gets the traceback, the page one line
             log.exception("evaluation %s failed", job.id)
-            job.error, job.status = "internal error while evaluating (the server log has the details)", "error"
+            job.error, job.status = (
+                "internal error while evaluating (the server log has the details)",
+                "error",
+            )
 
     def _publish(self, job: EvalJob, results, state: str) -> None:
         written = report.write_results(results, job.folder)
@@ -242,9 +245,11 @@ def summary_html(results, job: EvalJob, state: str, version: int) -> str:
         cls = " class='baseline'" if r.get("kind") != "method" else ""
         body.append(f"<tr{cls}>{''.join(cells)}</tr>")
     lines = [
-        f"<p class='evalline'>{results.n_items} of {job.n} scenes ({state}); explained pairs: "
-        f"{results.n_pairs}; target: {html.escape(str(results.config.get('target')))}; "
-        f"metrics: {html.escape(', '.join(job.metrics))}; baselines in grey; best method per column in bold</p>",
+        (
+            f"<p class='evalline'>{results.n_items} of {job.n} scenes ({state}); explained pairs: "
+            f"{results.n_pairs}; target: {html.escape(str(results.config.get('target')))}; "
+            f"metrics: {html.escape(', '.join(job.metrics))}; baselines in grey; best method per column in bold</p>"
+        ),
         f"<table id='evaltable' class='evaltable'><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>",
     ]
     for m, info in results.refused.items():
