@@ -368,3 +368,90 @@ def test_host_other_than_loopback_warns(monkeypatch, capsys):
     assert seen["host"] == "0.0.0.0" and seen["port"] == 8999
     err = capsys.readouterr().err
     assert "warning: serving on 0.0.0.0" in err
+
+
+# ---- the evaluation panel ---------------------------------------------------------------------
+
+
+def wait_eval(client, ev: str, until=("done", "cancelled", "error"), timeout: float = 180) -> dict:
+    end = time.time() + timeout
+    while time.time() < end:
+        state = client.get(f"/api/evals/{ev}").json()
+        if state["status"] in until:
+            return state
+        time.sleep(0.05)
+    raise AssertionError(f"evaluation did not reach {until}")
+
+
+def test_evaluation_runs_and_shows_the_table_and_curves(client):
+    page = client.get("/").text
+    assert "id='evalform'" in page and "name='metrics' value='sanity'" in page
+    r = client.post("/api/evals", data={"n": "3", "methods": ["chefer", "legrad"]})
+    assert r.status_code == 200, r.text
+    ev = r.json()["eval"]
+    assert r.json()["total"] == 3 and r.json()["metrics"] == ["segmentation", "pointing", "perturbation"]
+    state = wait_eval(client, ev)
+    assert state["status"] == "done", state
+    assert state["done"] == state["total"] == 3 and state["version"] >= 2
+    view = client.get(f"/api/evals/{ev}/view").text
+    assert "id='evaltable'" in view and "3 of 3 scenes (final)" in view
+    for source in ("chefer", "legrad", "random", "centre", "oracle"):
+        assert f"<td>{source}</td>" in view or f"<td><b>{source}</b></td>" in view
+    assert "pointing" in view and "mIoU" in view and "pos AUC" in view
+    assert f"api/evals/{ev}/files/perturbation.png" in view
+    png = client.get(f"/api/evals/{ev}/files/perturbation.png")
+    assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+    assert png.content[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = client.get(f"/api/evals/{ev}/files/summary.json").json()
+    assert summary["n_items"] == 3
+    assert client.get(f"/api/evals/{ev}/files/..%2Fimage.png").status_code in (400, 404)
+    one_line_400(client.get(f"/api/evals/{ev}/files/results.jsonl"), "no such file")
+
+
+def test_evaluation_progress_comes_in_and_cancel_stops_between_items(client, service):
+    seen: list[tuple[int, int]] = []
+    r = client.post("/api/evals", data={"n": "120", "methods": "chefer", "metrics": "pointing"})
+    assert r.status_code == 200, r.text
+    ev = r.json()["eval"]
+    end = time.time() + 120
+    while time.time() < end:
+        state = client.get(f"/api/evals/{ev}").json()
+        seen.append((state["done"], state["version"]))
+        if state["done"] >= 2 and state["version"] >= 1:
+            break
+        time.sleep(0.02)
+    # a partial table is there before the end, and a second evaluation is refused meanwhile
+    assert "so far" in client.get(f"/api/evals/{ev}/view").text
+    one_line_400(client.post("/api/evals", data={"n": "2", "methods": "chefer"}), "running already")
+    assert client.post(f"/api/evals/{ev}/cancel").status_code == 200
+    state = wait_eval(client, ev)
+    assert state["status"] == "cancelled", state
+    assert 2 <= state["done"] < 120
+    view = client.get(f"/api/evals/{ev}/view").text
+    assert f"{state['done']} of 120 scenes (cancelled)" in view
+    # the model is free again: an explain run and a new evaluation go through
+    run_ok(client)
+    r = client.post("/api/evals", data={"n": "1", "methods": "rollout", "metrics": ["pointing", "sanity"]})
+    assert r.status_code == 200, r.text
+    assert wait_eval(client, r.json()["eval"])["status"] == "done"
+
+
+@pytest.mark.parametrize(
+    "fields, needle",
+    [
+        ({"n": "0", "methods": "chefer"}, "between 1 and 200"),
+        ({"n": "201", "methods": "chefer"}, "between 1 and 200"),
+        ({"n": "many", "methods": "chefer"}, "must be an integer"),
+        ({"n": "2"}, "at least one method"),
+        ({"n": "2", "methods": "nope"}, "unknown method"),
+        ({"n": "2", "methods": "chefer", "metrics": "deletion"}, "unknown metric"),
+        ({"n": "2", "methods": ["chefer", "chefer"]}, "twice"),
+    ],
+)
+def test_evaluation_bad_input_is_one_line(client, fields, needle):
+    one_line_400(client.post("/api/evals", data=fields), needle)
+
+
+def test_unknown_evaluation_is_one_line(client):
+    one_line_400(client.get("/api/evals/0123456789abcdef"), "no such evaluation")
+    one_line_400(client.post("/api/evals/0123456789abcdef/cancel"), "no such evaluation")

@@ -208,3 +208,62 @@ def test_two_tabs_at_once(server, browser, shots):
         snap(d, shots, f"7-tab-scene-{seed}")
     d.close()
     d.switch_to.window(tabs[0][0])
+
+
+def _eval_state(d) -> str:
+    found = d.find_elements(By.ID, "evalstate")
+    return found[0].text if found else ""
+
+
+def _set_n(d, n: str) -> None:
+    box = d.find_element(By.ID, "evaln")
+    box.clear()
+    box.send_keys(n)
+
+
+def test_evaluation_panel(server, browser, shots):
+    """The panel evaluates 3 scenes with the default methods and metrics: the progress bar
+    reaches 3/3, the table (methods and baselines) and the perturbation chart appear; a long
+    evaluation shows a partial table and stops on cancel; a bad N is one red line."""
+    url, _service = server
+    d = browser
+    wait = WebDriverWait(d, 180)
+    d.get(url)
+    wait.until(lambda drv: drv.find_element(By.ID, "prompts").get_attribute("value"))
+    _set_n(d, "3")
+    d.find_element(By.ID, "evalrun").click()
+    wait.until(lambda drv: _eval_state(drv) == "done")
+    bar = d.find_element(By.ID, "evalbar")
+    assert bar.get_attribute("value") == bar.get_attribute("max") == "3"
+    wait.until(lambda drv: "(final)" in drv.find_element(By.ID, "evalresults").text)
+    sources = [e.text for e in d.find_elements(By.CSS_SELECTOR, "#evaltable tbody td:first-child")]
+    assert sources == ["chefer", "legrad", "random", "centre", "oracle"]
+    heads = d.find_element(By.CSS_SELECTOR, "#evaltable thead").text
+    assert "pointing" in heads and "mIoU" in heads and "pos AUC" in heads
+    chart = d.find_element(By.CSS_SELECTOR, "#evalresults img.evalchart")
+    wait.until(
+        lambda drv: drv.execute_script("return arguments[0].complete && arguments[0].naturalWidth", chart)
+    )
+    assert d.find_element(By.ID, "evalerror").text == ""
+    d.execute_script("document.getElementById('evalpanel').scrollIntoView()")
+    snap(d, shots, "8-evaluation-done")
+
+    # a long one: the partial table comes in, cancel stops it between items
+    _set_n(d, "150")
+    for box in d.find_elements(By.CSS_SELECTOR, "input[name=eval_methods]"):
+        if box.is_selected() != (box.get_attribute("value") == "chefer"):
+            box.click()
+    d.find_element(By.ID, "evalrun").click()
+    wait.until(lambda drv: "(so far)" in drv.find_element(By.ID, "evalresults").text)
+    snap(d, shots, "9-evaluation-running")
+    d.find_element(By.ID, "evalcancel").click()
+    wait.until(lambda drv: _eval_state(drv) == "cancelled")
+    done = int(d.find_element(By.ID, "evalbar").get_attribute("value"))
+    assert 1 <= done < 150
+    wait.until(lambda drv: "(cancelled)" in drv.find_element(By.ID, "evalresults").text)
+    snap(d, shots, "10-evaluation-cancelled")
+
+    _set_n(d, "0")
+    d.find_element(By.ID, "evalrun").click()
+    wait.until(lambda drv: drv.find_element(By.ID, "evalerror").text)
+    assert "between 1 and 200" in d.find_element(By.ID, "evalerror").text

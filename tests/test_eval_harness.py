@@ -499,3 +499,30 @@ def test_cli_bad_dataset_is_one_line(capsys, dataset, fragment):
 def test_cli_bad_method_is_one_line(capsys, shapes_dir):
     code, _, err = _run(capsys, "evaluate", "--dataset", f"shapes:{shapes_dir}", "--methods", "chefer,nope")
     assert code == 2 and "unknown method 'nope'" in err and len(err.strip().splitlines()) == 1
+
+
+def test_on_item_reports_each_item_and_can_stop_the_run(adapter, shapes_dir, tmp_path):
+    """``on_item(done, total, partial)`` after every item; ``partial()`` summarises the items so
+    far; an exception it raises stops the run between items and the store keeps those items."""
+    spec = f"shapes:{shapes_dir}"
+    calls = []
+
+    def record(done, total, partial):
+        calls.append((done, total, partial().n_items))
+
+    res = harness.evaluate(adapter, ["chefer"], spec, limit=3, metrics="pointing", on_item=record)
+    assert calls == [(1, 3, 1), (2, 3, 2), (3, 3, 3)] and res.n_items == 3
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_two(done, total, partial):
+        if done == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        harness.evaluate(
+            adapter, ["chefer"], spec, limit=4, metrics="pointing", out=tmp_path, on_item=stop_after_two
+        )
+    lines = (tmp_path / "results.jsonl").read_text().splitlines()
+    assert len([ln for ln in lines if ln.strip()]) >= 2

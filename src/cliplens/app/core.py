@@ -317,9 +317,13 @@ class Service:
         self._render_lock = threading.Lock()  # a view writes its overlays once, whoever asks first
         self._jobs: OrderedDict[str, Job] = OrderedDict()
         self._threads: list[threading.Thread] = []
+        from .evaluation import Evaluations
+
+        self.evals = Evaluations(adapter, self.root, self._model_lock)
 
     # lifecycle
     def close(self) -> None:
+        self.evals.close()
         for t in self._threads:
             t.join(timeout=30)
         shutil.rmtree(self.root, ignore_errors=True)

@@ -9,6 +9,7 @@ import html
 from ..methods import REGISTRY
 from ..viz.html import _SCRIPT, _STYLE
 from .core import FORM_OPTIONS, Service, public_methods
+from .evaluation import DEFAULT_EVAL_METRICS, EVAL_METRICS, MAX_EVAL_SCENES
 
 DEFAULT_METHODS = ("chefer", "legrad")
 
@@ -28,6 +29,13 @@ label{display:block;font-size:.9em;margin:2px 0} input[type=number]{width:6em}
 .method{font-weight:700;font-size:.95em;margin-bottom:2px}
 h2.prompt{border-top:1px solid #ddd;padding-top:.6em}
 button{font-size:1em;padding:4px 14px}
+#evalpanel{margin-top:2em;border-top:2px solid #ccc;padding-top:.6em}
+#evalerror{color:#b42318;font-weight:600;min-height:1.2em}
+table.evaltable{border-collapse:collapse;font-size:.9em;margin:.5em 0}
+table.evaltable td,table.evaltable th{border:1px solid #ddd;padding:2px 8px;text-align:right}
+table.evaltable td:first-child,table.evaltable th:first-child{text-align:left}
+table.evaltable tr.baseline{color:#888}
+img.evalchart{max-width:100%;display:block;margin:.5em 0}
 """
 
 #: after html._SCRIPT in the same scope: no name here may repeat one of its (pic, ends, paint, show, back)
@@ -80,7 +88,42 @@ function outlines(){$('#results').classList.toggle('no-outlines',!$('#outlines')
 document.addEventListener('DOMContentLoaded',()=>{$('#form').addEventListener('submit',submitRun);
   $('#loadscene').addEventListener('click',loadScene);$('#image').addEventListener('change',pickFile);
   $('#mode').addEventListener('change',()=>{if(job)showResults();});$('#outlines').addEventListener('change',outlines);
-  loadScene();});
+  loadScene();
+  $('#evalform').addEventListener('submit',startEval);$('#evalcancel').addEventListener('click',cancelEval);});
+let ev=null,evShown=-1;
+function evalFail(msg){$('#evalerror').textContent=msg;}
+async function startEval(e){
+  e.preventDefault();$('#evalerror').textContent='';evShown=-1;
+  if(!document.querySelector('#evalform input[name=metrics]:checked')){evalFail('choose at least one metric');return;}
+  const fd=new URLSearchParams();fd.append('n',$('#evaln').value);
+  document.querySelectorAll('#evalform input[name=eval_methods]:checked').forEach(b=>fd.append('methods',b.value));
+  document.querySelectorAll('#evalform input[name=metrics]:checked').forEach(b=>fd.append('metrics',b.value));
+  $('#evalrun').disabled=true;
+  try{
+    const r=await fetch('api/evals',{method:'POST',body:fd});let j;
+    try{j=await r.json();}catch(x){j={error:'the server answered '+r.status};}
+    if(!r.ok){evalFail(j.error);$('#evalrun').disabled=false;return;}
+    ev=j.eval;$('#evalcancel').disabled=false;$('#evalresults').innerHTML='';await pollEval();
+  }catch(x){evalFail('cannot reach the app: '+x);}
+  finally{$('#evalrun').disabled=false;$('#evalcancel').disabled=true;}
+}
+async function cancelEval(){if(!ev)return;$('#evalcancel').disabled=true;
+  await fetch('api/evals/'+ev+'/cancel',{method:'POST'});}
+async function pollEval(){
+  for(;;){
+    const r=await fetch('api/evals/'+ev);const j=await r.json();
+    if(!r.ok){evalFail(j.error);return;}
+    const bar=`<progress id='evalbar' max='${j.total}' value='${j.done}'></progress> ${j.done}/${j.total} scenes `;
+    const what={queued:'waiting for an explain run to finish',running:'running',done:'done',
+      cancelled:'cancelled',error:'failed'}[j.status]||j.status;
+    $('#evalstatus').innerHTML=bar+`· <span id='evalstate'>${what}</span> · ${j.seconds}s`;
+    if(j.version!==evShown){const v=await fetch('api/evals/'+ev+'/view');
+      if(v.ok){$('#evalresults').innerHTML=await v.text();evShown=j.version;}}
+    if(j.status==='error'){evalFail(j.error);return;}
+    if(j.status==='done'||j.status==='cancelled')return;
+    await new Promise(res=>setTimeout(res,400));
+  }
+}
 """
 
 
@@ -90,6 +133,16 @@ def index_html(service: Service) -> str:
         f"<label title='{html.escape(REGISTRY[m].summary)}'><input type='checkbox' name='methods' value='{m}'"
         f"{' checked' if m in DEFAULT_METHODS else ''}> {m}</label>"
         for m in public_methods()
+    )
+    eval_methods = "".join(  # not name='methods': that picks the explain form's boxes
+        f"<label title='{html.escape(REGISTRY[m].summary)}'><input type='checkbox' name='eval_methods' value='{m}'"
+        f"{' checked' if m in DEFAULT_METHODS else ''}> {m}</label>"
+        for m in public_methods()
+    )
+    eval_metrics = "".join(
+        f"<label><input type='checkbox' name='metrics' value='{m}'"
+        f"{' checked' if m in DEFAULT_EVAL_METRICS else ''}> {m}</label>"
+        for m in EVAL_METRICS
     )
     takes = {
         opt: ", ".join(m for m in public_methods() if opt in REGISTRY[m].options) for opt in FORM_OPTIONS
@@ -130,5 +183,21 @@ def index_html(service: Service) -> str:
  <a id='download' href='#'>download results (zip: index.html, results.json, overlays per method)</a>
 </div>
 <div id='results'></div>
+<section id='evalpanel'><h2>Evaluate the methods on N shapes-world scenes</h2>
+<form id='evalform' novalidate>
+<fieldset><legend>scenes</legend>
+ <label>N <input type='number' id='evaln' name='n' value='3' min='1' max='{MAX_EVAL_SCENES}'></label>
+ <div class='note'>1 to {MAX_EVAL_SCENES}, drawn as <code>cliplens evaluate --make-shapes N</code> does</div>
+</fieldset>
+<fieldset><legend>methods</legend>{eval_methods}</fieldset>
+<fieldset><legend>metrics</legend>{eval_metrics}</fieldset>
+<fieldset><legend>run</legend>
+ <p><button id='evalrun' type='submit'>evaluate</button> <button id='evalcancel' type='button' disabled>cancel</button></p>
+ <div class='note'>baselines (random, centre, oracle) are always scored</div>
+</fieldset>
+</form>
+<div id='evalerror' role='alert'></div><div id='evalstatus'></div>
+<div id='evalresults'></div>
+</section>
 <script>{_SCRIPT}{_APP_SCRIPT}</script>
 </body></html>"""

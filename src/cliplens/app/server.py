@@ -4,6 +4,9 @@ Routes: ``GET /`` the page; ``GET /api/scenes/{seed}`` a demo scene's prompts an
 ``.../image.png`` its picture; ``POST /api/run`` a form (multipart) -> a run id; ``GET
 /api/jobs/{id}`` its progress; ``GET /api/jobs/{id}/view?mode=`` its results as HTML;
 ``GET /api/jobs/{id}/download`` the zip; ``GET /files/{id}/...`` the pictures a run wrote.
+The evaluation panel: ``POST /api/evals`` (n, methods, metrics) -> an evaluation id; ``GET
+/api/evals/{id}`` its progress; ``GET /api/evals/{id}/view`` its latest table as HTML; ``POST
+/api/evals/{id}/cancel``; ``GET /api/evals/{id}/files/{name}`` its charts and reports.
 A user error is HTTP 400 with ``{"error": one line}``; nothing else reaches the browser.
 """
 
@@ -97,6 +100,37 @@ def create_app(service: Service) -> Starlette:
         parts = request.path_params["path"].split("/")
         return FileResponse(service.file(request.path_params["job"], parts))
 
+    async def eval_start(request: Request) -> Response:
+        size = request.headers.get("content-length", "")
+        if not size.isdigit() or int(size) > _FIELD_BYTES:
+            return _error("the evaluation form must be small and sent with a Content-Length")
+        try:
+            form = await request.form(max_files=0, max_fields=60, max_part_size=_FIELD_BYTES)
+        except Exception as exc:  # noqa: BLE001
+            detail = getattr(exc, "detail", None) or exc.__class__.__name__
+            return _error(f"cannot read the form: {detail}")
+        fields: dict[str, object] = {}
+        for key, value in form.multi_items():
+            if key in ("methods", "metrics"):
+                fields.setdefault(key, []).append(value)  # type: ignore[union-attr]
+            else:
+                fields[key] = value
+        job = await _in_thread(service.evals.start, fields)
+        return JSONResponse(job.progress())
+
+    async def eval_progress(request: Request) -> Response:
+        return JSONResponse(service.evals.job(request.path_params["eval"]).progress())
+
+    async def eval_view(request: Request) -> Response:
+        return HTMLResponse(service.evals.render(service.evals.job(request.path_params["eval"])))
+
+    async def eval_cancel(request: Request) -> Response:
+        return JSONResponse(service.evals.cancel(request.path_params["eval"]).progress())
+
+    async def eval_file(request: Request) -> Response:
+        path = service.evals.file(request.path_params["eval"], request.path_params["name"])
+        return FileResponse(path)
+
     async def user_error(request: Request, exc: Exception) -> Response:
         status = 404 if request.url.path.startswith("/files/") else 400
         return _error(str(exc), status)
@@ -121,6 +155,11 @@ def create_app(service: Service) -> Starlette:
         Route("/api/jobs/{job}/view", view),
         Route("/api/jobs/{job}/download", download),
         Route("/files/{job}/{path:path}", files),
+        Route("/api/evals", eval_start, methods=["POST"]),
+        Route("/api/evals/{eval}", eval_progress),
+        Route("/api/evals/{eval}/view", eval_view),
+        Route("/api/evals/{eval}/cancel", eval_cancel, methods=["POST"]),
+        Route("/api/evals/{eval}/files/{name}", eval_file),
     ]
     return Starlette(
         routes=routes,

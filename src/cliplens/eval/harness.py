@@ -44,7 +44,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +117,7 @@ def evaluate(
     device: str | None = EvalConfig.device,
     threads: int | None = EvalConfig.threads,
     command: str | None = None,
+    on_item: Callable[[int, int, Callable[[], EvalResults]], None] | None = None,
 ) -> EvalResults:
     """Score explanation methods on a dataset; see the module docstring for the protocols.
 
@@ -153,6 +154,9 @@ def evaluate(
         device: torch device of a model loaded from a spec.
         threads: torch CPU threads during the run (restored after).
         command: the command line shown in ``results.md``.
+        on_item: called after each item as ``on_item(done, total, partial)``; ``partial()``
+            summarises the items done so far (only when called). An exception it raises stops
+            the run between items (items already done stay in ``out``'s store).
 
     Defaults are :class:`EvalConfig`'s; :func:`run_evaluation` takes a ready config.
     """
@@ -181,10 +185,16 @@ def evaluate(
         progress=progress,
         out=None if out is None else os.fspath(out),
     )
-    return run_evaluation(model, config, command=command)
+    return run_evaluation(model, config, command=command, on_item=on_item)
 
 
-def run_evaluation(model: Any, config: EvalConfig, *, command: str | None = None) -> EvalResults:
+def run_evaluation(
+    model: Any,
+    config: EvalConfig,
+    *,
+    command: str | None = None,
+    on_item: Callable[[int, int, Callable[[], EvalResults]], None] | None = None,
+) -> EvalResults:
     """Evaluate ``model`` (adapter, model object or spec) as ``config`` says: open the dataset
     (drawing shapes scenes if asked), open the model, complete the config, evaluate every item
     not already in the store, summarise, and write the reports where ``config.out`` is set."""
@@ -198,7 +208,14 @@ def run_evaluation(model: Any, config: EvalConfig, *, command: str | None = None
         config = config.completed(adapter, ds)
         store = ResultStore(config.out, config, restart=config.restart, derived=REPORT_FILES)
         runner = _Runner(adapter, config)
-        seen = _run_items(runner, ds, store, progress=config.progress)
+        partial = None
+        if on_item is not None:
+            done_config = config
+
+            def partial(seen: list[int]) -> EvalResults:
+                return summarise(done_config, [store.records[i] for i in seen], command=command)
+
+        seen = _run_items(runner, ds, store, progress=config.progress, on_item=on_item, partial=partial)
     results = summarise(config, [store.records[i] for i in seen], command=command)
     if store.out is not None:
         results.write(store.out)
@@ -224,9 +241,17 @@ def open_eval_dataset(config: EvalConfig, *, draw: bool = True) -> EvalDataset |
         raise
 
 
-def _run_items(runner: ItemRunner, ds: EvalDataset, store: ResultStore, *, progress: bool) -> list[int]:
+def _run_items(
+    runner: ItemRunner,
+    ds: EvalDataset,
+    store: ResultStore,
+    *,
+    progress: bool,
+    on_item: Callable[[int, int, Callable[[], EvalResults]], None] | None = None,
+    partial: Callable[[list[int]], EvalResults] | None = None,
+) -> list[int]:
     """Evaluate and store every item of ``ds`` the store does not hold yet; the indices of all
-    items of ``ds``, in order."""
+    items of ``ds``, in order. ``on_item`` (with ``partial``) is told after each item."""
     from tqdm import tqdm
 
     seen: list[int] = []
@@ -243,6 +268,9 @@ def _run_items(runner: ItemRunner, ds: EvalDataset, store: ResultStore, *, progr
                     "the dataset changed: use --restart"
                 )
             bar.update(1)
+            if on_item is not None and partial is not None:
+                done = list(seen)
+                on_item(len(done), ds.size, lambda done=done: partial(done))
     finally:
         bar.close()
     return seen
