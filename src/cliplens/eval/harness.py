@@ -115,6 +115,7 @@ def evaluate(
     restart: bool = EvalConfig.restart,
     progress: bool = EvalConfig.progress,
     device: str | None = EvalConfig.device,
+    dtype: str = EvalConfig.dtype,
     threads: int | None = EvalConfig.threads,
     command: str | None = None,
 ) -> EvalResults:
@@ -151,6 +152,9 @@ def evaluate(
         restart: discard results of an earlier, different configuration in ``out``.
         progress: show a tqdm progress bar.
         device: torch device of a model loaded from a spec.
+        dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"`` (or the torch dtype): the weights
+            of a model loaded from a spec. Stored: it changes the numbers, so a resumed run with
+            another dtype is refused. A model object is used as it is (its dtype is recorded).
         threads: torch CPU threads during the run (restored after).
         command: the command line shown in ``results.md``.
 
@@ -177,6 +181,7 @@ def evaluate(
         make_shapes=make_shapes,
         restart=restart,
         device=device,
+        dtype=dtype,
         threads=threads,
         progress=progress,
         out=None if out is None else os.fspath(out),
@@ -192,9 +197,15 @@ def run_evaluation(model: Any, config: EvalConfig, *, command: str | None = None
     ds = open_eval_dataset(config)
     assert ds is not None
     with _torch_threads(config.threads):
-        adapter: ModelAdapter = (
-            load_model(model, device=config.device) if isinstance(model, (str, os.PathLike)) else adapt(model)
-        )
+        if isinstance(model, (str, os.PathLike)):
+            adapter: ModelAdapter = load_model(model, device=config.device, dtype=getattr(torch, config.dtype))
+        else:
+            adapter = adapt(model)
+            have = str(adapter.dtype).removeprefix("torch.")
+            if config.dtype != EvalConfig.dtype and have != config.dtype:
+                raise InputError(
+                    f"dtype {config.dtype!r} applies to a model loaded from a spec; this model's weights are {have}"
+                )
         config = config.completed(adapter, ds)
         store = ResultStore(config.out, config, restart=config.restart, derived=REPORT_FILES)
         runner = _Runner(adapter, config)
