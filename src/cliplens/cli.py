@@ -74,10 +74,17 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 
 def torch_dtype(name: str):
-    """The torch dtype of a --dtype name (checked by argparse's choices)."""
+    """The torch dtype of a --dtype name (checked by argparse's choices or :func:`check_dtype`)."""
     import torch
 
-    return getattr(torch, name)
+    return getattr(torch, check_dtype(name))
+
+
+def check_dtype(name: str) -> str:
+    """``name`` if it is one of :data:`DTYPES`, else a one-line InputError (exit 2)."""
+    if name not in DTYPES:
+        raise InputError(f"--dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+    return name
 
 
 @contextlib.contextmanager
@@ -259,10 +266,14 @@ def cmd_demo(args) -> int:
 
     if args.seed < 0:
         raise InputError(f"--seed must be 0 or more, got {args.seed}")
+    dtype = torch_dtype(args.dtype)
+    device = check_device(args.device)
     check_output_dir(args.out)
     print(f"cliplens demo: scene {args.seed} of the shapes world, model {args.model}")
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
-    rows = run_demo(args.out, seed=args.seed, model=args.model, methods=methods)
+    rows = run_demo(
+        args.out, seed=args.seed, model=args.model, methods=methods, device=device, dtype=dtype
+    )
     print()
     print(summary_table(rows))
     print(f"\nopen {args.out}/index.html")
@@ -385,6 +396,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="which scene to draw. Default: 0")
     p.add_argument("--model", default="shapes", help="model to explain. Default: shapes (embedded)")
     p.add_argument("--methods", default=None, help="comma-separated methods. Default: all")
+    p.add_argument("--device", default=None, help="torch device, e.g. cuda. Default: where the model loads (CPU)")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        metavar="DTYPE",
+        help="weights' dtype: float32, bfloat16 or float16 (maps and scores are returned in float). Default: float32",
+    )
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser(
