@@ -119,6 +119,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         from ..files import check_writable_dir
 
         check_writable_dir(config.out)  # before the dataset is drawn or the model loads
+    if config.parquet:
+        from .export import require_pyarrow
+
+        require_pyarrow()
     if config.limit == 0:
         raise InputError("--limit 0: nothing to evaluate; give --limit 1 or more, or leave it out for every item")
     dataset = open_eval_dataset(config, draw=False)

@@ -213,6 +213,12 @@ class EvalConfig:
         "default: torch's)",
         stored=False,
     )
+    parquet: bool = knob(
+        False,
+        "also write OUT/records.parquet: one row per (item, pair, source), flat metric columns "
+        "(needs pyarrow; results.jsonl stays the resumable store)",
+        stored=False,
+    )
     progress: bool = knob(False, "show a progress bar", stored=False, flag=False)
     out: str | None = knob(
         None,

@@ -66,6 +66,7 @@ from .config import (  # noqa: F401  (the vocabulary, kept importable from here)
     resolve_metrics,
 )
 from .datasets import EvalDataset, open_dataset
+from .export import PARQUET_FILE, require_pyarrow, write_parquet
 from .report import COLUMNS, CSV_KEYS, REPORT_FILES  # noqa: F401
 from .runner import ItemRunner
 from .store import ResultStore
@@ -117,6 +118,7 @@ def evaluate(
     device: str | None = EvalConfig.device,
     dtype: str = EvalConfig.dtype,
     threads: int | None = EvalConfig.threads,
+    parquet: bool = EvalConfig.parquet,
     command: str | None = None,
 ) -> EvalResults:
     """Score explanation methods on a dataset; see the module docstring for the protocols.
@@ -156,6 +158,8 @@ def evaluate(
             of a model loaded from a spec. Stored: it changes the numbers, so a resumed run with
             another dtype is refused. A model object is used as it is (its dtype is recorded).
         threads: torch CPU threads during the run (restored after).
+        parquet: also write ``OUT/records.parquet`` (:mod:`cliplens.eval.export`; needs pyarrow
+            and ``out``).
         command: the command line shown in ``results.md``.
 
     Defaults are :class:`EvalConfig`'s; :func:`run_evaluation` takes a ready config.
@@ -183,6 +187,7 @@ def evaluate(
         device=device,
         dtype=dtype,
         threads=threads,
+        parquet=parquet,
         progress=progress,
         out=None if out is None else os.fspath(out),
     )
@@ -194,6 +199,10 @@ def run_evaluation(model: Any, config: EvalConfig, *, command: str | None = None
     (drawing shapes scenes if asked), open the model, complete the config, evaluate every item
     not already in the store, summarise, and write the reports where ``config.out`` is set."""
     config = dataclasses.replace(config, methods=resolve_methods(config.methods))
+    if config.parquet:
+        if config.out is None:
+            raise InputError("parquet=True writes OUT/records.parquet: give out= as well")
+        require_pyarrow()  # before anything runs
     ds = open_eval_dataset(config)
     assert ds is not None
     with _torch_threads(config.threads):
@@ -207,12 +216,17 @@ def run_evaluation(model: Any, config: EvalConfig, *, command: str | None = None
                     f"dtype {config.dtype!r} applies to a model loaded from a spec; this model's weights are {have}"
                 )
         config = config.completed(adapter, ds)
-        store = ResultStore(config.out, config, restart=config.restart, derived=REPORT_FILES)
+        store = ResultStore(config.out, config, restart=config.restart, derived=(*REPORT_FILES, PARQUET_FILE))
         runner = _Runner(adapter, config)
         seen = _run_items(runner, ds, store, progress=config.progress)
-    results = summarise(config, [store.records[i] for i in seen], command=command)
+    records = [store.records[i] for i in seen]
+    results = summarise(config, records, command=command)
     if store.out is not None:
         results.write(store.out)
+        if config.parquet:
+            write_parquet(records, store.out)
+        elif (store.out / PARQUET_FILE).exists():  # an export of fewer items would be stale
+            (store.out / PARQUET_FILE).unlink()
     return results
 
 
