@@ -80,3 +80,23 @@ def test_demo_cli_flags(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(err) == 1 and fragment in err[0], err
         assert not (tmp_path / "bad").exists()
+
+
+def test_every_command_checks_device_and_dtype_in_one_line(scenes, tmp_path, capsys):
+    image = str(sorted((scenes / "images").iterdir())[0])
+    out = str(tmp_path / "out")
+    commands = {
+        "evaluate": ["evaluate", "-d", f"shapes:{tmp_path / 'drawn'}", "--make-shapes", "2", "--out", out],
+        "demo": ["demo", "--out", out],
+        "explain-dataset": ["explain-dataset", "--model", "shapes", "--dataset", f"shapes:{scenes}", "-t", "a x"]
+        + ["--out", out],
+    }
+    commands["explain"] = ["explain", image, "-t", "a x", "--model", "shapes", "--out", out]
+    for name, argv in commands.items():
+        for flag, value, fragment in (("--dtype", "int8", "dtype must be one of"), ("--device", "nope", "--device")):
+            if name == "explain-dataset" and flag == "--device":
+                continue  # checked by explain-dataset's own tests (it takes auto)
+            code = main([*argv, flag, value])
+            err = capsys.readouterr().err.strip().splitlines()
+            assert code == 2 and len(err) == 1 and fragment in err[0], (name, flag, err)
+            assert not (tmp_path / "out").exists() and not (tmp_path / "drawn").exists(), name

@@ -114,7 +114,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from . import report
     from .harness import open_eval_dataset, run_evaluation
 
+    from ..cli import check_device
+
     config = config_from_args(args, progress=True)
+    check_device(config.device)  # before the dataset is drawn or the model loads
     if config.out:
         from ..files import check_writable_dir
 

@@ -198,6 +198,9 @@ def run_evaluation(model: Any, config: EvalConfig, *, command: str | None = None
     """Evaluate ``model`` (adapter, model object or spec) as ``config`` says: open the dataset
     (drawing shapes scenes if asked), open the model, complete the config, evaluate every item
     not already in the store, summarise, and write the reports where ``config.out`` is set."""
+    from ..cli import check_device
+
+    check_device(config.device)  # a one-line error before a dataset is drawn or a model loads
     config = dataclasses.replace(config, methods=resolve_methods(config.methods))
     if config.parquet:
         if config.out is None:
