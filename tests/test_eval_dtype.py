@@ -42,7 +42,7 @@ def _numbers(value):
 
 
 def test_bfloat16_evaluate_is_finite_and_resume_with_another_dtype_is_refused(scenes, tmp_path):
-    kwargs = dict(metrics="pointing,perturbation,deletion", steps=2, out=tmp_path / "out")
+    kwargs = {"metrics": "pointing,perturbation,deletion", "steps": 2, "out": tmp_path / "out"}
     half = harness.evaluate("shapes", ["chefer"], f"shapes:{scenes}", dtype="bfloat16", **kwargs)
     stored = json.loads((tmp_path / "out" / "config.json").read_text())
     assert stored["config"]["dtype"] == "bfloat16"
@@ -61,7 +61,9 @@ def test_bfloat16_evaluate_is_finite_and_resume_with_another_dtype_is_refused(sc
 
 
 def test_bfloat16_demo_returns_float_maps(tmp_path):
-    rows = run_demo(tmp_path / "demo", model="shapes", methods=["chefer", "legrad"], dtype="bfloat16", progress=False)
+    rows = run_demo(
+        tmp_path / "demo", model="shapes", methods=["chefer", "legrad"], dtype="bfloat16", progress=False
+    )
     assert [r.method for r in rows] == ["chefer", "legrad"]
     assert all(h in (True, False) for r in rows for h in r.hits[:-1])
     assert not any(on == "nothing" for r in rows for on in r.peak_on)  # "nothing": a map with no finite value
@@ -72,10 +74,16 @@ def test_bfloat16_demo_returns_float_maps(tmp_path):
 
 def test_demo_cli_flags(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--methods", "chefer", "--device", "cpu", "--dtype", "bfloat16"]) == 0
+    assert (
+        main(["demo", "--out", str(out), "--methods", "chefer", "--device", "cpu", "--dtype", "bfloat16"])
+        == 0
+    )
     assert (out / "index.html").is_file()
     capsys.readouterr()
-    for flag, value, fragment in (("--dtype", "int8", "--dtype must be one of"), ("--device", "nope", "--device")):
+    for flag, value, fragment in (
+        ("--dtype", "int8", "--dtype must be one of"),
+        ("--device", "nope", "--device"),
+    ):
         code = main(["demo", "--out", str(tmp_path / "bad"), "--methods", "chefer", flag, value])
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(err) == 1 and fragment in err[0], err
@@ -83,17 +91,28 @@ def test_demo_cli_flags(tmp_path, capsys):
 
 
 def test_every_command_checks_device_and_dtype_in_one_line(scenes, tmp_path, capsys):
-    image = str(sorted((scenes / "images").iterdir())[0])
+    image = str(min((scenes / "images").iterdir()))
     out = str(tmp_path / "out")
     commands = {
         "evaluate": ["evaluate", "-d", f"shapes:{tmp_path / 'drawn'}", "--make-shapes", "2", "--out", out],
         "demo": ["demo", "--out", out],
-        "explain-dataset": ["explain-dataset", "--model", "shapes", "--dataset", f"shapes:{scenes}", "-t", "a x"]
+        "explain-dataset": [
+            "explain-dataset",
+            "--model",
+            "shapes",
+            "--dataset",
+            f"shapes:{scenes}",
+            "-t",
+            "a x",
+        ]
         + ["--out", out],
     }
     commands["explain"] = ["explain", image, "-t", "a x", "--model", "shapes", "--out", out]
     for name, argv in commands.items():
-        for flag, value, fragment in (("--dtype", "int8", "dtype must be one of"), ("--device", "nope", "--device")):
+        for flag, value, fragment in (
+            ("--dtype", "int8", "dtype must be one of"),
+            ("--device", "nope", "--device"),
+        ):
             if name == "explain-dataset" and flag == "--device":
                 continue  # checked by explain-dataset's own tests (it takes auto)
             code = main([*argv, flag, value])

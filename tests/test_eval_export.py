@@ -68,7 +68,11 @@ def test_parquet_rows_are_the_jsonl_records(scenes, tmp_path):
         assert row["value"] == pytest.approx(pair["value"])
         for name, value in scores.items():
             assert _same(row[name], value), (name, row[name], value)
-        for name in set(row) - set(scores) - {"index", "id", "unique_inputs", "pair", "label", "text", "value", "source"}:
+        for name in (
+            set(row)
+            - set(scores)
+            - {"index", "id", "unique_inputs", "pair", "label", "text", "value", "source"}
+        ):
             assert row[name] is None or name in pair  # a score this source lacks is null
     # a rerun without --parquet extends nothing here but drops the export, which could go stale
     harness.evaluate("shapes", ["chefer", "rollout"], f"shapes:{scenes}", out=out, steps=2, sanity_items=1)
@@ -77,7 +81,17 @@ def test_parquet_rows_are_the_jsonl_records(scenes, tmp_path):
 
 def test_cli_parquet_flag_and_missing_pyarrow(scenes, tmp_path, capsys, monkeypatch):
     out = tmp_path / "cli"
-    args = ["evaluate", "-d", f"shapes:{scenes}", "--methods", "chefer", "--metrics", "pointing", "--out", str(out)]
+    args = [
+        "evaluate",
+        "-d",
+        f"shapes:{scenes}",
+        "--methods",
+        "chefer",
+        "--metrics",
+        "pointing",
+        "--out",
+        str(out),
+    ]
     assert main([*args, "--parquet", "--limit", "2"]) == 0
     assert "records.parquet" in capsys.readouterr().out
     assert pq.read_table(out / "records.parquet").num_rows > 0

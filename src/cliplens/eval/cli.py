@@ -111,10 +111,9 @@ def command_line(args: argparse.Namespace) -> str:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """``cliplens evaluate``: check the arguments and the dataset before the model loads, run
     :func:`~cliplens.eval.harness.run_evaluation`, print the table, write the reports."""
+    from ..cli import check_device
     from . import report
     from .harness import open_eval_dataset, run_evaluation
-
-    from ..cli import check_device
 
     config = config_from_args(args, progress=True)
     check_device(config.device)  # before the dataset is drawn or the model loads

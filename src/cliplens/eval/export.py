@@ -23,7 +23,6 @@ from ..errors import InputError
 __all__ = ["PARQUET_FILE", "records_table", "require_pyarrow", "write_parquet"]
 
 PARQUET_FILE = "records.parquet"
-_ITEM = ("index", "id", "unique_inputs")
 _PAIR = ("pair", "label", "text", "value")
 
 
@@ -31,7 +30,7 @@ def require_pyarrow():
     """pyarrow, or a one-line InputError saying how to install it."""
     try:
         import pyarrow
-        import pyarrow.parquet  # noqa: F401
+        import pyarrow.parquet
     except ImportError:
         raise InputError("--parquet needs pyarrow: pip install 'cliplens[scale]' (or pyarrow)") from None
     return pyarrow
@@ -45,7 +44,12 @@ def records_table(records: Sequence[dict]):
     metrics: dict[str, bool] = {}  # metric -> is a list, first seen first
     for rec in records:
         for p, pair in enumerate(rec.get("pairs") or ()):
-            base = {"index": rec["index"], "id": rec["id"], "unique_inputs": rec.get("unique_inputs"), "pair": p}
+            base = {
+                "index": rec["index"],
+                "id": rec["id"],
+                "unique_inputs": rec.get("unique_inputs"),
+                "pair": p,
+            }
             for key, value in pair.items():
                 if key == "scores":
                     continue
@@ -58,8 +62,10 @@ def records_table(records: Sequence[dict]):
                     is_list = isinstance(value, (list, tuple))
                     if metrics.setdefault(name, is_list) != is_list:
                         raise InputError(f"metric {name!r} is a number in one record and a list in another")
-                    row[name] = [None if v is None else float(v) for v in value] if is_list else (
-                        None if value is None else float(value)
+                    row[name] = (
+                        [None if v is None else float(v) for v in value]
+                        if is_list
+                        else (None if value is None else float(value))
                     )
                 rows.append(row)
     fields = [
