@@ -165,3 +165,27 @@ def test_stored_record_and_digest_are_unchanged():
     assert dataclasses.replace(config, limit=3, out="x", threads=1).digest() == config.digest()
     with pytest.raises(InputError, match="unknown keys: speed"):
         EvalConfig.from_dict({**stored, "speed": 1})
+
+
+def test_dtype_is_stored_but_a_default_config_keeps_its_digest():
+    stored = {k: v for k, v in STORED_BEFORE_THE_SPLIT["config"].items()}
+    config = EvalConfig.from_dict(stored)
+    assert config.dtype == "float32" and "dtype" not in config.to_dict()  # omitted at its default
+    assert dataclasses.replace(config, dtype="float32").digest() == config.digest()
+    half = dataclasses.replace(config, dtype="bfloat16")
+    assert half.to_dict()["dtype"] == "bfloat16" and half.digest() != config.digest()
+    assert EvalConfig.from_dict(half.to_dict()) == half
+    import torch
+
+    assert EvalConfig(dtype=torch.float16).dtype == "float16"
+    with pytest.raises(InputError, match="dtype must be one of float32, bfloat16, float16"):
+        EvalConfig(dtype="float64")
+
+
+def test_cli_dtype_flag_is_generated_and_checked(capsys):
+    assert config_from_args(_evaluate_args("-d", "shapes:x", "--dtype", "bfloat16")).dtype == "bfloat16"
+    assert "--dtype bfloat16" in command_line(_evaluate_args("-d", "shapes:x", "--dtype", "bfloat16"))
+    assert "--dtype" not in command_line(_evaluate_args("-d", "shapes:x"))
+    code = main(["evaluate", "--dataset", "shapes:/nonexistent", "--dtype", "int8"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "dtype must be one of float32, bfloat16, float16" in err[0]

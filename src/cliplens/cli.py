@@ -74,10 +74,17 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 
 def torch_dtype(name: str):
-    """The torch dtype of a --dtype name (checked by argparse's choices)."""
+    """The torch dtype of a --dtype name (checked: :func:`check_dtype`)."""
     import torch
 
-    return getattr(torch, name)
+    return getattr(torch, check_dtype(name))
+
+
+def check_dtype(name: str) -> str:
+    """``name`` if it is one of :data:`DTYPES`, else a one-line InputError (exit 2)."""
+    if name not in DTYPES:
+        raise InputError(f"--dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+    return name
 
 
 @contextlib.contextmanager
@@ -139,6 +146,7 @@ def _explain(args) -> int:
     from .viz import pages
 
     device = check_device(args.device)
+    dtype = torch_dtype(args.dtype)
     if args.threads is not None and args.threads < 1:
         raise InputError(f"--threads must be at least 1, got {args.threads}")
     if args.max_pixels is not None and args.max_pixels < 1:
@@ -163,7 +171,7 @@ def _explain(args) -> int:
         raise InputError("no images given")
     images = [load_image(p, max_pixels=args.max_pixels) for p in args.images]
     with torch_threads(args.threads):
-        adapter = load_model(args.model, device=device, dtype=torch_dtype(getattr(args, "dtype", "float32")))
+        adapter = load_model(args.model, device=device, dtype=dtype)
         parts = []
         with tqdm(total=len(images), desc="explaining", unit="image", disable=len(images) < 2 or None) as bar:
             for start in range(0, len(images), args.batch_size):
@@ -245,7 +253,9 @@ def _add_explain_dataset_parser(sub) -> None:
     p.add_argument("--limit", type=int, default=None, help="only the first N items")
     p.add_argument("--batch-size", type=int, default=8, help="images per batch and part. Default: 8")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto. Default: auto")
-    p.add_argument("--dtype", choices=DTYPES, default="float32", help="weights' dtype. Default: float32")
+    p.add_argument(
+        "--dtype", default="float32", metavar="DTYPE", help="weights' dtype: float32, bfloat16 or float16. Default: float32"
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (local engine)")
     p.add_argument("--engine", choices=["local", "ray"], default="local", help="local or ray. Default: local")
     p.add_argument("--ray-address", default=None, help="Ray cluster to join (auto: the running one)")
@@ -259,10 +269,14 @@ def cmd_demo(args) -> int:
 
     if args.seed < 0:
         raise InputError(f"--seed must be 0 or more, got {args.seed}")
+    dtype = torch_dtype(args.dtype)
+    device = check_device(args.device)
     check_output_dir(args.out)
     print(f"cliplens demo: scene {args.seed} of the shapes world, model {args.model}")
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
-    rows = run_demo(args.out, seed=args.seed, model=args.model, methods=methods)
+    rows = run_demo(
+        args.out, seed=args.seed, model=args.model, methods=methods, device=device, dtype=dtype
+    )
     print()
     print(summary_table(rows))
     print(f"\nopen {args.out}/index.html")
@@ -366,9 +380,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads for the run. Default: torch's own")
     p.add_argument(
         "--dtype",
-        choices=DTYPES,
         default="float32",
-        help="weights' dtype (bfloat16/float16 halve memory; maps and scores are returned in float). Default: float32",
+        metavar="DTYPE",
+        help="weights' dtype: float32, bfloat16 or float16 (half the memory; maps and scores are returned in "
+        "float). Default: float32",
     )
     p.set_defaults(func=cmd_explain)
 
@@ -385,6 +400,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="which scene to draw. Default: 0")
     p.add_argument("--model", default="shapes", help="model to explain. Default: shapes (embedded)")
     p.add_argument("--methods", default=None, help="comma-separated methods. Default: all")
+    p.add_argument("--device", default=None, help="torch device, e.g. cuda. Default: where the model loads (CPU)")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        metavar="DTYPE",
+        help="weights' dtype: float32, bfloat16 or float16 (maps and scores are returned in float). Default: float32",
+    )
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser(

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from .adapters import load_model
 from .api import explain, similarity
@@ -53,17 +54,24 @@ def peak_object(grid_map: np.ndarray, geometry, scene: shapes.Scene) -> str:
 
 
 def run_demo(out: str | Path, *, seed: int = 0, model="shapes", methods: list[str] | None = None,
-             n_objects: int = 3, size: int = shapes.DEFAULT_SIZE, progress: bool = True) -> list[DemoRow]:
+             n_objects: int = 3, size: int = shapes.DEFAULT_SIZE, progress: bool = True,
+             device=None, dtype="float32") -> list[DemoRow]:
     """Draw scene ``seed``, explain each object's caption and one absent caption with every
     method, and write ``index.html`` plus PNGs into ``out``. Returns one row per method.
 
     A method "hits" when its top patch lies on the object the caption names (the object
-    covering most of that patch; see :func:`peak_object`)."""
+    covering most of that patch; see :func:`peak_object`). ``device`` and ``dtype`` (a name
+    such as ``"bfloat16"`` or a torch dtype) are those the model loads with; maps and scores
+    come back in float whatever the dtype."""
     names = methods or [m for m in REGISTRY if not m.startswith("_")]
     for name in names:
         if name not in REGISTRY:
             raise InputError(f"unknown method {name!r}; available: {', '.join(n for n in REGISTRY if not n.startswith('_'))}")
-    adapter = load_model(model)
+    if isinstance(dtype, str):
+        if dtype not in ("float32", "bfloat16", "float16"):
+            raise InputError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
+        dtype = getattr(torch, dtype)
+    adapter = load_model(model, device=device, dtype=dtype)
     scene = shapes.make_scene(seed, n_objects=n_objects, size=size)
     rng = np.random.default_rng(seed)
     absent = shapes.absent_labels(scene)

@@ -111,14 +111,20 @@ def command_line(args: argparse.Namespace) -> str:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """``cliplens evaluate``: check the arguments and the dataset before the model loads, run
     :func:`~cliplens.eval.harness.run_evaluation`, print the table, write the reports."""
+    from ..cli import check_device
     from . import report
     from .harness import open_eval_dataset, run_evaluation
 
     config = config_from_args(args, progress=True)
+    check_device(config.device)  # before the dataset is drawn or the model loads
     if config.out:
         from ..files import check_writable_dir
 
         check_writable_dir(config.out)  # before the dataset is drawn or the model loads
+    if config.parquet:
+        from .export import require_pyarrow
+
+        require_pyarrow()
     if config.limit == 0:
         raise InputError("--limit 0: nothing to evaluate; give --limit 1 or more, or leave it out for every item")
     dataset = open_eval_dataset(config, draw=False)

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from ..adapters import ModelAdapter
+from ..cli import DTYPES
 from ..errors import InputError
 from ..methods import REGISTRY, get_method
 from .classifier import resolve_templates
@@ -41,6 +42,7 @@ __all__ = [
     "ALL_METRICS",
     "BASELINES",
     "CURVES",
+    "DTYPES",
     "HARNESS_VERSION",
     "SEGMENTATION_PROTOCOLS",
     "SHAPES_EVAL_SEED",
@@ -95,6 +97,7 @@ def knob(
     required: bool = False,
     cli_default: Any = dataclasses.MISSING,
     echo: str = "changed",
+    omit_default: bool = False,
 ) -> Any:
     """A field of :class:`EvalConfig` with what the command line needs to know about it.
 
@@ -107,6 +110,9 @@ def knob(
         cli_default: where the command line's default differs from Python's (``out``).
         echo: in the echoed command line: ``"always"``, ``"changed"`` (differs from the
             default) or ``"never"``.
+        omit_default: a stored knob added after records were written: left out of
+            :meth:`EvalConfig.to_dict` (and the digest) while it has its default value, so the
+            configurations written before it keep their digest.
     """
     meta = {
         "help": help,
@@ -118,6 +124,7 @@ def knob(
         "required": required,
         "cli_default": cli_default,
         "echo": echo,
+        "omit_default": omit_default,
     }
     return field(default=default, metadata=meta)
 
@@ -130,6 +137,13 @@ class EvalConfig:
     model: str = knob("shapes", "hub name, checkpoint directory or 'shapes'", short="-m", echo="always")
     model_checksum: str = knob(
         "", "fingerprint of the weights (filled in when the model is open)", flag=False
+    )
+    dtype: str = knob(
+        "float32",
+        "the weights' dtype: float32, bfloat16 or float16 (half the memory; maps and scores are "
+        "scored in float; checked as a value, so a wrong one is one line)",
+        metavar="DTYPE",
+        omit_default=True,
     )
     methods: tuple[str, ...] | None = knob(
         None, "comma-separated methods (default: every method with an image map)"
@@ -199,6 +213,12 @@ class EvalConfig:
         "default: torch's)",
         stored=False,
     )
+    parquet: bool = knob(
+        False,
+        "also write OUT/records.parquet: one row per (item, pair, source), flat metric columns "
+        "(needs pyarrow; results.jsonl stays the resumable store)",
+        stored=False,
+    )
     progress: bool = knob(False, "show a progress bar", stored=False, flag=False)
     out: str | None = knob(
         None,
@@ -229,6 +249,10 @@ class EvalConfig:
                 "perturbation_protocol 'chefer' scores top-1 accuracy against the class: "
                 "use target='class' or 'class-contrast' (--target class)"
             )
+        if isinstance(self.dtype, torch.dtype):  # torch.bfloat16 -> "bfloat16"
+            set_("dtype", str(self.dtype).removeprefix("torch."))
+        if self.dtype not in DTYPES:
+            raise InputError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.ties not in TIE_MODES:
             raise InputError(f"ties must be one of {', '.join(TIE_MODES)}, got {self.ties!r}")
         if self.target not in TARGETS:
@@ -269,8 +293,14 @@ class EvalConfig:
 
     # -- the stored record ------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        """The stored fields as JSON values (tuples as lists), in declaration order."""
-        return {f.name: _jsonable(getattr(self, f.name)) for f in knobs(stored=True)}
+        """The stored fields as JSON values (tuples as lists), in declaration order; a knob
+        declared ``omit_default`` is left out while it has its default (``dtype``: float32),
+        so a default configuration has the digest it had before that knob existed."""
+        return {
+            f.name: _jsonable(getattr(self, f.name))
+            for f in knobs(stored=True)
+            if not (f.metadata["omit_default"] and getattr(self, f.name) == f.default)
+        }
 
     def digest(self) -> str:
         """A short hash of :meth:`to_dict`: equal digests, equal numbers."""
@@ -302,9 +332,11 @@ class EvalConfig:
                     f"target {self.target!r} needs class names: pass classes= (--classes FILE, one per line)"
                 )
             templates = resolve_templates(_read_lines_option(self.templates, "templates") or self.templates)
+        dtype = str(adapter.dtype).removeprefix("torch.")
         return dataclasses.replace(
             self,
             model=adapter.name,
+            dtype=dtype if dtype in DTYPES else self.dtype,  # what the weights are, not what was asked
             model_checksum=model_checksum(adapter),
             methods=resolve_methods(self.methods),
             dataset=f"{dataset.kind}:{Path(dataset.path).resolve()}",

@@ -66,6 +66,7 @@ from .config import (  # noqa: F401  (the vocabulary, kept importable from here)
     resolve_metrics,
 )
 from .datasets import EvalDataset, open_dataset
+from .export import PARQUET_FILE, require_pyarrow, write_parquet
 from .report import COLUMNS, CSV_KEYS, REPORT_FILES  # noqa: F401
 from .runner import ItemRunner
 from .store import ResultStore
@@ -115,7 +116,9 @@ def evaluate(
     restart: bool = EvalConfig.restart,
     progress: bool = EvalConfig.progress,
     device: str | None = EvalConfig.device,
+    dtype: str = EvalConfig.dtype,
     threads: int | None = EvalConfig.threads,
+    parquet: bool = EvalConfig.parquet,
     command: str | None = None,
     on_item: Callable[[int, int, Callable[[], EvalResults]], None] | None = None,
 ) -> EvalResults:
@@ -152,7 +155,12 @@ def evaluate(
         restart: discard results of an earlier, different configuration in ``out``.
         progress: show a tqdm progress bar.
         device: torch device of a model loaded from a spec.
+        dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"`` (or the torch dtype): the weights
+            of a model loaded from a spec. Stored: it changes the numbers, so a resumed run with
+            another dtype is refused. A model object is used as it is (its dtype is recorded).
         threads: torch CPU threads during the run (restored after).
+        parquet: also write ``OUT/records.parquet`` (:mod:`cliplens.eval.export`; needs pyarrow
+            and ``out``).
         command: the command line shown in ``results.md``.
         on_item: called after each item as ``on_item(done, total, partial)``; ``partial()``
             summarises the items done so far (only when called). An exception it raises stops
@@ -181,7 +189,9 @@ def evaluate(
         make_shapes=make_shapes,
         restart=restart,
         device=device,
+        dtype=dtype,
         threads=threads,
+        parquet=parquet,
         progress=progress,
         out=None if out is None else os.fspath(out),
     )
@@ -198,15 +208,28 @@ def run_evaluation(
     """Evaluate ``model`` (adapter, model object or spec) as ``config`` says: open the dataset
     (drawing shapes scenes if asked), open the model, complete the config, evaluate every item
     not already in the store, summarise, and write the reports where ``config.out`` is set."""
+    from ..cli import check_device
+
+    check_device(config.device)  # a one-line error before a dataset is drawn or a model loads
     config = dataclasses.replace(config, methods=resolve_methods(config.methods))
+    if config.parquet:
+        if config.out is None:
+            raise InputError("parquet=True writes OUT/records.parquet: give out= as well")
+        require_pyarrow()  # before anything runs
     ds = open_eval_dataset(config)
     assert ds is not None
     with _torch_threads(config.threads):
-        adapter: ModelAdapter = (
-            load_model(model, device=config.device) if isinstance(model, (str, os.PathLike)) else adapt(model)
-        )
+        if isinstance(model, (str, os.PathLike)):
+            adapter: ModelAdapter = load_model(model, device=config.device, dtype=getattr(torch, config.dtype))
+        else:
+            adapter = adapt(model)
+            have = str(adapter.dtype).removeprefix("torch.")
+            if config.dtype != EvalConfig.dtype and have != config.dtype:
+                raise InputError(
+                    f"dtype {config.dtype!r} applies to a model loaded from a spec; this model's weights are {have}"
+                )
         config = config.completed(adapter, ds)
-        store = ResultStore(config.out, config, restart=config.restart, derived=REPORT_FILES)
+        store = ResultStore(config.out, config, restart=config.restart, derived=(*REPORT_FILES, PARQUET_FILE))
         runner = _Runner(adapter, config)
         partial = None
         if on_item is not None:
@@ -216,9 +239,14 @@ def run_evaluation(
                 return summarise(done_config, [store.records[i] for i in seen], command=command)
 
         seen = _run_items(runner, ds, store, progress=config.progress, on_item=on_item, partial=partial)
-    results = summarise(config, [store.records[i] for i in seen], command=command)
+    records = [store.records[i] for i in seen]
+    results = summarise(config, records, command=command)
     if store.out is not None:
         results.write(store.out)
+        if config.parquet:
+            write_parquet(records, store.out)
+        elif (store.out / PARQUET_FILE).exists():  # an export of fewer items would be stale
+            (store.out / PARQUET_FILE).unlink()
     return results
 
 
