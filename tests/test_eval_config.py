@@ -59,7 +59,8 @@ def test_evaluate_keyword_defaults_are_the_configs():
         if name in fields and param.default is not inspect.Parameter.empty:
             assert param.default == fields[name].default, name
             checked += 1
-    assert checked == len(params) - 2  # all but model (required) and command (not a knob)
+    # all but model (required), command and on_item (a callback): neither is a knob
+    assert checked == len(params) - 3
 
 
 def test_parsed_defaults_make_the_default_config():
