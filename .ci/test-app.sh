@@ -11,15 +11,8 @@ cd "$root"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
 # a scratch environment outside the checkout, removed on exit; APP_ENV=DIR keeps it at DIR instead
-if [ -n "${APP_ENV:-}" ]; then
-  env_dir=$APP_ENV
-  rm -rf "$env_dir"
-else
-  scratch=$(mktemp -d)
-  trap 'rm -rf "$scratch"' EXIT
-  env_dir=$scratch/venv
-fi
-python3 -m venv "$env_dir"
+source "$root/.ci/scratch-env.sh"
+scratch_env APP_ENV
 "$env_dir/bin/pip" install -q torch==2.13.0 -e ".[app,test]" httpx selenium
 
 if ! { command -v chromium >/dev/null && command -v chromedriver >/dev/null; }; then

@@ -13,15 +13,8 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 
 # a scratch environment outside the checkout (about 6 GB with the CUDA wheels), removed on exit;
 # OPEN_CLIP_ENV=DIR keeps it at DIR instead (rebuilt from scratch each run)
-if [ -n "${OPEN_CLIP_ENV:-}" ]; then
-  env_dir=$OPEN_CLIP_ENV
-  rm -rf "$env_dir"
-else
-  scratch=$(mktemp -d)
-  trap 'rm -rf "$scratch"' EXIT
-  env_dir=$scratch/venv
-fi
-python3 -m venv "$env_dir"
+source "$root/.ci/scratch-env.sh"
+scratch_env OPEN_CLIP_ENV
 "$env_dir/bin/pip" install -q torch torchvision
 # the extra "open_clip" under its normalised name: older pips (23.2) do not normalise a request
 # for "open_clip" and then silently install without it

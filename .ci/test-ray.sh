@@ -10,15 +10,8 @@ cd "$root"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
 # a scratch environment outside the checkout, removed on exit; RAY_ENV=DIR keeps it at DIR
-if [ -n "${RAY_ENV:-}" ]; then
-  env_dir=$RAY_ENV
-  rm -rf "$env_dir"
-else
-  scratch=$(mktemp -d)
-  trap 'rm -rf "$scratch"' EXIT
-  env_dir=$scratch/venv
-fi
-python3 -m venv "$env_dir"
+source "$root/.ci/scratch-env.sh"
+scratch_env RAY_ENV
 "$env_dir/bin/pip" install -q torch==2.13.0 -e ".[ray,test]"
 "$env_dir/bin/python" -c "import ray, pyarrow; print('ray', ray.__version__, 'pyarrow', pyarrow.__version__)"
 "$env_dir/bin/python" -m pytest -m ray -q -p no:cacheprovider

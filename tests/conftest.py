@@ -53,3 +53,15 @@ def tiny_checkpoint(tmp_path):
         )
     )
     return path
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models on a shared machine: one torch thread is many times faster; restored after.
+    A module asks for it with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

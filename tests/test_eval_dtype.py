@@ -8,7 +8,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from cliplens.cli import main
 from cliplens.demo import run_demo
@@ -17,12 +16,7 @@ from cliplens.eval import harness
 from cliplens.worlds.shapes import write_dataset
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster here
 
 
 @pytest.fixture(scope="module")

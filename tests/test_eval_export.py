@@ -9,7 +9,6 @@ import math
 import sys
 
 import pytest
-import torch
 
 from cliplens.cli import main
 from cliplens.errors import InputError
@@ -20,12 +19,7 @@ from cliplens.worlds.shapes import write_dataset
 pq = pytest.importorskip("pyarrow.parquet")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster here
 
 
 @pytest.fixture(scope="module")

@@ -28,13 +28,7 @@ from cliplens.worlds.shapes import write_dataset
 from conftest import clip_tokenizer, make_tiny_clip
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared machine: one thread is many times faster; restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster here
 
 
 @pytest.fixture(scope="module")
