@@ -20,7 +20,7 @@ from cliplens.worlds.shapes import write_dataset
 
 # the tiny CLIP and one torch thread of the harness tests (fixtures, reused rather than copied)
 adapter = test_eval_harness.adapter
-one_thread = test_eval_harness.one_thread
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster here
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "eval-shapes.json"
 

@@ -19,7 +19,7 @@ from cliplens.worlds.shapes import write_dataset
 
 # the tiny CLIP and one torch thread of the harness tests (fixtures, reused rather than copied)
 adapter = test_eval_harness.adapter
-one_thread = test_eval_harness.one_thread
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster here
 
 CONFIG = EvalConfig(
     model="m", model_checksum="1:2:3", methods=("chefer",), dataset="shapes:/data", prompt="a {}"
