@@ -218,3 +218,84 @@ def hf_siglip2_factory(seed=0, dtype=torch.float32):
 
 # NaFlex keeps each image's aspect ratio, so a batch of mixed shapes gives a list of maps
 ADAPTER_FACTORIES.append(("hf-siglip2", hf_siglip2_factory))
+
+
+# ---- fusion models (image and text scored together) ----------------------------------------------
+
+#: a word-level vocabulary for the tiny fusion models' BERT tokenizers (every test prompt's words)
+FUSION_WORDS = (
+    "[PAD] [UNK] [CLS] [SEP] [MASK] a an and the of photo small big red green blue yellow "
+    "circle square triangle star cross dog cat"
+).split()
+
+
+def word_tokenizer():
+    """A BERT word-piece tokenizer over :data:`FUSION_WORDS` (built in memory, no files)."""
+    from transformers import BertTokenizer
+
+    return BertTokenizer(vocab={w: i for i, w in enumerate(FUSION_WORDS)})
+
+
+def randomise_biases(model: torch.nn.Module, std: float = 0.5) -> None:
+    """Every bias drawn at random: transformers initialises them to zero, which hides bugs (a
+    zero bias makes some gradients exactly 0 or symmetric)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") and "LayerNorm" not in name and "layer_norm" not in name:
+                p.normal_(std=std)
+
+
+def make_tiny_blip(seed=0, dtype=torch.float32, image_size=32, patch_size=8):
+    """A random BlipForImageTextRetrieval: ViT 2 blocks, text encoder 2 layers with cross-attention,
+    attention sharpened (queries and keys scaled up), biases random."""
+    from transformers import BlipConfig, BlipForImageTextRetrieval
+    from transformers.utils import logging as hf_logging
+
+    text = dict(
+        vocab_size=len(FUSION_WORDS),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=16,
+        encoder_hidden_size=24,
+        pad_token_id=0,
+        bos_token_id=2,
+        sep_token_id=3,
+        eos_token_id=3,
+    )
+    vision = dict(
+        hidden_size=24,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=image_size,
+        patch_size=patch_size,
+        initializer_range=0.05,  # BLIP's default (1e-10) makes every patch token alike
+    )
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        config = BlipConfig(text_config=text, vision_config=vision)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    torch.manual_seed(seed)
+    model = BlipForImageTextRetrieval(config)
+    randomise_biases(model)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("query.weight", "key.weight")):
+                p.mul_(8.0)
+            elif name.endswith("qkv.weight"):
+                p[: 2 * p.shape[1]].mul_(8.0)
+    return model.to(dtype)
+
+
+def hf_blip_factory(seed=0, dtype=torch.float32):
+    from cliplens.adapters.hf_blip import HFBlipITMAdapter
+
+    return HFBlipITMAdapter(make_tiny_blip(seed=seed, dtype=dtype), word_tokenizer(), name="tiny-hf-blip-itm")
+
+
+#: fusion families: the contract, oracle and golden tests run them beside ADAPTER_FACTORIES
+FUSION_FACTORIES = [("hf-blip-itm", hf_blip_factory)]

@@ -19,7 +19,7 @@ from .explanation import Explanation
 from .images import load_image
 from .methods import Method, get_method
 from .preprocess import check_resize
-from .targets import PairLogit, PairScores, Target, probabilities, resolve_target
+from .targets import PairLogit, Target, probabilities, resolve_target
 
 ImageLike = str | os.PathLike | Image.Image | np.ndarray
 
@@ -278,13 +278,10 @@ def similarity(model, images, texts, *, resize: str = "model", tokenizer=None) -
     pil_images = _load_images(images, None)
     batch = adapter.tokenize(texts)
     logits = np.zeros((len(pil_images), len(texts)))
-    with adapter.explaining(), torch.no_grad():
-        txt = adapter.run_text(batch.input_ids, batch.attention_mask).embeds
-        scores = PairScores.of(adapter, txt.dtype)
+    with adapter.explaining():
         for group in adapter.prepare_images(pil_images, resize=resize):
-            img = adapter.run_image(group.pixel_values).embeds
-            logits[group.indices] = _np(scores.table(img, txt))
-    probs = scores.probs(torch.from_numpy(logits))
+            logits[group.indices] = _np(adapter.score_table(group, batch))
+    probs = probabilities(torch.from_numpy(logits), adapter.pair_probability)
     return logits, probs.numpy()
 
 

@@ -242,8 +242,11 @@ def preprocess_from_config(processor_config: dict | None, image_size: int) -> Pr
     return Preprocess(**common)
 
 
-def siglip_preprocess_from_config(processor_config: dict | None, image_size: int) -> Preprocess:
-    """The SigLIP image recipe from a ``preprocessor_config.json`` dict (or SigLIP defaults)."""
+def squash_preprocess_from_config(
+    processor_config: dict | None, image_size: int, mean: tuple, std: tuple
+) -> Preprocess:
+    """A squash-to-size recipe (no crop) from a ``preprocessor_config.json`` dict: ``size`` as
+    ``{height, width}``, ``{shortest_edge}`` or an int; ``mean``/``std``: the family's defaults."""
     cfg = processor_config or {}
     size = cfg.get("size", image_size)
     if isinstance(size, dict):
@@ -254,11 +257,16 @@ def siglip_preprocess_from_config(processor_config: dict | None, image_size: int
     return SquashPreprocess(
         size=min(height, width),
         crop=(height, width),
-        mean=tuple(cfg.get("image_mean", SIGLIP_MEAN)),
-        std=tuple(cfg.get("image_std", SIGLIP_STD)),
+        mean=tuple(cfg.get("image_mean", mean)),
+        std=tuple(cfg.get("image_std", std)),
         resample=int(cfg.get("resample", Image.BICUBIC)),
         do_center_crop=False,
     )
+
+
+def siglip_preprocess_from_config(processor_config: dict | None, image_size: int) -> Preprocess:
+    """The SigLIP image recipe from a ``preprocessor_config.json`` dict (or SigLIP defaults)."""
+    return squash_preprocess_from_config(processor_config, image_size, SIGLIP_MEAN, SIGLIP_STD)
 
 
 def naflex_preprocess_from_config(processor_config: dict | None, patch: int, num_patches: int) -> Preprocess:

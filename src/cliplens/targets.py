@@ -109,6 +109,26 @@ class PairContext:
         return torch.where(eye[None], own[:, :, None], const)
 
 
+@dataclass(frozen=True)
+class LogitContext:
+    """Inputs of a target for a fusion model (image and text scored together, no embeddings):
+    ``live`` (B, P) pair logits in the graph. The targets read a fusion pair the way they read a
+    dual-encoder pair: its own logit live, every other prompt's as a constant."""
+
+    live: torch.Tensor
+    probability: str
+
+    def pair_logits(self) -> torch.Tensor:
+        return self.live
+
+    def logits_against_all(self) -> torch.Tensor:
+        """(B, P, P): pair (b, p) against every prompt q, live only where q == p."""
+        B, P = self.live.shape
+        const = self.live.detach()[:, None, :].expand(B, P, P)
+        eye = torch.eye(P, dtype=torch.bool, device=self.live.device)
+        return torch.where(eye[None], self.live[:, :, None], const)
+
+
 class Target:
     name = ""
 

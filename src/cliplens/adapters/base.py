@@ -217,6 +217,9 @@ class ModelAdapter(ABC):
     family: str = ""
     #: how a pair's probability is formed: "softmax" over the prompts, or "sigmoid" per pair
     pair_probability: str = "softmax"
+    #: True for models that score an image and a text together (:mod:`.fusion`); False for
+    #: dual encoders, whose towers run apart
+    fusion: bool = False
 
     model: torch.nn.Module
     name: str
@@ -298,6 +301,16 @@ class ModelAdapter(ABC):
         ]
 
     # ---- running -----------------------------------------------------------------------
+    def score_table(self, images: ImageBatch, texts: TextBatch) -> torch.Tensor:
+        """(B, P) logits of every image against every prompt, no gradients: one forward per
+        tower, every pair scored by :class:`~cliplens.targets.PairScores`."""
+        from ..targets import PairScores
+
+        with torch.no_grad():
+            img = self.run_image(images.pixel_values).embeds
+            txt = self.run_text(texts.input_ids, texts.attention_mask).embeds
+            return PairScores.of(self, txt.dtype).table(img, txt)
+
     @abstractmethod
     def explaining(self) -> contextlib.AbstractContextManager:
         """Context for a call: eval mode, attention path that returns probabilities,

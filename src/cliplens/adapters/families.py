@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from ..errors import ModelLoadError
 from ..preprocess import Preprocess
 from .base import Checkpoint, ModelAdapter
+from .hf_blip import HF_BLIP_TYPES, HFBlipITMAdapter
 from .hf_clip import HF_CLIP_TYPES, HFClipAdapter
 from .hf_siglip import HF_SIGLIP_TYPES, HFSiglip2Adapter, HFSiglipAdapter, siglip_adapter
 
@@ -67,6 +68,12 @@ def _siglip_adapt(model, tokenizer=None, *, preprocess: Preprocess | None = None
     )
 
 
+def _blip_adapt(model, tokenizer=None, *, preprocess: Preprocess | None = None, name: str | None = None):
+    return HFBlipITMAdapter(
+        model, tokenizer if tokenizer is not None else _tokenizer_for(model), preprocess=preprocess, name=name
+    )
+
+
 # ---- open_clip (an optional extra: imported only for its model objects or specs) ----------------
 
 
@@ -98,6 +105,13 @@ FAMILIES: list[Family] = [
         _siglip_adapt,
         HFSiglipAdapter.load,
         frozenset(HF_SIGLIP_TYPES),
+    ),
+    Family(
+        "hf-blip-itm",  # fusion: image and text scored together (adapters/fusion.py)
+        HFBlipITMAdapter.matches,
+        _blip_adapt,
+        HFBlipITMAdapter.load,
+        frozenset(HF_BLIP_TYPES),
     ),
     Family(
         "open_clip",

@@ -18,6 +18,8 @@ import torch
 from ..adapters.base import ImageBatch, ModelAdapter, TextBatch
 from ..errors import InputError
 from ..targets import Target
+from ..adapters.fusion import FusionAdapter
+from .fusion_pairs import FusionRuns, forward_fusion
 from .pairs import PairRuns, forward_pairs, tower_result
 
 
@@ -131,6 +133,9 @@ class Method:
     #: the result carries a completeness check (``delta_*`` extras: how far the parts' sum is
     #: from the explained value)
     complete: ClassVar[bool] = False
+    #: the method also explains fusion models (image and text scored together: BLIP ITM, ViLT),
+    #: through :meth:`attribute_fusion`
+    fusion: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -157,6 +162,14 @@ class Method:
 
     def unsupported(self, adapter: ModelAdapter, towers: tuple[str, ...], opts: Any) -> str | None:
         """Why this method cannot explain ``towers`` of this model, or None."""
+        if adapter.fusion:
+            if not self.fusion:
+                usable = ", ".join(name for name, cls in REGISTRY.items() if cls.fusion)
+                return (
+                    f"method {self.name!r} explains dual encoders (separate image and text towers); "
+                    f"{adapter.name} is a fusion model ({adapter.family}): use one of {usable}"
+                )
+            return self.fusion_unsupported(adapter, opts)
         for tower in towers:
             missing = self.requirements(tower, opts) - adapter.capabilities(tower)
             if missing:
@@ -188,6 +201,17 @@ class Method:
     ) -> Attribution:
         raise NotImplementedError
 
+    def attribute_fusion(
+        self, adapter: FusionAdapter, runs: FusionRuns, target: Target, towers: tuple[str, ...], opts: Any
+    ) -> Attribution:
+        """The method on a fusion model's pair runs (for methods with :attr:`fusion`)."""
+        raise NotImplementedError
+
+    def fusion_unsupported(self, adapter: FusionAdapter, opts: Any) -> str | None:
+        """Why this method (with :attr:`fusion`) cannot explain this fusion model with these
+        options, or None (default)."""
+        return None
+
     # ---- the template ------------------------------------------------------------------
     def compute(
         self,
@@ -205,6 +229,8 @@ class Method:
         reason = self.unsupported(adapter, towers, opts)
         if reason:
             raise InputError(reason)
+        if adapter.fusion:
+            return self._compute_fusion(adapter, images, texts, target, towers, opts)
         image_grad, text_grad = self.gradient_towers(towers, opts)
         with adapter.explaining():
             runs = forward_pairs(
@@ -218,6 +244,20 @@ class Method:
                 graph_from={t: self.graph_from(t, opts, n) for t, n in adapter.num_layers.items()},
             )
             out = self.attribute(adapter, runs, target, towers, opts)
+        return MethodResult(
+            image_maps=out.image_maps,
+            token_scores=out.token_scores,
+            logits=runs.logits,
+            probs=runs.probs,
+            target_values=runs.y.detach(),
+            extras=out.extras,
+        )
+
+
+    def _compute_fusion(self, adapter, images, texts, target, towers, opts) -> MethodResult:
+        with adapter.explaining():
+            runs = forward_fusion(adapter, self.prepare_images(images, opts), texts, target, grad=self.needs_gradient)
+            out = self.attribute_fusion(adapter, runs, target, towers, opts)
         return MethodResult(
             image_maps=out.image_maps,
             token_scores=out.token_scores,

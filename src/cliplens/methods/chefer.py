@@ -17,17 +17,31 @@ Differences from the reference (Transformer-MM-Explainability, CLIP notebook ``i
 - default ``start_layer`` is the last block, as in the reference for ViT-B/16.
 
 Cost: one forward of each tower over the B*P pairs, one backward, plus O(H n^2) per block.
+
+Fusion models (BLIP image-text matching, ViLT, ...): the bi-modal and encoder-decoder rules of
+the same paper (:class:`~cliplens.methods.relevance.StreamRelevance`): relevance matrices between
+every pair of token streams, updated by every attention event in execution order (self-attention
+rule, cross-attention rule with the residual normalisation ``Rbar``). The image map is the
+readout token's row over the image tokens, the text scores its row over the text tokens; all
+layers take part, as in the reference generators. ``degenerate_rows`` says what a row of
+``R - I`` that sums to zero gives in ``Rbar`` (0/0): ``identity`` (default, that row of Rbar is
+e_i; how many there were is in ``extras["degenerate_rows"]``) or ``reference`` (the reference
+code's 0/0 = NaN, its cross term zeroed as the DETR generator does).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from ..adapters.base import ModelAdapter
+from ..adapters.fusion import FusionAdapter
 from ..targets import Target
 from .base import Attribution, Method, option, register, resolve_layer
+from .fusion_pairs import FusionRuns
 from .pairs import PairRuns
-from .relevance import RowFold
+from .relevance import DEGENERATE_POLICIES, RowFold, StreamRelevance, accumulation_dtype, gradient_weighted
 
 
 @register
@@ -41,6 +55,14 @@ class Chefer(Method):
         start_layer: int | None = option(
             None, "first block to include (default: the last block; 0 = all; negative counts from the end)", "int"
         )
+        degenerate_rows: str = option(
+            "identity",
+            "fusion models: a row of R - I summing to 0 in the cross rule is e_i (identity) or 0/0 as in the reference code (reference)",
+            "choice",
+            DEGENERATE_POLICIES,
+        )
+
+    fusion = True
 
     def graph_from(self, tower: str, opts: Options, num_layers: int) -> int:
         # the relevance of blocks before start_layer is the identity: no gradient needed there
@@ -62,3 +84,46 @@ class Chefer(Method):
             for fold in folds.values():
                 fold.remove()
         return Attribution.of_rows(runs, rows)
+
+    def fusion_unsupported(self, adapter: FusionAdapter, opts: Options) -> str | None:
+        if opts.start_layer is not None:
+            return (
+                "chefer on a fusion model uses every attention event of every layer (the bi-modal rules); "
+                "start_layer applies to dual encoders only"
+            )
+        return None
+
+    def attribute_fusion(
+        self, adapter: FusionAdapter, runs: FusionRuns, target: Target, towers: tuple[str, ...], opts: Options
+    ) -> Attribution:
+        run = runs.run
+        abars = runs.event_gradients(lambda i, grad: gradient_weighted(run.events[i].probs.detach(), grad))
+        dtype = accumulation_dtype(run.logits.dtype)
+        valid = {name: stream.valid for name, stream in run.streams.items()}
+        rel = StreamRelevance(valid, dtype, opts.degenerate_rows)
+        for step in fusion_steps(run.events, abars):
+            rel.apply(step)
+        stream, index = run.readout
+        rows = {name: rel.row(stream, index, name) for name in run.streams}
+        image_maps, token_scores = runs.results(rows, towers)
+        return Attribution(
+            image_maps=image_maps,
+            token_scores=token_scores,
+            extras={"degenerate_rows": rel.degenerate.reshape(runs.B, runs.P).to(dtype)},
+        )
+
+
+def fusion_steps(events, abars) -> list[list[tuple[str, str, str, torch.Tensor]]]:
+    """The events as rule inputs ``(kind, query, key, Abar)``, grouped by step in execution order;
+    an event the explained value does not depend on has Abar = 0."""
+    steps: list[list] = []
+    last = None
+    for event, abar in zip(events, abars):
+        if abar is None:
+            n, q, k = event.probs.shape[0], event.probs.shape[2], event.probs.shape[3]
+            abar = torch.zeros(n, q, k, dtype=event.probs.dtype, device=event.probs.device)
+        if event.step != last:
+            steps.append([])
+            last = event.step
+        steps[-1].append((event.kind, event.query, event.key, abar))
+    return steps

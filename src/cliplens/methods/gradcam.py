@@ -24,6 +24,17 @@ each token); raw map, no min-max, no upsampling; all pairs in one backward; imag
 Cost: one forward of the image tower over the B*P pairs and of the text tower over the P
 prompts, and one backward that stops at the features (it runs through the blocks from
 ``layer`` on only).
+
+Fusion models with cross-attention (BLIP image-text matching): Grad-CAM on a cross-attention
+layer the way LAVIS computes it for BLIP (``compute_gradcam``): with A the cross-attention
+probabilities of text layer ``layer`` (default: the middle one, LAVIS's ``block_num=6`` of 12)
+and G their gradient,
+    word map[t, j] = mean over heads of (A * G^+)[t, j]     (text token t, image patch j)
+    map[j]         = mean over the prompt's content tokens t of word map[t, j]
+The per-word maps are in ``extras["word_maps"]`` (B, P, T, Gh, Gw; NaN outside the content
+tokens): which word looks at which region. Differences from LAVIS: the explained value is the
+pair logit ``itm[:, 1] - itm[:, 0]`` (LAVIS: ``itm[:, 1]``; ``target`` chooses); raw values,
+no upsampling, any grid.
 """
 
 from __future__ import annotations
@@ -33,8 +44,10 @@ from dataclasses import dataclass
 import torch
 
 from ..adapters.base import ModelAdapter
+from ..adapters.fusion import FusionAdapter
 from ..targets import Target
 from .base import Attribution, Method, option, register, resolve_layer
+from .fusion_pairs import FusionRuns
 from .pairs import PairRuns
 
 
@@ -48,8 +61,13 @@ class GradCAM(Method):
     @dataclass(frozen=True)
     class Options:
         layer: int | None = option(
-            None, "block whose input stream is the feature map (default: the last; negative counts from the end)", "int"
+            None,
+            "block whose input stream is the feature map (default: the last; negative counts from the end); "
+            "fusion models: the cross-attention layer (default: the middle one, as LAVIS)",
+            "int",
         )
+
+    fusion = True
 
     def graph_from(self, tower: str, opts: Options, num_layers: int) -> int:
         # the features are the stream entering this block: the backward stops there
@@ -69,3 +87,32 @@ class GradCAM(Method):
         gh, gw = run.layout.grid
         signed = cam.reshape(runs.B, runs.P, gh, gw)
         return Attribution(image_maps=signed.clamp(min=0), extras={"signed": signed})
+
+    def fusion_unsupported(self, adapter: FusionAdapter, opts: Options) -> str | None:
+        if not adapter.cross_attention:
+            return (
+                f"gradcam on a fusion model is Grad-CAM on a cross-attention layer (LAVIS); "
+                f"{adapter.name} ({adapter.family}) has no cross-attention"
+            )
+        return None
+
+    def attribute_fusion(
+        self, adapter: FusionAdapter, runs: FusionRuns, target: Target, towers: tuple[str, ...], opts: Options
+    ) -> Attribution:
+        run = runs.run
+        stream, _ = run.readout
+        cross = [e for e in run.events if e.kind == "cross" and e.query == stream]
+        event = cross[resolve_layer(opts.layer, len(cross), len(cross) // 2)]
+        (grad,) = torch.autograd.grad(runs.y.sum(), [event.probs])
+        words = (event.probs.detach() * grad.clamp(min=0)).mean(dim=1)  # (rows, T, n_image)
+        query, key = run.streams[event.query], run.streams[event.key]
+        content = runs.content_of(query)  # (rows, n_query): tokens of the prompt's content
+        count = content.sum(dim=1, keepdim=True).clamp(min=1)
+        mean = (words * content[:, :, None]).sum(dim=1) / count
+        gh, gw = run.grid
+        word_maps = torch.full((runs.B, runs.P, runs.text_width, gh, gw), float("nan"), dtype=words.dtype)
+        for i in range(query.size):  # each query token's map at its position in the prompt
+            maps = runs.image_maps({key.name: words[:, i]}).reshape(runs.B * runs.P, gh, gw)
+            for r in torch.nonzero(content[:, i]).flatten().tolist():
+                word_maps.view(-1, runs.text_width, gh, gw)[r, query.positions[r, i]] = maps[r]
+        return Attribution(image_maps=runs.image_maps({key.name: mean}), extras={"word_maps": word_maps})

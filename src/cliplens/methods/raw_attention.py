@@ -20,15 +20,25 @@ the class column beyond reporting patches), any block selectable with ``layer``.
 
 Cost: one forward of each tower over the B images and P prompts (eager attention), no
 backward, no B*P replication; O(H n) per explained row.
+
+Fusion models: the readout token's attention row to each stream in the readout stream's block
+``layer`` (default: the last): on BLIP, the [CLS] token's cross-attention row over the image
+tokens (image map) and its self-attention row over the prompt (token scores); on a
+single-stream model, its self-attention row over the joint sequence. Every pair runs through the
+model (the image map depends on the prompt there), still with no backward.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from ..adapters.base import ModelAdapter
+from ..adapters.fusion import FusionAdapter
 from ..targets import Target
 from .base import Attribution, Method, option, register, resolve_layer
+from .fusion_pairs import FusionRuns
 from .pairs import PairRuns
 from .relevance import head_mean_row, readout_rows
 
@@ -41,6 +51,7 @@ class RawAttention(Method):
         "Abnar, Zuidema. Quantifying Attention Flow in Transformers. ACL 2020 (raw attention baseline)"
     )
     needs_gradient = False
+    fusion = True
 
     @dataclass(frozen=True)
     class Options:
@@ -57,3 +68,19 @@ class RawAttention(Method):
             l = resolve_layer(opts.layer, len(run.attentions), len(run.attentions) - 1)
             rows[tower] = head_mean_row(run.attentions[l], readout_rows(self.name, run))
         return Attribution.of_rows(runs, rows)
+
+    def attribute_fusion(
+        self, adapter: FusionAdapter, runs: FusionRuns, target: Target, towers: tuple[str, ...], opts: Options
+    ) -> Attribution:
+        run = runs.run
+        stream, index = run.readout
+        rows = {}
+        for key in run.streams:
+            seen = [e for e in run.events if e.query == stream and e.key == key]
+            if not seen:
+                continue
+            layers = sorted({e.layer for e in seen})
+            layer = layers[resolve_layer(opts.layer, len(layers), len(layers) - 1)]
+            probs = [e for e in seen if e.layer == layer][-1].probs.detach()
+            rows[key] = probs[torch.arange(probs.shape[0]), :, index].mean(dim=1)
+        return Attribution(*runs.results(rows, towers))

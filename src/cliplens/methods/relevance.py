@@ -152,3 +152,94 @@ def reduced_gradients(output: torch.Tensor, tensors: list[torch.Tensor], reduce,
         for h in handles:
             h.remove()
     return out
+
+
+# ---- the bi-modal and encoder-decoder rules (Chefer et al. 2021, rules 6-11) --------------------
+
+#: what a row of ``R - I`` that sums to zero gives in the cross-attention rule's normalisation:
+#: "identity" (cliplens): that row of Rbar is e_i and the row is counted; "reference": 0/0 as
+#: the reference code computes it, NaN, and the NaN entries of the cross term set to 0 as its
+#: DETR generator does (which drops the layer's whole cross term, the NaN spreading through the
+#: transpose)
+DEGENERATE_POLICIES = ("identity", "reference")
+
+
+def residual_normalised(R: torch.Tensor, policy: str, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``Rbar = (R - I) / rowsum(R - I) + I`` for (rows, n, n) matrices, and (rows,) the number
+    of rows of ``R - I`` that sum to zero (0/0, resolved by ``policy``). Padding tokens
+    (``valid`` False) are not part of the sequence: their rows of Rbar are e_i under either
+    policy and are not counted (a batch-of-one reference run has no padding)."""
+    eye = torch.eye(R.shape[-1], dtype=R.dtype, device=R.device)
+    hat = R - eye
+    sums = hat.sum(dim=-1, keepdim=True)
+    zero = (sums == 0) & valid[:, :, None]
+    padding = ~valid[:, :, None]
+    if policy == "reference":
+        normalised = torch.where(padding, torch.zeros_like(hat), hat / torch.where(padding, torch.ones_like(sums), sums))
+    else:
+        empty = zero | padding | (sums == 0)
+        normalised = torch.where(empty, torch.zeros_like(hat), hat / torch.where(empty, torch.ones_like(sums), sums))
+    return normalised + eye, zero.squeeze(-1).sum(dim=-1)
+
+
+class StreamRelevance:
+    """The relevance matrices between every ordered pair of token streams, for N rows at once:
+    ``R[s, s]`` start as identities, ``R[s, q]`` (s != q) as zeros, and every attention event
+    updates them in execution order:
+
+    - self-attention on s, ``Abar`` (n_s x n_s): ``R[s, x] += Abar R[s, x]`` for every stream x;
+    - cross-attention from s (queries) to q (keys), ``Abar`` (n_s x n_q):
+      ``R[s, q] += Rbar[s, s]^T Abar Rbar[q, q]`` and ``R[s, s] += Abar R[q, s]`` (zero unless
+      q has already attended to s: co-attention);
+    - events that share a step are computed from the same state, then added.
+
+    Full matrices: O(n^3) per event and row; the rules' transpose and row sums need them."""
+
+    def __init__(self, valid: dict[str, torch.Tensor], dtype: torch.dtype, policy: str = "identity"):
+        """``valid``: stream name -> (rows, n) bool, the real (non-padding) tokens."""
+        if policy not in DEGENERATE_POLICIES:
+            raise InputError(f"degenerate_rows must be one of {', '.join(DEGENERATE_POLICIES)}, got {policy!r}")
+        self.policy = policy
+        self.valid = valid
+        self.R: dict[tuple[str, str], torch.Tensor] = {}
+        for s, vs in valid.items():
+            for q, vq in valid.items():
+                rows, ns, nq, device = vs.shape[0], vs.shape[1], vq.shape[1], vs.device
+                m = torch.zeros(rows, ns, nq, dtype=dtype, device=device)
+                if s == q:
+                    m += torch.eye(ns, dtype=dtype, device=device)
+                self.R[s, q] = m
+        self.streams = list(valid)
+        rows = next(iter(valid.values())).shape[0]
+        device = next(iter(valid.values())).device
+        #: (rows,) rows of R - I that summed to zero in a cross rule's normalisation
+        self.degenerate = torch.zeros(rows, dtype=torch.long, device=device)
+
+    def additions(self, kind: str, s: str, q: str, abar: torch.Tensor) -> dict[tuple[str, str], torch.Tensor]:
+        """What one event adds to the matrices, from the current state."""
+        if kind == "self":
+            return {(s, x): abar @ self.R[s, x] for x in self.streams}
+        if kind != "cross":
+            raise ValueError(f"unknown attention event kind {kind!r}")
+        bar_s, deg_s = residual_normalised(self.R[s, s], self.policy, self.valid[s])
+        bar_q, deg_q = residual_normalised(self.R[q, q], self.policy, self.valid[q])
+        self.degenerate += deg_s + deg_q
+        cross = bar_s.transpose(1, 2) @ abar @ bar_q
+        if self.policy == "reference":
+            cross = torch.nan_to_num(cross, nan=0.0)
+        return {(s, q): cross, (s, s): abar @ self.R[q, s]}
+
+    def apply(self, step: list[tuple[str, str, str, torch.Tensor]]) -> None:
+        """Events ``(kind, query stream, key stream, Abar)`` of one step: all computed from the
+        state before the step, then added."""
+        total: dict[tuple[str, str], torch.Tensor] = {}
+        for kind, s, q, abar in step:
+            for key, value in self.additions(kind, s, q, abar.to(self.R[s, s].dtype)).items():
+                total[key] = total[key] + value if key in total else value
+        for key, value in total.items():
+            self.R[key] = self.R[key] + value
+
+    def row(self, readout: str, index: torch.Tensor, stream: str) -> torch.Tensor:
+        """(rows, n_stream): the readout token's row of ``R[readout, stream]``."""
+        m = self.R[readout, stream]
+        return m[torch.arange(m.shape[0], device=m.device), index]

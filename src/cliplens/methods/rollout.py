@@ -24,17 +24,25 @@ values (the reference code often divides the row by its maximum for display);
 
 Cost: one forward of each tower over the B images and P prompts (eager attention), no
 backward, no B*P replication; O(H n^2) per block.
+
+Fusion models: only those with one self-attention stack over a joint sequence of text and
+image tokens (ViLT), where rollout is the same product over that stack (``start_layer`` counts
+its blocks); models with cross-attention are refused (rollout has no cross-attention rule).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from ..adapters.base import ModelAdapter
+from ..adapters.fusion import FusionAdapter
 from ..targets import Target
 from .base import Attribution, Method, option, register, resolve_layer
+from .fusion_pairs import FusionRuns
 from .pairs import PairRuns
-from .relevance import readout_rows, rollout_row
+from .relevance import accumulation_dtype, readout_rows, rollout_row, rollout_step
 
 
 @register
@@ -43,6 +51,7 @@ class Rollout(Method):
     summary = "attention rollout, Abnar & Zuidema 2020 (no gradient; same map for every prompt)"
     reference = "Abnar, Zuidema. Quantifying Attention Flow in Transformers. ACL 2020"
     needs_gradient = False
+    fusion = True
 
     @dataclass(frozen=True)
     class Options:
@@ -59,3 +68,25 @@ class Rollout(Method):
             start = resolve_layer(opts.start_layer, len(run.attentions), 0, "start_layer")
             rows[tower] = rollout_row(run, readout_rows(self.name, run), start)
         return Attribution.of_rows(runs, rows)
+
+    def fusion_unsupported(self, adapter: FusionAdapter, opts: Options) -> str | None:
+        if adapter.cross_attention:
+            return (
+                f"rollout composes self-attention only; {adapter.name} ({adapter.family}) has cross-attention "
+                "(use chefer, whose bi-modal rules cover it)"
+            )
+        return None
+
+    def attribute_fusion(
+        self, adapter: FusionAdapter, runs: FusionRuns, target: Target, towers: tuple[str, ...], opts: Options
+    ) -> Attribution:
+        run = runs.run
+        stream, index = run.readout
+        events = [e for e in run.events if e.kind == "self" and e.query == stream]
+        start = resolve_layer(opts.start_layer, len(events), 0, "start_layer")
+        N, n = index.shape[0], run.streams[stream].size
+        row = torch.zeros(N, n, dtype=accumulation_dtype(run.logits.dtype), device=index.device)
+        row[torch.arange(N), index] = 1.0
+        for event in reversed(events[start:]):
+            row = rollout_step(event.probs.detach().to(row.dtype), row)
+        return Attribution(*runs.results({stream: row}, towers))

@@ -1,0 +1,147 @@
+"""Fusion models: an image and a text scored together in one forward pass (BLIP image-text
+matching, ViLT, LXMERT, ...), as one adapter base.
+
+A dual encoder (CLIP) runs each tower alone and scores a pair by the cosine of the two
+embeddings; a fusion model mixes image and text inside the network, so every (image, text)
+pair is one row of the model's own batch. A fusion adapter runs those pair rows and reports
+what happened as a :class:`FusionRun`:
+
+- the pair logits (one live scalar per row);
+- the token streams, each with what its tokens show: an image grid cell, a text token, or
+  neither (a class token, a padding patch);
+- every attention event in execution order, with its kind (``"self"`` within a stream,
+  ``"cross"`` from a query stream to a key stream) and its probabilities, still in the graph.
+
+The relevance rules (:mod:`cliplens.methods.relevance`) read nothing else, so a new fusion
+family is one adapter file that fills a :class:`FusionRun`; module paths stay in that file.
+
+Shapes: N pair rows (row ``b*P + p`` is image b with prompt p), H heads, n tokens of a stream.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import InputError
+from .base import ImageBatch, ModelAdapter, TextBatch
+
+
+@dataclass(frozen=True)
+class Stream:
+    """One token sequence inside a fusion model's forward pass.
+
+    cells:     (N, n) long: the image grid cell (row-major) each token shows, -1 for none.
+    positions: (N, n) long: the text token (its position in the tokenised prompt) each token
+               is, -1 for none.
+    valid:     (N, n) bool: real tokens, not padding.
+    """
+
+    name: str
+    cells: torch.Tensor
+    positions: torch.Tensor
+    valid: torch.Tensor
+
+    @property
+    def size(self) -> int:
+        return self.cells.shape[1]
+
+    @classmethod
+    def of_text(cls, name: str, attention_mask: torch.Tensor) -> "Stream":
+        """A stream that is the tokenised prompt itself (token t is text position t)."""
+        rows, n = attention_mask.shape
+        positions = torch.arange(n, device=attention_mask.device).expand(rows, n)
+        return cls(name, torch.full_like(positions, -1), positions, attention_mask.bool())
+
+    @classmethod
+    def of_image(cls, name: str, rows: int, grid: tuple[int, int], first: int, device) -> "Stream":
+        """A stream of ``first`` leading tokens (class token) then the patches in row-major order."""
+        cells = torch.arange(grid[0] * grid[1], device=device)
+        cells = torch.cat([torch.full((first,), -1, dtype=torch.long, device=device), cells])
+        cells = cells.expand(rows, -1)
+        return cls(name, cells, torch.full_like(cells, -1), torch.ones_like(cells, dtype=torch.bool))
+
+
+@dataclass
+class AttentionEvent:
+    """One attention call: ``probs`` (N, H, n_query, n_key) from the ``query`` stream's tokens to
+    the ``key`` stream's (the same stream for ``kind == "self"``). ``stack`` and ``layer`` name
+    the block it belongs to (for layer options); events that share a ``step`` read the same
+    relevance state (LXMERT's two cross directions, computed from the same inputs)."""
+
+    kind: str
+    query: str
+    key: str
+    probs: torch.Tensor
+    stack: str
+    layer: int
+    step: int
+
+
+@dataclass
+class FusionRun:
+    """What one forward pass of a fusion model over N pair rows left behind.
+
+    logits:   (N,) the pair logit, live (its sigmoid is the match probability).
+    streams:  name -> :class:`Stream`.
+    events:   attention events in execution order.
+    readout:  (stream name, (N,) token index): the token the model reads its score from.
+    grid:     (Gh, Gw) of the image.
+    leaves:   tensors that require grad and from which every event's probabilities depend on
+              what they must (a backward pass ends there).
+    """
+
+    logits: torch.Tensor
+    streams: dict[str, Stream]
+    events: list[AttentionEvent]
+    readout: tuple[str, torch.Tensor]
+    grid: tuple[int, int]
+    leaves: list[torch.Tensor]
+
+    def cross_events(self) -> list[AttentionEvent]:
+        return [e for e in self.events if e.kind == "cross"]
+
+
+class FusionAdapter(ModelAdapter):
+    """Base of the adapters of models that score an image and a text together."""
+
+    fusion = True
+    #: the match probability is each pair's own (sigmoid of the logit), never a softmax over prompts
+    pair_probability = "sigmoid"
+    #: the model has cross-attention between streams (False: one self-attention stack over a
+    #: joint sequence, as ViLT)
+    cross_attention: bool = True
+
+    @abstractmethod
+    def run_pairs(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> FusionRun:
+        """Run N pair rows (pixels, ids and mask each with N rows), capturing every attention
+        event. Call inside :meth:`explaining`, with gradients enabled when they are wanted."""
+
+    def score_table(self, images: ImageBatch, texts: TextBatch) -> torch.Tensor:
+        """(B, P) logits of every image against every prompt, no gradients."""
+        B, P = len(images), len(texts)
+        with torch.no_grad():
+            run = self.run_pairs(
+                images.pixel_values.repeat_interleave(P, dim=0),
+                texts.input_ids.repeat(B, 1),
+                texts.attention_mask.repeat(B, 1),
+            )
+        return run.logits.detach().reshape(B, P)
+
+    # ---- what a fusion model does not have ------------------------------------------------
+    def _no_towers(self) -> InputError:
+        return InputError(
+            f"{self.name} is a fusion model ({self.family}): it scores an image and a text together, "
+            "so it has no separate image and text towers to run"
+        )
+
+    def logit_scale(self) -> torch.Tensor:
+        raise self._no_towers()
+
+    def run_image(self, pixel_values, *, detach_blocks=False, input_embeds=None, fan_out=None):
+        raise self._no_towers()
+
+    def run_text(self, input_ids, attention_mask, *, detach_blocks=False, fan_out=None):
+        raise self._no_towers()

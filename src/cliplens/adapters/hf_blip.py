@@ -1,0 +1,183 @@
+"""Hugging Face transformers ``BlipForImageTextRetrieval`` with its image-text matching head: a
+fusion model (:mod:`.fusion`).
+
+The ViT image encoder runs first; then every layer of the BERT-style text encoder runs
+self-attention over the prompt and cross-attention from the prompt's tokens to the image
+tokens; the ITM head reads the first text token ([CLS]) and gives two logits (no match,
+match). cliplens explains the pair logit ``itm[:, 1] - itm[:, 0]``, the log-odds of a match,
+whose sigmoid is BLIP's match probability ``softmax(itm)[:, 1]``. (LAVIS's Grad-CAM
+back-propagates ``itm[:, 1]`` alone; the two differ by the no-match logit.)
+
+Module paths used: ``vision_model.{embeddings, encoder.layers[i].self_attn}``,
+``text_encoder.{embeddings, encoder.layer[i].attention.self, encoder.layer[i].crossattention.self}``
+(each attention module returns its probabilities beside its output, on every path), ``itm_head``;
+``config.vision_config.{patch_size, image_size}``, ``config.text_config.max_position_embeddings``.
+transformers returns none of the text encoder's self- or cross-attention: they are captured by
+forward hooks on those modules, for the call only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator
+
+import torch
+
+from ..errors import ModelLoadError
+from ..preprocess import OPENAI_MEAN, OPENAI_STD, Preprocess, squash_preprocess_from_config
+from .base import Checkpoint, TextBatch
+from .capture import Capture
+from .fusion import AttentionEvent, FusionAdapter, FusionRun, Stream
+from .hf_encoder import _quiet_progress, _weight_file_errors
+
+#: config.json model_type values this file's adapter takes
+HF_BLIP_TYPES = {"blip"}
+
+
+class HFBlipITMAdapter(FusionAdapter):
+    family = "hf-blip-itm"
+    model_class = "BlipForImageTextRetrieval"
+
+    def __init__(self, model, tokenizer, preprocess: Preprocess | None = None, name: str | None = None):
+        check_blip_model(model)
+        self.model = model
+        self.tokenizer = tokenizer
+        vision = model.config.vision_config
+        self.preprocess = preprocess or squash_preprocess_from_config(None, vision.image_size, OPENAI_MEAN, OPENAI_STD)
+        self.name = name or getattr(model.config, "_name_or_path", "") or type(model).__name__
+
+    @classmethod
+    def matches(cls, model) -> bool:
+        transformers = sys.modules.get("transformers")
+        model_type = getattr(transformers, cls.model_class, None) if transformers else None
+        return model_type is not None and isinstance(model, model_type)
+
+    @classmethod
+    def load(cls, checkpoint: Checkpoint) -> "HFBlipITMAdapter":
+        """A BLIP image-text matching checkpoint (directory or hub name), its tokenizer and its
+        image recipe; other BLIP heads (captioning, VQA) are refused in one line."""
+        from transformers import AutoConfig, AutoTokenizer, BlipForImageTextRetrieval
+
+        source, local, name = checkpoint.source, checkpoint.local_files_only, checkpoint.name
+        with _quiet_progress():
+            try:
+                config = AutoConfig.from_pretrained(source, local_files_only=local)
+                heads = getattr(config, "architectures", None) or []
+                if heads and cls.model_class not in heads:
+                    raise ModelLoadError(
+                        f"{name}: a BLIP checkpoint for {', '.join(heads)}; cliplens explains BLIP image-text "
+                        f"matching checkpoints ({cls.model_class}, e.g. Salesforce/blip-itm-base-coco)"
+                    )
+                model = BlipForImageTextRetrieval.from_pretrained(source, dtype=checkpoint.dtype, local_files_only=local)
+            except (OSError, ValueError, RuntimeError, *_weight_file_errors()) as exc:
+                first = (str(exc).splitlines() or [type(exc).__name__])[0]
+                raise ModelLoadError(f"{name}: could not load the BLIP checkpoint ({first})") from None
+            tokenizer = checkpoint.tokenizer
+            if tokenizer is None:
+                try:
+                    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local)
+                except (OSError, ValueError, ImportError) as exc:
+                    first = str(exc).splitlines()[0]
+                    raise ModelLoadError(f"{name}: could not load the BLIP tokenizer ({first})") from None
+        vision = model.config.vision_config
+        preprocess = squash_preprocess_from_config(checkpoint.processor_config, vision.image_size, OPENAI_MEAN, OPENAI_STD)
+        return cls(model, tokenizer, preprocess=preprocess, name=name)
+
+    # ---- facts -------------------------------------------------------------------------
+    @property
+    def patch_size(self) -> tuple[int, int]:
+        p = self.model.config.vision_config.patch_size
+        return (p, p)
+
+    @property
+    def num_layers(self) -> dict[str, int]:
+        return {"image": len(self.blocks("image")), "text": len(self.blocks("text"))}
+
+    @property
+    def context_length(self) -> int:
+        return int(self.model.config.text_config.max_position_embeddings)
+
+    def blocks(self, tower: str) -> list[torch.nn.Module]:
+        if tower == "image":
+            return list(self.model.vision_model.encoder.layers)
+        return list(self.model.text_encoder.encoder.layer)
+
+    # ---- inputs ------------------------------------------------------------------------
+    def tokenize(self, texts: list[str]) -> TextBatch:
+        tok = self.tokenizer
+        limit = self.context_length
+        full = tok(list(texts), truncation=False)["input_ids"]
+        kept = tok(list(texts), truncation=True, max_length=limit)["input_ids"]
+        width = max(len(ids) for ids in kept)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        input_ids = torch.full((len(texts), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(texts), width), dtype=torch.long)
+        content = torch.zeros((len(texts), width), dtype=torch.bool)
+        tokens = []
+        for i, ids in enumerate(kept):
+            input_ids[i, : len(ids)] = torch.tensor(ids)
+            mask[i, : len(ids)] = 1
+            content[i, 1 : len(ids) - 1] = True  # between [CLS] and [SEP]
+            tokens.append(tok.convert_ids_to_tokens(ids))
+        truncated = [len(f) > len(k) for f, k in zip(full, kept)]
+        dev = self.device
+        return TextBatch(list(texts), input_ids.to(dev), mask.to(dev), tokens, truncated, content.to(dev))
+
+    # ---- running -----------------------------------------------------------------------
+    @contextlib.contextmanager
+    def explaining(self) -> Iterator[None]:
+        with Capture() as capture:
+            capture.freeze(self.model)
+            capture.eager_attention(self.model)
+            yield
+
+    def run_pairs(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> FusionRun:
+        model = self.model
+        events: list[AttentionEvent] = []
+        leaves: list[torch.Tensor] = []
+
+        def leaf(module, args, output):
+            # the embeddings as a leaf: every attention downstream is then in the graph
+            out = output.detach().requires_grad_(torch.is_grad_enabled())
+            leaves.append(out)
+            return out
+
+        def record(kind: str, query: str, key: str, stack: str, layer: int):
+            def hook(module, args, output):
+                events.append(AttentionEvent(kind, query, key, output[1], stack, layer, step=len(events)))
+
+            return hook
+
+        with Capture() as capture:
+            capture.forward_hook(model.vision_model.embeddings, leaf)
+            capture.forward_hook(model.text_encoder.embeddings, leaf)
+            for i, layer in enumerate(self.blocks("image")):
+                capture.forward_hook(layer.self_attn, record("self", "image", "image", "image", i))
+            for i, layer in enumerate(self.blocks("text")):
+                capture.forward_hook(layer.attention.self, record("self", "text", "text", "text", i))
+                capture.forward_hook(layer.crossattention.self, record("cross", "text", "image", "text", i))
+            h, w = pixel_values.shape[-2:]
+            size = self.model.config.vision_config.image_size
+            itm = model(
+                input_ids=input_ids,
+                pixel_values=pixel_values,
+                attention_mask=attention_mask,
+                use_itm_head=True,
+                interpolate_pos_encoding=(h, w) != (size, size),
+            ).itm_score
+        N = input_ids.shape[0]
+        grid = (h // self.patch_size[0], w // self.patch_size[1])
+        streams = {
+            "image": Stream.of_image("image", N, grid, 1, pixel_values.device),
+            "text": Stream.of_text("text", attention_mask),
+        }
+        readout = ("text", torch.zeros(N, dtype=torch.long, device=input_ids.device))
+        return FusionRun(itm[:, 1] - itm[:, 0], streams, events, readout, grid, leaves)
+
+
+def check_blip_model(model) -> None:
+    """Refuse a BLIP model whose text encoder has no cross-attention (not an ITM model)."""
+    layers = getattr(getattr(getattr(model, "text_encoder", None), "encoder", None), "layer", None)
+    if not layers or not all(hasattr(layer, "crossattention") for layer in layers):
+        raise ModelLoadError("this BLIP model's text encoder has no cross-attention to the image (is_decoder=False)")

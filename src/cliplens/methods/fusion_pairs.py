@@ -1,0 +1,116 @@
+"""One forward pass of a fusion model over all (image, prompt) pairs, for the methods to use.
+
+Layout as for dual encoders: pair (b, p) is row ``b*P + p``. A fusion model mixes image and text
+inside the network, so every pair is its own row of the model's batch (pixels repeated per
+prompt, prompts tiled per image); one backward pass of ``y.sum()`` hands every pair its own
+gradients, since rows of a batch never mix.
+
+The helpers turn per-stream token values back into per-pair results: image maps on the grid
+(each token put on the cell it shows, which undoes ViLT's shuffled patch order) and token
+scores on the prompt's positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..adapters.base import ImageBatch, TextBatch
+from ..adapters.fusion import FusionAdapter, FusionRun
+from ..targets import LogitContext, Target, probabilities
+from .relevance import reduced_gradients
+
+
+@dataclass
+class FusionRuns:
+    """The run of B images x P prompts through a fusion model and the explained scalars."""
+
+    B: int
+    P: int
+    run: FusionRun
+    y: torch.Tensor  # (B, P) live
+    logits: torch.Tensor  # (B, P) detached
+    probs: torch.Tensor  # (B, P) detached
+    text_width: int
+    content: torch.Tensor  # (B*P, T) bool: each row's prompt tokens between start and end markers
+
+    def content_of(self, stream) -> torch.Tensor:
+        """(N, n) bool: the tokens of ``stream`` that are content tokens of their prompt."""
+        at = stream.positions.clamp(min=0)
+        return (stream.positions >= 0) & stream.valid & torch.gather(self.content, 1, at)
+
+    def event_gradients(self, reduce: Callable[[int, torch.Tensor], torch.Tensor]) -> list:
+        """``reduce(i, dy/dA_i)`` for every event i, from one backward pass of sum(y), each
+        gradient reduced the moment it arrives (None where y does not depend on the event)."""
+        events = self.run.events
+        live = [i for i, e in enumerate(events) if e.probs.requires_grad]
+        got = reduced_gradients(
+            self.y.sum(), [events[i].probs for i in live], lambda j, g: reduce(live[j], g), self.run.leaves
+        )
+        out: list = [None] * len(events)
+        for j, i in enumerate(live):
+            out[i] = got[j]
+        return out
+
+    def image_maps(self, rows: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, P, Gh, Gw) from per-stream token values {stream: (N, n)}: each token's value on
+        the grid cell it shows (NaN on a cell no token shows)."""
+        gh, gw = self.run.grid
+        N = self.B * self.P
+        ref = next(iter(rows.values()))
+        out = torch.full((N, gh * gw), float("nan"), dtype=ref.dtype, device=ref.device)
+        for name, values in rows.items():
+            cells = self.run.streams[name].cells
+            keep = cells >= 0
+            r = torch.arange(N, device=cells.device)[:, None].expand_as(cells)
+            out[r[keep], cells[keep]] = values[keep]
+        return out.reshape(self.B, self.P, gh, gw)
+
+    def token_scores(self, rows: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, P, T) from per-stream token values: each text token's value at its position
+        (NaN on padding)."""
+        N = self.B * self.P
+        ref = next(iter(rows.values()))
+        out = torch.full((N, self.text_width), float("nan"), dtype=ref.dtype, device=ref.device)
+        for name, values in rows.items():
+            stream = self.run.streams[name]
+            keep = (stream.positions >= 0) & stream.valid
+            r = torch.arange(N, device=keep.device)[:, None].expand_as(keep)
+            out[r[keep], stream.positions[keep]] = values[keep]
+        return out.reshape(self.B, self.P, self.text_width)
+
+    def results(self, rows: dict[str, torch.Tensor], towers: tuple[str, ...]):
+        """(image maps or None, token scores or None) for the explained ``towers``."""
+        return (
+            self.image_maps(rows) if "image" in towers else None,
+            self.token_scores(rows) if "text" in towers else None,
+        )
+
+
+def forward_fusion(
+    adapter: FusionAdapter, images: ImageBatch, texts: TextBatch, target: Target, *, grad: bool = True
+) -> FusionRuns:
+    """Run every pair through the model (call inside ``adapter.explaining()``) and evaluate the
+    target on the pair logits."""
+    B, P = len(images), len(texts)
+    with torch.set_grad_enabled(grad):
+        run = adapter.run_pairs(
+            images.pixel_values.repeat_interleave(P, dim=0),
+            texts.input_ids.repeat(B, 1),
+            texts.attention_mask.repeat(B, 1),
+        )
+        live = run.logits.reshape(B, P)
+        y = target(LogitContext(live, adapter.pair_probability))
+    logits = live.detach()
+    return FusionRuns(
+        B,
+        P,
+        run,
+        y,
+        logits,
+        probabilities(logits, adapter.pair_probability),
+        texts.input_ids.shape[1],
+        texts.content.repeat(B, 1),
+    )
