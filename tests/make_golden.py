@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import cliplens  # noqa: E402
 from conftest import ADAPTER_FACTORIES, random_image  # noqa: E402
+from families import FUSION_FACTORIES  # noqa: E402
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
 TEXTS = ["a red triangle", "a photo of a small dog", "cat"]
@@ -53,6 +54,17 @@ CASES: list[tuple[str, str, dict]] = [
     ("decomposition-contrast", "decomposition", {"target": "contrast:0"}),
 ]
 
+#: cases only fusion models run (beside CASES, where most dual-encoder methods are refused)
+FUSION_CASES: list[tuple[str, str, dict]] = [
+    ("chefer-reference", "chefer", {"degenerate_rows": "reference"}),
+    ("gradcam-last", "gradcam", {"layer": -1}),
+]
+
+#: every family with the cases it runs
+FAMILY_CASES = [(name, factory, CASES) for name, factory in ADAPTER_FACTORIES] + [
+    (name, factory, CASES + FUSION_CASES) for name, factory in FUSION_FACTORIES
+]
+
 
 def run_case(adapter, method: str, kwargs: dict) -> dict[str, np.ndarray] | None:
     """The arrays of one case, flattened to names; None where the family refuses the method."""
@@ -75,10 +87,12 @@ def run_case(adapter, method: str, kwargs: dict) -> dict[str, np.ndarray] | None
     return out
 
 
-def family_arrays(factory, only: set[str] | None = None, old: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+def family_arrays(
+    factory, cases, only: set[str] | None = None, old: dict[str, np.ndarray] | None = None
+) -> dict[str, np.ndarray]:
     adapter = factory(seed=0, dtype=torch.float64)
     arrays: dict[str, np.ndarray] = {}
-    for case, method, kwargs in CASES:
+    for case, method, kwargs in cases:
         if only is not None and case not in only:
             kept = {k: v for k, v in (old or {}).items() if k.split("/", 1)[0] == case}
             if not kept:
@@ -101,18 +115,18 @@ def main(argv: list[str]) -> int:
         i = argv.index("--cases")
         only = set(argv[i + 1].split(","))
         argv = argv[:i] + argv[i + 2 :]
-        unknown = only - {c[0] for c in CASES}
+        unknown = only - {c[0] for c in CASES + FUSION_CASES}
         if unknown:
             raise SystemExit(f"unknown cases: {sorted(unknown)}")
-    wanted = set(argv) or {name for name, _ in ADAPTER_FACTORIES}
-    for name, factory in ADAPTER_FACTORIES:
+    wanted = set(argv) or {name for name, _, _ in FAMILY_CASES}
+    for name, factory, cases in FAMILY_CASES:
         if name not in wanted:
             continue
         old = None
         if only is not None:
             with np.load(GOLDEN / f"{name}.npz") as z:
                 old = {k: z[k] for k in z.files}
-        arrays = family_arrays(factory, only, old)
+        arrays = family_arrays(factory, cases, only, old)
         np.savez_compressed(GOLDEN / f"{name}.npz", **arrays)
         print(f"{name}: {len(arrays)} arrays")
     return 0

@@ -20,6 +20,7 @@ import torch
 import cliplens
 from cliplens.methods import REGISTRY
 from conftest import ADAPTER_FACTORIES, random_image
+from families import FUSION_FACTORIES
 from helpers import model_state
 
 METHODS = [name for name in REGISTRY if not name.startswith("_")]
@@ -32,16 +33,24 @@ class Boom(Exception):
     pass
 
 
-@pytest.fixture(scope="module", params=ADAPTER_FACTORIES, ids=[name for name, _ in ADAPTER_FACTORIES])
+#: dual encoders and fusion models (image and text scored together)
+EVERY_FAMILY = ADAPTER_FACTORIES + FUSION_FACTORIES
+
+
+@pytest.fixture(scope="module", params=EVERY_FAMILY, ids=[name for name, _ in EVERY_FAMILY])
 def family(request):
     name, factory = request.param
     return name, factory(seed=0)
 
 
 def _outputs(adapter) -> list[torch.Tensor]:
-    """Both towers' embeddings (adapter runs only, no method)."""
+    """Both towers' embeddings (adapter runs only, no method); a fusion model's pair logits."""
     batch = adapter.tokenize(TEXTS)
-    pixels = adapter.prepare_images(IMAGES[:1])[0].pixel_values
+    group = adapter.prepare_images(IMAGES[:1])[0]
+    pixels = group.pixel_values
+    if adapter.fusion:
+        with adapter.explaining():
+            return [adapter.score_table(group, batch).clone()]
     with adapter.explaining(), torch.no_grad():
         img = adapter.run_image(pixels).embeds.clone()
         txt = adapter.run_text(batch.input_ids, batch.attention_mask).embeds.clone()
@@ -115,13 +124,17 @@ def test_capability_flags_are_what_explain_does():
     the template with its reason, and the families that lack it are the expected ones."""
     refused = {
         (method, name)
-        for name, factory in ADAPTER_FACTORIES
+        for name, factory in EVERY_FAMILY
         for method in METHODS
         if _unsupported(method, factory(seed=0))
     }
     expected = {
         (m, f) for m in ("interactions", "grad_eclip") for f in ("hf-siglip", "hf-siglip2")
     }
+    # fusion models: chefer's bi-modal rules, raw attention and LAVIS's cross-attention Grad-CAM
+    # (rollout has no cross-attention rule); the dual-encoder methods need separate towers
+    fusion_methods = {"chefer", "raw_attention", "gradcam"}
+    expected |= {(m, "hf-blip-itm") for m in METHODS if m not in fusion_methods}
     assert refused == expected
 
 
@@ -217,7 +230,10 @@ def test_model_unchanged_after_explain(method, prepared):
 
 def _last_image_block(adapter) -> torch.nn.Module:
     """The module whose output is the last captured image block output: found by running the
-    tower once and matching tensors (no module paths in the tests)."""
+    tower once and matching tensors (no module paths in the tests). A fusion model's last image
+    block, by the adapter contract."""
+    if adapter.fusion:
+        return adapter.blocks("image")[-1]
     pixels = adapter.prepare_images(IMAGES[:1])[0].pixel_values
     seen: list[tuple[torch.nn.Module, torch.Tensor]] = []  # references keep every output alive
 
@@ -305,6 +321,10 @@ def test_evaluate_runs_on_every_family(family, shapes_scenes):
     from cliplens.eval import harness
 
     name, adapter = family
+    if adapter.fusion:
+        with pytest.raises(cliplens.InputError, match="fusion model"):
+            harness.evaluate(adapter, ["chefer"], f"shapes:{shapes_scenes}", limit=1, sanity_items=1)
+        return
     res = harness.evaluate(adapter, ["chefer"], f"shapes:{shapes_scenes}", limit=1, sanity_items=1)
     row = next(r for r in res.rows if r["source"] == "chefer")
     assert row["n_pairs"] >= 1

@@ -228,6 +228,11 @@ def run_evaluation(
                 raise InputError(
                     f"dtype {config.dtype!r} applies to a model loaded from a spec; this model's weights are {have}"
                 )
+        if adapter.fusion:
+            raise InputError(
+                f"cliplens evaluate scores dual encoders (CLIP, SigLIP) so far; {adapter.name} is a fusion model "
+                f"({adapter.family}): explain it with `cliplens explain`"
+            )
         config = config.completed(adapter, ds)
         store = ResultStore(config.out, config, restart=config.restart, derived=(*REPORT_FILES, PARQUET_FILE))
         runner = _Runner(adapter, config)
