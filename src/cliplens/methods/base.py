@@ -164,7 +164,11 @@ class Method:
         """Why this method cannot explain ``towers`` of this model, or None."""
         if adapter.fusion:
             if not self.fusion:
-                usable = ", ".join(name for name, cls in REGISTRY.items() if cls.fusion)
+                usable = ", ".join(
+                    name
+                    for name, cls in REGISTRY.items()
+                    if cls.fusion and cls().fusion_unsupported(adapter, cls().parse_options({})) is None
+                )
                 return (
                     f"method {self.name!r} explains dual encoders (separate image and text towers); "
                     f"{adapter.name} is a fusion model ({adapter.family}): use one of {usable}"
