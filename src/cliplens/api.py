@@ -134,8 +134,8 @@ def explain(
         images: one image or a list: file paths, PIL images or HxWx3 uint8 arrays.
         texts: one prompt or a list.
         method: a registered method name (``cliplens.list_methods()``).
-        target: ``"logit"`` (scaled cosine, default), ``"probability"`` (softmax over the
-            prompts; sigmoid for SigLIP-style models), ``"contrast:OTHER"`` (logit minus the
+        target: ``"logit"`` (scaled cosine, default; a fusion model's match log-odds),
+            ``"probability"`` (softmax over the prompts; sigmoid for SigLIP-style and fusion models), ``"contrast:OTHER"`` (logit minus the
             logit of prompt OTHER, an index or one of the texts), or a ``Target`` object.
         towers: which towers to explain (default: every tower the method covers).
         resize: ``"model"`` (the checkpoint's resize and centre crop) or ``"full"`` (whole

@@ -322,8 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--target",
         default="logit",
-        help="what to explain: logit (scaled cosine), probability (softmax over the prompts), "
-        "contrast:OTHER (logit minus the logit of prompt OTHER: #K for the prompt at index K, or the "
+        help="what to explain: logit (scaled cosine; fusion models: the match log-odds), probability (softmax "
+        "over the prompts; sigmoid for SigLIP and fusion models), contrast:OTHER (logit minus the logit of prompt OTHER: #K for the prompt at index K, or the "
         "prompt's exact text; a bare number is an index unless a prompt is exactly that text). Default: logit",
     )
     p.add_argument("--option", "-o", action="append", help="method option KEY=VALUE, e.g. start_layer=0")
