@@ -209,7 +209,9 @@ def test_with_no_cross_events_the_engine_is_the_chefer_row_fold():
     rel = StreamRelevance({"image": torch.ones(1, n, dtype=torch.bool)}, torch.float64)
     for a, g in zip(run.attentions, grads):
         rel.apply([("self", "image", "image", (g * a.detach()).clamp(min=0).mean(1))])
-    row = rel.row("image", torch.zeros(1, dtype=torch.long), "image")[0, 1:]
+    readout = torch.zeros(1, n, dtype=torch.float64)
+    readout[0, 0] = 1.0  # the class token
+    row = rel.row("image", readout, "image")[0, 1:]
     _close(ex.image_maps[0, 0].ravel(), row.numpy(), "engine vs row fold")
 
 

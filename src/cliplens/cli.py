@@ -274,8 +274,9 @@ def cmd_demo(args) -> int:
     check_output_dir(args.out)
     print(f"cliplens demo: scene {args.seed} of the shapes world, model {args.model}")
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
+    fusion = None if args.fusion_model.lower() == "none" else args.fusion_model
     rows = run_demo(
-        args.out, seed=args.seed, model=args.model, methods=methods, device=device, dtype=dtype
+        args.out, seed=args.seed, model=args.model, methods=methods, device=device, dtype=dtype, fusion_model=fusion
     )
     print()
     print(summary_table(rows))
@@ -393,13 +394,20 @@ def build_parser() -> argparse.ArgumentParser:
         "demo",
         help="explain a shapes-world scene with every method (offline, embedded model)",
         description="Draw a scene of the procedural shapes world, explain each object's caption and one "
-        "absent caption with every registered method using the embedded model, write index.html and PNGs, "
-        "and print where each method's peak lands.",
+        "absent caption with every registered method using the embedded model, then with the embedded "
+        "shapes BLIP (a model that scores image and text together: chefer's bi-modal rules, raw cross-"
+        "attention, LAVIS's Grad-CAM), write index.html and PNGs, and print where each method's peak lands.",
     )
     p.add_argument("--out", default="cliplens-demo", help="output folder. Default: cliplens-demo")
     p.add_argument("--seed", type=int, default=0, help="which scene to draw. Default: 0")
     p.add_argument("--model", default="shapes", help="model to explain. Default: shapes (embedded)")
     p.add_argument("--methods", default=None, help="comma-separated methods. Default: all")
+    p.add_argument(
+        "--fusion-model",
+        default="shapes-blip",
+        help="a second model, one that scores image and text together, shown after the first; 'none' for none. "
+        "Default: shapes-blip (embedded)",
+    )
     p.add_argument("--device", default=None, help="torch device, e.g. cuda. Default: where the model loads (CPU)")
     p.add_argument(
         "--dtype",

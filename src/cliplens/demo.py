@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .adapters import load_model
+from .adapters import ALIASES, load_model
 from .api import explain, similarity
 from .errors import InputError
 from .files import staged_dir
@@ -24,6 +24,14 @@ from .viz.html import Section, write_page
 from .worlds import shapes
 
 FLAT = "flat map"  # what DemoRow.peak_on says where a map has no peak
+
+#: the fusion model the demo adds beside the main one (image and text scored together)
+FUSION_DEMO_MODEL = "shapes-blip"
+
+
+def embedded_model_present(name: str) -> bool:
+    """Whether ``name`` is an embedded model whose files this install has."""
+    return name in ALIASES and (ALIASES[name] / "config.json").is_file()
 
 
 @dataclass
@@ -55,16 +63,19 @@ def peak_object(grid_map: np.ndarray, geometry, scene: shapes.Scene) -> str:
 
 def run_demo(out: str | Path, *, seed: int = 0, model="shapes", methods: list[str] | None = None,
              n_objects: int = 3, size: int = shapes.DEFAULT_SIZE, progress: bool = True,
-             device=None, dtype="float32") -> list[DemoRow]:
+             device=None, dtype="float32", fusion_model: str | None = FUSION_DEMO_MODEL) -> list[DemoRow]:
     """Draw scene ``seed``, explain each object's caption and one absent caption with every
     method, and write ``index.html`` plus PNGs into ``out``. Returns one row per method.
+
+    ``methods`` None: every method the model can run. ``fusion_model`` (default: the embedded
+    shapes BLIP, when this install has it; None: none): a second model, one that scores image
+    and text together, whose methods join the page and the table as ``MODEL: METHOD``.
 
     A method "hits" when its top patch lies on the object the caption names (the object
     covering most of that patch; see :func:`peak_object`). ``device`` and ``dtype`` (a name
     such as ``"bfloat16"`` or a torch dtype) are those the model loads with; maps and scores
     come back in float whatever the dtype."""
-    names = methods or [m for m in REGISTRY if not m.startswith("_")]
-    for name in names:
+    for name in methods or []:
         if name not in REGISTRY:
             raise InputError(f"unknown method {name!r}; available: {', '.join(n for n in REGISTRY if not n.startswith('_'))}")
     if isinstance(dtype, str):
@@ -72,6 +83,11 @@ def run_demo(out: str | Path, *, seed: int = 0, model="shapes", methods: list[st
             raise InputError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
         dtype = getattr(torch, dtype)
     adapter = load_model(model, device=device, dtype=dtype)
+    models = [(adapter, methods or runnable_methods(adapter), "")]
+    if fusion_model is not None and fusion_model != model and embedded_model_present(fusion_model):
+        second = load_model(fusion_model, device=device, dtype=dtype)
+        names = [m for m in runnable_methods(second) if methods is None or m in methods]
+        models.append((second, names, f"{fusion_model}: "))
     scene = shapes.make_scene(seed, n_objects=n_objects, size=size)
     rng = np.random.default_rng(seed)
     absent = shapes.absent_labels(scene)
@@ -88,30 +104,31 @@ def run_demo(out: str | Path, *, seed: int = 0, model="shapes", methods: list[st
     sections: list[Section] = []
     with staged_dir(out) as stage:
         scene.image.save(stage / "scene.png")
-        for i, name in enumerate(names):
-            t0 = time.perf_counter()
-            ex = explain(adapter, scene.image, prompts, method=name)
-            row = DemoRow(name, time.perf_counter() - t0)
-            overlays = pages.write_overlays(ex, stage, [name], first_index=i)
-            notes = pages.pair_notes(ex)
-            section = Section(heading=f"{name} — {REGISTRY[name].summary}")
-            for p, prompt in enumerate(prompts):
-                # a flat map has no peak; its argmax would be an arbitrary patch
-                on = FLAT if notes[0][p] else peak_object(ex.grid_map(0, p), ex.geometries[0], scene)
-                hit = (on == labels[p]) if present[p] else None
-                row.hits.append(hit)
-                row.peak_on.append(on)
-                where = "no peak (flat map)" if on == FLAT else f"peak on {html.escape(on)}"
-                verdict = (
-                    "<span class='ok'>peak on the object</span>" if hit
-                    else f"<span class='bad'>{where}</span>" if hit is False
-                    else f"absent object; {where}"
-                )
-                section.cards.append(pages.pair_card(ex, 0, p, overlays[0][p], note=notes[0][p], extra=verdict))
-            sections.append(section)
-            rows.append(row)
-            if progress:
-                print(f"  {name:<16} {_hit_text(row)}  ({row.seconds:.1f}s)", flush=True)
+        for explainer, names, prefix in models:
+            for name in names:
+                t0 = time.perf_counter()
+                ex = explain(explainer, scene.image, prompts, method=name)
+                row = DemoRow(prefix + name, time.perf_counter() - t0)
+                overlays = pages.write_overlays(ex, stage, [(prefix + name).replace(": ", "-")], first_index=len(rows))
+                notes = pages.pair_notes(ex)
+                section = Section(heading=f"{prefix}{name} — {REGISTRY[name].summary}")
+                for p, prompt in enumerate(prompts):
+                    # a flat map has no peak; its argmax would be an arbitrary patch
+                    on = FLAT if notes[0][p] else peak_object(ex.grid_map(0, p), ex.geometries[0], scene)
+                    hit = (on == labels[p]) if present[p] else None
+                    row.hits.append(hit)
+                    row.peak_on.append(on)
+                    where = "no peak (flat map)" if on == FLAT else f"peak on {html.escape(on)}"
+                    verdict = (
+                        "<span class='ok'>peak on the object</span>" if hit
+                        else f"<span class='bad'>{where}</span>" if hit is False
+                        else f"absent object; {where}"
+                    )
+                    section.cards.append(pages.pair_card(ex, 0, p, overlays[0][p], note=notes[0][p], extra=verdict))
+                sections.append(section)
+                rows.append(row)
+                if progress:
+                    print(f"  {row.method:<16} {_hit_text(row)}  ({row.seconds:.1f}s)", flush=True)
 
         top = "".join(
             f"<tr><td>{html.escape(all_caps[i])}</td><td>{zs_probs[0, i]:.3f}</td>"
@@ -128,13 +145,19 @@ def run_demo(out: str | Path, *, seed: int = 0, model="shapes", methods: list[st
             for r in rows
         )
         head = "".join(f"<th>{html.escape(p)}</th>" for p in prompts)
+        fusion_note = (
+            f" · then <b>{html.escape(models[1][0].name)}</b>, a model that scores image and text together "
+            "(its rows are prefixed with its name)"
+            if len(models) > 1
+            else ""
+        )
         intro = (
-            f"<p class='note'>model <b>{html.escape(adapter.name)}</b> · scene seed {seed} · "
+            f"<p class='note'>model <b>{html.escape(adapter.name)}</b>{fusion_note} · scene seed {seed} · "
             f"{len(scene.objects)} objects · maps min-max normalised per panel, the colour bar under each labelled with "
             "the raw values of its ends; token chips show raw scores</p>"
             f"<div class='grid'><div class='card'><img src='scene.png' alt='scene'><div class='cap'>the scene: "
             f"{html.escape(', '.join(scene.labels))}</div></div>"
-            f"<div><b>zero-shot over all {len(all_caps)} captions</b><table><tr><th>caption</th><th>p</th><th></th></tr>"
+            f"<div><b>zero-shot over all {len(all_caps)} captions ({html.escape(adapter.name)})</b><table><tr><th>caption</th><th>p</th><th></th></tr>"
             f"{top}</table></div></div>"
             f"<h2>Where each method's peak lands</h2><table><tr><th>method</th>{head}<th>seconds</th></tr>{summary}</table>"
             "<p class='note'>green: the peak lies on the object the caption names; the last prompt names an "
@@ -142,6 +165,16 @@ def run_demo(out: str | Path, *, seed: int = 0, model="shapes", methods: list[st
         )
         write_page(stage / "index.html", "cliplens demo: the shapes world", sections, intro)
     return rows
+
+
+def runnable_methods(adapter) -> list[str]:
+    """Every registered method this model can run with its default options."""
+    out = []
+    for name, cls in REGISTRY.items():
+        meth = cls()
+        if not name.startswith("_") and meth.unsupported(adapter, meth.towers, meth.parse_options({})) is None:
+            out.append(name)
+    return out
 
 
 def _hit_text(row: DemoRow) -> str:

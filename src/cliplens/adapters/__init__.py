@@ -56,7 +56,7 @@ def __getattr__(name):
 
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
-ALIASES = {"shapes": ASSETS / "shapes-clip"}
+ALIASES = {"shapes": ASSETS / "shapes-clip", "shapes-blip": ASSETS / "shapes-blip"}
 DEFAULT_MODEL = "openai/clip-vit-base-patch16"
 
 

@@ -69,7 +69,9 @@ class AttentionEvent:
     """One attention call: ``probs`` (N, H, n_query, n_key) from the ``query`` stream's tokens to
     the ``key`` stream's (the same stream for ``kind == "self"``). ``stack`` and ``layer`` name
     the block it belongs to (for layer options); events that share a ``step`` read the same
-    relevance state (LXMERT's two cross directions, computed from the same inputs)."""
+    relevance state (LXMERT's two cross directions, computed from the same inputs). ``rows``:
+    the query stream's tokens that attend when only some of them do (BLIP-2's Q-Former: its
+    query tokens cross-attend to the image, its text tokens do not); None: all of them."""
 
     kind: str
     query: str
@@ -78,6 +80,16 @@ class AttentionEvent:
     stack: str
     layer: int
     step: int
+    rows: slice | None = None
+
+    def full_rows(self, values: torch.Tensor, n_query: int) -> torch.Tensor:
+        """(N, n_rows, k) values of the attending rows -> (N, n_query, k), zero elsewhere
+        (``n_query``: the query stream's length)."""
+        if self.rows is None:
+            return values
+        out = values.new_zeros(values.shape[0], n_query, values.shape[2])
+        out[:, self.rows] = values
+        return out
 
 
 @dataclass
@@ -87,7 +99,9 @@ class FusionRun:
     logits:   (N,) the pair logit, live (its sigmoid is the match probability).
     streams:  name -> :class:`Stream`.
     events:   attention events in execution order.
-    readout:  (stream name, (N,) token index): the token the model reads its score from.
+    readout:  (stream name, (N, n) weights): how the model reads its score out of that stream's
+              tokens, one-hot at a readout token ([CLS]) or spread over several (BLIP-2 averages
+              its query tokens); see :func:`readout_token`.
     grid:     (Gh, Gw) of the image.
     leaves:   tensors that require grad and from which every event's probabilities depend on
               what they must (a backward pass ends there).
@@ -102,6 +116,13 @@ class FusionRun:
 
     def cross_events(self) -> list[AttentionEvent]:
         return [e for e in self.events if e.kind == "cross"]
+
+
+def readout_token(rows: int, n: int, index: int, device) -> torch.Tensor:
+    """(rows, n) readout weights, one-hot at token ``index``."""
+    out = torch.zeros(rows, n, device=device)
+    out[:, index] = 1.0
+    return out
 
 
 class FusionAdapter(ModelAdapter):

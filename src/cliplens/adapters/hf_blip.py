@@ -28,7 +28,7 @@ from ..errors import ModelLoadError
 from ..preprocess import OPENAI_MEAN, OPENAI_STD, Preprocess, squash_preprocess_from_config
 from .base import Checkpoint, TextBatch
 from .capture import Capture
-from .fusion import AttentionEvent, FusionAdapter, FusionRun, Stream
+from .fusion import AttentionEvent, FusionAdapter, FusionRun, Stream, readout_token
 from .hf_encoder import _quiet_progress, _weight_file_errors
 
 #: config.json model_type values this file's adapter takes
@@ -172,7 +172,7 @@ class HFBlipITMAdapter(FusionAdapter):
             "image": Stream.of_image("image", N, grid, 1, pixel_values.device),
             "text": Stream.of_text("text", attention_mask),
         }
-        readout = ("text", torch.zeros(N, dtype=torch.long, device=input_ids.device))
+        readout = ("text", readout_token(N, input_ids.shape[1], 0, input_ids.device))
         return FusionRun(itm[:, 1] - itm[:, 0], streams, events, readout, grid, leaves)
 
 

@@ -101,10 +101,10 @@ class Chefer(Method):
         dtype = accumulation_dtype(run.logits.dtype)
         valid = {name: stream.valid for name, stream in run.streams.items()}
         rel = StreamRelevance(valid, dtype, opts.degenerate_rows)
-        for step in fusion_steps(run.events, abars):
+        for step in fusion_steps(run, abars):
             rel.apply(step)
-        stream, index = run.readout
-        rows = {name: rel.row(stream, index, name) for name in run.streams}
+        stream, weights = run.readout
+        rows = {name: rel.row(stream, weights, name) for name in run.streams}
         image_maps, token_scores = runs.results(rows, towers)
         return Attribution(
             image_maps=image_maps,
@@ -113,17 +113,17 @@ class Chefer(Method):
         )
 
 
-def fusion_steps(events, abars) -> list[list[tuple[str, str, str, torch.Tensor]]]:
-    """The events as rule inputs ``(kind, query, key, Abar)``, grouped by step in execution order;
-    an event the explained value does not depend on has Abar = 0."""
+def fusion_steps(run, abars) -> list[list[tuple[str, str, str, torch.Tensor]]]:
+    """The run's events as rule inputs ``(kind, query, key, Abar)``, grouped by step in execution
+    order; an event the explained value does not depend on has Abar = 0."""
     steps: list[list] = []
     last = None
-    for event, abar in zip(events, abars):
+    for event, abar in zip(run.events, abars):
         if abar is None:
-            n, q, k = event.probs.shape[0], event.probs.shape[2], event.probs.shape[3]
-            abar = torch.zeros(n, q, k, dtype=event.probs.dtype, device=event.probs.device)
+            abar = event.probs.detach().new_zeros(event.probs.shape[0], event.probs.shape[2], event.probs.shape[3])
         if event.step != last:
             steps.append([])
             last = event.step
+        abar = event.full_rows(abar, run.streams[event.query].size)
         steps[-1].append((event.kind, event.query, event.key, abar))
     return steps

@@ -73,7 +73,7 @@ class RawAttention(Method):
         self, adapter: FusionAdapter, runs: FusionRuns, target: Target, towers: tuple[str, ...], opts: Options
     ) -> Attribution:
         run = runs.run
-        stream, index = run.readout
+        stream, weights = run.readout
         rows = {}
         for key in run.streams:
             seen = [e for e in run.events if e.query == stream and e.key == key]
@@ -81,6 +81,7 @@ class RawAttention(Method):
                 continue
             layers = sorted({e.layer for e in seen})
             layer = layers[resolve_layer(opts.layer, len(layers), len(layers) - 1)]
-            probs = [e for e in seen if e.layer == layer][-1].probs.detach()
-            rows[key] = probs[torch.arange(probs.shape[0]), :, index].mean(dim=1)
+            event = [e for e in seen if e.layer == layer][-1]
+            mean = event.full_rows(event.probs.detach().mean(dim=1), run.streams[stream].size)
+            rows[key] = torch.einsum("rq,rqk->rk", weights.to(mean.dtype), mean)
         return Attribution(*runs.results(rows, towers))

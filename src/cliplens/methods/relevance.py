@@ -239,7 +239,8 @@ class StreamRelevance:
         for key, value in total.items():
             self.R[key] = self.R[key] + value
 
-    def row(self, readout: str, index: torch.Tensor, stream: str) -> torch.Tensor:
-        """(rows, n_stream): the readout token's row of ``R[readout, stream]``."""
+    def row(self, readout: str, weights: torch.Tensor, stream: str) -> torch.Tensor:
+        """(rows, n_stream): the readout's row of ``R[readout, stream]``, ``weights`` (rows, n)
+        over the readout stream's tokens (one-hot at a readout token, or an average)."""
         m = self.R[readout, stream]
-        return m[torch.arange(m.shape[0], device=m.device), index]
+        return torch.einsum("rn,rnm->rm", weights.to(m.dtype), m)

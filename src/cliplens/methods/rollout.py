@@ -34,8 +34,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from ..adapters.base import ModelAdapter
 from ..adapters.fusion import FusionAdapter
 from ..targets import Target
@@ -81,12 +79,10 @@ class Rollout(Method):
         self, adapter: FusionAdapter, runs: FusionRuns, target: Target, towers: tuple[str, ...], opts: Options
     ) -> Attribution:
         run = runs.run
-        stream, index = run.readout
+        stream, weights = run.readout
         events = [e for e in run.events if e.kind == "self" and e.query == stream]
         start = resolve_layer(opts.start_layer, len(events), 0, "start_layer")
-        N, n = index.shape[0], run.streams[stream].size
-        row = torch.zeros(N, n, dtype=accumulation_dtype(run.logits.dtype), device=index.device)
-        row[torch.arange(N), index] = 1.0
+        row = weights.to(accumulation_dtype(run.logits.dtype))
         for event in reversed(events[start:]):
             row = rollout_step(event.probs.detach().to(row.dtype), row)
         return Attribution(*runs.results({stream: row}, towers))
