@@ -114,7 +114,9 @@ def test_oracle_logits(monkeypatch):
     (batch,) = adapter.prepare_images(images())
     for b in range(2):
         for p, prompt in enumerate(PROMPTS):
-            logit, _, _ = attention_and_gradients(adapter.model, batch.pixel_values[b : b + 1], adapter.tokenize([prompt]).input_ids)
+            logit, _, _ = attention_and_gradients(
+                adapter.model, batch.pixel_values[b : b + 1], adapter.tokenize([prompt]).input_ids
+            )
             assert e.logits[b, p] == pytest.approx(float(logit), rel=1e-10)
             assert e.probs[b, p] == pytest.approx(float(torch.sigmoid(logit)), rel=1e-10)
 
@@ -202,7 +204,9 @@ def test_capture_leaves_the_model_as_it_was():
         torch.manual_seed(0)  # the same patch draw (7 of 16 patches, shuffled) for both calls
         with torch.no_grad():
             return model(
-                input_ids=texts.input_ids, attention_mask=texts.attention_mask, pixel_values=batch.pixel_values
+                input_ids=texts.input_ids,
+                attention_mask=texts.attention_mask,
+                pixel_values=batch.pixel_values,
             ).logits
 
     before = own_output()
@@ -287,7 +291,9 @@ def test_chefer_start_layer_refused():
 def test_other_vilt_models_refused():
     from transformers import ViltConfig, ViltForQuestionAnswering
 
-    config = ViltConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64, num_labels=3)
+    config = ViltConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64, num_labels=3
+    )
     with pytest.raises(ModelLoadError, match="rank_output"):
         HFViltITMAdapter(ViltForQuestionAnswering(config), word_tokenizer())
 
@@ -301,7 +307,14 @@ def test_load_checkpoint_directory(tmp_path):
     model.save_pretrained(path)
     word_tokenizer().save_pretrained(path)
     (path / "preprocessor_config.json").write_text(
-        json.dumps({"size": {"shortest_edge": 48}, "size_divisor": 16, "image_mean": [0.4] * 3, "image_std": [0.3] * 3})
+        json.dumps(
+            {
+                "size": {"shortest_edge": 48},
+                "size_divisor": 16,
+                "image_mean": [0.4] * 3,
+                "image_std": [0.3] * 3,
+            }
+        )
     )
     adapter = cliplens.load_model(str(path))
     assert isinstance(adapter, HFViltITMAdapter) and adapter.family == "hf-vilt-itm"
@@ -314,7 +327,9 @@ def test_load_checkpoint_directory(tmp_path):
     assert np.isfinite(e.logits).all()
 
 
-@pytest.mark.parametrize("head", ["ViltForQuestionAnswering", "ViltForImagesAndTextClassification", "ViltForMaskedLM"])
+@pytest.mark.parametrize(
+    "head", ["ViltForQuestionAnswering", "ViltForImagesAndTextClassification", "ViltForMaskedLM"]
+)
 def test_load_refuses_other_heads(tmp_path, head):
     from transformers import ViltConfig
 

@@ -106,13 +106,17 @@ class ViltPreprocess(Preprocess):
         return resized, Geometry(w, h, new_w / w, new_h / h, (0.0, 0.0), (new_w, new_h))
 
 
-def vilt_preprocess_from_config(processor_config: dict | None, image_size: int, patch_size: int) -> ViltPreprocess:
+def vilt_preprocess_from_config(
+    processor_config: dict | None, image_size: int, patch_size: int
+) -> ViltPreprocess:
     """The ViLT recipe from a ``preprocessor_config.json`` dict, or ViltImageProcessor's defaults
     (shortest edge ``image_size``, divisor 32, mean and std 0.5, bicubic)."""
     cfg = processor_config or {}
     size = cfg.get("size", image_size)
     if isinstance(size, dict):
-        size = size.get("shortest_edge") or min(v for v in (size.get("height"), size.get("width"), image_size) if v)
+        size = size.get("shortest_edge") or min(
+            v for v in (size.get("height"), size.get("width"), image_size) if v
+        )
     divisor = int(cfg.get("size_divisor") or 32)
     divisor = divisor * patch_size // math.gcd(divisor, patch_size)  # whole patches only
     return ViltPreprocess(
@@ -143,7 +147,9 @@ def bert_tokenize(tokenizer, texts: list[str], limit: int, device) -> TextBatch:
         content[i, 1 : len(ids) - 1] = True
         tokens.append(tokenizer.convert_ids_to_tokens(ids))
     truncated = [len(f) > len(k) for f, k in zip(full, kept)]
-    return TextBatch(list(texts), input_ids.to(device), mask.to(device), tokens, truncated, content.to(device))
+    return TextBatch(
+        list(texts), input_ids.to(device), mask.to(device), tokens, truncated, content.to(device)
+    )
 
 
 def patch_method(capture: Capture, obj: object, name: str, method) -> None:
@@ -183,7 +189,7 @@ class HFViltITMAdapter(FusionAdapter):
         return model_type is not None and isinstance(model, model_type)
 
     @classmethod
-    def load(cls, checkpoint: Checkpoint) -> "HFViltITMAdapter":
+    def load(cls, checkpoint: Checkpoint) -> HFViltITMAdapter:
         """A ViLT image-text retrieval checkpoint (directory or hub name), its tokenizer and its
         image recipe; the other ViLT heads (VQA, NLVR2, masked LM) are refused in one line."""
         from transformers import AutoConfig, AutoTokenizer, ViltForImageAndTextRetrieval
@@ -247,7 +253,9 @@ class HFViltITMAdapter(FusionAdapter):
             capture.eager_attention(self.model)
             yield
 
-    def run_pairs(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> FusionRun:
+    def run_pairs(
+        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> FusionRun:
         model = self.model
         embeddings = model.vilt.embeddings
         events: list[AttentionEvent] = []
@@ -276,8 +284,12 @@ class HFViltITMAdapter(FusionAdapter):
         def record(layer: int):
             def hook(module, args, output):
                 if len(output) < 2:
-                    raise RuntimeError("ViltSelfAttention returned no probabilities (output_attentions is off)")
-                events.append(AttentionEvent("self", "joint", "joint", output[1], "joint", layer, step=len(events)))
+                    raise RuntimeError(
+                        "ViltSelfAttention returned no probabilities (output_attentions is off)"
+                    )
+                events.append(
+                    AttentionEvent("self", "joint", "joint", output[1], "joint", layer, step=len(events))
+                )
 
             return hook
 
