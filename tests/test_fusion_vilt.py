@@ -170,6 +170,15 @@ def test_maps_do_not_depend_on_the_patch_order(method, monkeypatch):
         assert rel(e.logits, identity.logits) < 1e-6
 
 
+def test_the_callers_random_stream_is_left_alone():
+    adapter = hf_vilt_factory()
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    cliplens.explain(adapter, images(), PROMPTS, method="chefer")
+    assert torch.equal(torch.rand(3), expected)
+
+
 def test_every_patch_kept_whatever_max_image_length():
     adapter = hf_vilt_factory()
     reference = cliplens.explain(adapter, images(), PROMPTS, method="chefer")

@@ -16,7 +16,9 @@ What ViLT does that the adapter undoes, for the call only:
   embeddings instance (an instance attribute, removed on exit) and records ``patch_index`` and the
   patch grid (height, width); each patch token's stream cell is ``row * width + col``, so maps come
   out in grid order whatever order was drawn. The logit itself depends on the draw only through
-  float summation order.
+  float summation order. The draw uses torch's global CPU generator; the adapter forks it for the
+  call, so explaining does not advance the caller's random stream (two calls in a row draw the
+  same order, which the maps do not depend on anyway).
 - **Dropped patches.** With ``config.max_image_length`` smaller than the patch count ViLT keeps a
   random subset. The wrapper calls the original with ``max_image_length=-1`` (every patch kept);
   the config is never touched.
@@ -265,7 +267,10 @@ class HFViltITMAdapter(FusionAdapter):
 
         def visual_embed(pixels, pixel_mask, max_image_length=-1):
             # every patch kept, whatever config.max_image_length says; the drawn order recorded
-            x, x_mask, (patch_index, (height, width)) = original(pixels, pixel_mask, max_image_length=-1)
+            # the draw comes from torch's global CPU generator: forked, so that explaining leaves
+            # the caller's random stream where it was
+            with torch.random.fork_rng(devices=[]):
+                x, x_mask, (patch_index, (height, width)) = original(pixels, pixel_mask, max_image_length=-1)
             if patch_index.shape[1] != height * width or not bool(x_mask.all()):
                 raise RuntimeError(
                     f"ViLT kept {patch_index.shape[1]} of {height * width} patches or masked some; "
