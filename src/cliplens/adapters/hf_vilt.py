@@ -266,9 +266,9 @@ class HFViltITMAdapter(FusionAdapter):
         original = embeddings.visual_embed  # bound (or an instance attribute already there)
 
         def visual_embed(pixels, pixel_mask, max_image_length=-1):
-            # every patch kept, whatever config.max_image_length says; the drawn order recorded
-            # the draw comes from torch's global CPU generator: forked, so that explaining leaves
-            # the caller's random stream where it was
+            # every patch kept, whatever config.max_image_length says, and the drawn order
+            # recorded; the draw uses torch's global CPU generator, forked so that explaining
+            # leaves the caller's random stream where it was
             with torch.random.fork_rng(devices=[]):
                 x, x_mask, (patch_index, (height, width)) = original(pixels, pixel_mask, max_image_length=-1)
             if patch_index.shape[1] != height * width or not bool(x_mask.all()):
