@@ -299,3 +299,48 @@ def hf_blip_factory(seed=0, dtype=torch.float32):
 
 #: fusion families: the contract, oracle and golden tests run them beside ADAPTER_FACTORIES
 FUSION_FACTORIES = [("hf-blip-itm", hf_blip_factory)]
+
+
+def make_tiny_vilt(seed=0, dtype=torch.float32, image_size=32, patch_size=8):
+    """A random ViltForImageAndTextRetrieval: one joint stack of 2 layers, attention sharpened
+    (queries and keys scaled up), biases random, and the image class token and position
+    embeddings drawn at random (ViLT initialises both to zero, which makes every patch token's
+    embedding blind to where it sits: the shuffled patch order would then change nothing)."""
+    from transformers import ViltConfig, ViltForImageAndTextRetrieval
+
+    config = ViltConfig(
+        vocab_size=len(FUSION_WORDS),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=16,
+        image_size=image_size,
+        patch_size=patch_size,
+        max_image_length=-1,
+        pad_token_id=0,
+        initializer_range=0.05,
+    )
+    torch.manual_seed(seed)
+    model = ViltForImageAndTextRetrieval(config)
+    randomise_biases(model)
+    with torch.no_grad():
+        embeddings = model.vilt.embeddings
+        embeddings.cls_token.normal_(std=0.5)
+        embeddings.position_embeddings.normal_(std=0.5)
+        for name, p in model.named_parameters():
+            if name.endswith(("query.weight", "key.weight")):
+                p.mul_(8.0)
+        # a head that reads more than the tanh's linear part: the pairs' logits then differ
+        model.vilt.pooler.dense.weight.mul_(4.0)
+        model.rank_output.weight.normal_(std=1.0)
+    return model.to(dtype)
+
+
+def hf_vilt_factory(seed=0, dtype=torch.float32):
+    from cliplens.adapters.hf_vilt import HFViltITMAdapter
+
+    return HFViltITMAdapter(make_tiny_vilt(seed=seed, dtype=dtype), word_tokenizer(), name="tiny-hf-vilt-itm")
+
+
+FUSION_FACTORIES.append(("hf-vilt-itm", hf_vilt_factory))

@@ -20,6 +20,7 @@ from .base import Checkpoint, ModelAdapter
 from .hf_blip import HF_BLIP_TYPES, HFBlipITMAdapter
 from .hf_clip import HF_CLIP_TYPES, HFClipAdapter
 from .hf_siglip import HF_SIGLIP_TYPES, HFSiglip2Adapter, HFSiglipAdapter, siglip_adapter
+from .hf_vilt import HF_VILT_TYPES, HFViltITMAdapter
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,12 @@ def _blip_adapt(model, tokenizer=None, *, preprocess: Preprocess | None = None, 
     )
 
 
+def _vilt_adapt(model, tokenizer=None, *, preprocess: Preprocess | None = None, name: str | None = None):
+    return HFViltITMAdapter(
+        model, tokenizer if tokenizer is not None else _tokenizer_for(model), preprocess=preprocess, name=name
+    )
+
+
 # ---- open_clip (an optional extra: imported only for its model objects or specs) ----------------
 
 
@@ -112,6 +119,13 @@ FAMILIES: list[Family] = [
         _blip_adapt,
         HFBlipITMAdapter.load,
         frozenset(HF_BLIP_TYPES),
+    ),
+    Family(
+        "hf-vilt-itm",  # fusion, one joint self-attention stack (adapters/hf_vilt.py)
+        HFViltITMAdapter.matches,
+        _vilt_adapt,
+        HFViltITMAdapter.load,
+        frozenset(HF_VILT_TYPES),
     ),
     Family(
         "open_clip",
