@@ -133,8 +133,9 @@ def test_capability_flags_are_what_explain_does():
     }
     # fusion models: chefer's bi-modal rules, raw attention and LAVIS's cross-attention Grad-CAM
     # (rollout has no cross-attention rule); the dual-encoder methods need separate towers
-    fusion_methods = {"chefer", "raw_attention", "gradcam"}
-    expected |= {(m, "hf-blip-itm") for m in METHODS if m not in fusion_methods}
+    expected |= {(m, "hf-blip-itm") for m in METHODS if m not in {"chefer", "raw_attention", "gradcam"}}
+    # a single-stream fusion model (ViLT): rollout yes, cross-attention Grad-CAM no
+    expected |= {(m, "hf-vilt-itm") for m in METHODS if m not in {"chefer", "raw_attention", "rollout"}}
     assert refused == expected
 
 

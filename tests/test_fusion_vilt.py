@@ -146,7 +146,7 @@ def test_stream_layout():
         assert sorted(row.tolist()) == list(range(16))  # every cell shown once
     assert (stream.positions[:, :T] == torch.arange(T)).all() and (stream.positions[:, T:] == -1).all()
     assert torch.equal(stream.valid[:, :T], texts.attention_mask.bool()) and stream.valid[:, T:].all()
-    assert run.readout[0] == "joint" and (run.readout[1] == 0).all()
+    assert run.readout[0] == "joint" and (run.readout[1][:, 0] == 1).all() and (run.readout[1].sum(1) == 1).all()
     assert [(e.kind, e.query, e.key, e.stack, e.layer, e.step) for e in run.events] == [
         ("self", "joint", "joint", "joint", i, i) for i in range(2)
     ]

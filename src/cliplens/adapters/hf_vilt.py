@@ -68,7 +68,7 @@ from ..images import Geometry
 from ..preprocess import SIGLIP_MEAN, SIGLIP_STD, Preprocess
 from .base import Checkpoint, TextBatch
 from .capture import Capture
-from .fusion import AttentionEvent, FusionAdapter, FusionRun, Stream
+from .fusion import AttentionEvent, FusionAdapter, FusionRun, Stream, readout_token
 from .hf_encoder import _quiet_progress, _weight_file_errors
 
 #: config.json model_type values this file's adapter takes
@@ -326,7 +326,7 @@ class HFViltITMAdapter(FusionAdapter):
         valid = torch.ones_like(cells, dtype=torch.bool)
         valid[:, :T] = attention_mask.bool()
         streams = {"joint": Stream("joint", cells, positions, valid)}
-        readout = ("joint", torch.zeros(N, dtype=torch.long, device=device))
+        readout = ("joint", readout_token(N, streams["joint"].size, 0, device))
         return FusionRun(logits[:, 0], streams, events, readout, grid, leaves)
 
 
