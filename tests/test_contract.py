@@ -322,10 +322,6 @@ def test_evaluate_runs_on_every_family(family, shapes_scenes):
     from cliplens.eval import harness
 
     name, adapter = family
-    if adapter.fusion:
-        with pytest.raises(cliplens.InputError, match="fusion model"):
-            harness.evaluate(adapter, ["chefer"], f"shapes:{shapes_scenes}", limit=1, sanity_items=1)
-        return
     res = harness.evaluate(adapter, ["chefer"], f"shapes:{shapes_scenes}", limit=1, sanity_items=1)
     row = next(r for r in res.rows if r["source"] == "chefer")
     assert row["n_pairs"] >= 1

@@ -18,7 +18,7 @@ from cliplens.errors import InputError
 from cliplens.eval import harness
 from cliplens.eval.classifier import ZeroShotClassifier, resolve_templates
 from cliplens.eval.metrics import deletion_curve, perturbation_curve, random_map
-from cliplens.eval.perturbation import CurveBatch, mask_to_grid, target_scores
+from cliplens.eval.perturbation import CurveBatch, PromptScorer, mask_to_grid, target_scores
 from cliplens.eval.report import Column, Panel, line_chart, text_table
 from cliplens.eval.sanity import CascadingRandomization, image_blocks
 from cliplens.eval.templates import IMAGENET_TEMPLATES
@@ -51,6 +51,7 @@ class RegionStub:
     ``zero`` removal the target below is exactly the fraction of the region left."""
 
     pair_probability = "softmax"
+    fusion = False
 
     def __init__(self, region: np.ndarray):
         self.region = torch.from_numpy(region)
@@ -95,7 +96,7 @@ def test_perturbation_known_answer_region_first_is_lowest():
         for order in ("positive", "negative"):
             batch.add((name, order), perturbation_curve, m, 0, order=order)
         batch.add((name, "deletion"), deletion_curve, m, 0, n_steps=4)
-    curves = batch.run(stub, torch.zeros(1, 2), FirstCoordinate())
+    curves = batch.run(PromptScorer(stub, FirstCoordinate(), text_embeds=torch.zeros(1, 2)))
     assert stub.calls == 1  # every step of every curve in one forward
     assert len(batch.masks) < sum(len(r.steps) for r in batch.requests)  # shared inputs run once
 

@@ -185,8 +185,8 @@ def test_random_ties_shuffle_only_within_tied_groups():
 def test_random_ties_average_the_draws(adapter):  # noqa: F811
     """``ties="random"``: each curve is the mean of 8 draws; a map without ties gives exactly the
     index-order curves (and no extra model input), a constant map does not."""
+    from cliplens.eval.perturbation import PromptScorer
     from cliplens.eval.runner import perturbation_scores
-    from cliplens.eval.classifier import encode_texts
     from cliplens.targets import resolve_target
 
     pixels = adapter.prepare_images([_item().image])[0].pixel_values[0]
@@ -194,12 +194,12 @@ def test_random_ties_average_the_draws(adapter):  # noqa: F811
     distinct = np.arange(g * g, dtype=float).reshape(1, g, g)
     flat = np.ones((1, g, g))
     texts = ["a red square"]
-    emb = encode_texts(adapter, texts)
     target = resolve_target("logit", texts)
+    scorer = PromptScorer.of(adapter, texts, target)
     out = {}
     for ties in ("index", "random"):
         cfg = EvalConfig(methods="chefer", dataset="x", metrics="perturbation,deletion", steps=4, ties=ties)
-        out[ties] = perturbation_scores(adapter, cfg, pixels, {"d": distinct, "f": flat}, emb, target, index=3)
+        out[ties] = perturbation_scores(adapter, cfg, pixels, {"d": distinct, "f": flat}, scorer, index=3)
     (idx, n_idx), (rnd, n_rnd) = out["index"], out["random"]
     assert idx[("d", 0)] == rnd[("d", 0)]
     assert idx[("f", 0)] != rnd[("f", 0)] and n_rnd > n_idx
@@ -217,9 +217,9 @@ def test_chefer_perturbation_is_the_reference_loop(adapter):  # noqa: F811
     """pertubation_eval_from_hdf5.py on one image: the top int(f * h * w) pixels of the map
     upsampled x patch size (torch.topk; bottom ones for negative) set to black (0 in [0, 1]
     space), top-1 accuracy of the classifier against the class, AUC = trapz(acc, f) * 100."""
-    from cliplens.eval.classifier import ZeroShotClassifier, encode_images, encode_texts
+    from cliplens.eval.classifier import ZeroShotClassifier, encode_images
     from cliplens.eval.metrics import CHEFER_FRACTIONS
-    from cliplens.eval.perturbation import black_value
+    from cliplens.eval.perturbation import PromptScorer, black_value
     from cliplens.eval.runner import perturbation_scores
     from cliplens.targets import resolve_target
 
@@ -235,7 +235,7 @@ def test_chefer_perturbation_is_the_reference_loop(adapter):  # noqa: F811
         methods="chefer", dataset="x", metrics="perturbation", target="class", perturbation_protocol="chefer"
     )
     got, _ = perturbation_scores(
-        adapter, cfg, pixels, {"m": grid[None]}, encode_texts(adapter, texts), resolve_target("logit", texts),
+        adapter, cfg, pixels, {"m": grid[None]}, PromptScorer.of(adapter, texts, resolve_target("logit", texts)),
         top1=(clf, [label]),
     )
     vis = upsample(grid, ph).ravel()

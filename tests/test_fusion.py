@@ -272,3 +272,77 @@ def test_degenerate_rows_identity_policy_and_reference_mode():
     pad = torch.tensor([[True, True, False]])
     bar, count = residual_normalised(torch.eye(3, dtype=torch.float64)[None] + A_ss * pad[:, :, None], "reference", pad)
     assert int(count[0]) == 0 and torch.equal(bar[0, 2], torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64))
+
+
+# ---- evaluation of fusion models ---------------------------------------------------------------
+
+
+def test_token_perturbation_curve_keeps_the_reference_counts():
+    """Chefer et al.'s text test keeps int((1 - f) * n) tokens: with n = 4 and the score the
+    sum of the kept tokens' relevance, every step of both orders is known."""
+    from cliplens.eval.metrics import TEXT_FRACTIONS, token_perturbation_curve
+
+    r = np.array([0.1, 0.4, 0.3, 0.2])
+    kept_sum = lambda removed: float(r[~removed].sum())  # noqa: E731
+    pos = token_perturbation_curve(r, kept_sum, order="positive")
+    neg = token_perturbation_curve(r, kept_sum, order="negative")
+    # kept counts 4 3 2 1 0 0 0 0 0 (f = 0, .25, .5, .75, .8, ...)
+    np.testing.assert_allclose(pos.scores, [1.0, 0.6, 0.3, 0.1, 0, 0, 0, 0, 0])  # least relevant stay
+    np.testing.assert_allclose(neg.scores, [1.0, 0.9, 0.7, 0.4, 0, 0, 0, 0, 0])  # most relevant stay
+    assert pos.auc == pytest.approx(np.trapezoid(pos.scores, TEXT_FRACTIONS))
+
+
+def test_text_perturbation_scores_are_the_model_on_shortened_prompts(blip64):
+    """Every point of the text curves is the ITM log-odds of the prompt with those tokens
+    deleted from the sequence ([CLS] and [SEP] kept), computed here by hand."""
+    from cliplens.eval.perturbation import PromptScorer
+    from cliplens.eval.runner import text_perturbation_scores
+    from cliplens.targets import resolve_target
+
+    texts = ["a photo of a small dog", "a red triangle"]
+    target = resolve_target("logit", texts)
+    group = blip64.prepare_images([IMAGES[0]])[0]
+    batch = blip64.tokenize(texts)
+    content = [np.flatnonzero(c[: len(t)]) for c, t in zip(batch.content.numpy(), batch.tokens)]
+    scores = {"m": [np.linspace(1.0, 0.0, len(c)) ** 2 for c in content]}  # the first content token most relevant
+    got = text_perturbation_scores(blip64, group.pixel_values[0], texts, content, scores, PromptScorer.of(blip64, texts, target))
+    for p, text in enumerate(texts):
+        ids = batch.input_ids[p, : len(batch.tokens[p])].tolist()
+        n = len(content[p])
+        for order in ("positive", "negative"):
+            want = []
+            for f in (0.0, 0.25, 0.5, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0):
+                k = int((1 - f) * n + 1e-9)
+                by_relevance = list(range(1, n + 1))  # content positions, most relevant first
+                stay = set(by_relevance[n - k :] if order == "positive" else by_relevance[:k])
+                kept = [ids[0]] + [ids[t] for t in range(1, n + 1) if t in stay] + [ids[-1]]
+                with torch.no_grad():
+                    itm = blip64.model(
+                        input_ids=torch.tensor([kept]), pixel_values=group.pixel_values, attention_mask=torch.ones(1, len(kept), dtype=torch.long)
+                    ).itm_score
+                want.append(float(itm[0, 1] - itm[0, 0]))
+            np.testing.assert_allclose(got[("m", p)][f"text_{order}"], want, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("family", ["blip", "vilt"])
+def test_evaluate_scores_fusion_models(family, tmp_path):
+    """`cliplens evaluate` on a fusion model: its own methods only (no refusals), localisation,
+    image perturbation and the text test, with the recorded pair values the model's own."""
+    from cliplens.eval import harness
+    from cliplens.worlds.shapes import write_dataset
+    from families import hf_vilt_factory
+
+    adapter = hf_blip_factory(seed=0) if family == "blip" else hf_vilt_factory(seed=0)
+    ds = write_dataset(tmp_path / "s", 2, seed=3, size=64)
+    res = harness.evaluate(
+        adapter, None, f"shapes:{ds}", limit=2, progress=False, metrics="pointing,segmentation,perturbation,text_perturbation"
+    )
+    assert not res.refused
+    methods = {"chefer", "raw_attention"} | ({"gradcam"} if family == "blip" else {"rollout"})
+    rows = {r["source"]: r for r in res.rows}
+    assert set(rows) == methods | {"random", "centre", "oracle"}
+    assert rows["oracle"]["pointing"] == 1.0
+    for m in ("chefer", "raw_attention", "random"):
+        assert np.isfinite(rows[m]["positive_auc"]) and np.isfinite(rows[m]["text_positive_auc"])
+    with pytest.raises(cliplens.InputError, match="fusion model"):
+        harness.evaluate(adapter, None, f"shapes:{ds}", limit=1, progress=False, target="class")

@@ -40,6 +40,7 @@ from .perturbation import REMOVAL_MODES
 
 __all__ = [
     "ALL_METRICS",
+    "OPTIONAL_METRICS",
     "BASELINES",
     "CURVES",
     "DTYPES",
@@ -76,13 +77,17 @@ TIE_MODES = ("index", "random")
 PERTURBATION_PROTOCOLS = ("cliplens", "chefer")
 TIE_DRAWS = 8
 ALL_METRICS = ("segmentation", "pointing", "pmiou", "perturbation", "deletion", "sanity")
+#: Metrics run only when named: ``text_perturbation`` (Chefer et al.'s text test: remove a
+#: prompt's tokens in the order of the method's token scores; methods with token scores only)
+OPTIONAL_METRICS = ("text_perturbation",)
 BASELINES = ("random", "centre", "oracle")
 TARGETS = ("logit", "probability", "class", "class-contrast")
 #: Dataset seed of shapes scenes drawn for evaluation (training used seeds 1 and 2, and
 #: seeds 12-14 to watch progress).
 SHAPES_EVAL_SEED = 3
-#: The perturbation curves of a record: Chefer's positive / negative, Petsiuk's deletion / insertion.
-CURVES = ("positive", "negative", "deletion", "insertion")
+#: The perturbation curves of a record: Chefer's positive / negative, Petsiuk's deletion / insertion,
+#: Chefer's text test (positive / negative over a prompt's tokens).
+CURVES = ("positive", "negative", "deletion", "insertion", "text_positive", "text_negative")
 
 
 def knob(
@@ -157,7 +162,11 @@ class EvalConfig:
     )
     target: str = knob("logit", "what is explained per object", choices=TARGETS)
     removal: str = knob("mean", "fill of removed patches", choices=REMOVAL_MODES)
-    metrics: tuple[str, ...] = knob(ALL_METRICS, "comma-separated subset of the metrics")
+    metrics: tuple[str, ...] = knob(
+        ALL_METRICS,
+        "comma-separated metrics: " + ", ".join(ALL_METRICS) + " (the default: all of these), "
+        "and text_perturbation (Chefer et al.'s text test, on methods with token scores)",
+    )
     seed: int = knob(0, "seed of the random baseline and the sanity check")
     steps: int = knob(10, "deletion/insertion steps (0..100% in equal steps)")
     perturbation_protocol: str = knob(
@@ -338,7 +347,7 @@ class EvalConfig:
             model=adapter.name,
             dtype=dtype if dtype in DTYPES else self.dtype,  # what the weights are, not what was asked
             model_checksum=model_checksum(adapter),
-            methods=resolve_methods(self.methods),
+            methods=resolve_methods(self.methods, adapter),
             dataset=f"{dataset.kind}:{Path(dataset.path).resolve()}",
             prompt=self.prompt if self.prompt is not None else default_prompt(dataset.kind),
             templates=tuple(templates) if templates is not None else None,
@@ -392,11 +401,13 @@ def model_checksum(adapter: ModelAdapter) -> str:
     return f"{count}:{total:.10g}:{absolute:.10g}"
 
 
-def resolve_methods(methods: str | Sequence[str] | None) -> tuple[str, ...]:
+def resolve_methods(methods: str | Sequence[str] | None, adapter=None) -> tuple[str, ...]:
     """Method names (a comma-separated string or a list); None = every registered method
-    that gives an image map."""
+    that gives an image map (and, given the ``adapter`` of a fusion model, that runs on it)."""
     if methods is None:
         names = [n for n, cls in REGISTRY.items() if not n.startswith("_") and "image" in cls.towers]
+        if adapter is not None and adapter.fusion:
+            names = [n for n in names if _runs_on(n, adapter)]
         if not names:
             raise InputError("no registered method gives an image map")
         return tuple(names)
@@ -414,20 +425,26 @@ def resolve_methods(methods: str | Sequence[str] | None) -> tuple[str, ...]:
     return names
 
 
+def _runs_on(name: str, adapter) -> bool:
+    meth = get_method(name)
+    return meth.unsupported(adapter, meth.towers, meth.parse_options({})) is None
+
+
 def resolve_metrics(metrics: str | Sequence[str] | None) -> tuple[str, ...]:
-    """Metric names (a comma-separated string or a list) in the order of :data:`ALL_METRICS`;
-    None = all of them."""
+    """Metric names (a comma-separated string or a list) in the order of :data:`ALL_METRICS`
+    then :data:`OPTIONAL_METRICS`; None = all of :data:`ALL_METRICS`."""
     if metrics is None:
         return ALL_METRICS
+    known = ALL_METRICS + OPTIONAL_METRICS
     out: list[str] = []
     for m in _names(metrics) or ():
-        if m not in ALL_METRICS:
-            raise InputError(f"unknown metric {m!r}; choose from {', '.join(ALL_METRICS)}")
+        if m not in known:
+            raise InputError(f"unknown metric {m!r}; choose from {', '.join(known)}")
         if m not in out:
             out.append(m)
     if not out:
         raise InputError("no metrics given")
-    return tuple(m for m in ALL_METRICS if m in out)
+    return tuple(m for m in known if m in out)
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -211,7 +211,8 @@ def run_evaluation(
     from ..cli import check_device
 
     check_device(config.device)  # a one-line error before a dataset is drawn or a model loads
-    config = dataclasses.replace(config, methods=resolve_methods(config.methods))
+    if config.methods is not None:  # checked before the model loads; None: what the model runs (completed)
+        config = dataclasses.replace(config, methods=resolve_methods(config.methods))
     if config.parquet:
         if config.out is None:
             raise InputError("parquet=True writes OUT/records.parquet: give out= as well")
@@ -228,10 +229,16 @@ def run_evaluation(
                 raise InputError(
                     f"dtype {config.dtype!r} applies to a model loaded from a spec; this model's weights are {have}"
                 )
-        if adapter.fusion:
+        if adapter.fusion and (config.target.startswith("class") or config.perturbation_protocol == "chefer"):
             raise InputError(
-                f"cliplens evaluate scores dual encoders (CLIP, SigLIP) so far; {adapter.name} is a fusion model "
-                f"({adapter.family}): explain it with `cliplens explain`"
+                f"{adapter.name} is a fusion model ({adapter.family}): it scores pairs, not a zero-shot class "
+                "over class names; use target logit or probability (and the cliplens perturbation protocol)"
+            )
+        per_pair = config.target == "logit" or (config.target == "probability" and adapter.pair_probability == "sigmoid")
+        if "text_perturbation" in config.metrics and not per_pair:
+            raise InputError(
+                "text_perturbation scores each pair on its own: use target logit (or probability on a model "
+                "with a per-pair sigmoid: SigLIP, fusion models)"
             )
         config = config.completed(adapter, ds)
         store = ResultStore(config.out, config, restart=config.restart, derived=(*REPORT_FILES, PARQUET_FILE))

@@ -40,6 +40,8 @@ from ..masks import dilate_disk
 
 __all__ = [
     "CHEFER_FRACTIONS",
+    "TEXT_FRACTIONS",
+    "token_perturbation_curve",
     "PerturbationCurve",
     "PointCounts",
     "PointIoUAccumulator",
@@ -616,6 +618,34 @@ def perturbation_curve(
         invert=False,
         normalize=normalize_auc,
         tie_seed=tie_seed,
+    )
+
+
+#: the fractions of a prompt's content tokens removed by Chefer et al.'s text perturbation test
+#: (their VQA script, ``lxmert/perturbation.py``: ``pert_steps``)
+TEXT_FRACTIONS = (0.0, 0.25, 0.5, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0)
+
+
+def token_perturbation_curve(
+    relevance,
+    score_fn: Callable[[np.ndarray], float],
+    *,
+    order: Literal["positive", "negative"] = "positive",
+    fractions: Sequence[float] = TEXT_FRACTIONS,
+) -> PerturbationCurve:
+    """Chefer et al. 2021's text perturbation curve: ``relevance`` (n,) over a prompt's content
+    tokens (start and end markers excluded: the model keeps them); at each fraction f the
+    ``int((1 - f) * n)`` tokens that stay are the least relevant ones for ``"positive"``, the
+    most relevant for ``"negative"`` (as the reference keeps its top-k of the negated or plain
+    scores), the others removed from the sequence. ``score_fn`` gets the removal mask (True =
+    removed) and returns the score; ties are broken by token index. AUC: trapezoid over f."""
+    if order not in ("positive", "negative"):
+        raise ValueError(f"order must be 'positive' or 'negative', got {order!r}")
+    r = _as_relevance(relevance)
+    fr = np.asarray(fractions, dtype=np.float64)
+    kept = np.floor((1.0 - fr) * r.size + 1e-9).astype(np.int64)
+    return _run_curve(
+        order, r, score_fn, r.size - kept, fr, most_relevant_first=order == "positive", invert=False, normalize=False
     )
 
 

@@ -24,12 +24,13 @@ import numpy as np
 import torch
 
 from ..adapters import ModelAdapter
+from ..adapters.base import TextBatch
 from ..images import Geometry
-from ..targets import PairContext, PairScores, Target
-from .classifier import encode_images
+from ..targets import LogitContext, PairContext, PairScores, Target
+from .classifier import encode_images, encode_texts
 from .metrics import PerturbationCurve, apply_patch_removal, gaussian_blur
 
-__all__ = ["REMOVAL_MODES", "CurveBatch", "black_value", "mask_to_grid", "target_scores"]
+__all__ = ["REMOVAL_MODES", "CurveBatch", "PromptScorer", "black_value", "mask_to_grid", "target_scores"]
 
 REMOVAL_MODES = ("mean", "blur", "zero", "black")
 
@@ -79,6 +80,69 @@ def target_scores(
     )
     with torch.no_grad():
         return target(ctx).detach().cpu().double().numpy()
+
+
+class PromptScorer:
+    """The explained target of P prompts on any preprocessed images of one size, without
+    gradients: ``scorer(pixels (S, C, h, w)) -> (S, P)``. A dual encoder encodes the prompts
+    once and each image once (:func:`target_scores`); a fusion model runs every (image, prompt)
+    pair through the model, in chunks of ``pairs`` rows."""
+
+    def __init__(
+        self,
+        adapter: ModelAdapter,
+        target: Target,
+        *,
+        batch: TextBatch | None = None,
+        text_embeds: torch.Tensor | None = None,
+        pairs: int = 128,
+    ):
+        self.adapter, self.target, self.pairs = adapter, target, pairs
+        self.batch = batch  # the prompts (fusion models)
+        self.text_embeds = text_embeds  # their embeddings (dual encoders)
+
+    @classmethod
+    def of(cls, adapter: ModelAdapter, texts: list[str], target: Target) -> "PromptScorer":
+        """The scorer of ``texts``: tokenised (and, for a dual encoder, encoded) once."""
+        if adapter.fusion:
+            return cls(adapter, target, batch=adapter.tokenize(list(texts)))
+        return cls(adapter, target, text_embeds=encode_texts(adapter, texts))
+
+    def __call__(self, pixels: torch.Tensor, batch_size: int = 256) -> np.ndarray:
+        if not self.adapter.fusion:
+            return target_scores(self.adapter, encode_images(self.adapter, pixels, batch_size), self.text_embeds, self.target)
+        return self.prompts(pixels, self.batch)
+
+    def prompts(self, pixels: torch.Tensor, batch: TextBatch) -> np.ndarray:
+        """(S, Q) the target on S images against the Q prompts of ``batch`` (token ids as given:
+        a perturbed prompt is its ids with tokens removed). Per-pair targets only (each pair's
+        logit, or its sigmoid); see :meth:`per_pair`."""
+        adapter = self.adapter
+        S, Q = pixels.shape[0], batch.input_ids.shape[0]
+        if not adapter.fusion:
+            with adapter.explaining(), torch.no_grad():
+                txt = adapter.run_text(batch.input_ids, batch.attention_mask).embeds
+            return target_scores(adapter, encode_images(adapter, pixels), txt, self.target)
+        out = np.zeros((S, Q))
+        step = max(1, self.pairs // Q)
+        with adapter.explaining():
+            for s0 in range(0, S, step):
+                group = pixels[s0 : s0 + step]
+                table = adapter.score_table(_Pixels(group), batch)
+                with torch.no_grad():
+                    out[s0 : s0 + len(group)] = self.target(LogitContext(table, adapter.pair_probability)).double().cpu().numpy()
+        return out
+
+
+class _Pixels:
+    """Preprocessed pixels where an adapter expects an :class:`~cliplens.adapters.base.ImageBatch`
+    (``score_table`` reads only ``pixel_values`` and the length)."""
+
+    def __init__(self, pixel_values: torch.Tensor):
+        self.pixel_values = pixel_values
+
+    def __len__(self) -> int:
+        return self.pixel_values.shape[0]
 
 
 @dataclass
@@ -159,22 +223,21 @@ class CurveBatch:
 
     def run(
         self,
-        adapter: ModelAdapter,
-        text_embeds: torch.Tensor,
-        target: Target,
+        scorer: PromptScorer,
         *,
         batch_size: int = 512,
         score_embeds: Callable[[torch.Tensor], np.ndarray] | None = None,
     ) -> dict[Hashable, PerturbationCurve]:
         """Score every distinct perturbed input once; replay each planned curve. The score is
-        the target's value per prompt, or ``score_embeds(image embeddings (U, D)) -> (U, P)``."""
+        the target's value per prompt (``scorer``), or ``score_embeds(image embeddings (U, D))
+        -> (U, P)`` (dual encoders)."""
         if not self.requests:
             return {}
-        embeds = encode_images(adapter, self.perturbed_inputs(), batch_size=batch_size)
         if score_embeds is not None:
+            embeds = encode_images(scorer.adapter, self.perturbed_inputs(), batch_size=batch_size)
             scores = np.asarray(score_embeds(embeds), dtype=np.float64)
         else:
-            scores = target_scores(adapter, embeds, text_embeds, target)  # (U, P)
+            scores = scorer(self.perturbed_inputs(), batch_size=batch_size)  # (U, P)
         out: dict[Hashable, PerturbationCurve] = {}
         for req in self.requests:
             out[req.key] = req.curve_fn(req.relevance, _replay(scores, req.steps, req.prompt), **req.kwargs)

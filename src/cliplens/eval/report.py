@@ -341,6 +341,8 @@ COLUMNS = [
     Column("negative_auc", "neg AUC", "{:.4g}", better="up"),
     Column("deletion_auc", "del AUC", "{:.4g}", better="down"),
     Column("insertion_auc", "ins AUC", "{:.4g}", better="up"),
+    Column("text_positive_auc", "text pos AUC", "{:.4g}", better="down"),
+    Column("text_negative_auc", "text neg AUC", "{:.4g}", better="up"),
     Column("sanity_change", "sanity change", better="up"),
     Column("sanity_rho_last", "rho all random"),
 ]
@@ -359,6 +361,8 @@ CSV_KEYS = [
     "negative_auc",
     "deletion_auc",
     "insertion_auc",
+    "text_positive_auc",
+    "text_negative_auc",
     "sanity_change",
     "sanity_rho_last",
 ]
@@ -369,6 +373,7 @@ REPORT_FILES = (
     "summary.json",
     "perturbation.png",
     "deletion_insertion.png",
+    "text_perturbation.png",
     "sanity.png",
 )
 _COLUMN_NOTES = """\
@@ -379,6 +384,8 @@ min-max map r against one-hot labels (Chefer et al.'s script, TextSpan); fg AP =
 against the foreground alone; pos/neg AUC: Chefer et al.'s
 perturbation test (target value while 0..90% of patches are removed, most / least relevant first;
 trapezoid area, unnormalised); del/ins AUC: deletion / insertion (Petsiuk et al.) over 0..100%;
+text pos/neg AUC: Chefer et al.'s text test (target value while 0..100% of the prompt's content
+tokens are removed, most / least relevant first; metric text_perturbation, methods with token scores);
 sanity change: 1 - mean Spearman correlation between the map of the trained model and the map after
 randomising the top 1..L image blocks (0 = the map ignores the weights; above 1 = anti-correlated);
 rho all random: that correlation with every image block randomised (near 0 passes the check).
@@ -469,11 +476,12 @@ def write_results(results: EvalResults, out: str | Path) -> list[Path]:
             "fraction of patches removed / inserted",
             "target",
         ),
+        ("text_perturbation.png", ("text_positive", "text_negative"), "fraction of prompt tokens removed", "target"),
     ]
     for name, kinds, xlabel, ylabel in charts:
         panels = [
             Panel(
-                f"{kind} ({'lower' if kind in ('positive', 'deletion') else 'higher'} is better)",
+                f"{kind} ({'lower' if kind in ('positive', 'deletion', 'text_positive') else 'higher'} is better)",
                 xlabel,
                 ylabel,
                 dict(results.curves[kind]),

@@ -28,14 +28,17 @@ import numpy as np
 import torch
 
 from ..adapters import ModelAdapter
+from ..adapters.base import TextBatch
 from ..api import explain
+from ..methods import get_method
 from ..errors import CliplensError
 from ..images import Geometry
 from ..targets import Target, resolve_target
-from .classifier import ZeroShotClassifier, encode_images, encode_texts
+from .classifier import ZeroShotClassifier, encode_images
 from .config import BASELINES, TIE_DRAWS, EvalConfig
 from .datasets import EvalItem
 from .metrics import (
+    token_perturbation_curve,
     centre_prior,
     deletion_curve,
     insertion_curve,
@@ -46,7 +49,7 @@ from .metrics import (
     segmentation_counts,
     spearman_correlation,
 )
-from .perturbation import CurveBatch, black_value, mask_to_grid, target_scores
+from .perturbation import CurveBatch, PromptScorer, black_value, mask_to_grid
 from .sanity import CascadingRandomization
 
 __all__ = [
@@ -116,8 +119,8 @@ class ItemRunner:
             group = adapter.prepare_images([item.image], resize="model")[0]
         pixels, geom = group.pixel_values[0], group.geometries[0]
         texts, target, info = explained_targets(adapter, cfg, labels, pixels, self.classifier)
-        text_embeds = encode_texts(adapter, texts)
-        values = target_scores(adapter, encode_images(adapter, pixels[None]), text_embeds, target)[0]
+        scorer = PromptScorer.of(adapter, texts, target)
+        values = scorer(pixels[None])[0]
         maps, refused = source_maps(adapter, cfg, index, item, labels, texts, target, pixels, geom)
         if refused:
             record["refused"] = refused
@@ -144,9 +147,12 @@ class ItemRunner:
                 assert clf is not None  # the config requires a class target
                 top1 = (clf, [clf.class_index(rec["class"]) for rec in info])
             curves, record["unique_inputs"] = perturbation_scores(
-                adapter, cfg, pixels, maps, text_embeds, target, index=index, top1=top1
+                adapter, cfg, pixels, maps, scorer, index=index, top1=top1
             )
             found.append(curves)
+        if "text_perturbation" in metrics:
+            content, tokens = source_tokens(adapter, cfg, index, item, texts, target)
+            found.append(text_perturbation_scores(adapter, pixels, texts, content, tokens, scorer))
         if "sanity" in metrics and index < cfg.sanity_items:
             found.append(sanity_scores(self.randomizer, cfg, item, texts, target, maps))
         for scores in found:
@@ -296,6 +302,95 @@ def source_maps(
 # ----------------------------------------------------------------------------- scorers
 
 
+def source_tokens(
+    adapter: ModelAdapter, config: EvalConfig, index: int, item: EvalItem, texts: list[str], target: Target
+) -> tuple[list[np.ndarray], dict[str, list[np.ndarray]]]:
+    """(content-token indices per prompt, source -> per prompt the scores of those tokens):
+    every method of ``config.methods`` that gives token scores, then the ``random`` baseline
+    (seeded like the random map). A method that gives none, or refuses, is left out."""
+    batch = adapter.tokenize(texts)
+    content = [np.flatnonzero(c[: len(t)]) for c, t in zip(batch.content.cpu().numpy(), batch.tokens)]
+    out: dict[str, list[np.ndarray]] = {}
+    for m in config.methods or ():
+        if "text" not in get_method(m).towers:
+            continue
+        try:
+            ex = explain(adapter, [item.image], texts, method=m, target=target, towers=("text",))
+        except CliplensError:
+            continue
+        if ex.token_scores is not None:
+            out[m] = [np.asarray(ex.token_scores[0, p, c], dtype=np.float64) for p, c in enumerate(content)]
+    rng = [np.random.default_rng(item_seed(config.seed, index, p)) for p in range(len(texts))]
+    out["random"] = [r.random(len(c)) for r, c in zip(rng, content)]
+    return content, out
+
+
+def text_perturbation_scores(
+    adapter: ModelAdapter,
+    pixels: torch.Tensor,
+    texts: list[str],
+    content: list[np.ndarray],
+    tokens: dict[str, list[np.ndarray]],
+    scorer: PromptScorer,
+) -> Scores:
+    """``text_perturbation`` (Chefer et al.'s text test): per source and pair, the pair's target
+    while 0..100% of its prompt's content tokens are removed from the sequence (the start and
+    end markers stay), most relevant first (``text_positive``) or least (``text_negative``);
+    every perturbed prompt of the item scored in one batch."""
+    batch = adapter.tokenize(texts)
+    ids, mask = batch.input_ids.cpu(), batch.attention_mask.cpu()
+    planned: list[tuple[tuple, int, np.ndarray]] = []  # (key, prompt, kept token positions)
+    lookup: dict[tuple, int] = {}
+
+    def plan(key, p):
+        def score(removed: np.ndarray) -> float:
+            gone = set(content[p][removed].tolist())
+            sig = (p, tuple(t for t in range(int(mask[p].sum())) if t not in gone))
+            if sig not in lookup:
+                lookup[sig] = len(lookup)
+            planned.append((key, p, lookup[sig]))
+            return 0.0
+
+        return score
+
+    for s, per_prompt in tokens.items():
+        for p, r in enumerate(per_prompt):
+            for order in ("positive", "negative"):
+                token_perturbation_curve(r, plan((s, p, order), p), order=order)
+    if not lookup:
+        return {}
+    width = ids.shape[1]
+    padding = (mask == 0).nonzero()
+    pad = int(ids[padding[0, 0], padding[0, 1]]) if len(padding) else 0  # the tokenizer's own padding id
+    new_ids = torch.full((len(lookup), width), pad, dtype=ids.dtype)
+    new_mask = torch.zeros((len(lookup), width), dtype=mask.dtype)
+    prompt_of = [0] * len(lookup)
+    for (p, keep), row in lookup.items():
+        new_ids[row, : len(keep)] = ids[p, list(keep)]
+        new_mask[row, : len(keep)] = 1
+        prompt_of[row] = p
+    dev = batch.input_ids.device
+    perturbed = TextBatch(
+        [texts[p] for p in prompt_of],
+        new_ids.to(dev),
+        new_mask.to(dev),
+        [[] for _ in prompt_of],
+        [False] * len(prompt_of),
+        torch.zeros_like(new_mask, dtype=torch.bool),
+    )
+    values = scorer.prompts(pixels[None], perturbed)[0]  # (distinct perturbed prompts,)
+    it = iter(planned)
+    out: Scores = {}
+    for s, per_prompt in tokens.items():
+        for p, r in enumerate(per_prompt):
+            for order in ("positive", "negative"):
+                curve = token_perturbation_curve(r, lambda _m: float(values[next(it)[2]]), order=order)
+                entry = out.setdefault((s, p), {})
+                entry[f"text_{order}"] = [float(v) for v in curve.scores]
+                entry[f"text_{order}_auc"] = curve.auc
+    return out
+
+
 def localisation_scores(
     config: EvalConfig,
     maps: dict[str, np.ndarray],
@@ -342,8 +437,7 @@ def perturbation_scores(
     config: EvalConfig,
     pixels: torch.Tensor,
     maps: dict[str, np.ndarray],
-    text_embeds: torch.Tensor,
-    target: Target,
+    scorer: PromptScorer,
     *,
     index: int = 0,
     top1: tuple[ZeroShotClassifier, list[int]] | None = None,
@@ -403,7 +497,7 @@ def perturbation_scores(
                     batch.add((s, p, "deletion", d), deletion_curve, r, p, n_steps=config.steps, tie_seed=t)
                     batch.add((s, p, "insertion", d), insertion_curve, r, p, n_steps=config.steps, tie_seed=t)
     grouped: dict[tuple, list] = {}
-    results = list(batch.run(adapter, text_embeds, target).items())
+    results = list(batch.run(scorer).items())
     if pixel_batch is not None:
         clf, classes = top1  # type: ignore[misc]
         wanted = np.asarray(classes)[None]
@@ -412,7 +506,7 @@ def perturbation_scores(
             predicted = clf.probabilities(embeds.double()).argmax(-1).cpu().numpy()
             return (predicted[:, None] == wanted).astype(np.float64)
 
-        results += list(pixel_batch.run(adapter, text_embeds, target, score_embeds=accuracy).items())
+        results += list(pixel_batch.run(scorer, score_embeds=accuracy).items())
     for (s, p, kind, _d), curve in results:
         grouped.setdefault((s, p, kind), []).append(curve)
     out: Scores = {}

@@ -17,6 +17,7 @@ import numpy as np
 
 from . import report
 from .config import BASELINES, CURVES, EvalConfig
+from .metrics import TEXT_FRACTIONS
 from .metrics import PointCounts, PointIoUAccumulator, SegmentationAccumulator, SegmentationCounts
 
 __all__ = ["EvalResults", "summarise"]
@@ -150,6 +151,8 @@ def _source_row(config: EvalConfig, source: str, pairs: list[dict]) -> tuple[dic
         if len({len(y) for y in ys}) == 1:
             if kind in ("positive", "negative"):
                 x = list(config.fractions)
+            elif kind.startswith("text_"):
+                x = list(TEXT_FRACTIONS)
             else:
                 x = list(np.linspace(0.0, 1.0, len(ys[0])))
             curves[kind] = (x, [float(v) for v in np.nanmean(np.asarray(ys, dtype=np.float64), axis=0)])
