@@ -403,6 +403,25 @@ def test_load_checkpoint_directory(tmp_path):
         torch.testing.assert_close(adapter.score_table(batch, texts), reference.score_table(batch, texts))
 
 
+def test_half_precision_checkpoint(tmp_path):
+    """dtype=float16 loads the ViT and the head in float16 and keeps the Q-Former and the query
+    tokens in float32 (transformers' _keep_in_fp32_modules): the mixed run still explains."""
+    path = tmp_path / "tiny-blip2"
+    make_tiny_blip2().save_pretrained(path)
+    word_tokenizer().save_pretrained(path)
+    half = cliplens.load_model(str(path), dtype=torch.float16)
+    assert half.model.vision_model.embeddings.class_embedding.dtype == torch.float16
+    assert half.model.qformer.layernorm.weight.dtype == torch.float32
+    full = cliplens.load_model(str(path))
+    e16 = cliplens.explain(half, images(), PROMPTS, method="chefer")
+    e32 = cliplens.explain(full, images(), PROMPTS, method="chefer")
+    assert (
+        np.isfinite(e16.image_maps).all() and np.isfinite(e16.token_scores[~np.isnan(e32.token_scores)]).all()
+    )
+    np.testing.assert_allclose(e16.logits, e32.logits, atol=0.02)
+    assert rel(e16.image_maps, e32.image_maps) < 0.02
+
+
 @pytest.mark.parametrize("head", ["Blip2ForConditionalGeneration", "Blip2Model", None])
 def test_load_refuses_other_heads(tmp_path, head):
     config = make_tiny_blip2().config
