@@ -229,7 +229,7 @@ class HFBlip2ITMAdapter(FusionAdapter):
         ids, mask = input_ids, attention_mask
         placeholder = model.config.image_token_index
         if placeholder is not None:
-            # the processor's query placeholders, which the model cuts off the ids again
+            # the processor's query placeholders in front of the ids, which the model cuts off again
             ids = torch.cat([input_ids.new_full((N, nq), int(placeholder)), input_ids], dim=1)
             mask = torch.cat([attention_mask.new_ones((N, nq)), attention_mask], dim=1)
         with Capture() as capture:
