@@ -344,3 +344,103 @@ def hf_vilt_factory(seed=0, dtype=torch.float32):
 
 
 FUSION_FACTORIES.append(("hf-vilt-itm", hf_vilt_factory))
+
+
+def make_tiny_blip2(
+    seed=0,
+    dtype=torch.float32,
+    image_size=32,
+    patch_size=8,
+    cross_attention_frequency=1,
+    image_token_index=None,
+):
+    """A random Blip2ForImageTextRetrieval: ViT 2 blocks, Q-Former 2 layers over 4 query tokens and
+    the prompt (cross-attention in every ``cross_attention_frequency``-th layer), attention
+    sharpened (queries and keys scaled up), biases random. The query tokens, the ViT's class token
+    and its position embeddings are drawn at random: BLIP-2 initialises the query tokens to zero
+    (every query token alike, so the average over them would hide a wrong row) and the ViT's
+    embeddings with its initializer_range of 1e-10 (every patch token alike). The model builds no
+    language model (its text_config, an OPT by default, stays a config)."""
+    from transformers import Blip2Config, Blip2ForImageTextRetrieval
+
+    vision = dict(
+        hidden_size=24,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=image_size,
+        patch_size=patch_size,
+        initializer_range=0.05,
+    )
+    qformer = dict(
+        vocab_size=len(FUSION_WORDS),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=16,
+        cross_attention_frequency=cross_attention_frequency,
+        use_qformer_text_input=True,  # the text tokens' own feed-forward path (the ITM head needs it)
+        pad_token_id=0,
+    )
+    # a tiny OPT: Blip2Config wants a language-model config, the ITM head builds no such model
+    text = dict(
+        model_type="opt",
+        vocab_size=8,
+        hidden_size=8,
+        ffn_dim=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        word_embed_proj_dim=8,
+    )
+    config = Blip2Config(
+        vision_config=vision,
+        qformer_config=qformer,
+        text_config=text,
+        num_query_tokens=4,
+        image_text_hidden_size=16,
+        image_token_index=image_token_index,
+    )
+    torch.manual_seed(seed)
+    model = Blip2ForImageTextRetrieval(config)
+    randomise_biases(model)
+    with torch.no_grad():
+        model.query_tokens.normal_(std=1.0)
+        model.vision_model.embeddings.class_embedding.normal_(std=0.5)
+        model.vision_model.embeddings.position_embedding.normal_(std=0.5)
+        # what attention adds, and the values, large beside the residual stream: else the
+        # Q-Former's outputs hardly depend on the image or the prompt
+        louder = ("attention.output.dense.weight", "value.weight", "self_attn.projection.weight")
+        for name, p in model.named_parameters():
+            if name.endswith(("query.weight", "key.weight")):
+                p.mul_(8.0)
+            elif name.endswith("qkv.weight"):
+                p[: 2 * p.shape[1]].mul_(8.0)
+            elif name.endswith(louder):
+                p.mul_(4.0)
+        model.itm_head.weight.normal_(std=0.5)
+        # the match logit 1 for a plain image and prompt: not deep in the sigmoid's tail, and
+        # away from 0 (float32 rounding of the head's two logits is absolute, ~1e-6 here)
+        training = model.training
+        model.eval()
+        ids = torch.tensor([[2, 5, 3]])  # [CLS] a [SEP]
+        if image_token_index is not None:  # the processor's query placeholders, cut off by the model
+            ids = torch.cat([torch.full((1, 4), image_token_index), ids], dim=1)
+        pixels = torch.zeros(1, 3, image_size, image_size)
+        mask = torch.ones_like(ids)
+        itm = model(
+            pixel_values=pixels, input_ids=ids, attention_mask=mask, use_image_text_matching_head=True
+        ).logits_per_image
+        model.itm_head.bias[1] -= itm[0, 1] - itm[0, 0] - 1.0
+        model.train(training)
+    return model.to(dtype)
+
+
+def hf_blip2_factory(seed=0, dtype=torch.float32, **kw):
+    from cliplens.adapters.hf_blip2 import HFBlip2ITMAdapter
+
+    model = make_tiny_blip2(seed=seed, dtype=dtype, **kw)
+    return HFBlip2ITMAdapter(model, word_tokenizer(), name="tiny-hf-blip2-itm")
+
+
+FUSION_FACTORIES.append(("hf-blip2-itm", hf_blip2_factory))

@@ -136,6 +136,9 @@ def test_capability_flags_are_what_explain_does():
     expected |= {(m, "hf-blip-itm") for m in METHODS if m not in {"chefer", "raw_attention", "gradcam"}}
     # a single-stream fusion model (ViLT): rollout yes, cross-attention Grad-CAM no
     expected |= {(m, "hf-vilt-itm") for m in METHODS if m not in {"chefer", "raw_attention", "rollout"}}
+    # BLIP-2: only its Q-Former's query tokens cross-attend (no text rows for Grad-CAM), and
+    # rollout has no cross-attention rule
+    expected |= {(m, "hf-blip2-itm") for m in METHODS if m not in {"chefer", "raw_attention"}}
     assert refused == expected
 
 

@@ -67,7 +67,7 @@ def adapt(model, tokenizer=None, *, name: str | None = None, preprocess=None) ->
     family = family_of_model(model)
     if family is None:
         raise ModelLoadError(
-            f"cannot explain a {type(model).__name__}: cliplens supports transformers CLIPModel, SiglipModel, BlipForImageTextRetrieval and ViltForImageAndTextRetrieval "
+            f"cannot explain a {type(model).__name__}: cliplens supports transformers CLIPModel, SiglipModel, BlipForImageTextRetrieval, Blip2ForImageTextRetrieval and ViltForImageAndTextRetrieval "
             "and open_clip CLIP models (and the families listed by `cliplens models`)"
         )
     return family.adapt(model, tokenizer, preprocess=preprocess, name=name)
@@ -119,7 +119,7 @@ def _load_directory(path: Path, name: str, dtype: torch.dtype, tokenizer) -> Mod
         raise ModelLoadError(f"{config_path}: unreadable config ({exc})") from None
     family = family_of_type(model_type)
     if family is None:
-        raise ModelLoadError(f"{path}: not a CLIP, SigLIP, BLIP or ViLT image-text matching checkpoint (model_type is {model_type!r})")
+        raise ModelLoadError(f"{path}: not a CLIP, SigLIP, BLIP, BLIP-2 or ViLT image-text matching checkpoint (model_type is {model_type!r})")
     checkpoint = Checkpoint(
         str(path), name, dtype, tokenizer, processor_config=hub.read_processor_config(path)
     )
@@ -133,7 +133,7 @@ def _load_hub(name: str, dtype: torch.dtype, tokenizer) -> ModelAdapter:
     family = family_of_type(model_type)
     if family is None:
         raise ModelLoadError(
-            f"model '{name}' is not a CLIP, SigLIP, BLIP or ViLT image-text matching checkpoint (model_type is {model_type!r})"
+            f"model '{name}' is not a CLIP, SigLIP, BLIP, BLIP-2 or ViLT image-text matching checkpoint (model_type is {model_type!r})"
         )
     checkpoint = Checkpoint(
         name,

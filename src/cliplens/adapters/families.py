@@ -18,6 +18,7 @@ from ..errors import ModelLoadError
 from ..preprocess import Preprocess
 from .base import Checkpoint, ModelAdapter
 from .hf_blip import HF_BLIP_TYPES, HFBlipITMAdapter
+from .hf_blip2 import HF_BLIP2_TYPES, HFBlip2ITMAdapter
 from .hf_clip import HF_CLIP_TYPES, HFClipAdapter
 from .hf_siglip import HF_SIGLIP_TYPES, HFSiglip2Adapter, HFSiglipAdapter, siglip_adapter
 from .hf_vilt import HF_VILT_TYPES, HFViltITMAdapter
@@ -75,6 +76,12 @@ def _blip_adapt(model, tokenizer=None, *, preprocess: Preprocess | None = None, 
     )
 
 
+def _blip2_adapt(model, tokenizer=None, *, preprocess: Preprocess | None = None, name: str | None = None):
+    return HFBlip2ITMAdapter(
+        model, tokenizer if tokenizer is not None else _tokenizer_for(model), preprocess=preprocess, name=name
+    )
+
+
 def _vilt_adapt(model, tokenizer=None, *, preprocess: Preprocess | None = None, name: str | None = None):
     return HFViltITMAdapter(
         model, tokenizer if tokenizer is not None else _tokenizer_for(model), preprocess=preprocess, name=name
@@ -119,6 +126,13 @@ FAMILIES: list[Family] = [
         _blip_adapt,
         HFBlipITMAdapter.load,
         frozenset(HF_BLIP_TYPES),
+    ),
+    Family(
+        "hf-blip2-itm",  # fusion: ViT, then a Q-Former over query tokens and text (adapters/hf_blip2.py)
+        HFBlip2ITMAdapter.matches,
+        _blip2_adapt,
+        HFBlip2ITMAdapter.load,
+        frozenset(HF_BLIP2_TYPES),
     ),
     Family(
         "hf-vilt-itm",  # fusion, one joint self-attention stack (adapters/hf_vilt.py)

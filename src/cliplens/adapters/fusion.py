@@ -134,6 +134,9 @@ class FusionAdapter(ModelAdapter):
     #: the model has cross-attention between streams (False: one self-attention stack over a
     #: joint sequence, as ViLT)
     cross_attention: bool = True
+    #: the text tokens are the queries of the cross-attention to the image (BLIP); False where
+    #: other tokens are (BLIP-2: its Q-Former's query tokens, never the text)
+    text_cross_attention: bool = True
 
     @abstractmethod
     def run_pairs(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> FusionRun:

@@ -94,6 +94,11 @@ class GradCAM(Method):
                 f"gradcam on a fusion model is Grad-CAM on a cross-attention layer (LAVIS); "
                 f"{adapter.name} ({adapter.family}) has no cross-attention"
             )
+        if not adapter.text_cross_attention:
+            return (
+                f"gradcam on a fusion model averages the text tokens' cross-attention to the image (LAVIS); "
+                f"in {adapter.name} ({adapter.family}) no text token cross-attends to the image"
+            )
         return None
 
     def attribute_fusion(
