@@ -346,3 +346,17 @@ def test_evaluate_scores_fusion_models(family, tmp_path):
         assert np.isfinite(rows[m]["positive_auc"]) and np.isfinite(rows[m]["text_positive_auc"])
     with pytest.raises(cliplens.InputError, match="fusion model"):
         harness.evaluate(adapter, None, f"shapes:{ds}", limit=1, progress=False, target="class")
+
+
+def test_the_app_offers_a_fusion_model_only_its_own_methods(tmp_path):
+    pytest.importorskip("starlette")
+    from cliplens.app.core import Limits, Service
+    from cliplens.app.page import index_html
+
+    svc = Service(hf_blip_factory(seed=0), Limits(), root=tmp_path)
+    try:
+        page = index_html(svc)
+    finally:
+        svc.close()
+    offered = set(__import__("re").findall(r"name='methods' value='(\w+)'", page))
+    assert offered == {"chefer", "raw_attention", "gradcam"}

@@ -44,8 +44,14 @@ MODES = pages.MODES
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
-def public_methods() -> list[str]:
-    return [name for name in REGISTRY if not name.startswith("_")]
+def public_methods(adapter=None) -> list[str]:
+    """Every registered method; given an ``adapter``, those it can run (a fusion model runs a few)."""
+    names = [name for name in REGISTRY if not name.startswith("_")]
+    if adapter is None:
+        return names
+    runs = [n for n in names if (m := REGISTRY[n]()).unsupported(adapter, m.towers, m.parse_options({})) is None]
+    # a dual encoder's tower-specific refusals are shown as errors, not hidden
+    return runs if adapter.fusion else names
 
 
 @dataclass(frozen=True)

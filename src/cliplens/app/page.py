@@ -129,15 +129,16 @@ async function pollEval(){
 
 def index_html(service: Service) -> str:
     lim = service.limits
+    offered = public_methods(service.adapter)
     methods = "".join(
         f"<label title='{html.escape(REGISTRY[m].summary)}'><input type='checkbox' name='methods' value='{m}'"
         f"{' checked' if m in DEFAULT_METHODS else ''}> {m}</label>"
-        for m in public_methods()
+        for m in offered
     )
     eval_methods = "".join(  # not name='methods': that picks the explain form's boxes
         f"<label title='{html.escape(REGISTRY[m].summary)}'><input type='checkbox' name='eval_methods' value='{m}'"
         f"{' checked' if m in DEFAULT_METHODS else ''}> {m}</label>"
-        for m in public_methods()
+        for m in offered
     )
     eval_metrics = "".join(
         f"<label><input type='checkbox' name='metrics' value='{m}'"
@@ -145,7 +146,7 @@ def index_html(service: Service) -> str:
         for m in EVAL_METRICS
     )
     takes = {
-        opt: ", ".join(m for m in public_methods() if opt in REGISTRY[m].options) for opt in FORM_OPTIONS
+        opt: ", ".join(m for m in offered if opt in REGISTRY[m].options) for opt in FORM_OPTIONS
     }
     return f"""<!doctype html><html><head><meta charset='utf-8'><title>cliplens app</title>
 <style>{_STYLE}{_APP_STYLE}</style></head><body>
