@@ -55,7 +55,9 @@ class RegionImage:
     def __init__(self, features, boxes, image=None, size: tuple[int, int] | None = None):
         feats = _as_tensor(features, "features")
         if feats.dim() != 2 or feats.shape[0] < 1 or feats.shape[1] < 1:
-            raise InputError(f"RegionImage features must be (R, D) with R >= 1 regions, got shape {tuple(feats.shape)}")
+            raise InputError(
+                f"RegionImage features must be (R, D) with R >= 1 regions, got shape {tuple(feats.shape)}"
+            )
         if not bool(torch.isfinite(feats).all()):
             raise InputError("RegionImage features hold NaN or infinite values")
         box = _as_tensor(boxes, "boxes").to(torch.float64).cpu().numpy()
@@ -69,7 +71,9 @@ class RegionImage:
         pil = None
         if image is not None:
             if isinstance(image, RegionImage):
-                raise InputError("RegionImage image must be a picture (path, PIL image or array), not a RegionImage")
+                raise InputError(
+                    "RegionImage image must be a picture (path, PIL image or array), not a RegionImage"
+                )
             pil = load_image(image)
             if size is not None and tuple(size) != pil.size:
                 raise InputError(f"RegionImage size {tuple(size)} differs from its image's size {pil.size}")
@@ -144,8 +148,12 @@ def _as_tensor(value, what: str) -> torch.Tensor:
     try:
         t = value.detach().cpu() if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))
     except (TypeError, ValueError, RuntimeError):
-        raise InputError(f"RegionImage {what} must be a numeric array or tensor, got a {type(value).__name__}") from None
-    if t.dtype == torch.bool or not (t.is_floating_point() or t.dtype in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)):
+        raise InputError(
+            f"RegionImage {what} must be a numeric array or tensor, got a {type(value).__name__}"
+        ) from None
+    if t.dtype == torch.bool or not (
+        t.is_floating_point() or t.dtype in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+    ):
         raise InputError(f"RegionImage {what} must be numbers, got {t.dtype}")
     return t if t.is_floating_point() else t.to(torch.float32)
 
@@ -169,7 +177,9 @@ def _check_boxes(box: np.ndarray, width: int, height: int) -> None:
     x0, y0, x1, y1 = box.T
     if np.any(x1 < x0) or np.any(y1 < y0):
         i = int(np.flatnonzero((x1 < x0) | (y1 < y0))[0])
-        raise InputError(f"RegionImage box {i} {box[i].tolist()} is not (x0, y0, x1, y1) with x0 <= x1 and y0 <= y1")
+        raise InputError(
+            f"RegionImage box {i} {box[i].tolist()} is not (x0, y0, x1, y1) with x0 <= x1 and y0 <= y1"
+        )
     if max(width, height) > 2 and box.max() <= 1.0:
         raise InputError(
             f"RegionImage boxes all lie within [0, 1], they look normalised; give them in pixels of the "
@@ -184,9 +194,7 @@ def _check_boxes(box: np.ndarray, width: int, height: int) -> None:
 # ---- painting region values onto the image ---------------------------------------------------------
 
 
-def paint_regions(
-    values, boxes, size: tuple[int, int], max_side: int | None = REGION_MAP_SIDE
-) -> np.ndarray:
+def paint_regions(values, boxes, size: tuple[int, int], max_side: int | None = REGION_MAP_SIDE) -> np.ndarray:
     """Region values painted onto the image: (..., R) values, (R, 4) boxes in pixels of a
     ``size`` = (width, height) image -> (..., H', W'), the image at display size (longer side at
     most ``max_side``; None: full size). Each pixel is the SUM over the boxes of the box's value
@@ -252,4 +260,4 @@ def region_extras(images: list, image_maps) -> dict:
     return {"region_maps": painted}
 
 
-__all__ = ["RegionImage", "paint_regions", "REGION_MAP_SIDE", "check_image_inputs", "region_extras"]
+__all__ = ["REGION_MAP_SIDE", "RegionImage", "check_image_inputs", "paint_regions", "region_extras"]

@@ -70,8 +70,9 @@ Towers: ``blocks("text")`` is the language layers then the cross-modality layers
 ``blocks("image")`` the relationship layers then the cross-modality layers (each cross-modality
 layer serves both streams). Module paths used: ``lxmert.{embeddings, encoder.visn_fc,
 encoder.layer[i].attention.self, encoder.r_layers[i].attention.self,
-encoder.x_layers[j].{visual_attention.att, lang_self_att.self, visn_self_att.self}}``, ``cls.seq_relationship``,
-``answer_head``; ``config.{visual_feat_dim, max_position_embeddings, task_matched, task_qa}``.
+encoder.x_layers[j].{visual_attention.att, lang_self_att.self, visn_self_att.self}, pooler}``,
+``cls.seq_relationship``, ``answer_head``; ``config.{visual_feat_dim, max_position_embeddings,
+task_matched}``.
 """
 
 from __future__ import annotations
@@ -126,7 +127,7 @@ class HFLxmertAdapter(FusionAdapter):
         return bool(types) and isinstance(model, types)
 
     @classmethod
-    def load(cls, checkpoint: Checkpoint) -> "HFLxmertAdapter":
+    def load(cls, checkpoint: Checkpoint) -> HFLxmertAdapter:
         """An LXMERT checkpoint (directory or hub name) with the pre-training heads (matching) or
         the question-answering head, and its tokenizer; a bare ``LxmertModel`` is refused."""
         import transformers
@@ -228,11 +229,20 @@ class HFLxmertAdapter(FusionAdapter):
         cross-modality layer (text -> image, then image -> text)."""
         encoder = self.model.lxmert.encoder
         L, R = len(encoder.layer), len(encoder.r_layers)
-        plan = [(layer.attention.self, [("self", "text", "text", "text", i)]) for i, layer in enumerate(encoder.layer)]
-        plan += [(layer.attention.self, [("self", "image", "image", "image", i)]) for i, layer in enumerate(encoder.r_layers)]
+        plan = [
+            (layer.attention.self, [("self", "text", "text", "text", i)])
+            for i, layer in enumerate(encoder.layer)
+        ]
+        plan += [
+            (layer.attention.self, [("self", "image", "image", "image", i)])
+            for i, layer in enumerate(encoder.r_layers)
+        ]
         for j, x in enumerate(encoder.x_layers):
             plan.append(
-                (x.visual_attention.att, [("cross", "text", "image", "cross", L + j), ("cross", "image", "text", "cross", R + j)])
+                (
+                    x.visual_attention.att,
+                    [("cross", "text", "image", "cross", L + j), ("cross", "image", "text", "cross", R + j)],
+                )
             )
             plan.append((x.lang_self_att.self, [("self", "text", "text", "cross", L + j)]))
             plan.append((x.visn_self_att.self, [("self", "image", "image", "cross", R + j)]))
@@ -278,7 +288,9 @@ class HFLxmertAdapter(FusionAdapter):
                 rows.update(zip(group.indices, scores))
         return torch.stack([rows[b] for b in range(len(images))])
 
-    def run_pairs(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> FusionRun:
+    def run_pairs(
+        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> FusionRun:
         encoder = self.model.lxmert.encoder
         N, T = input_ids.shape
         R = pixel_values.shape[1]
@@ -303,7 +315,9 @@ class HFLxmertAdapter(FusionAdapter):
         def record(module, args, output):
             roles = pending[id(module)]
             if not roles:
-                raise RuntimeError("an LXMERT attention module ran more often than the model's layers call it")
+                raise RuntimeError(
+                    "an LXMERT attention module ran more often than the model's layers call it"
+                )
             kind, query, key, stack, layer = roles.pop(0)
             probs = output[1]
             want = (N, sizes[query], sizes[key])
@@ -358,4 +372,3 @@ def check_lxmert_model(model, head: str | None) -> str:
     if head == "answer" and getattr(model, "answer_head", None) is None:
         raise ModelLoadError(f"this {kind} has no question-answering head (config.task_qa is off)")
     return head
-
