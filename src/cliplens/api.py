@@ -108,7 +108,9 @@ def _load_images(images, max_pixels: int | None) -> list[Image.Image]:
             f"got a {type(images).__name__}"
         ) from None
     # region features (LXMERT) pass through as they are: the adapter reads them
-    pil_images = [img if isinstance(img, RegionImage) else load_image(img, max_pixels=max_pixels) for img in images]
+    pil_images = [
+        img if isinstance(img, RegionImage) else load_image(img, max_pixels=max_pixels) for img in images
+    ]
     if not pil_images:
         raise InputError("no images given")
     return pil_images
