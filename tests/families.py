@@ -444,3 +444,66 @@ def hf_blip2_factory(seed=0, dtype=torch.float32, **kw):
 
 
 FUSION_FACTORIES.append(("hf-blip2-itm", hf_blip2_factory))
+
+
+def make_tiny_lxmert(seed=0, dtype=torch.float32, head="match", r_layers=1, feat_dim=16):
+    """A random LXMERT (``LxmertForPreTraining``, or ``LxmertForQuestionAnswering`` for
+    ``head="answer"``): 2 language layers, ``r_layers`` relationship layers, 2 cross-modality
+    layers, width 32, 4 heads, region features of ``feat_dim``; attention sharpened (queries and
+    keys scaled up), biases random, weights drawn wider than LXMERT's 0.02 and the heads scaled
+    so that the pairs' logits differ. LXMERT reads region features: see :func:`random_regions`."""
+    from transformers import LxmertConfig, LxmertForPreTraining, LxmertForQuestionAnswering
+
+    config = LxmertConfig(
+        vocab_size=len(FUSION_WORDS),
+        hidden_size=32,
+        num_attention_heads=4,
+        intermediate_size=64,
+        l_layers=2,
+        r_layers=r_layers,
+        x_layers=2,
+        visual_feat_dim=feat_dim,
+        num_qa_labels=7,
+        num_object_labels=5,
+        num_attr_labels=3,
+        max_position_embeddings=16,
+        pad_token_id=0,
+        initializer_range=0.1,
+    )
+    torch.manual_seed(seed)
+    model = (LxmertForQuestionAnswering if head == "answer" else LxmertForPreTraining)(config)
+    randomise_biases(model)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("query.weight", "key.weight")):
+                p.mul_(4.0)
+        model.lxmert.pooler.dense.weight.mul_(4.0)
+        last = model.answer_head.logit_fc[-1] if head == "answer" else model.cls.seq_relationship
+        last.weight.normal_(std=1.0)
+    return model.to(dtype)
+
+
+def hf_lxmert_factory(seed=0, dtype=torch.float32, head="match", r_layers=1):
+    from cliplens.adapters.hf_lxmert import HFLxmertAdapter
+
+    model = make_tiny_lxmert(seed=seed, dtype=dtype, head=head, r_layers=r_layers)
+    return HFLxmertAdapter(model, word_tokenizer(), name=f"tiny-hf-lxmert-{head}")
+
+
+def random_regions(seed=0, regions=4, size=(48, 40), feat_dim=16, with_image=True):
+    """A :class:`cliplens.RegionImage` of random features and random boxes (pixels) inside a
+    ``size`` image (the random image itself, or only its size)."""
+    import cliplens
+
+    rng = np.random.default_rng(seed)
+    w, h = size
+    x0, y0 = rng.uniform(0, w - 12, regions), rng.uniform(0, h - 12, regions)
+    boxes = np.stack([x0, y0, x0 + rng.uniform(3, 12, regions), y0 + rng.uniform(3, 12, regions)], axis=1)
+    features = rng.normal(size=(regions, feat_dim))
+    if with_image:
+        return cliplens.RegionImage(features, boxes, image=random_image(seed, size))
+    return cliplens.RegionImage(features, boxes, size=size)
+
+
+# LXMERT is not in FUSION_FACTORIES: it reads region features (RegionImage), never the pictures the
+# contract tests give every family; tests/test_fusion_lxmert.py covers its contract

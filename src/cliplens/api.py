@@ -19,6 +19,7 @@ from .explanation import Explanation
 from .images import load_image
 from .methods import Method, get_method
 from .preprocess import check_resize
+from .regions import RegionImage, check_image_inputs, region_extras
 from .targets import PairLogit, Target, probabilities, resolve_target
 
 ImageLike = str | os.PathLike | Image.Image | np.ndarray
@@ -97,7 +98,7 @@ def _adapter(model, tokenizer) -> ModelAdapter:
 def _load_images(images, max_pixels: int | None) -> list[Image.Image]:
     if images is None:
         raise InputError("no images given (images is None)")
-    if isinstance(images, (str, bytes, os.PathLike, Image.Image, np.ndarray, torch.Tensor)):
+    if isinstance(images, (str, bytes, os.PathLike, Image.Image, np.ndarray, torch.Tensor, RegionImage)):
         images = [images]
     try:
         images = list(images)
@@ -106,7 +107,10 @@ def _load_images(images, max_pixels: int | None) -> list[Image.Image]:
             f"images must be an image or a list of them (paths, PIL images, HxWx3 uint8 arrays), "
             f"got a {type(images).__name__}"
         ) from None
-    pil_images = [load_image(img, max_pixels=max_pixels) for img in images]
+    # region features (LXMERT) pass through as they are: the adapter reads them
+    pil_images = [
+        img if isinstance(img, RegionImage) else load_image(img, max_pixels=max_pixels) for img in images
+    ]
     if not pil_images:
         raise InputError("no images given")
     return pil_images
@@ -131,7 +135,8 @@ def explain(
     Args:
         model: an adapter from :func:`load_model`, a model object (``CLIPModel``), or a spec
             string for :func:`load_model` (``"shapes"``, a directory, a hub name).
-        images: one image or a list: file paths, PIL images or HxWx3 uint8 arrays.
+        images: one image or a list: file paths, PIL images or HxWx3 uint8 arrays; for a
+            region-feature model (LXMERT), :class:`~cliplens.RegionImage` objects instead.
         texts: one prompt or a list.
         method: a registered method name (``cliplens.list_methods()``).
         target: ``"logit"`` (scaled cosine, default; a fusion model's match log-odds),
@@ -158,6 +163,7 @@ def explain(
 def explain_request(adapter: ModelAdapter, pil_images: list[Image.Image], request: ExplainRequest) -> Explanation:
     """Run a validated request on loaded images (see :func:`explain`)."""
     meth, texts, towers = request.method, request.texts, request.towers
+    check_image_inputs(adapter, pil_images)
     batch = adapter.tokenize(texts)
     for i, cut in enumerate(batch.truncated):
         if cut:
@@ -207,6 +213,7 @@ def explain_request(adapter: ModelAdapter, pil_images: list[Image.Image], reques
     image_maps = _stack_or_list(per_image.pop("image_maps"))
     # extras follow the maps: one array when every image has the same grid, else one per image
     extras = {key[len("extra__") :]: _stack_or_list(v) for key, v in per_image.items()}
+    extras.update(region_extras(pil_images, image_maps))  # region images: the maps painted on them
     return Explanation(
         method=meth.name,
         target=request.target.describe(),
@@ -276,6 +283,7 @@ def similarity(model, images, texts, *, resize: str = "model", tokenizer=None) -
     check_resize(resize)
     adapter = _adapter(model, tokenizer)
     pil_images = _load_images(images, None)
+    check_image_inputs(adapter, pil_images)
     batch = adapter.tokenize(texts)
     logits = np.zeros((len(pil_images), len(texts)))
     with adapter.explaining():

@@ -139,6 +139,17 @@ class Explanation:
             )
         return np.asarray(self.extra("interactions", b)[p][: len(self.tokens[p])])
 
+    def word_matrix(self, b: int, p: int) -> np.ndarray:
+        """(T_p, Gh, Gw): one map per token of prompt p on image b, from a method that gives them:
+        the token x patch interactions (``interactions``, ``jacobian_interactions``) or the
+        per-word maps of LAVIS's cross-attention Grad-CAM (``gradcam`` on BLIP, NaN outside the
+        content tokens)."""
+        if "interactions" in self.extras:
+            return self.interaction_matrix(b, p)
+        if "word_maps" in self.extras:
+            return np.asarray(self.extra("word_maps", b)[p][: len(self.tokens[p])])
+        raise InputError(f"method {self.method!r} gives no per-word maps; use method='interactions'")
+
     def word_map(self, b: int, p: int, word: str | Sequence[int]) -> np.ndarray:
         """(Gh, Gw) map of one word or phrase of prompt p on image b: the sum of its tokens'
         rows of :meth:`interaction_matrix`. ``word`` is text (found among the prompt's tokens,

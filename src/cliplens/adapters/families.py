@@ -20,6 +20,7 @@ from .base import Checkpoint, ModelAdapter
 from .hf_blip import HF_BLIP_TYPES, HFBlipITMAdapter
 from .hf_blip2 import HF_BLIP2_TYPES, HFBlip2ITMAdapter
 from .hf_clip import HF_CLIP_TYPES, HFClipAdapter
+from .hf_lxmert import HF_LXMERT_TYPES, HFLxmertAdapter
 from .hf_siglip import HF_SIGLIP_TYPES, HFSiglip2Adapter, HFSiglipAdapter, siglip_adapter
 from .hf_vilt import HF_VILT_TYPES, HFViltITMAdapter
 
@@ -88,6 +89,11 @@ def _vilt_adapt(model, tokenizer=None, *, preprocess: Preprocess | None = None, 
     )
 
 
+def _lxmert_adapt(model, tokenizer=None, *, preprocess: Preprocess | None = None, name: str | None = None):
+    # LXMERT reads region features, never pixels: there is no image recipe to take
+    return HFLxmertAdapter(model, tokenizer if tokenizer is not None else _tokenizer_for(model), name=name)
+
+
 # ---- open_clip (an optional extra: imported only for its model objects or specs) ----------------
 
 
@@ -140,6 +146,13 @@ FAMILIES: list[Family] = [
         _vilt_adapt,
         HFViltITMAdapter.load,
         frozenset(HF_VILT_TYPES),
+    ),
+    Family(
+        "hf-lxmert",  # fusion, co-attention over region features (adapters/hf_lxmert.py)
+        HFLxmertAdapter.matches,
+        _lxmert_adapt,
+        HFLxmertAdapter.load,
+        frozenset(HF_LXMERT_TYPES),
     ),
     Family(
         "open_clip",

@@ -150,7 +150,7 @@ def write_word_overlays(
     Returns [b][p] {token index: file name}; empty
     for other methods and for pairs without a heatmap."""
     B, P = ex.shape
-    if "interactions" not in ex.extras:
+    if "interactions" not in ex.extras and "word_maps" not in ex.extras:
         return [[{} for _ in range(P)] for _ in range(B)]
     notes = pair_notes(ex)
     out = []
@@ -159,7 +159,7 @@ def write_word_overlays(
         for p in range(P):
             files: dict[int, str] = {}
             if not notes[b][p]:
-                matrix = ex.interaction_matrix(b, p)
+                matrix = ex.word_matrix(b, p)
                 stem = overlay_name(first_index + b, labels[b], p, ex.texts[p])[: -len(".png")]
                 for t in np.flatnonzero(ex.content[p][: len(ex.tokens[p])]):
                     grid = matrix[t]
@@ -281,16 +281,18 @@ def pair_card(
             raw = "" if r is None or r == (lo, hi) else f"raw {number(r[0])} … {number(r[1])}"
             below = colour_bar(lo, hi, signed=mode == "signed", label=raw)
     tokens = ""
-    if ex.token_scores is not None:
+    if ex.token_scores is not None or words:
         content = [t for t in range(len(ex.tokens[p])) if ex.content[p, t]]
         images = ranges = None
         if words:
             images = [words.get(t, "") for t in content]
-            matrix = ex.interaction_matrix(b, p)
+            matrix = ex.word_matrix(b, p)
             ranges = [display_range(matrix[t], mode) if t in words else None for t in content]
-        tokens = token_html(
-            ex.token_table(b, p), coloured=ex.constant_reason(p) is None, images=images, ranges=ranges
-        )
+        if ex.token_scores is not None:
+            table, coloured = ex.token_table(b, p), ex.constant_reason(p) is None
+        else:  # per-word maps without token scores (LAVIS's Grad-CAM): grey chips to hover
+            table, coloured = [(ex.tokens[p][t], float("nan")) for t in content], False
+        tokens = token_html(table, coloured=coloured, images=images, ranges=ranges)
         if words:
             tokens += "<div class='note'>hover a word to see its map; click to keep it</div>"
     return Card(overlay, "".join(f"<div>{line}</div>" for line in lines), tokens, below)
