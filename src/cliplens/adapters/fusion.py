@@ -20,13 +20,14 @@ Shapes: N pair rows (row ``b*P + p`` is image b with prompt p), H heads, n token
 
 from __future__ import annotations
 
+import sys
 from abc import abstractmethod
 from dataclasses import dataclass
 
 import torch
 
-from ..errors import InputError
-from .base import ImageBatch, ModelAdapter, TextBatch
+from ..errors import InputError, ModelLoadError
+from .base import Checkpoint, ImageBatch, ModelAdapter, TextBatch
 
 
 @dataclass(frozen=True)
@@ -126,7 +127,17 @@ def readout_token(rows: int, n: int, index: int, device) -> torch.Tensor:
 
 
 class FusionAdapter(ModelAdapter):
-    """Base of the adapters of models that score an image and a text together."""
+    """Base of the adapters of models that score an image and a text together (the transformers
+    ones: a subclass names its classes, how messages name it, and runs its pairs)."""
+
+    #: the transformers classes the adapter takes; a checkpoint whose config names none of them
+    #: is loaded as the first when :attr:`load_unnamed`, else refused
+    model_classes: tuple[str, ...] = ()
+    load_unnamed: bool = True
+    #: how messages name the family ("BLIP") and what they suggest ("BlipForImageTextRetrieval,
+    #: e.g. Salesforce/blip-itm-base-coco")
+    label: str = ""
+    supported: str = ""
 
     fusion = True
     #: the match probability is each pair's own (sigmoid of the logit), never a softmax over prompts
@@ -142,6 +153,53 @@ class FusionAdapter(ModelAdapter):
     def run_pairs(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> FusionRun:
         """Run N pair rows (pixels, ids and mask each with N rows), capturing every attention
         event. Call inside :meth:`explaining`, with gradients enabled when they are wanted."""
+
+    @classmethod
+    def matches(cls, model) -> bool:
+        """Whether ``model`` is an instance of one of :attr:`model_classes` (imports nothing: a
+        transformers model object exists only once transformers is imported)."""
+        transformers = sys.modules.get("transformers")
+        types = tuple(getattr(transformers, n) for n in cls.model_classes if hasattr(transformers, n))
+        return bool(types) and isinstance(model, types)
+
+    @classmethod
+    def load_parts(cls, checkpoint: Checkpoint):
+        """(model, tokenizer) of a transformers checkpoint (directory or hub name) with one of
+        :attr:`model_classes`; other heads of the family, and unreadable files, are refused with
+        a one-line ModelLoadError."""
+        import transformers
+        from transformers import AutoConfig, AutoTokenizer
+
+        from .hf_encoder import _quiet_progress, _weight_file_errors
+
+        source, local, name = checkpoint.source, checkpoint.local_files_only, checkpoint.name
+        with _quiet_progress():
+            try:
+                config = AutoConfig.from_pretrained(source, local_files_only=local)
+                heads = getattr(config, "architectures", None) or []
+                known = [h for h in heads if h in cls.model_classes]
+                if not known and (heads or not cls.load_unnamed):
+                    what = ", ".join(heads) if heads else "no named head"
+                    raise ModelLoadError(
+                        f"{name}: a {cls.label} checkpoint for {what}; cliplens explains {cls.label} with {cls.supported}"
+                    )
+                model_class = getattr(transformers, known[0] if known else cls.model_classes[0])
+                model = model_class.from_pretrained(source, dtype=checkpoint.dtype, local_files_only=local)
+            except (OSError, ValueError, RuntimeError, *_weight_file_errors()) as exc:
+                first = (str(exc).splitlines() or [type(exc).__name__])[0]
+                raise ModelLoadError(f"{name}: could not load the {cls.label} checkpoint ({first})") from None
+            tokenizer = checkpoint.tokenizer
+            if tokenizer is None:
+                try:
+                    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local)
+                except (OSError, ValueError, ImportError) as exc:
+                    first = str(exc).splitlines()[0]
+                    raise ModelLoadError(f"{name}: could not load the {cls.label} tokenizer ({first})") from None
+        return model, tokenizer
+
+    def tokenize(self, texts: list[str]) -> TextBatch:
+        """BERT word pieces (every transformers fusion model so far): see :func:`bert_tokenize`."""
+        return bert_tokenize(self.tokenizer, texts, self.context_length, self.device)
 
     def score_table(self, images: ImageBatch, texts: TextBatch) -> torch.Tensor:
         """(B, P) logits of every image against every prompt, no gradients."""
@@ -169,3 +227,23 @@ class FusionAdapter(ModelAdapter):
 
     def run_text(self, input_ids, attention_mask, *, detach_blocks=False, fan_out=None):
         raise self._no_towers()
+
+
+def bert_tokenize(tokenizer, texts: list[str], limit: int, device) -> TextBatch:
+    """[CLS] prompt [SEP] with a BERT tokenizer, at most ``limit`` tokens, padded to the longest;
+    content: the tokens between [CLS] and [SEP]."""
+    full = tokenizer(list(texts), truncation=False)["input_ids"]
+    kept = tokenizer(list(texts), truncation=True, max_length=limit)["input_ids"]
+    width = max(len(ids) for ids in kept)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    input_ids = torch.full((len(texts), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(texts), width), dtype=torch.long)
+    content = torch.zeros((len(texts), width), dtype=torch.bool)
+    tokens = []
+    for i, ids in enumerate(kept):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        mask[i, : len(ids)] = 1
+        content[i, 1 : len(ids) - 1] = True
+        tokens.append(tokenizer.convert_ids_to_tokens(ids))
+    truncated = [len(f) > len(k) for f, k in zip(full, kept)]
+    return TextBatch(list(texts), input_ids.to(device), mask.to(device), tokens, truncated, content.to(device))

@@ -19,17 +19,15 @@ forward hooks on those modules, for the call only.
 from __future__ import annotations
 
 import contextlib
-import sys
 from collections.abc import Iterator
 
 import torch
 
 from ..errors import ModelLoadError
 from ..preprocess import OPENAI_MEAN, OPENAI_STD, Preprocess, squash_preprocess_from_config
-from .base import Checkpoint, TextBatch
+from .base import Checkpoint
 from .capture import Capture
 from .fusion import AttentionEvent, FusionAdapter, FusionRun, Stream, readout_token
-from .hf_encoder import _quiet_progress, _weight_file_errors
 
 #: config.json model_type values this file's adapter takes
 HF_BLIP_TYPES = {"blip"}
@@ -37,7 +35,9 @@ HF_BLIP_TYPES = {"blip"}
 
 class HFBlipITMAdapter(FusionAdapter):
     family = "hf-blip-itm"
-    model_class = "BlipForImageTextRetrieval"
+    model_classes = ("BlipForImageTextRetrieval",)
+    label = "BLIP"
+    supported = "its image-text matching head (BlipForImageTextRetrieval, e.g. Salesforce/blip-itm-base-coco)"
 
     def __init__(self, model, tokenizer, preprocess: Preprocess | None = None, name: str | None = None):
         check_blip_model(model)
@@ -48,41 +48,13 @@ class HFBlipITMAdapter(FusionAdapter):
         self.name = name or getattr(model.config, "_name_or_path", "") or type(model).__name__
 
     @classmethod
-    def matches(cls, model) -> bool:
-        transformers = sys.modules.get("transformers")
-        model_type = getattr(transformers, cls.model_class, None) if transformers else None
-        return model_type is not None and isinstance(model, model_type)
-
-    @classmethod
-    def load(cls, checkpoint: Checkpoint) -> "HFBlipITMAdapter":
+    def load(cls, checkpoint: Checkpoint) -> HFBlipITMAdapter:
         """A BLIP image-text matching checkpoint (directory or hub name), its tokenizer and its
         image recipe; other BLIP heads (captioning, VQA) are refused in one line."""
-        from transformers import AutoConfig, AutoTokenizer, BlipForImageTextRetrieval
-
-        source, local, name = checkpoint.source, checkpoint.local_files_only, checkpoint.name
-        with _quiet_progress():
-            try:
-                config = AutoConfig.from_pretrained(source, local_files_only=local)
-                heads = getattr(config, "architectures", None) or []
-                if heads and cls.model_class not in heads:
-                    raise ModelLoadError(
-                        f"{name}: a BLIP checkpoint for {', '.join(heads)}; cliplens explains BLIP image-text "
-                        f"matching checkpoints ({cls.model_class}, e.g. Salesforce/blip-itm-base-coco)"
-                    )
-                model = BlipForImageTextRetrieval.from_pretrained(source, dtype=checkpoint.dtype, local_files_only=local)
-            except (OSError, ValueError, RuntimeError, *_weight_file_errors()) as exc:
-                first = (str(exc).splitlines() or [type(exc).__name__])[0]
-                raise ModelLoadError(f"{name}: could not load the BLIP checkpoint ({first})") from None
-            tokenizer = checkpoint.tokenizer
-            if tokenizer is None:
-                try:
-                    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local)
-                except (OSError, ValueError, ImportError) as exc:
-                    first = str(exc).splitlines()[0]
-                    raise ModelLoadError(f"{name}: could not load the BLIP tokenizer ({first})") from None
+        model, tokenizer = cls.load_parts(checkpoint)
         vision = model.config.vision_config
         preprocess = squash_preprocess_from_config(checkpoint.processor_config, vision.image_size, OPENAI_MEAN, OPENAI_STD)
-        return cls(model, tokenizer, preprocess=preprocess, name=name)
+        return cls(model, tokenizer, preprocess=preprocess, name=checkpoint.name)
 
     # ---- facts -------------------------------------------------------------------------
     @property
@@ -102,27 +74,6 @@ class HFBlipITMAdapter(FusionAdapter):
         if tower == "image":
             return list(self.model.vision_model.encoder.layers)
         return list(self.model.text_encoder.encoder.layer)
-
-    # ---- inputs ------------------------------------------------------------------------
-    def tokenize(self, texts: list[str]) -> TextBatch:
-        tok = self.tokenizer
-        limit = self.context_length
-        full = tok(list(texts), truncation=False)["input_ids"]
-        kept = tok(list(texts), truncation=True, max_length=limit)["input_ids"]
-        width = max(len(ids) for ids in kept)
-        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-        input_ids = torch.full((len(texts), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(texts), width), dtype=torch.long)
-        content = torch.zeros((len(texts), width), dtype=torch.bool)
-        tokens = []
-        for i, ids in enumerate(kept):
-            input_ids[i, : len(ids)] = torch.tensor(ids)
-            mask[i, : len(ids)] = 1
-            content[i, 1 : len(ids) - 1] = True  # between [CLS] and [SEP]
-            tokens.append(tok.convert_ids_to_tokens(ids))
-        truncated = [len(f) > len(k) for f, k in zip(full, kept)]
-        dev = self.device
-        return TextBatch(list(texts), input_ids.to(dev), mask.to(dev), tokens, truncated, content.to(dev))
 
     # ---- running -----------------------------------------------------------------------
     @contextlib.contextmanager

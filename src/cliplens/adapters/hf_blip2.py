@@ -63,18 +63,15 @@ overrides them.
 from __future__ import annotations
 
 import contextlib
-import sys
 from collections.abc import Iterator
 
 import torch
 
 from ..errors import ModelLoadError
 from ..preprocess import OPENAI_MEAN, OPENAI_STD, Preprocess, squash_preprocess_from_config
-from .base import Checkpoint, TextBatch
+from .base import Checkpoint
 from .capture import Capture
 from .fusion import AttentionEvent, FusionAdapter, FusionRun, Stream
-from .hf_encoder import _quiet_progress, _weight_file_errors
-from .hf_vilt import bert_tokenize
 
 #: config.json model_type values this file's adapter takes
 HF_BLIP2_TYPES = {"blip-2"}
@@ -82,7 +79,10 @@ HF_BLIP2_TYPES = {"blip-2"}
 
 class HFBlip2ITMAdapter(FusionAdapter):
     family = "hf-blip2-itm"
-    model_class = "Blip2ForImageTextRetrieval"
+    model_classes = ("Blip2ForImageTextRetrieval",)
+    load_unnamed = False
+    label = "BLIP-2"
+    supported = "its image-text matching head (Blip2ForImageTextRetrieval, e.g. Salesforce/blip2-itm-vit-g)"
     pair_probability = "sigmoid"
     cross_attention = True
     #: only the Q-Former's query tokens cross-attend to the image, never the text tokens
@@ -99,47 +99,16 @@ class HFBlip2ITMAdapter(FusionAdapter):
         self.name = name or getattr(model.config, "_name_or_path", "") or type(model).__name__
 
     @classmethod
-    def matches(cls, model) -> bool:
-        transformers = sys.modules.get("transformers")
-        model_type = getattr(transformers, cls.model_class, None) if transformers else None
-        return model_type is not None and isinstance(model, model_type)
-
-    @classmethod
     def load(cls, checkpoint: Checkpoint) -> HFBlip2ITMAdapter:
         """A BLIP-2 image-text matching checkpoint (directory or hub name), its tokenizer and its
         image recipe; the other BLIP-2 heads (captioning with a language model, ...) are refused
         in one line."""
-        from transformers import AutoConfig, AutoTokenizer, Blip2ForImageTextRetrieval
-
-        source, local, name = checkpoint.source, checkpoint.local_files_only, checkpoint.name
-        with _quiet_progress():
-            try:
-                config = AutoConfig.from_pretrained(source, local_files_only=local)
-                heads = getattr(config, "architectures", None) or []
-                if cls.model_class not in heads:
-                    what = ", ".join(heads) if heads else "no named head"
-                    raise ModelLoadError(
-                        f"{name}: a BLIP-2 checkpoint for {what}; cliplens explains BLIP-2 image-text matching "
-                        f"checkpoints ({cls.model_class}, e.g. Salesforce/blip2-itm-vit-g)"
-                    )
-                model = Blip2ForImageTextRetrieval.from_pretrained(
-                    source, dtype=checkpoint.dtype, local_files_only=local
-                )
-            except (OSError, ValueError, RuntimeError, *_weight_file_errors()) as exc:
-                first = (str(exc).splitlines() or [type(exc).__name__])[0]
-                raise ModelLoadError(f"{name}: could not load the BLIP-2 checkpoint ({first})") from None
-            tokenizer = checkpoint.tokenizer
-            if tokenizer is None:
-                try:
-                    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local)
-                except (OSError, ValueError, ImportError) as exc:
-                    first = str(exc).splitlines()[0]
-                    raise ModelLoadError(f"{name}: could not load the BLIP-2 tokenizer ({first})") from None
+        model, tokenizer = cls.load_parts(checkpoint)
         vision = model.config.vision_config
         preprocess = squash_preprocess_from_config(
             checkpoint.processor_config, vision.image_size, OPENAI_MEAN, OPENAI_STD
         )
-        return cls(model, tokenizer, preprocess=preprocess, name=name)
+        return cls(model, tokenizer, preprocess=preprocess, name=checkpoint.name)
 
     # ---- facts -------------------------------------------------------------------------
     @property
@@ -165,10 +134,6 @@ class HFBlip2ITMAdapter(FusionAdapter):
         if tower == "image":
             return list(self.model.vision_model.encoder.layers)
         return list(self.model.qformer.encoder.layer)
-
-    # ---- inputs ------------------------------------------------------------------------
-    def tokenize(self, texts: list[str]) -> TextBatch:
-        return bert_tokenize(self.tokenizer, texts, self.context_length, self.device)
 
     # ---- running -----------------------------------------------------------------------
     @contextlib.contextmanager

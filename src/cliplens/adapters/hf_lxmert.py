@@ -78,18 +78,15 @@ task_matched}``.
 from __future__ import annotations
 
 import contextlib
-import sys
 from collections.abc import Iterator
 
 import torch
 
 from ..errors import InputError, ModelLoadError
 from ..regions import RegionImage
-from .base import Checkpoint, ImageBatch, TextBatch
+from .base import Checkpoint, ImageBatch
 from .capture import Capture
 from .fusion import AttentionEvent, FusionAdapter, FusionRun, Stream, readout_token
-from .hf_encoder import _quiet_progress, _weight_file_errors
-from .hf_vilt import bert_tokenize
 
 #: config.json model_type values this file's adapter takes
 HF_LXMERT_TYPES = {"lxmert"}
@@ -103,7 +100,12 @@ BOX_COLUMNS = 4
 
 class HFLxmertAdapter(FusionAdapter):
     family = "hf-lxmert"
-    model_class = "LxmertForPreTraining"
+    model_classes = tuple(LXMERT_HEADS)  # a config naming no head: the pre-training heads
+    label = "LXMERT"
+    supported = (
+        "its pre-training heads (LxmertForPreTraining, e.g. unc-nlp/lxmert-base-uncased) or its "
+        "question-answering head (LxmertForQuestionAnswering, e.g. unc-nlp/lxmert-vqa-uncased)"
+    )
     #: the pair probability is the sigmoid of the pair logit (match log-odds, or an answer's
     #: binary-cross-entropy score)
     pair_probability = "sigmoid"
@@ -119,45 +121,11 @@ class HFLxmertAdapter(FusionAdapter):
         self.name = name or getattr(model.config, "_name_or_path", "") or type(model).__name__
 
     @classmethod
-    def matches(cls, model) -> bool:
-        transformers = sys.modules.get("transformers")
-        if transformers is None:
-            return False
-        types = tuple(getattr(transformers, n) for n in LXMERT_HEADS if hasattr(transformers, n))
-        return bool(types) and isinstance(model, types)
-
-    @classmethod
     def load(cls, checkpoint: Checkpoint) -> HFLxmertAdapter:
         """An LXMERT checkpoint (directory or hub name) with the pre-training heads (matching) or
         the question-answering head, and its tokenizer; a bare ``LxmertModel`` is refused."""
-        import transformers
-        from transformers import AutoConfig, AutoTokenizer
-
-        source, local, name = checkpoint.source, checkpoint.local_files_only, checkpoint.name
-        with _quiet_progress():
-            try:
-                config = AutoConfig.from_pretrained(source, local_files_only=local)
-                heads = getattr(config, "architectures", None) or []
-                known = [h for h in heads if h in LXMERT_HEADS]
-                if heads and not known:
-                    raise ModelLoadError(
-                        f"{name}: an LXMERT checkpoint for {', '.join(heads)}; cliplens explains LXMERT with its "
-                        "pre-training heads (LxmertForPreTraining, e.g. unc-nlp/lxmert-base-uncased) or its "
-                        "question-answering head (LxmertForQuestionAnswering, e.g. unc-nlp/lxmert-vqa-uncased)"
-                    )
-                model_class = getattr(transformers, known[0] if known else cls.model_class)
-                model = model_class.from_pretrained(source, dtype=checkpoint.dtype, local_files_only=local)
-            except (OSError, ValueError, RuntimeError, *_weight_file_errors()) as exc:
-                first = (str(exc).splitlines() or [type(exc).__name__])[0]
-                raise ModelLoadError(f"{name}: could not load the LXMERT checkpoint ({first})") from None
-            tokenizer = checkpoint.tokenizer
-            if tokenizer is None:
-                try:
-                    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local)
-                except (OSError, ValueError, ImportError) as exc:
-                    first = str(exc).splitlines()[0]
-                    raise ModelLoadError(f"{name}: could not load the LXMERT tokenizer ({first})") from None
-        return cls(model, tokenizer, name=name)
+        model, tokenizer = cls.load_parts(checkpoint)
+        return cls(model, tokenizer, name=checkpoint.name)
 
     # ---- facts -------------------------------------------------------------------------
     @property
@@ -183,9 +151,6 @@ class HFLxmertAdapter(FusionAdapter):
         return list(own) + list(encoder.x_layers)
 
     # ---- inputs ------------------------------------------------------------------------
-    def tokenize(self, texts: list[str]) -> TextBatch:
-        return bert_tokenize(self.tokenizer, texts, self.context_length, self.device)
-
     def prepare_images(self, images: list, *, resize: str = "model") -> list[ImageBatch]:
         """RegionImage objects -> batches of (B, R, D + 4): each region's features, then its
         normalised box (LXMERT's ``visual_pos``); one batch per number of regions. ``resize``

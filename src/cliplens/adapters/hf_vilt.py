@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -66,10 +65,9 @@ from PIL import Image
 from ..errors import ModelLoadError
 from ..images import Geometry
 from ..preprocess import SIGLIP_MEAN, SIGLIP_STD, Preprocess
-from .base import Checkpoint, TextBatch
+from .base import Checkpoint
 from .capture import Capture
 from .fusion import AttentionEvent, FusionAdapter, FusionRun, Stream, readout_token
-from .hf_encoder import _quiet_progress, _weight_file_errors
 
 #: config.json model_type values this file's adapter takes
 HF_VILT_TYPES = {"vilt"}
@@ -132,28 +130,6 @@ def vilt_preprocess_from_config(
     )
 
 
-def bert_tokenize(tokenizer, texts: list[str], limit: int, device) -> TextBatch:
-    """[CLS] prompt [SEP] with a BERT tokenizer, at most ``limit`` tokens, padded to the longest;
-    content: the tokens between [CLS] and [SEP]."""
-    full = tokenizer(list(texts), truncation=False)["input_ids"]
-    kept = tokenizer(list(texts), truncation=True, max_length=limit)["input_ids"]
-    width = max(len(ids) for ids in kept)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    input_ids = torch.full((len(texts), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(texts), width), dtype=torch.long)
-    content = torch.zeros((len(texts), width), dtype=torch.bool)
-    tokens = []
-    for i, ids in enumerate(kept):
-        input_ids[i, : len(ids)] = torch.tensor(ids)
-        mask[i, : len(ids)] = 1
-        content[i, 1 : len(ids) - 1] = True
-        tokens.append(tokenizer.convert_ids_to_tokens(ids))
-    truncated = [len(f) > len(k) for f, k in zip(full, kept)]
-    return TextBatch(
-        list(texts), input_ids.to(device), mask.to(device), tokens, truncated, content.to(device)
-    )
-
-
 def patch_method(capture: Capture, obj: object, name: str, method) -> None:
     """``obj.<name>`` is ``method`` (an instance attribute shadowing the class's) until the
     capture exits; an instance attribute ``obj`` already had comes back."""
@@ -172,7 +148,10 @@ def patch_method(capture: Capture, obj: object, name: str, method) -> None:
 
 class HFViltITMAdapter(FusionAdapter):
     family = "hf-vilt-itm"
-    model_class = "ViltForImageAndTextRetrieval"
+    model_classes = ("ViltForImageAndTextRetrieval",)
+    load_unnamed = False
+    label = "ViLT"
+    supported = "its image-text retrieval head (ViltForImageAndTextRetrieval, e.g. dandelin/vilt-b32-finetuned-coco)"
     pair_probability = "sigmoid"
     cross_attention = False
 
@@ -185,44 +164,14 @@ class HFViltITMAdapter(FusionAdapter):
         self.name = name or getattr(cfg, "_name_or_path", "") or type(model).__name__
 
     @classmethod
-    def matches(cls, model) -> bool:
-        transformers = sys.modules.get("transformers")
-        model_type = getattr(transformers, cls.model_class, None) if transformers else None
-        return model_type is not None and isinstance(model, model_type)
-
-    @classmethod
     def load(cls, checkpoint: Checkpoint) -> HFViltITMAdapter:
         """A ViLT image-text retrieval checkpoint (directory or hub name), its tokenizer and its
-        image recipe; the other ViLT heads (VQA, NLVR2, masked LM) are refused in one line."""
-        from transformers import AutoConfig, AutoTokenizer, ViltForImageAndTextRetrieval
-
-        source, local, name = checkpoint.source, checkpoint.local_files_only, checkpoint.name
-        with _quiet_progress():
-            try:
-                config = AutoConfig.from_pretrained(source, local_files_only=local)
-                heads = getattr(config, "architectures", None) or []
-                if cls.model_class not in heads:
-                    what = ", ".join(heads) if heads else "no named head"
-                    raise ModelLoadError(
-                        f"{name}: a ViLT checkpoint for {what}; cliplens explains ViLT image-text retrieval "
-                        f"checkpoints ({cls.model_class}, e.g. dandelin/vilt-b32-finetuned-coco)"
-                    )
-                model = ViltForImageAndTextRetrieval.from_pretrained(
-                    source, dtype=checkpoint.dtype, local_files_only=local
-                )
-            except (OSError, ValueError, RuntimeError, *_weight_file_errors()) as exc:
-                first = (str(exc).splitlines() or [type(exc).__name__])[0]
-                raise ModelLoadError(f"{name}: could not load the ViLT checkpoint ({first})") from None
-            tokenizer = checkpoint.tokenizer
-            if tokenizer is None:
-                try:
-                    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local)
-                except (OSError, ValueError, ImportError) as exc:
-                    first = str(exc).splitlines()[0]
-                    raise ModelLoadError(f"{name}: could not load the ViLT tokenizer ({first})") from None
+        image recipe; the other ViLT heads (VQA, NLVR2, masked LM) are refused in one line, and so
+        is a config that names no head (its ``rank_output`` would be random)."""
+        model, tokenizer = cls.load_parts(checkpoint)
         cfg = model.config
         preprocess = vilt_preprocess_from_config(checkpoint.processor_config, cfg.image_size, cfg.patch_size)
-        return cls(model, tokenizer, preprocess=preprocess, name=name)
+        return cls(model, tokenizer, preprocess=preprocess, name=checkpoint.name)
 
     # ---- facts -------------------------------------------------------------------------
     @property
@@ -244,9 +193,6 @@ class HFViltITMAdapter(FusionAdapter):
         return list(self.model.vilt.encoder.layer)
 
     # ---- inputs ------------------------------------------------------------------------
-    def tokenize(self, texts: list[str]) -> TextBatch:
-        return bert_tokenize(self.tokenizer, texts, self.context_length, self.device)
-
     # ---- running -----------------------------------------------------------------------
     @contextlib.contextmanager
     def explaining(self) -> Iterator[None]:

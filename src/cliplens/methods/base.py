@@ -233,35 +233,23 @@ class Method:
         reason = self.unsupported(adapter, towers, opts)
         if reason:
             raise InputError(reason)
-        if adapter.fusion:
-            return self._compute_fusion(adapter, images, texts, target, towers, opts)
-        image_grad, text_grad = self.gradient_towers(towers, opts)
         with adapter.explaining():
-            runs = forward_pairs(
-                adapter,
-                self.prepare_images(images, opts),
-                texts,
-                target,
-                image_grad=image_grad,
-                text_grad=text_grad,
-                detach_blocks=self.detach_blocks,
-                graph_from={t: self.graph_from(t, opts, n) for t, n in adapter.num_layers.items()},
-            )
-            out = self.attribute(adapter, runs, target, towers, opts)
-        return MethodResult(
-            image_maps=out.image_maps,
-            token_scores=out.token_scores,
-            logits=runs.logits,
-            probs=runs.probs,
-            target_values=runs.y.detach(),
-            extras=out.extras,
-        )
-
-
-    def _compute_fusion(self, adapter, images, texts, target, towers, opts) -> MethodResult:
-        with adapter.explaining():
-            runs = forward_fusion(adapter, self.prepare_images(images, opts), texts, target, grad=self.needs_gradient)
-            out = self.attribute_fusion(adapter, runs, target, towers, opts)
+            if adapter.fusion:  # image and text scored together: one model run per pair
+                runs = forward_fusion(adapter, self.prepare_images(images, opts), texts, target, grad=self.needs_gradient)
+                out = self.attribute_fusion(adapter, runs, target, towers, opts)
+            else:
+                image_grad, text_grad = self.gradient_towers(towers, opts)
+                runs = forward_pairs(
+                    adapter,
+                    self.prepare_images(images, opts),
+                    texts,
+                    target,
+                    image_grad=image_grad,
+                    text_grad=text_grad,
+                    detach_blocks=self.detach_blocks,
+                    graph_from={t: self.graph_from(t, opts, n) for t, n in adapter.num_layers.items()},
+                )
+                out = self.attribute(adapter, runs, target, towers, opts)
         return MethodResult(
             image_maps=out.image_maps,
             token_scores=out.token_scores,

@@ -173,12 +173,9 @@ def residual_normalised(R: torch.Tensor, policy: str, valid: torch.Tensor) -> tu
     hat = R - eye
     sums = hat.sum(dim=-1, keepdim=True)
     zero = (sums == 0) & valid[:, :, None]
-    padding = ~valid[:, :, None]
-    if policy == "reference":
-        normalised = torch.where(padding, torch.zeros_like(hat), hat / torch.where(padding, torch.ones_like(sums), sums))
-    else:
-        empty = zero | padding | (sums == 0)
-        normalised = torch.where(empty, torch.zeros_like(hat), hat / torch.where(empty, torch.ones_like(sums), sums))
+    # rows left as e_i: padding always; the 0/0 rows too unless the reference's NaN is asked for
+    keep = ~valid[:, :, None] if policy == "reference" else ~valid[:, :, None] | zero
+    normalised = torch.where(keep, torch.zeros_like(hat), hat / torch.where(keep, torch.ones_like(sums), sums))
     return normalised + eye, zero.squeeze(-1).sum(dim=-1)
 
 
