@@ -1,6 +1,6 @@
 """Train the small BLIP image-text-matching model shipped in ``src/cliplens/assets/shapes-blip``.
 
-CPU only, seeded, two threads. Run ``scripts/build_blip_tokenizer.py`` first: the tokenizer
+CPU only, seeded, one training thread (``--threads``; see its help). Run ``scripts/build_blip_tokenizer.py`` first: the tokenizer
 is read from the output folder, and the model, its config, ``preprocessor_config.json`` and
 ``training_info.json`` are written next to it::
 
@@ -18,12 +18,12 @@ position 0, the [CLS] token. Weights are stored as float16; ``config.json`` says
 that a plain ``from_pretrained`` computes in float32.
 
 Data: scenes drawn by :mod:`cliplens.worlds.shapes` at 128 px (``--draw-size``) and resized to
-64 px the way the image processor resizes (PIL bicubic), from training dataset seed 1, in a
-pool of 131,072 scenes drawn up front by one process per thread (~600 scenes/s each), with
-a random flip / quarter turn per step. (``--pool-start`` below ``--pool`` lets the pool grow
-while the model trains instead, with the machinery of ``scripts/train_shapes.py``: one
-process draws beside the training, chunks join on steps fixed in advance; at this world's
-drawing speed that saved no time here.)
+64 px the way the image processor resizes (PIL bicubic), from training dataset seed 1, with
+a random flip / quarter turn per step. A pool of 65,536 scenes that grows while the model
+trains (machinery of ``scripts/train_shapes.py``): the first 16,384 are drawn up front by two
+processes, the rest by one process beside the training (which uses one thread), joining the
+pool 2,048 at a time on steps fixed in advance (20 scenes a step: whole after step 2,458), so
+a run does not depend on the machine's speed (training waits for a late chunk).
 
 Captions: each image gets ``K = 6`` captions per step, always in this order:
 
@@ -51,15 +51,24 @@ Losses (``--*-loss`` weights):
   the shipped model returns plain cosine similarities on that path);
 - patches: a training-only linear head on the image tower's output patch tokens (what the
   cross-attention reads) names the object covering each patch, or background, from the
-  world's masks (as in ``scripts/train_shapes.py``). Not saved.
+  world's masks (as in ``scripts/train_shapes.py``); and one more head (layer norm + linear)
+  does the same on the patch tokens leaving block 4 (``--mid-block``), which helped the
+  shapes CLIP. Not saved.
 
 Speed: the text encoder runs on ``B * K`` captions but there are only ``B`` images; the
 cross-attention's key and value projections of the image tokens are computed once per image
 (forward hooks on those two linear layers during training, checked equal to the plain
-forward at start-up) instead of once per caption, which makes a step ~25% cheaper. Muon
-(from ``scripts/train_shapes.py``) for the weight matrices inside both towers' transformer
-blocks, AdamW for the rest; PyTorch's default initialisation for the image tower's linear
-layers (transformers' BLIP vision init has std 1e-10).
+forward at start-up) instead of once per caption (the key / value projections of 65 image
+tokens cost about as much as the rest of a text layer on 9 caption tokens). The text encoder
+still costs more than the image tower (one thread, batch 64: 0.135 s a step with 2 text
+layers, 0.21 s with 3, against 0.11 s for the image tower), hence 2 layers.
+
+Optimiser: Muon (from ``scripts/train_shapes.py``) for the weight matrices inside both
+towers' transformer blocks (lr 0.02 in the image tower, as for the shapes CLIP; 0.01 in the
+post-LayerNorm text encoder), AdamW (lr 1.5e-3) for the rest; 200 warm-up steps, then cosine
+decay. (All at 0.02 / 2e-3, the losses turned up after ~600 steps.) PyTorch's default
+initialisation for the image tower's linear layers (transformers' BLIP vision init has std
+1e-10, which leaves all image tokens nearly equal at the start).
 """
 
 from __future__ import annotations
@@ -376,17 +385,26 @@ def validate(model, tokens: Tokens, pixels: torch.Tensor, labels: list[list[str]
 def main() -> None:
     ap = argparse.ArgumentParser(description="Train the shapes-world BLIP (image-text matching) on CPU.")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    ap.add_argument("--steps", type=int, default=5000)
+    ap.add_argument("--steps", type=int, default=3600)
     ap.add_argument("--batch", type=int, default=64, help="images per step (each with K=6 captions)")
-    ap.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of AdamW")
-    ap.add_argument("--muon-lr", type=float, default=0.02, help="peak learning rate of Muon")
+    ap.add_argument("--lr", type=float, default=1.5e-3, help="peak learning rate of AdamW")
+    ap.add_argument(
+        "--muon-lr", type=float, default=0.02, help="peak learning rate of Muon in the image tower"
+    )
+    ap.add_argument(
+        "--muon-lr-text",
+        type=float,
+        default=0.01,
+        help="peak learning rate of Muon in the text encoder (post-LayerNorm BERT layers; at 0.02 with AdamW at "
+        "2e-3 the losses turned up after ~600 steps)",
+    )
     ap.add_argument("--warmup", type=int, default=200)
     ap.add_argument("--weight-decay", type=float, default=0.05)
-    ap.add_argument("--pool", type=int, default=131072, help="training scenes in all")
+    ap.add_argument("--pool", type=int, default=65536, help="training scenes in all")
     ap.add_argument(
         "--pool-start",
         type=int,
-        default=131072,
+        default=16384,
         help="draw this many training scenes up front (one process per thread; at most --pool), the "
         "rest in one process beside the training, which uses one thread fewer until they are all "
         "drawn",
@@ -395,7 +413,7 @@ def main() -> None:
     ap.add_argument(
         "--draw-rate",
         type=float,
-        default=28.0,
+        default=20.0,
         help="scenes the drawing process is expected to draw per training step; a chunk joins the "
         "pool at the step this rate predicts (training waits if it is late)",
     )
@@ -405,7 +423,7 @@ def main() -> None:
     ap.add_argument("--mlp-ratio", type=int, default=3)
     ap.add_argument("--vision-layers", type=int, default=5)
     ap.add_argument("--text-width", type=int, default=96)
-    ap.add_argument("--text-layers", type=int, default=3)
+    ap.add_argument("--text-layers", type=int, default=2)
     ap.add_argument("--proj-dim", type=int, default=128, help="image_text_hidden_size (the ITC projections)")
     ap.add_argument("--draw-size", type=int, default=128)
     ap.add_argument(
@@ -417,6 +435,13 @@ def main() -> None:
     ap.add_argument("--rank-loss", type=float, default=1.0)
     ap.add_argument("--itc-loss", type=float, default=0.5)
     ap.add_argument("--patch-loss", type=float, default=1.0)
+    ap.add_argument(
+        "--mid-block",
+        type=int,
+        default=4,
+        help="image-tower block (1 = first) whose output patch tokens get the same patch term with a head of "
+        "their own (0: none)",
+    )
     ap.add_argument("--no-templates", action="store_true", help="single-object captions always 'a {label}'")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
@@ -436,7 +461,7 @@ def main() -> None:
         default=None,
         help="keep the drawn training scenes here (e.g. /tmp) to skip drawing on a rerun",
     )
-    ap.add_argument("--eval-every", type=int, default=1000)
+    ap.add_argument("--eval-every", type=int, default=900)
     ap.add_argument("--val-scenes", type=int, default=300, help="held-out scenes watched (1/4 of one object)")
     args = ap.parse_args()
     args.pool_start = min(args.pool_start, args.pool)
@@ -573,13 +598,18 @@ def main() -> None:
 
     vision_width = config.vision_config.hidden_size
     patch_head = torch.nn.Linear(vision_width, n_lab + 1)  # training only: the object under each patch
+    mid_head = torch.nn.Sequential(torch.nn.LayerNorm(vision_width), torch.nn.Linear(vision_width, n_lab + 1))
     log_scale = torch.nn.Parameter(torch.tensor(math.log(10.0)))  # ITC temperature, training only
 
-    decay, no_decay, block_matrices = [], [], []
-    named = list(model.named_parameters()) + list(patch_head.named_parameters(prefix="patch_head"))
+    decay, no_decay, block_matrices, text_matrices = [], [], [], []
+    named = (
+        list(model.named_parameters())
+        + list(patch_head.named_parameters(prefix="patch_head"))
+        + (list(mid_head.named_parameters(prefix="mid_head")) if args.mid_block else [])
+    )
     for name, p in named:
         if p.ndim == 2 and (".encoder.layers." in name or ".encoder.layer." in name):
-            block_matrices.append(p)
+            (text_matrices if name.startswith("text_encoder.") else block_matrices).append(p)
         else:
             (no_decay if p.ndim < 2 or "embedding" in name else decay).append(p)
     no_decay.append(log_scale)
@@ -590,9 +620,12 @@ def main() -> None:
         eps=1e-6,
         fused=True,
     )
-    optimisers = [opt, Muon(block_matrices, lr=args.muon_lr)]
+    optimisers = [opt, Muon(block_matrices, lr=args.muon_lr), Muon(text_matrices, lr=args.muon_lr_text)]
     base_lr = {id(group): group["lr"] for o in optimisers for group in o.param_groups}
-    print(f"Muon: {len(block_matrices)} matrices; AdamW: {len(decay) + len(no_decay)} tensors", flush=True)
+    print(
+        f"Muon: {len(block_matrices)} + {len(text_matrices)} matrices; AdamW: {len(decay) + len(no_decay)} tensors",
+        flush=True,
+    )
 
     def schedule(step: int) -> float:
         if step < args.warmup:
@@ -633,7 +666,8 @@ def main() -> None:
         ]
         ids, mask = tokens(caps)
 
-        image_embeds = model.vision_model(pixel_values=pixels).last_hidden_state  # B x 65 x D
+        vision_out = model.vision_model(pixel_values=pixels, output_hidden_states=bool(args.mid_block))
+        image_embeds = vision_out.last_hidden_state  # B x 65 x D
         with shared_cross_kv(model, K):
             logits = itm_logits(model, image_embeds, ids, mask, K)  # B*K x 2
         loss_itm = (F.cross_entropy(logits, match, reduction="none") * weight).sum() / weight.sum()
@@ -650,6 +684,9 @@ def main() -> None:
             loss_itc = torch.zeros(())
         if args.patch_loss > 0:
             loss_patch = F.cross_entropy(patch_head(image_embeds[:, 1:]).flatten(0, 1), grid.flatten())
+            if args.mid_block:  # hidden_states[k] is the output of block k
+                mid = vision_out.hidden_states[args.mid_block][:, 1:]
+                loss_patch = loss_patch + F.cross_entropy(mid_head(mid).flatten(0, 1), grid.flatten())
             loss = loss + args.patch_loss * loss_patch
         else:
             loss_patch = torch.zeros(())
@@ -657,7 +694,7 @@ def main() -> None:
         for o in optimisers:
             o.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(decay + no_decay + block_matrices, 1.0, foreach=True)
+        torch.nn.utils.clip_grad_norm_(decay + no_decay + block_matrices + text_matrices, 1.0, foreach=True)
         for o in optimisers:
             o.step()
         with torch.no_grad():
