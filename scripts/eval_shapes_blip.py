@@ -131,12 +131,14 @@ def match_probs(
     return out
 
 
-def score_scenes(model, tokenizer, processor, scenes, compositional: bool = True) -> list[dict]:
+def score_scenes(
+    model, tokenizer, processor, scenes, compositional: bool = True, template: str = "a {}"
+) -> list[dict]:
     """Per scene: P(match) of every label's caption, and of a two-object caption and its swaps."""
     labels = shapes.all_labels()
     captions, comps = [], []
     for scene in scenes:
-        caps = [shapes.caption(a) for a in labels]
+        caps = [template.format(a) for a in labels]  # "a {}": shapes.caption
         comp = None
         if compositional and len(scene.objects) >= 2:
             pair = scene.labels[:2]
@@ -249,13 +251,21 @@ def main() -> None:
     ap.add_argument("--single", type=int, default=500, help="one-object scenes (dataset seed 2000)")
     ap.add_argument("--multi", type=int, default=600, help="scenes of 2, 3, 4 objects in turn (seed 2001)")
     ap.add_argument("--draw-size", type=int, default=shapes.DEFAULT_SIZE)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--threads", type=int, default=1, help="torch threads (2 stall when the other core is busy)"
+    )
+    ap.add_argument(
+        "--template",
+        default="a {}",
+        help='one-object captions as this template of the label ("a {}" = shapes.caption; e.g. '
+        '"a photo of a {}." or "{}"); two-object captions stay as shapes.compositional_caption',
+    )
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.time()
     model, tokenizer, processor = load(args.model)
-    results: dict = {"model": str(args.model), "draw_size": args.draw_size}
+    results: dict = {"model": str(args.model), "draw_size": args.draw_size, "template": args.template}
     parts = [
         ("single", SINGLE_SEED, [1] * args.single),
         ("multi", MULTI_SEED, [2 + i % 3 for i in range(args.multi)]),
@@ -267,7 +277,7 @@ def main() -> None:
             shapes.make_scene(shapes.scene_seed(seed, i), n_objects=k, size=args.draw_size)
             for i, k in enumerate(counts)
         ]
-        records = score_scenes(model, tokenizer, processor, scenes)
+        records = score_scenes(model, tokenizer, processor, scenes, template=args.template)
         results[name] = {
             "dataset_seed": seed,
             "scenes": len(scenes),
