@@ -58,7 +58,8 @@ def test_bfloat16_demo_returns_float_maps(tmp_path):
     rows = run_demo(
         tmp_path / "demo", model="shapes", methods=["chefer", "legrad"], dtype="bfloat16", progress=False
     )
-    assert [r.method for r in rows] == ["chefer", "legrad"]
+    # the embedded shapes BLIP joins with the chosen methods it runs, in bfloat16 as well
+    assert [r.method for r in rows] == ["chefer", "legrad", "shapes-blip: chefer"]
     assert all(h in (True, False) for r in rows for h in r.hits[:-1])
     assert not any(on == "nothing" for r in rows for on in r.peak_on)  # "nothing": a map with no finite value
     assert (tmp_path / "demo" / "index.html").is_file()

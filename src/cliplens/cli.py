@@ -116,6 +116,8 @@ def cmd_methods(args) -> int:
         note = paper_note(name)
         if note:
             print(f"{'':<{width}}    paper: {note}")
+        if cls.fusion:
+            print(f"{'':<{width}}    fusion models (BLIP, ViLT, ...): {cls.fusion_summary or cls.summary}")
         for opt, desc in cls.options.items():
             print(f"{'':<{width}}    --option {opt}=...  {desc}")
     return 0

@@ -111,7 +111,7 @@ def run_demo(out: str | Path, *, seed: int = 0, model="shapes", methods: list[st
                 row = DemoRow(prefix + name, time.perf_counter() - t0)
                 overlays = pages.write_overlays(ex, stage, [(prefix + name).replace(": ", "-")], first_index=len(rows))
                 notes = pages.pair_notes(ex)
-                section = Section(heading=f"{prefix}{name} — {REGISTRY[name].summary}")
+                section = Section(heading=f"{prefix}{name} — {REGISTRY[name].describe(explainer)}")
                 for p, prompt in enumerate(prompts):
                     # a flat map has no peak; its argmax would be an arbitrary patch
                     on = FLAT if notes[0][p] else peak_object(ex.grid_map(0, p), ex.geometries[0], scene)

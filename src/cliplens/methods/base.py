@@ -115,6 +115,8 @@ class Method:
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""  # one line for `cliplens methods`
+    #: one line for what the method does on a fusion model, where that differs
+    fusion_summary: ClassVar[str] = ""
     reference: ClassVar[str] = ""
     towers: ClassVar[tuple[str, ...]] = ("image", "text")  # towers it gives a result for
     Options: ClassVar[type] = NoOptions
@@ -141,6 +143,13 @@ class Method:
         super().__init_subclass__(**kwargs)
         if "Options" in cls.__dict__ or "options" not in cls.__dict__:
             cls.options = {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls.Options)}
+
+    @classmethod
+    def describe(cls, adapter=None) -> str:
+        """One line: what the method computes (on ``adapter``'s kind of model, when given)."""
+        if adapter is not None and adapter.fusion and cls.fusion_summary:
+            return cls.fusion_summary
+        return cls.summary
 
     # ---- what the template asks of a method --------------------------------------------
     def parse_options(self, options: dict) -> Any:

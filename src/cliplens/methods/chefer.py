@@ -48,6 +48,7 @@ from .relevance import DEGENERATE_POLICIES, RowFold, StreamRelevance, accumulati
 class Chefer(Method):
     name = "chefer"
     summary = "gradient-weighted attention relevance, Chefer et al. 2021 (image map and token scores)"
+    fusion_summary = "the bi-modal and encoder-decoder relevance rules of Chefer et al. 2021 (self- and cross-attention, every layer)"
     reference = "Chefer, Gur, Wolf. Generic Attention-model Explainability... ICCV 2021"
 
     @dataclass(frozen=True)

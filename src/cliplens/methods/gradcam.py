@@ -55,6 +55,7 @@ from .pairs import PairRuns
 class GradCAM(Method):
     name = "gradcam"
     summary = "Grad-CAM on the patch tokens entering the last block (image map only)"
+    fusion_summary = "LAVIS's Grad-CAM on a cross-attention layer, averaged over the prompt's words (per-word maps in extras)"
     reference = "Selvaraju et al. Grad-CAM. ICCV 2017 (ViT variant: tokens as the feature map)"
     towers = ("image",)
 
@@ -107,7 +108,7 @@ class GradCAM(Method):
         run = runs.run
         stream, _ = run.readout
         cross = [e for e in run.events if e.kind == "cross" and e.query == stream]
-        event = cross[resolve_layer(opts.layer, len(cross), len(cross) // 2)]
+        event = cross[resolve_layer(opts.layer, len(cross), lavis_layer(len(cross)))]
         (grad,) = torch.autograd.grad(runs.y.sum(), [event.probs])
         words = (event.probs.detach() * grad.clamp(min=0)).mean(dim=1)  # (rows, T, n_image)
         query, key = run.streams[event.query], run.streams[event.key]
@@ -121,3 +122,10 @@ class GradCAM(Method):
             for r in torch.nonzero(content[:, i]).flatten().tolist():
                 word_maps.view(-1, runs.text_width, gh, gw)[r, query.positions[r, i]] = maps[r]
         return Attribution(image_maps=runs.image_maps({key.name: mean}), extras={"word_maps": word_maps})
+
+
+def lavis_layer(n_layers: int) -> int:
+    """The default cross-attention layer of Grad-CAM on a fusion model: the middle one (LAVIS's
+    ``block_num=6`` of BLIP-base's 12), never the last, whose content-token rows reach nothing
+    (the head reads the [CLS] token only), unless there is only one."""
+    return max(0, min(n_layers // 2, n_layers - 2))

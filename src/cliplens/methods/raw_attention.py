@@ -47,6 +47,7 @@ from .relevance import head_mean_row, readout_rows
 class RawAttention(Method):
     name = "raw_attention"
     summary = "the readout token's attention row of one block, mean over heads (no gradient; same map for every prompt)"
+    fusion_summary = "the readout token's last cross- and self-attention rows, mean over heads (no gradient)"
     reference = (
         "Abnar, Zuidema. Quantifying Attention Flow in Transformers. ACL 2020 (raw attention baseline)"
     )

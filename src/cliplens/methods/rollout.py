@@ -47,6 +47,7 @@ from .relevance import accumulation_dtype, readout_rows, rollout_row, rollout_st
 class Rollout(Method):
     name = "rollout"
     summary = "attention rollout, Abnar & Zuidema 2020 (no gradient; same map for every prompt)"
+    fusion_summary = "attention rollout over a single-stream model's joint stack (no gradient)"
     reference = "Abnar, Zuidema. Quantifying Attention Flow in Transformers. ACL 2020"
     needs_gradient = False
     fusion = True
