@@ -109,7 +109,7 @@ class Chefer(Method):
                 if event.query == stream and abar is not None:
                     row = row + torch.bmm(row.unsqueeze(1), abar.to(dtype)).squeeze(1)
             rows = {stream: row}
-            degenerate = torch.zeros(runs.B * runs.P, dtype=dtype)
+            degenerate = torch.zeros(runs.B * runs.P, dtype=dtype, device=row.device)
         else:
             valid = {name: s.valid for name, s in run.streams.items()}
             rel = StreamRelevance(valid, dtype, opts.degenerate_rows)

@@ -116,7 +116,7 @@ class GradCAM(Method):
         count = content.sum(dim=1, keepdim=True).clamp(min=1)
         mean = (words * content[:, :, None]).sum(dim=1) / count
         gh, gw = run.grid
-        word_maps = torch.full((runs.B, runs.P, runs.text_width, gh, gw), float("nan"), dtype=words.dtype)
+        word_maps = torch.full((runs.B, runs.P, runs.text_width, gh, gw), float("nan"), dtype=words.dtype, device=words.device)
         for i in range(query.size):  # each query token's map at its position in the prompt
             maps = runs.image_maps({key.name: words[:, i]}).reshape(runs.B * runs.P, gh, gw)
             for r in torch.nonzero(content[:, i]).flatten().tolist():
