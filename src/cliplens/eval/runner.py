@@ -30,15 +30,14 @@ import torch
 from ..adapters import ModelAdapter
 from ..adapters.base import TextBatch
 from ..api import explain
-from ..methods import get_method
 from ..errors import CliplensError
+from ..methods import get_method
 from ..images import Geometry
 from ..targets import Target, resolve_target
 from .classifier import ZeroShotClassifier, encode_images
 from .config import BASELINES, TIE_DRAWS, EvalConfig
 from .datasets import EvalItem
 from .metrics import (
-    token_perturbation_curve,
     centre_prior,
     deletion_curve,
     insertion_curve,
@@ -48,6 +47,7 @@ from .metrics import (
     random_map,
     segmentation_counts,
     spearman_correlation,
+    token_perturbation_curve,
 )
 from .perturbation import CurveBatch, PromptScorer, black_value, mask_to_grid
 from .sanity import CascadingRandomization
@@ -339,24 +339,24 @@ def text_perturbation_scores(
     every perturbed prompt of the item scored in one batch."""
     batch = adapter.tokenize(texts)
     ids, mask = batch.input_ids.cpu(), batch.attention_mask.cpu()
-    planned: list[tuple[tuple, int, np.ndarray]] = []  # (key, prompt, kept token positions)
-    lookup: dict[tuple, int] = {}
+    # a dry run of every curve records which shortened prompt each step asks for (distinct ones
+    # once: (prompt, kept token positions) -> row), then one batch scores them all
+    planned: list[int] = []
+    lookup: dict[tuple[int, tuple[int, ...]], int] = {}
 
-    def plan(key, p):
+    def plan(p):
         def score(removed: np.ndarray) -> float:
             gone = set(content[p][removed].tolist())
             sig = (p, tuple(t for t in range(int(mask[p].sum())) if t not in gone))
-            if sig not in lookup:
-                lookup[sig] = len(lookup)
-            planned.append((key, p, lookup[sig]))
+            planned.append(lookup.setdefault(sig, len(lookup)))
             return 0.0
 
         return score
 
-    for s, per_prompt in tokens.items():
+    for per_prompt in tokens.values():
         for p, r in enumerate(per_prompt):
             for order in ("positive", "negative"):
-                token_perturbation_curve(r, plan((s, p, order), p), order=order)
+                token_perturbation_curve(r, plan(p), order=order)
     if not lookup:
         return {}
     width = ids.shape[1]
@@ -384,7 +384,7 @@ def text_perturbation_scores(
     for s, per_prompt in tokens.items():
         for p, r in enumerate(per_prompt):
             for order in ("positive", "negative"):
-                curve = token_perturbation_curve(r, lambda _m: float(values[next(it)[2]]), order=order)
+                curve = token_perturbation_curve(r, lambda _m: float(values[next(it)]), order=order)
                 entry = out.setdefault((s, p), {})
                 entry[f"text_{order}"] = [float(v) for v in curve.scores]
                 entry[f"text_{order}_auc"] = curve.auc
