@@ -31,8 +31,8 @@ from ..adapters import ModelAdapter
 from ..adapters.base import TextBatch
 from ..api import explain
 from ..errors import CliplensError
-from ..methods import get_method
 from ..images import Geometry
+from ..methods import get_method
 from ..targets import Target, resolve_target
 from .classifier import ZeroShotClassifier, encode_images
 from .config import BASELINES, TIE_DRAWS, EvalConfig
