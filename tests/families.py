@@ -507,3 +507,68 @@ def random_regions(seed=0, regions=4, size=(48, 40), feat_dim=16, with_image=Tru
 
 # LXMERT is not in FUSION_FACTORIES: it reads region features (RegionImage), never the pictures the
 # contract tests give every family; tests/test_fusion_lxmert.py covers its contract
+
+
+DETR_LABELS = ["cat", "dog", "red car", "tree", "person"]
+
+
+def make_tiny_detr(seed=0, dtype=torch.float32, num_queries=10, init_std=0.2, sharpen=2.0):
+    """A random DetrForObjectDetection on transformers' own ResNet (no timm): two basic stages,
+    stride 8; d_model 32, 2 encoder and 2 decoder layers, 4 heads, ``num_queries`` queries, 5
+    named classes. Biases random (DETR's are zero-initialised: with a zero value bias the first
+    decoder self-attention, over zero query states, gets an exactly zero gradient), weights drawn
+    with std ``init_std`` (DETR's 0.02 makes the cross-attention's output vanish next to the
+    biases: the logits would barely depend on the image), attention sharpened (query and key
+    projections scaled by ``sharpen``), the query embeddings and the class head drawn at random."""
+    from transformers import DetrConfig, DetrForObjectDetection, ResNetConfig
+
+    backbone = ResNetConfig(
+        num_channels=3,
+        embedding_size=8,
+        hidden_sizes=[8, 16],
+        depths=[1, 1],
+        layer_type="basic",
+        out_features=["stage2"],
+    )
+    config = DetrConfig(
+        use_timm_backbone=False,
+        backbone_config=backbone,
+        use_pretrained_backbone=False,
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        num_queries=num_queries,
+        id2label=dict(enumerate(DETR_LABELS)),
+        dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+        init_std=init_std,
+    )
+    torch.manual_seed(seed)
+    model = DetrForObjectDetection(config)
+    randomise_biases(model)
+    with torch.no_grad():
+        model.model.query_position_embeddings.weight.normal_(std=1.0)
+        for name, p in model.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                p.mul_(sharpen)
+        model.class_labels_classifier.weight.normal_(std=0.5)
+    return model.eval().to(dtype)
+
+
+def hf_detr_factory(seed=0, dtype=torch.float32, **kw):
+    from cliplens.adapters.hf_detr import DetrPreprocess, HFDetrAdapter, IMAGENET_MEAN, IMAGENET_STD
+
+    model = make_tiny_detr(seed=seed, dtype=dtype, **kw)
+    # DETR's recipe (shorter side to 800, longer at most 1333) at a tiny scale: 48 and 80
+    preprocess = DetrPreprocess(
+        size=48, crop=(48, 48), mean=IMAGENET_MEAN, std=IMAGENET_STD, do_center_crop=False, max_size=80, size_divisor=8
+    )
+    return HFDetrAdapter(model, preprocess=preprocess, name="tiny-hf-detr")
+
+
+# DETR is not in FUSION_FACTORIES: its prompts are class names, never free text

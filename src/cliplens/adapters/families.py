@@ -20,6 +20,7 @@ from .base import Checkpoint, ModelAdapter
 from .hf_blip import HF_BLIP_TYPES, HFBlipITMAdapter
 from .hf_blip2 import HF_BLIP2_TYPES, HFBlip2ITMAdapter
 from .hf_clip import HF_CLIP_TYPES, HFClipAdapter
+from .hf_detr import HF_DETR_TYPES, HFDetrAdapter
 from .hf_lxmert import HF_LXMERT_TYPES, HFLxmertAdapter
 from .hf_siglip import HF_SIGLIP_TYPES, HFSiglip2Adapter, HFSiglipAdapter, siglip_adapter
 from .hf_vilt import HF_VILT_TYPES, HFViltITMAdapter
@@ -89,6 +90,11 @@ def _vilt_adapt(model, tokenizer=None, *, preprocess: Preprocess | None = None, 
     )
 
 
+def _detr_adapt(model, tokenizer=None, *, preprocess: Preprocess | None = None, name: str | None = None):
+    # DETR has no text model: its prompts are class names, no tokenizer is taken
+    return HFDetrAdapter(model, preprocess=preprocess, name=name)
+
+
 def _lxmert_adapt(model, tokenizer=None, *, preprocess: Preprocess | None = None, name: str | None = None):
     # LXMERT reads region features, never pixels: there is no image recipe to take
     return HFLxmertAdapter(model, tokenizer if tokenizer is not None else _tokenizer_for(model), name=name)
@@ -153,6 +159,13 @@ FAMILIES: list[Family] = [
         _lxmert_adapt,
         HFLxmertAdapter.load,
         frozenset(HF_LXMERT_TYPES),
+    ),
+    Family(
+        "hf-detr",  # fusion, encoder-decoder detector; prompts are class names (adapters/hf_detr.py)
+        HFDetrAdapter.matches,
+        _detr_adapt,
+        HFDetrAdapter.load,
+        frozenset(HF_DETR_TYPES),
     ),
     Family(
         "open_clip",
