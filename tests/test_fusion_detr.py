@@ -38,8 +38,8 @@ def detr64():
 def _detr_attention_with_grads(adapter, image, label):
     """(events, chosen query, logits (Q, C+1), grid) of ONE pair: every attention module's
     probabilities and dy/dA in execution order as ``(kind, probs (H, q, k), grad)``, taken with
-    hooks of the test's own; y is the class logit of the query whose softmax gives the class the
-    highest probability."""
+    hooks of the test's own; y is the class's log-odds at the query whose softmax gives the class
+    the highest probability."""
     model = adapter.model
     detr = model.model
     pixels = adapter.prepare_images([image])[0].pixel_values.clone()
@@ -63,7 +63,8 @@ def _detr_attention_with_grads(adapter, image, label):
             h, w = pixels.shape[-2:]
             logits = model(pixel_values=pixels, pixel_mask=torch.ones(1, h, w, dtype=torch.long)).logits[0]
             q = int(logits.detach().softmax(-1)[:, c].argmax())
-            y = logits[q, c]
+            others = torch.cat([logits[q, :c], logits[q, c + 1 :]])
+            y = logits[q, c] - torch.logsumexp(others, 0)  # the log-odds of c at q
             grads = torch.autograd.grad(y, [a for _, a in seen], allow_unused=True)
     finally:
         for handle in handles:
@@ -141,7 +142,10 @@ def test_tiny_detr_logits_depend_on_the_image(detr64):
         for p, label in enumerate(LABELS):
             _, q, logits, _ = _detr_attention_with_grads(detr64, image, label)
             c = DETR_LABELS.index(label)
-            assert ex.logits[b, p] == pytest.approx(float(logits[q, c]), rel=1e-12)
+            others = torch.cat([logits[q, :c], logits[q, c + 1 :]])
+            assert ex.logits[b, p] == pytest.approx(float(logits[q, c] - torch.logsumexp(others, 0)), rel=1e-12)
+            # its sigmoid, the reported probability, is DETR's own softmax probability
+            assert ex.probs[b, p] == pytest.approx(float(logits.softmax(-1)[q, c]), rel=1e-10)
             group = detr64.prepare_images([image])[0]
             with detr64.explaining():
                 own = detr64.class_probabilities(group.pixel_values, detr64.tokenize([label]).input_ids)
@@ -245,7 +249,9 @@ def test_detr_capture_sees_every_attention_and_leaves_the_model_as_found(detr64)
     assert run.grid == (6, 7) and run.streams["image"].size == 42  # 48 x 57.6 -> 48 x 56 and run.streams["queries"].size == 10
     classes = batch.input_ids[:, 0]
     chosen = logits.softmax(-1)[torch.arange(P), :, classes].argmax(1)
-    torch.testing.assert_close(run.logits.detach(), logits[torch.arange(P), chosen, classes], rtol=0, atol=0)
+    own = logits[torch.arange(P), chosen]
+    odds = own.gather(1, classes[:, None])[:, 0] - own.scatter(1, classes[:, None], float("-inf")).logsumexp(1)
+    torch.testing.assert_close(run.logits.detach(), odds, rtol=0, atol=0)
     assert torch.equal(run.readout[1].argmax(1), chosen) and torch.equal(run.readout[1].sum(1), torch.ones(P))
     cliplens.explain(adapter, IMAGES, LABELS, method="chefer")
     assert model_state(model) == before

@@ -15,17 +15,16 @@ self-attention layers; the decoder runs ``num_queries`` object queries (zeros pl
 from the queries to the encoder's output; ``class_labels_classifier`` gives every query
 ``num_labels + 1`` logits (the last one: "no object").
 
-What is explained for the pair (image, class c): the class logit ``logits[q*, c]`` of the query q*
-that predicts c most confidently, ``q* = argmax_q softmax(logits[q])[c]``, chosen without gradient
-(the reference generator's ``target_index``: one query). Different prompts of one image may choose
-different queries; the readout is one-hot at each pair row's own q*.
-
-Probabilities: DETR's probability of c at q* is a softmax over the classes and no-object of that
-query, not a sigmoid of the class logit, and not a function of the one logit that a pair reports.
-cliplens computes a pair's reported probability (and the ``probability`` target) from its logit
-alone (:func:`cliplens.targets.probabilities` with :attr:`pair_probability`), so for this family the
-reported ``probs`` are ``sigmoid(logit)``, which is NOT DETR's confidence; read the logits.
-:meth:`HFDetrAdapter.class_probabilities` gives DETR's own softmax probability of each pair.
+What is explained for the pair (image, class c): at the query q* that predicts c most
+confidently, ``q* = argmax_q softmax(logits[q])[c]`` (chosen without gradient: the reference
+generator's ``target_index``, one query), the log-odds of c against the other classes and
+no-object, ``logits[q*, c] - logsumexp_{k != c} logits[q*, k]``. Its sigmoid is exactly DETR's
+probability of c at q* (the softmax over the classes and no-object), so the reported ``probs``
+and the ``probability`` target are DETR's own (``pair_probability = "sigmoid"``), as for BLIP's
+ITM log-odds. The reference explains the raw class logit ``logits[q*, c]``; the two differ by the
+logsumexp of the other classes, which also carries gradient (a relevance for "not any other
+class"). Different prompts of one image may choose different queries; the readout is one-hot at
+each pair row's own q*.
 
 Streams and events: ``"image"`` (the encoder's tokens; cells 0..h*w-1 on the feature grid) and
 ``"queries"`` (no cells, no text positions). Events in execution order: the encoder's
@@ -153,7 +152,7 @@ class HFDetrAdapter(FusionAdapter):
     load_unnamed = True
     label = "DETR"
     supported = "its object detection head (DetrForObjectDetection, e.g. facebook/detr-resnet-50, which needs timm)"
-    # see the module docstring: the reported probability is sigmoid(logit), not DETR's softmax
+    # the pair logit is the class's log-odds at its query: its sigmoid is DETR's softmax probability
     pair_probability = "sigmoid"
     cross_attention = True
     # the object queries attend to the image, no text token does: gradcam (LAVIS) does not apply
@@ -328,7 +327,7 @@ class HFDetrAdapter(FusionAdapter):
         }
         weights = torch.zeros(N, Q, device=device)
         weights[rows.to(device), chosen.to(device)] = 1.0
-        return FusionRun(logits[rows, chosen, classes], streams, events, ("queries", weights), grid, leaves)
+        return FusionRun(class_log_odds(logits[rows, chosen], classes), streams, events, ("queries", weights), grid, leaves)
 
 
 def label_index(config) -> dict[str, int]:
@@ -364,3 +363,11 @@ def check_detr_model(model) -> None:
         raise ModelLoadError(
             "this is not a DETR object detection model (DetrForObjectDetection, e.g. facebook/detr-resnet-50)"
         )
+
+
+def class_log_odds(logits: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """(N, K) logits of one query per row, (N,) class per row -> (N,) ``l_c - logsumexp_{k != c} l_k``:
+    the log-odds whose sigmoid is ``softmax(l)[c]``."""
+    own = logits.gather(1, classes[:, None])[:, 0]
+    others = logits.scatter(1, classes[:, None], float("-inf")).logsumexp(dim=1)
+    return own - others
