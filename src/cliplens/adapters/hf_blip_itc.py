@@ -77,7 +77,12 @@ class HFBlipITCAdapter(ModelAdapter):
     def load(cls, checkpoint: Checkpoint) -> HFBlipITCAdapter:
         """A BLIP image-text matching checkpoint (directory, or hub name from the cache or the hub
         when it can be used), run in its contrastive mode; other BLIP heads are refused in one line."""
+        from . import ALIASES  # the embedded models ("blip-itc:shapes-blip")
+
         source = checkpoint.source
+        if source in ALIASES:
+            checkpoint = dataclasses.replace(checkpoint, source=str(ALIASES[source]))
+            source = checkpoint.source
         if Path(source).expanduser().is_dir():
             path = Path(source).expanduser()
             checkpoint = dataclasses.replace(
