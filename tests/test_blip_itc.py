@@ -121,6 +121,16 @@ def test_image_tower_linear_pieces_are_exact(itc64):
         cliplens.explain(itc64, IMAGES, TEXTS, method="decomposition")
 
 
+def test_grad_eclip_runs_on_the_image_tower_alone(itc64):
+    """(tests/oracles.py's grad_eclip oracle always rebuilds the text tower too, which has no
+    linear split here: the image-only run is checked for shape and sense, not against it.)"""
+    ex = cliplens.explain(itc64, IMAGES, TEXTS, method="grad_eclip", towers=["image"])
+    maps = np.asarray(ex.image_maps[0])
+    assert maps.shape == (len(TEXTS), 4, 4) and np.isfinite(maps).all() and (maps >= 0).all()
+    assert np.ptp(maps) > 0 and not np.allclose(maps[0], maps[2])
+    assert ex.token_scores is None
+
+
 def test_loaded_by_its_prefix_only(tmp_path):
     model = make_tiny_blip_itc()
     model.save_pretrained(tmp_path)
