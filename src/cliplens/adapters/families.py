@@ -18,8 +18,8 @@ from ..errors import ModelLoadError
 from ..preprocess import Preprocess
 from .base import Checkpoint, ModelAdapter
 from .hf_blip import HF_BLIP_TYPES, HFBlipITMAdapter
-from .hf_blip_itc import BLIP_ITC_PREFIXES, HFBlipITCAdapter
 from .hf_blip2 import HF_BLIP2_TYPES, HFBlip2ITMAdapter
+from .hf_blip_itc import BLIP_ITC_PREFIXES, HFBlipITCAdapter
 from .hf_clip import HF_CLIP_TYPES, HFClipAdapter
 from .hf_detr import HF_DETR_TYPES, HFDetrAdapter
 from .hf_lxmert import HF_LXMERT_TYPES, HFLxmertAdapter
