@@ -572,3 +572,43 @@ def hf_detr_factory(seed=0, dtype=torch.float32, **kw):
 
 
 # DETR is not in FUSION_FACTORIES: its prompts are class names, never free text
+
+
+# ---- BLIP's image-text contrastive mode: a dual encoder from a BLIP ITM model --------------------
+
+
+def make_tiny_blip_itc(seed=0, dtype=torch.float32):
+    """:func:`make_tiny_blip` with weights that make its ITC embeddings depend on the input: BLIP
+    initialises its linear weights at std 0.02, so the random biases (std 0.5) would dominate
+    every projection and all prompts (and all images) would embed alike. Here every linear
+    weight other than the sharpened queries and keys is redrawn at std 1/sqrt(fan_in), the
+    token, class and position embeddings are drawn at std 1 / 0.5, and the two ITC projections'
+    biases are shrunk."""
+    model = make_tiny_blip(seed=seed, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(seed + 1)
+    sharpened = ("query.weight", "key.weight", "qkv.weight")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("weight") and p.dim() == 2 and "embeddings" not in name and not name.endswith(sharpened):
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) / p.shape[1] ** 0.5)
+        model.text_encoder.embeddings.word_embeddings.weight.copy_(
+            torch.randn(model.text_encoder.embeddings.word_embeddings.weight.shape, generator=gen, dtype=torch.float64)
+        )
+        vision = model.vision_model.embeddings
+        vision.class_embedding.copy_(0.5 * torch.randn(vision.class_embedding.shape, generator=gen, dtype=torch.float64))
+        vision.position_embedding.copy_(
+            0.5 * torch.randn(vision.position_embedding.shape, generator=gen, dtype=torch.float64)
+        )
+        model.vision_proj.bias.mul_(0.1)
+        model.text_proj.bias.mul_(0.1)
+    return model.to(dtype)
+
+
+def hf_blip_itc_factory(seed=0, dtype=torch.float32):
+    from cliplens.adapters.hf_blip_itc import HFBlipITCAdapter
+
+    return HFBlipITCAdapter(make_tiny_blip_itc(seed=seed, dtype=dtype), word_tokenizer(), name="tiny-hf-blip-itc")
+
+
+# BLIP's ITC is a dual encoder: the contract, oracle and golden tests run it with CLIP and SigLIP
+ADAPTER_FACTORIES.append(("hf-blip-itc", hf_blip_itc_factory))

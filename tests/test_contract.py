@@ -131,6 +131,9 @@ def test_capability_flags_are_what_explain_does():
     expected = {
         (m, f) for m in ("interactions", "grad_eclip") for f in ("hf-siglip", "hf-siglip2")
     }
+    # BLIP's ITC mode: its text tower's blocks are post-norm (BERT), with no exact linear split;
+    # these methods need one on both towers by default (towers=("image",) runs decomposition)
+    expected |= {(m, "hf-blip-itc") for m in ("decomposition", "interactions", "grad_eclip")}
     # fusion models: chefer's bi-modal rules, raw attention and LAVIS's cross-attention Grad-CAM
     # (rollout has no cross-attention rule); the dual-encoder methods need separate towers
     expected |= {(m, "hf-blip-itm") for m in METHODS if m not in {"chefer", "raw_attention", "gradcam"}}

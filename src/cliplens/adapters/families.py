@@ -19,6 +19,7 @@ from ..preprocess import Preprocess
 from .base import Checkpoint, ModelAdapter
 from .hf_blip import HF_BLIP_TYPES, HFBlipITMAdapter
 from .hf_blip2 import HF_BLIP2_TYPES, HFBlip2ITMAdapter
+from .hf_blip_itc import BLIP_ITC_PREFIXES, HFBlipITCAdapter
 from .hf_clip import HF_CLIP_TYPES, HFClipAdapter
 from .hf_detr import HF_DETR_TYPES, HFDetrAdapter
 from .hf_lxmert import HF_LXMERT_TYPES, HFLxmertAdapter
@@ -74,6 +75,12 @@ def _siglip_adapt(model, tokenizer=None, *, preprocess: Preprocess | None = None
 
 def _blip_adapt(model, tokenizer=None, *, preprocess: Preprocess | None = None, name: str | None = None):
     return HFBlipITMAdapter(
+        model, tokenizer if tokenizer is not None else _tokenizer_for(model), preprocess=preprocess, name=name
+    )
+
+
+def _blip_itc_adapt(model, tokenizer=None, *, preprocess: Preprocess | None = None, name: str | None = None):
+    return HFBlipITCAdapter(
         model, tokenizer if tokenizer is not None else _tokenizer_for(model), preprocess=preprocess, name=name
     )
 
@@ -138,6 +145,14 @@ FAMILIES: list[Family] = [
         _blip_adapt,
         HFBlipITMAdapter.load,
         frozenset(HF_BLIP_TYPES),
+    ),
+    Family(
+        "hf-blip-itc",  # BLIP ITM checkpoints in their contrastive mode, a dual encoder; by spec
+        # prefix only ("blip-itc:..."): a BlipForImageTextRetrieval object stays hf-blip-itm's
+        HFBlipITCAdapter.matches,
+        _blip_itc_adapt,
+        HFBlipITCAdapter.load,
+        prefixes=BLIP_ITC_PREFIXES,
     ),
     Family(
         "hf-blip2-itm",  # fusion: ViT, then a Q-Former over query tokens and text (adapters/hf_blip2.py)
