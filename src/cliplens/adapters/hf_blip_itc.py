@@ -48,13 +48,11 @@ from .base import (
     TextBatch,
     TokenLayout,
     TowerRun,
-    block_entry,
-    keep_attention,
-    run_input_embeds,
 )
 from .capture import Capture
 from .fusion import bert_tokenize
 from .hf_blip import HFBlipITMAdapter
+from .hf_encoder import capture_tower
 
 #: the spec prefixes that load a BLIP ITM checkpoint in this mode
 BLIP_ITC_PREFIXES = ("blip-itc:",)
@@ -165,7 +163,7 @@ class HFBlipITCAdapter(ModelAdapter):
         run = TowerRun("image", embeds=None, layout=layout, pixel_values=pixel_values)  # type: ignore[arg-type]
         layers = list(vm.encoder.layers)
         with Capture() as capture:
-            _capture(capture, vm.embeddings, layers, [l.self_attn for l in layers], run, detach_blocks, input_embeds, fan_out)
+            capture_tower(capture, vm.embeddings, layers, [l.self_attn for l in layers], run, detach_blocks, input_embeds, fan_out)
             # interpolation of the position embeddings is the identity at the model's own size
             out = vm(pixel_values=pixel_values, interpolate_pos_encoding=True)
         # the ITC path reads the class token of last_hidden_state (post_layernorm applied once;
@@ -196,7 +194,7 @@ class HFBlipITCAdapter(ModelAdapter):
         run = TowerRun("text", embeds=None, layout=layout)  # type: ignore[arg-type]
         layers = list(te.encoder.layer)
         with Capture() as capture:
-            _capture(capture, te.embeddings, layers, [l.attention.self for l in layers], run, detach_blocks, None, fan_out)
+            capture_tower(capture, te.embeddings, layers, [l.attention.self for l in layers], run, detach_blocks, None, fan_out)
             # no encoder_hidden_states: the cross-attention to the image is skipped (ITC)
             hidden = te(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         run.pooled = hidden[:, 0]  # [CLS]; the last block's own LayerNorm is the final norm
@@ -252,61 +250,3 @@ class HFBlipITCAdapter(ModelAdapter):
     def mlp_output(self, tower: str, layer_index: int, hidden: torch.Tensor) -> torch.Tensor:
         layer = self._vit_layer(tower, layer_index)
         return layer.mlp(layer.layer_norm2(hidden))
-
-
-def _capture(
-    capture: Capture,
-    embeddings: torch.nn.Module,
-    layers: list[torch.nn.Module],
-    attentions: list[torch.nn.Module],
-    run: TowerRun,
-    detach_blocks: bool,
-    input_embeds: torch.Tensor | None,
-    fan_out: FanOut | None,
-) -> None:
-    """Hooks (for one run, in ``capture``) that fill ``run``: the embedding output (or
-    ``input_embeds`` in its place) as ``run.input_embeds``; each layer's input and output; each
-    layer's attention probabilities (the second output of its attention module); with
-    ``fan_out``, the stream and any per-row mask beside it repeated per pair from its block on.
-    (The layout of :meth:`HFEncoderAdapter._capture`, for modules at other paths.)"""
-
-    def on_embed(module, args, output):
-        leaf = run_input_embeds(output, input_embeds)
-        run.input_embeds = leaf
-        return leaf
-
-    capture.forward_hook(embeddings, on_embed)
-    distinct_rows: list[int] = []  # rows before the fan-out
-    for i, (layer, attention) in enumerate(zip(layers, attentions)):
-
-        def pre(module, args, kwargs, i=i):
-            positional = bool(args)
-            hidden = args[0] if positional else kwargs["hidden_states"]
-            rest = args[1:]
-            others = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-            if fan_out is not None and i >= fan_out.block:
-                if i == fan_out.block:
-                    distinct_rows.append(hidden.shape[0])
-                    hidden = fan_out.enter(hidden)
-                    run.graph_input = hidden
-                rows = distinct_rows[0]
-                rest = tuple(fan_out.beside(x, rows) for x in rest)
-                others = {k: fan_out.beside(v, rows) for k, v in others.items()}
-            hidden = block_entry(hidden, i, detach_blocks)
-            run.block_inputs.append(hidden)
-            if positional:
-                return (hidden, *rest), others
-            return rest, {**others, "hidden_states": hidden}
-
-        def post(module, args, output):
-            run.block_outputs.append(output[0] if isinstance(output, tuple) else output)
-
-        def on_attn(module, args, output, i=i):
-            weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
-            if weights is None:
-                raise RuntimeError("attention probabilities were not returned")
-            run.attentions.append(keep_attention(weights, i, fan_out))
-
-        capture.forward_pre_hook(layer, pre, with_kwargs=True)
-        capture.forward_hook(layer, post)
-        capture.forward_hook(attention, on_attn)

@@ -241,54 +241,12 @@ class HFEncoderAdapter(ModelAdapter):
         input_embeds: torch.Tensor | None = None,
         fan_out: FanOut | None = None,
     ) -> None:
-        """Hooks on ``tower_module`` (for one run, in ``capture``) that fill ``run``: the embedding
-        output (or ``input_embeds`` in its place) as ``run.input_embeds``, each layer's input and
-        output, each layer's attention probabilities; with ``fan_out``, the stream (and any
-        per-row mask beside it) repeated per pair on entering its block."""
-
-        def on_embed(module, args, output):
-            leaf = run_input_embeds(output, input_embeds)
-            run.input_embeds = leaf
-            return leaf
-
-        capture.forward_hook(tower_module.embeddings, on_embed)
-        distinct_rows: list[int] = []  # rows before the fan-out
-        for i, layer in enumerate(tower_module.encoder.layers):
-
-            def pre(module, args, kwargs, i=i):
-                positional = bool(args)
-                hidden = args[0] if positional else kwargs["hidden_states"]
-                rest = args[1:]
-                others = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-                if fan_out is not None and i >= fan_out.block:
-                    # the encoder hands every block the same per-row masks: fan them out each time
-                    if i == fan_out.block:
-                        distinct_rows.append(hidden.shape[0])
-                        hidden = fan_out.enter(hidden)
-                        run.graph_input = hidden
-                    rows = distinct_rows[0]
-                    rest = tuple(fan_out.beside(x, rows) for x in rest)
-                    others = {k: fan_out.beside(v, rows) for k, v in others.items()}
-                hidden = block_entry(hidden, i, detach_blocks)
-                run.block_inputs.append(hidden)
-                if positional:
-                    return (hidden, *rest), others
-                return rest, {**others, "hidden_states": hidden}
-
-            def post(module, args, output):
-                run.block_outputs.append(output[0] if isinstance(output, tuple) else output)
-
-            def on_attn(module, args, output, i=i):
-                weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
-                if weights is None:
-                    raise RuntimeError(
-                        "attention probabilities were not returned; eager attention is required"
-                    )
-                run.attentions.append(keep_attention(weights, i, fan_out))
-
-            capture.forward_pre_hook(layer, pre, with_kwargs=True)
-            capture.forward_hook(layer, post)
-            capture.forward_hook(layer.self_attn, on_attn)
+        """:func:`capture_tower` on ``tower_module``'s ``embeddings``, ``encoder.layers`` and their
+        ``self_attn``."""
+        layers = list(tower_module.encoder.layers)
+        capture_tower(
+            capture, tower_module.embeddings, layers, [l.self_attn for l in layers], run, detach_blocks, input_embeds, fan_out
+        )
 
     # ---- readout -----------------------------------------------------------------------
     def _head_modules(self, tower: str) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -331,3 +289,61 @@ class HFEncoderAdapter(ModelAdapter):
     def mlp_output(self, tower: str, layer_index: int, hidden: torch.Tensor) -> torch.Tensor:
         layer = self._layer(tower, layer_index)
         return layer.mlp(layer.layer_norm2(hidden))
+
+def capture_tower(
+    capture: Capture,
+    embeddings: torch.nn.Module,
+    layers: list[torch.nn.Module],
+    attentions: list[torch.nn.Module],
+    run: TowerRun,
+    detach_blocks: bool,
+    input_embeds: torch.Tensor | None,
+    fan_out: FanOut | None,
+) -> None:
+    """Hooks (for one run, in ``capture``) that fill ``run``: the embedding output (or
+    ``input_embeds`` in its place) as ``run.input_embeds``; each layer's input and output; each
+    layer's attention probabilities (the second output of its attention module); with
+    ``fan_out``, the stream and any per-row mask beside it repeated per pair from its block on.
+    Every transformers tower cliplens runs apart (CLIP, SigLIP, BLIP's ITC towers) is captured
+    this way; an adapter names its modules."""
+
+    def on_embed(module, args, output):
+        leaf = run_input_embeds(output, input_embeds)
+        run.input_embeds = leaf
+        return leaf
+
+    capture.forward_hook(embeddings, on_embed)
+    distinct_rows: list[int] = []  # rows before the fan-out
+    for i, (layer, attention) in enumerate(zip(layers, attentions)):
+
+        def pre(module, args, kwargs, i=i):
+            positional = bool(args)
+            hidden = args[0] if positional else kwargs["hidden_states"]
+            rest = args[1:]
+            others = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            if fan_out is not None and i >= fan_out.block:
+                if i == fan_out.block:
+                    distinct_rows.append(hidden.shape[0])
+                    hidden = fan_out.enter(hidden)
+                    run.graph_input = hidden
+                rows = distinct_rows[0]
+                rest = tuple(fan_out.beside(x, rows) for x in rest)
+                others = {k: fan_out.beside(v, rows) for k, v in others.items()}
+            hidden = block_entry(hidden, i, detach_blocks)
+            run.block_inputs.append(hidden)
+            if positional:
+                return (hidden, *rest), others
+            return rest, {**others, "hidden_states": hidden}
+
+        def post(module, args, output):
+            run.block_outputs.append(output[0] if isinstance(output, tuple) else output)
+
+        def on_attn(module, args, output, i=i):
+            weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+            if weights is None:
+                raise RuntimeError("attention probabilities were not returned; eager attention is required")
+            run.attentions.append(keep_attention(weights, i, fan_out))
+
+        capture.forward_pre_hook(layer, pre, with_kwargs=True)
+        capture.forward_hook(layer, post)
+        capture.forward_hook(attention, on_attn)
