@@ -9,7 +9,7 @@ log-odds). Model: a random ``BlipForImageTextRetrieval`` with BLIP-base sizes (V
 
 Peak memory on CPU: resident memory sampled in a fresh process per case (see _common.PeakRSS).
 The relevance matrices are full (n x n per stream and pair); the image stream's
-R (577 x 577) costs 577^3 multiply-adds per image self-attention event and pair, about 2% of
+R (577 x 577) costs 577^3 multiply-adds per image self-attention event and pair, about 4% of
 a ViT-B/16 layer's forward at that size: the rules are not the cost, the per-pair forward is.
 """
 
