@@ -351,6 +351,7 @@ def test_evaluate_scores_fusion_models(family, tmp_path):
         harness.evaluate(adapter, None, f"shapes:{ds}", limit=1, progress=False, target="class")
 
 
+@pytest.mark.app
 def test_the_app_offers_a_fusion_model_only_its_own_methods(tmp_path):
     pytest.importorskip("starlette")
     from cliplens.app.core import Limits, Service
