@@ -364,3 +364,20 @@ def test_the_app_offers_a_fusion_model_only_its_own_methods(tmp_path):
         svc.close()
     offered = set(__import__("re").findall(r"name='methods' value='(\w+)'", page))
     assert offered == {"chefer", "raw_attention", "gradcam"}
+
+
+def test_the_page_shows_lavis_word_maps_behind_the_word_chips(blip64, tmp_path):
+    """gradcam on BLIP gives per-word maps but no token scores: the page still shows one chip per
+    content word, each with its word map to hover (grey chips, no score)."""
+    import re
+
+    from cliplens.viz.pages import write_folder
+
+    ex = cliplens.explain(blip64, IMAGES[0], TEXTS[:2], method="gradcam")
+    assert ex.token_scores is None
+    write_folder(ex, ["img"], tmp_path, model="tiny")
+    page = (tmp_path / "index.html").read_text()
+    linked = re.findall(r'data-img="([^"]+)"', page)
+    n_words = sum(int(c.sum()) for c in ex.content[:2])
+    assert len(linked) == n_words and all((tmp_path / f).is_file() for f in linked)
+    np.testing.assert_array_equal(ex.word_matrix(0, 1)[1], ex.extras["word_maps"][0, 1, 1])
