@@ -13,7 +13,7 @@ PAPERS: dict[str, str] = {
         "Chefer, Gur, Wolf, ICCV 2021; reference hila-chefer/Transformer-MM-Explainability (CLIP notebook "
         "`interpret`). Compared: the equation, against a float64 oracle with full n x n matrices (1e-6 of "
         "the map's scale, every family); not run against the notebook's code. Default start_layer = the "
-        "last block, as the notebook for ViT-B/16."
+        "last block, as the notebook for ViT-B/16. Fusion models: the bi-modal and encoder-decoder rules of the same paper (reference: its LXMERT, VisualBERT and DETR generators, read, not run), against float64 oracles written from the equations on BLIP, BLIP-2, ViLT, LXMERT and DETR (1e-6); the reference's 0/0 is selectable (degenerate_rows=reference)."
     ),
     "legrad": (
         "Bousselham et al. 2024; reference WalBouss/LeGrad (PyPI legrad-torch, LeWrapper). Compared: "
@@ -37,7 +37,7 @@ PAPERS: dict[str, str] = {
     "gradcam": (
         "Selvaraju et al., ICCV 2017; ViT recipe of jacobgil/pytorch-grad-cam. Compared: float64 oracle; "
         "features differ from the recipe (the residual stream entering the block, not its first norm's "
-        "output): not numerically comparable with it."
+        "output): not numerically comparable with it. Fusion models: LAVIS's cross-attention Grad-CAM (salesforce/LAVIS compute_gradcam, read, not run), against its formula per word (float64); explains the ITM log-odds where LAVIS uses itm[:, 1]."
     ),
     "sensitivity": (
         "Simonyan et al. 2014, gradient x input (Shrikumar et al. 2016), the seed blog's deoptimization; "
