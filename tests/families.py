@@ -553,6 +553,9 @@ def hf_bridgetower_factory(seed=0, dtype=torch.float32, **kw):
     return HFBridgeTowerITMAdapter(model, word_tokenizer(), name="tiny-hf-bridgetower-itm")
 
 
+FUSION_FACTORIES.append(("hf-bridgetower-itm", hf_bridgetower_factory))
+
+
 # LXMERT is not in FUSION_FACTORIES: it reads region features (RegionImage), never the pictures the
 # contract tests give every family; tests/test_fusion_lxmert.py covers its contract
 
