@@ -505,6 +505,57 @@ def random_regions(seed=0, regions=4, size=(48, 40), feat_dim=16, with_image=Tru
     return cliplens.RegionImage(features, boxes, size=size)
 
 
+def make_tiny_bridgetower(seed=0, dtype=torch.float32, image_size=32, patch_size=8, cross_layers=2):
+    """A random BridgeTowerForImageAndTextRetrieval: RoBERTa-style text encoder and CLIP-ViT of 2
+    unimodal layers each, ``cross_layers`` cross-modal layers (2: one link tower per stream),
+    width 32 with 4 heads (the ViT: width 128, whose nn.MultiheadAttention has width // 64 = 2
+    heads), attention sharpened (queries and keys scaled up), biases random, and the pooler and
+    ITM head scaled so that the pairs' logits differ."""
+    from transformers import BridgeTowerConfig, BridgeTowerForImageAndTextRetrieval
+
+    text = dict(
+        vocab_size=len(FUSION_WORDS),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=20,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=3,
+    )
+    vision = dict(hidden_size=128, num_hidden_layers=2, image_size=image_size, patch_size=patch_size)
+    config = BridgeTowerConfig(
+        text_config=text, vision_config=vision, hidden_size=32, num_hidden_layers=cross_layers, num_attention_heads=4
+    )
+    torch.manual_seed(seed)
+    model = BridgeTowerForImageAndTextRetrieval(config)
+    randomise_biases(model)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("query.weight", "key.weight")):
+                p.mul_(8.0)
+            elif name.endswith("attn.in_proj_weight"):
+                p[: 2 * p.shape[1]].mul_(4.0)
+        bt = model.bridgetower
+        bt.vision_model.visual.embeddings.class_embedding.normal_(std=0.5)
+        bt.vision_model.visual.embeddings.position_embedding.weight.normal_(std=0.5)
+        bt.cross_modal_text_pooler.dense.weight.mul_(4.0)
+        bt.cross_modal_image_pooler.dense.weight.mul_(4.0)
+        model.itm_score.fc.weight.normal_(std=1.0)
+    return model.to(dtype)
+
+
+def hf_bridgetower_factory(seed=0, dtype=torch.float32, **kw):
+    from cliplens.adapters.hf_bridgetower import HFBridgeTowerITMAdapter
+
+    model = make_tiny_bridgetower(seed=seed, dtype=dtype, **kw)
+    return HFBridgeTowerITMAdapter(model, word_tokenizer(), name="tiny-hf-bridgetower-itm")
+
+
+FUSION_FACTORIES.append(("hf-bridgetower-itm", hf_bridgetower_factory))
+
+
 # LXMERT is not in FUSION_FACTORIES: it reads region features (RegionImage), never the pictures the
 # contract tests give every family; tests/test_fusion_lxmert.py covers its contract
 

@@ -160,7 +160,7 @@ def test_model_that_is_not_clip(tmp_path, capsys, photo):
     (other / "config.json").write_text(json.dumps({"model_type": "bert"}))
     code, _, err = run(capsys, "explain", str(photo), "-t", "x", "--model", str(other), "--out", str(tmp_path / "o"))
     assert code == 2
-    _only_error_line(err, "not a CLIP, SigLIP, BLIP, BLIP-2, ViLT or LXMERT image-text checkpoint, nor a DETR detector")
+    _only_error_line(err, "not a CLIP, SigLIP, BLIP, BLIP-2, ViLT, LXMERT or BridgeTower image-text checkpoint, nor a DETR detector")
     code, _, err = run(capsys, "explain", str(photo), "-t", "x", "--model", str(tmp_path / "empty-dir-missing"), "--out", str(tmp_path / "o"))
     assert code == 2
 

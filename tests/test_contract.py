@@ -142,6 +142,8 @@ def test_capability_flags_are_what_explain_does():
     # BLIP-2: only its Q-Former's query tokens cross-attend (no text rows for Grad-CAM), and
     # rollout has no cross-attention rule
     expected |= {(m, "hf-blip2-itm") for m in METHODS if m not in {"chefer", "raw_attention"}}
+    # BridgeTower: co-attention like BLIP's cross-attention (rollout has no cross-attention rule)
+    expected |= {(m, "hf-bridgetower-itm") for m in METHODS if m not in {"chefer", "raw_attention", "gradcam"}}
     assert refused == expected
 
 

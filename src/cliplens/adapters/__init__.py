@@ -6,7 +6,7 @@ Accepted model specs:
   ``SiglipModel``, ``Siglip2Model``; open_clip ``CLIP`` / ``CustomTextCLIP`` ViT models);
 - ``"shapes"``: the small CLIP shipped inside cliplens (trained on the shapes world);
 - a local directory holding a transformers checkpoint (``config.json`` with model_type
-  ``clip``, ``siglip``, ``siglip2``, ``blip``, ``vilt``, ``lxmert`` or ``detr``);
+  ``clip``, ``siglip``, ``siglip2``, ``blip``, ``vilt``, ``lxmert``, ``bridgetower`` or ``detr``);
 - ``"open_clip:NAME/PRETRAINED"`` (e.g. ``open_clip:ViT-B-16/openai``; PRETRAINED a tag or a
   checkpoint file) or ``"open_clip:hf-hub:ORG/REPO"``: needs the open_clip extra; weights from
   the local cache, downloaded only when the hub is reachable (see docs/models.md);
@@ -69,7 +69,7 @@ def adapt(model, tokenizer=None, *, name: str | None = None, preprocess=None) ->
         raise ModelLoadError(
             f"cannot explain a {type(model).__name__}: cliplens supports transformers CLIPModel, SiglipModel, "
             "BlipForImageTextRetrieval, Blip2ForImageTextRetrieval, ViltForImageAndTextRetrieval, LxmertForPreTraining, "
-            "LxmertForQuestionAnswering, DetrForObjectDetection and open_clip CLIP models (and the families listed by `cliplens models`)"
+            "LxmertForQuestionAnswering, BridgeTowerForImageAndTextRetrieval, DetrForObjectDetection and open_clip CLIP models (and the families listed by `cliplens models`)"
         )
     return family.adapt(model, tokenizer, preprocess=preprocess, name=name)
 
@@ -120,7 +120,7 @@ def _load_directory(path: Path, name: str, dtype: torch.dtype, tokenizer) -> Mod
         raise ModelLoadError(f"{config_path}: unreadable config ({exc})") from None
     family = family_of_type(model_type)
     if family is None:
-        raise ModelLoadError(f"{path}: not a CLIP, SigLIP, BLIP, BLIP-2, ViLT or LXMERT image-text checkpoint, nor a DETR detector (model_type is {model_type!r})")
+        raise ModelLoadError(f"{path}: not a CLIP, SigLIP, BLIP, BLIP-2, ViLT, LXMERT or BridgeTower image-text checkpoint, nor a DETR detector (model_type is {model_type!r})")
     checkpoint = Checkpoint(
         str(path), name, dtype, tokenizer, processor_config=hub.read_processor_config(path)
     )
@@ -134,7 +134,7 @@ def _load_hub(name: str, dtype: torch.dtype, tokenizer) -> ModelAdapter:
     family = family_of_type(model_type)
     if family is None:
         raise ModelLoadError(
-            f"model '{name}' is not a CLIP, SigLIP, BLIP, BLIP-2, ViLT or LXMERT image-text checkpoint, nor a DETR detector (model_type is {model_type!r})"
+            f"model '{name}' is not a CLIP, SigLIP, BLIP, BLIP-2, ViLT, LXMERT or BridgeTower image-text checkpoint, nor a DETR detector (model_type is {model_type!r})"
         )
     checkpoint = Checkpoint(
         name,

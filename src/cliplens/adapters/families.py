@@ -20,6 +20,7 @@ from .base import Checkpoint, ModelAdapter
 from .hf_blip import HF_BLIP_TYPES, HFBlipITMAdapter
 from .hf_blip2 import HF_BLIP2_TYPES, HFBlip2ITMAdapter
 from .hf_blip_itc import BLIP_ITC_PREFIXES, HFBlipITCAdapter
+from .hf_bridgetower import HF_BRIDGETOWER_TYPES, HFBridgeTowerITMAdapter
 from .hf_clip import HF_CLIP_TYPES, HFClipAdapter
 from .hf_detr import HF_DETR_TYPES, HFDetrAdapter
 from .hf_lxmert import HF_LXMERT_TYPES, HFLxmertAdapter
@@ -93,6 +94,12 @@ def _blip2_adapt(model, tokenizer=None, *, preprocess: Preprocess | None = None,
 
 def _vilt_adapt(model, tokenizer=None, *, preprocess: Preprocess | None = None, name: str | None = None):
     return HFViltITMAdapter(
+        model, tokenizer if tokenizer is not None else _tokenizer_for(model), preprocess=preprocess, name=name
+    )
+
+
+def _bridgetower_adapt(model, tokenizer=None, *, preprocess: Preprocess | None = None, name: str | None = None):
+    return HFBridgeTowerITMAdapter(
         model, tokenizer if tokenizer is not None else _tokenizer_for(model), preprocess=preprocess, name=name
     )
 
@@ -174,6 +181,13 @@ FAMILIES: list[Family] = [
         _lxmert_adapt,
         HFLxmertAdapter.load,
         frozenset(HF_LXMERT_TYPES),
+    ),
+    Family(
+        "hf-bridgetower-itm",  # fusion, co-attention fed by link towers (adapters/hf_bridgetower.py)
+        HFBridgeTowerITMAdapter.matches,
+        _bridgetower_adapt,
+        HFBridgeTowerITMAdapter.load,
+        frozenset(HF_BRIDGETOWER_TYPES),
     ),
     Family(
         "hf-detr",  # fusion, encoder-decoder detector; prompts are class names (adapters/hf_detr.py)
