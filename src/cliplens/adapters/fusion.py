@@ -20,14 +20,17 @@ Shapes: N pair rows (row ``b*P + p`` is image b with prompt p), H heads, n token
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from abc import abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
 from ..errors import InputError, ModelLoadError
 from .base import Checkpoint, ImageBatch, ModelAdapter, TextBatch
+from .capture import Capture
 
 
 @dataclass(frozen=True)
@@ -196,6 +199,19 @@ class FusionAdapter(ModelAdapter):
                     first = str(exc).splitlines()[0]
                     raise ModelLoadError(f"{name}: could not load the {cls.label} tokenizer ({first})") from None
         return model, tokenizer
+
+    @property
+    def num_layers(self) -> dict[str, int]:
+        return {"image": len(self.blocks("image")), "text": len(self.blocks("text"))}
+
+    @contextlib.contextmanager
+    def explaining(self) -> Iterator[None]:
+        """Frozen eval mode and eager attention (the path whose attention modules hand over
+        their probabilities), for the call only."""
+        with Capture() as capture:
+            capture.freeze(self.model)
+            capture.eager_attention(self.model)
+            yield
 
     def tokenize(self, texts: list[str]) -> TextBatch:
         """BERT word pieces (every transformers fusion model so far): see :func:`bert_tokenize`."""

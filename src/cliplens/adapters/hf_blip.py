@@ -18,8 +18,6 @@ forward hooks on those modules, for the call only.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 
 import torch
 
@@ -63,10 +61,6 @@ class HFBlipITMAdapter(FusionAdapter):
         return (p, p)
 
     @property
-    def num_layers(self) -> dict[str, int]:
-        return {"image": len(self.blocks("image")), "text": len(self.blocks("text"))}
-
-    @property
     def context_length(self) -> int:
         return int(self.model.config.text_config.max_position_embeddings)
 
@@ -76,13 +70,6 @@ class HFBlipITMAdapter(FusionAdapter):
         return list(self.model.text_encoder.encoder.layer)
 
     # ---- running -----------------------------------------------------------------------
-    @contextlib.contextmanager
-    def explaining(self) -> Iterator[None]:
-        with Capture() as capture:
-            capture.freeze(self.model)
-            capture.eager_attention(self.model)
-            yield
-
     def run_pairs(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> FusionRun:
         model = self.model
         events: list[AttentionEvent] = []

@@ -121,10 +121,6 @@ class HFBlip2ITMAdapter(FusionAdapter):
         return int(self.model.query_tokens.shape[1])
 
     @property
-    def num_layers(self) -> dict[str, int]:
-        return {"image": len(self.blocks("image")), "text": len(self.blocks("text"))}
-
-    @property
     def context_length(self) -> int:
         # the text tokens' own positions (the query tokens have none)
         return int(self.model.config.qformer_config.max_position_embeddings)

@@ -60,8 +60,6 @@ max_position_embeddings, pad_token_id}``; head ``itm_score``.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 
 import torch
 
@@ -106,10 +104,6 @@ class HFBridgeTowerITMAdapter(FusionAdapter):
         return (p, p)
 
     @property
-    def num_layers(self) -> dict[str, int]:
-        return {"image": len(self.blocks("image")), "text": len(self.blocks("text"))}
-
-    @property
     def context_length(self) -> int:
         # RoBERTa's positions start after the padding index
         text = self.model.config.text_config
@@ -123,13 +117,6 @@ class HFBridgeTowerITMAdapter(FusionAdapter):
         return list(bt.text_model.encoder.layer) + list(bt.cross_modal_text_layers)
 
     # ---- running -----------------------------------------------------------------------
-    @contextlib.contextmanager
-    def explaining(self) -> Iterator[None]:
-        with Capture() as capture:
-            capture.freeze(self.model)
-            capture.eager_attention(self.model)
-            yield
-
     def run_pairs(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> FusionRun:
         bt = self.model.bridgetower
         N, T = input_ids.shape

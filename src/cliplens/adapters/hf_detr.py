@@ -61,9 +61,7 @@ decoder, decoder.layers[i].{self_attn, encoder_attn}}``, ``class_labels_classifi
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -210,10 +208,6 @@ class HFDetrAdapter(FusionAdapter):
         return (self._stride, self._stride)
 
     @property
-    def num_layers(self) -> dict[str, int]:
-        return {"image": len(self.blocks("image")), "text": len(self.blocks("text"))}
-
-    @property
     def context_length(self) -> int:
         return 1
 
@@ -246,13 +240,6 @@ class HFDetrAdapter(FusionAdapter):
         return TextBatch(list(texts), input_ids, mask, [[str(t)] for t in texts], [False] * P, content)
 
     # ---- running -----------------------------------------------------------------------
-    @contextlib.contextmanager
-    def explaining(self) -> Iterator[None]:
-        with Capture() as capture:
-            capture.freeze(self.model)
-            capture.eager_attention(self.model)
-            yield
-
     def class_probabilities(self, pixel_values: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         """(N,) DETR's own probability of each pair row's class at its chosen query: the softmax
         over the classes and no-object (call inside :meth:`explaining`)."""

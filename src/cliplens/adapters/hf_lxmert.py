@@ -77,8 +77,6 @@ task_matched}``.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 
 import torch
 
@@ -134,10 +132,6 @@ class HFLxmertAdapter(FusionAdapter):
         return (1, 1)
 
     @property
-    def num_layers(self) -> dict[str, int]:
-        return {"image": len(self.blocks("image")), "text": len(self.blocks("text"))}
-
-    @property
     def context_length(self) -> int:
         return int(self.model.config.max_position_embeddings)
 
@@ -181,13 +175,6 @@ class HFLxmertAdapter(FusionAdapter):
         ]
 
     # ---- running -----------------------------------------------------------------------
-    @contextlib.contextmanager
-    def explaining(self) -> Iterator[None]:
-        with Capture() as capture:
-            capture.freeze(self.model)
-            capture.eager_attention(self.model)
-            yield
-
     def attention_plan(self) -> list[tuple[torch.nn.Module, list[tuple[str, str, str, str, int]]]]:
         """Every ``LxmertAttention`` module with the events its calls are, in call order:
         ``(kind, query, key, stack, layer)``; ``visual_attention.att`` is called twice per

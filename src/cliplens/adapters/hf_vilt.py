@@ -54,9 +54,7 @@ Towers: ViLT has one stack, so ``blocks("image")`` and ``blocks("text")`` are bo
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -194,13 +192,6 @@ class HFViltITMAdapter(FusionAdapter):
 
     # ---- inputs ------------------------------------------------------------------------
     # ---- running -----------------------------------------------------------------------
-    @contextlib.contextmanager
-    def explaining(self) -> Iterator[None]:
-        with Capture() as capture:
-            capture.freeze(self.model)
-            capture.eager_attention(self.model)
-            yield
-
     def run_pairs(
         self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> FusionRun:
