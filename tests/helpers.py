@@ -39,3 +39,29 @@ def model_state(model: torch.nn.Module) -> dict:
         "hooks": hook_count(model),
         "patched": [name for name, m in model.named_modules() if "forward" in m.__dict__],
     }
+
+
+def rel(a, b) -> float:
+    """max |a - b| over max |b| (finite entries; NaN must sit at the same places)."""
+    import numpy as np
+
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    assert np.array_equal(np.isnan(a), np.isnan(b))
+    keep = ~np.isnan(b)
+    return float(np.abs(a[keep] - b[keep]).max() / np.abs(b[keep]).max())
+
+
+def assert_batch_equals_one_by_one(adapter, images, prompts, method: str, tol: float = 1e-10) -> None:
+    """Every pair of one B x P call equals that pair explained alone (maps, token scores, logit)."""
+    import pytest
+
+    import cliplens
+
+    e = cliplens.explain(adapter, images, prompts, method=method)
+    for b, img in enumerate(images):
+        for p, prompt in enumerate(prompts):
+            one = cliplens.explain(adapter, [img], [prompt], method=method)
+            T = one.token_scores.shape[-1]
+            assert rel(e.image_maps[b, p], one.image_maps[0, 0]) < tol
+            assert rel(e.token_scores[b, p, :T], one.token_scores[0, 0]) < tol
+            assert e.logits[b, p] == pytest.approx(one.logits[0, 0], rel=100 * tol)

@@ -23,7 +23,7 @@ from cliplens.adapters.hf_blip import HFBlipITMAdapter
 from cliplens.adapters.hf_blip2 import HFBlip2ITMAdapter
 from cliplens.errors import InputError, ModelLoadError
 from families import hf_blip2_factory, make_tiny_blip2, random_image, word_tokenizer
-from helpers import hook_count, model_state
+from helpers import assert_batch_equals_one_by_one, hook_count, model_state, rel
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -33,14 +33,6 @@ NQ = 4  # the tiny model's query tokens
 
 def images():
     return [random_image(0), random_image(1, size=(40, 56))]
-
-
-def rel(a, b) -> float:
-    """max |a - b| over max |b| (finite entries; NaN must sit at the same places)."""
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    assert np.array_equal(np.isnan(a), np.isnan(b))
-    keep = ~np.isnan(b)
-    return float(np.abs(a[keep] - b[keep]).max() / np.abs(b[keep]).max())
 
 
 @pytest.fixture(scope="module", params=[1, 2], ids=["cross-every-layer", "cross-every-2nd-layer"])
@@ -320,16 +312,7 @@ def test_capture_undone_when_the_model_raises():
 
 @pytest.mark.parametrize("method", ["chefer", "raw_attention"])
 def test_batch_equals_one_by_one(method):
-    adapter = hf_blip2_factory(dtype=torch.float64)
-    imgs = images()
-    e = cliplens.explain(adapter, imgs, PROMPTS, method=method)
-    for b, img in enumerate(imgs):
-        for p, prompt in enumerate(PROMPTS):
-            one = cliplens.explain(adapter, [img], [prompt], method=method)
-            T = one.token_scores.shape[-1]
-            assert rel(e.image_maps[b, p], one.image_maps[0, 0]) < 1e-10
-            assert rel(e.token_scores[b, p, :T], one.token_scores[0, 0]) < 1e-10
-            assert e.logits[b, p] == pytest.approx(one.logits[0, 0], rel=1e-12)
+    assert_batch_equals_one_by_one(hf_blip2_factory(dtype=torch.float64), images(), PROMPTS, method)
 
 
 def test_score_table_matches_explain():

@@ -19,6 +19,7 @@ from cliplens.adapters.base import Checkpoint
 from cliplens.adapters.hf_vilt import HFViltITMAdapter, vilt_preprocess_from_config
 from cliplens.errors import InputError, ModelLoadError
 from families import hf_vilt_factory, make_tiny_vilt, random_image, word_tokenizer
+from helpers import assert_batch_equals_one_by_one, rel
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -27,14 +28,6 @@ PROMPTS = ["a red circle", "the big dog and a small cat"]  # different lengths: 
 
 def images():
     return [random_image(0), random_image(1)]
-
-
-def rel(a, b) -> float:
-    """max |a - b| over max |b| (finite entries; NaN must sit at the same places)."""
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    assert np.array_equal(np.isnan(a), np.isnan(b))
-    keep = ~np.isnan(b)
-    return float(np.abs(a[keep] - b[keep]).max() / np.abs(b[keep]).max())
 
 
 def identity_multinomial(input, num_samples, replacement=False, **kwargs):
@@ -258,16 +251,7 @@ def test_capture_undone_when_the_model_raises():
 
 @pytest.mark.parametrize("method", ["chefer", "rollout", "raw_attention"])
 def test_batch_equals_one_by_one(method):
-    adapter = hf_vilt_factory(dtype=torch.float64)
-    imgs = images()
-    e = cliplens.explain(adapter, imgs, PROMPTS, method=method)
-    for b, img in enumerate(imgs):
-        for p, prompt in enumerate(PROMPTS):
-            one = cliplens.explain(adapter, [img], [prompt], method=method)
-            T = one.token_scores.shape[-1]
-            assert rel(e.image_maps[b, p], one.image_maps[0, 0]) < 1e-10
-            assert rel(e.token_scores[b, p, :T], one.token_scores[0, 0]) < 1e-10
-            assert e.logits[b, p] == pytest.approx(one.logits[0, 0], rel=1e-12)
+    assert_batch_equals_one_by_one(hf_vilt_factory(dtype=torch.float64), images(), PROMPTS, method)
 
 
 def test_score_table_matches_explain():
