@@ -231,9 +231,9 @@ class ModelAdapter(ABC):
     def patch_size(self) -> tuple[int, int]: ...
 
     @property
-    @abstractmethod
     def num_layers(self) -> dict[str, int]:
-        """Blocks per tower: {"image": L_i, "text": L_t}."""
+        """Blocks per tower: {"image": L_i, "text": L_t} (by default, of :meth:`blocks`)."""
+        return {"image": len(self.blocks("image")), "text": len(self.blocks("text"))}
 
     @property
     @abstractmethod

@@ -200,10 +200,6 @@ class FusionAdapter(ModelAdapter):
                     raise ModelLoadError(f"{name}: could not load the {cls.label} tokenizer ({first})") from None
         return model, tokenizer
 
-    @property
-    def num_layers(self) -> dict[str, int]:
-        return {"image": len(self.blocks("image")), "text": len(self.blocks("text"))}
-
     @contextlib.contextmanager
     def explaining(self) -> Iterator[None]:
         """Frozen eval mode and eager attention (the path whose attention modules hand over

@@ -114,10 +114,6 @@ class HFBlipITCAdapter(ModelAdapter):
         return (p, p)
 
     @property
-    def num_layers(self) -> dict[str, int]:
-        return {"image": len(self.blocks("image")), "text": len(self.blocks("text"))}
-
-    @property
     def context_length(self) -> int:
         return int(self.model.config.text_config.max_position_embeddings)
 

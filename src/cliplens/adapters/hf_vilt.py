@@ -178,11 +178,6 @@ class HFViltITMAdapter(FusionAdapter):
         return (p, p)
 
     @property
-    def num_layers(self) -> dict[str, int]:
-        n = len(self.blocks("image"))
-        return {"image": n, "text": n}
-
-    @property
     def context_length(self) -> int:
         return int(self.model.config.max_position_embeddings)
 
