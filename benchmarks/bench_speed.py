@@ -12,7 +12,9 @@ ViT-B/16-sized random CLIP, one image, P prompts: time and peak memory ratios in
   through the final norm and projection and its own ``autograd.grad`` at that layer's
   attention, the graph retained between layers; image side);
 - cliplens: ``chefer`` (default start layer: the last block; ``start_layer=0``: every block) and
-  ``legrad`` with the reference's settings (``layers=2, pooling="mean"``, image tower).
+  ``legrad`` with the reference's settings (``layers=2, pooling="mean"``, image tower);
+  "chefer all rows" is ``start_layer=0`` through the per-pair-rows path chefer used before its
+  one-graph path (``Chefer.shared_graph = False``: the image repeated per prompt, one backward).
 
 Time: interleaved repeats, the median of per-repeat ratios (load changes hit both). Memory: on
 CUDA the peak allocation above the loaded model; on the CPU the peak RSS of a fresh process.
@@ -39,6 +41,7 @@ import _common as C  # noqa: E402
 
 import cliplens  # noqa: E402
 from cliplens.adapters import HFClipAdapter  # noqa: E402
+from cliplens.methods.chefer import Chefer  # noqa: E402
 
 #: label -> (kind, options): "ours" runs cliplens, "ref" a reference loop
 CASES = {
@@ -46,6 +49,7 @@ CASES = {
     "chefer ref": ("ref", {"loop": "chefer", "start": -1}),
     "chefer all": ("ours", {"method": "chefer", "start_layer": 0}),
     "chefer all ref": ("ref", {"loop": "chefer", "start": 0}),
+    "chefer all rows": ("ours", {"method": "chefer", "start_layer": 0, "per_pair_rows": True}),
     "legrad": ("ours", {"method": "legrad", "layers": 2, "pooling": "mean", "towers": ("image",)}),
     "legrad ref": ("ref", {"loop": "legrad", "layers": 2}),
 }
@@ -121,7 +125,15 @@ def runner(adapter, image, texts, label: str):
     elif kind == "ours":
         opts = dict(opts)
         method = opts.pop("method")
-        fn = lambda: cliplens.explain(adapter, image, texts, method=method, **opts)  # noqa: E731
+        rows = opts.pop("per_pair_rows", False)
+
+        def fn():
+            shared = Chefer.shared_graph
+            Chefer.shared_graph = shared and not rows
+            try:
+                cliplens.explain(adapter, image, texts, method=method, **opts)
+            finally:
+                Chefer.shared_graph = shared
     else:
         loop = opts["loop"]
 
@@ -196,7 +208,7 @@ def main() -> None:
                         )["peak_mb"]
             for label in cases:
                 t, t_plain, ratio = times[label]
-                ref = f"{label} ref" if not label.endswith("ref") else None
+                ref = f"{label.removesuffix(' rows')} ref" if not label.endswith("ref") else None
                 x_ref = f"{t / times[ref][0]:.2f}" if ref in times else ""
                 mem = mems.get(label)
                 m_plain = mems.get("plain")

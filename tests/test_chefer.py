@@ -144,3 +144,4 @@ def test_logits_and_probs_match_model_forward():
     np.testing.assert_allclose(ex.logits, out.logits_per_image.numpy(), rtol=1e-4, atol=1e-5 * scale)
     np.testing.assert_allclose(ex.probs, out.logits_per_image.softmax(-1).numpy(), rtol=1e-4, atol=1e-5)
     np.testing.assert_array_equal(ex.target_values, ex.logits)
+

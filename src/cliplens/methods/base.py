@@ -16,9 +16,9 @@ from typing import Any, ClassVar
 import torch
 
 from ..adapters.base import ImageBatch, ModelAdapter, TextBatch
+from ..adapters.fusion import FusionAdapter
 from ..errors import InputError
 from ..targets import Target
-from ..adapters.fusion import FusionAdapter
 from .fusion_pairs import FusionRuns, forward_fusion
 from .pairs import PairRuns, forward_pairs, tower_result
 
@@ -135,6 +135,11 @@ class Method:
     #: the result carries a completeness check (``delta_*`` extras: how far the parts' sum is
     #: from the explained value)
     complete: ClassVar[bool] = False
+    #: each gradient tower runs ONCE over its distinct inputs with a graph from ``graph_from``, and
+    #: the method takes the pairs' gradients through it with
+    #: :func:`~cliplens.methods.pairs.block_gradients` (batched vector-Jacobian products) instead
+    #: of one backward pass over per-pair rows
+    shared_graph: ClassVar[bool] = False
     #: the method also explains fusion models (image and text scored together: BLIP ITM, ViLT),
     #: through :meth:`attribute_fusion`
     fusion: ClassVar[bool] = False
@@ -257,6 +262,7 @@ class Method:
                     text_grad=text_grad,
                     detach_blocks=self.detach_blocks,
                     graph_from={t: self.graph_from(t, opts, n) for t, n in adapter.num_layers.items()},
+                    shared=self.shared_graph,
                 )
                 out = self.attribute(adapter, runs, target, towers, opts)
         return MethodResult(

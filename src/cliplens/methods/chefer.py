@@ -11,12 +11,15 @@ Bi-Modal and Encoder-Decoder Transformers", ICCV 2021.
 Differences from the reference (Transformer-MM-Explainability, CLIP notebook ``interpret``):
 - the row is folded into the backward pass block by block (``r <- r + r @ Abar``), O(n^2)
   per block, instead of n x n matrix products; same numbers;
-- all prompts and images of a call go through one forward per tower and one backward;
+- all prompts and images of a call go through one forward per tower and one batched backward;
 - text scores keep every token and their raw scale (the reference keeps columns 1..eot-1
   and divides by their sum; :meth:`Explanation.normalised_tokens` does that explicitly).
 - default ``start_layer`` is the last block, as in the reference for ViT-B/16.
 
-Cost: one forward of each tower over the B*P pairs, one backward, plus O(H n^2) per block.
+Cost: one forward of each tower over its DISTINCT inputs (B images, P prompts; a graph from
+``start_layer`` on), then the pairs' gradients block by block as batched vector-Jacobian
+products over that one graph (``shared_graph``, :func:`~cliplens.methods.pairs.block_gradients`),
+each block's reduced to Abar and folded before the next, plus O(H n^2) per block and pair.
 
 Fusion models (BLIP image-text matching, ViLT, ...): the bi-modal and encoder-decoder rules of
 the same paper (:class:`~cliplens.methods.relevance.StreamRelevance`): relevance matrices between
@@ -40,7 +43,7 @@ from ..adapters.fusion import FusionAdapter
 from ..targets import Target
 from .base import Attribution, Method, option, register, resolve_layer
 from .fusion_pairs import FusionRuns
-from .pairs import PairRuns
+from .pairs import PairRuns, block_gradients
 from .relevance import DEGENERATE_POLICIES, RowFold, StreamRelevance, accumulation_dtype, gradient_weighted
 
 
@@ -64,6 +67,7 @@ class Chefer(Method):
         )
 
     fusion = True
+    shared_graph = True
 
     def graph_from(self, tower: str, opts: Options, num_layers: int) -> int:
         # the relevance of blocks before start_layer is the identity: no gradient needed there
@@ -72,15 +76,16 @@ class Chefer(Method):
     def attribute(
         self, adapter: ModelAdapter, runs: PairRuns, target: Target, towers: tuple[str, ...], opts: Options
     ) -> Attribution:
-        folds: dict[str, RowFold] = {}
+        starts = {}
+        for tower in towers:
+            n_layers = len(runs.run(tower).attentions)
+            starts[tower] = resolve_layer(opts.start_layer, n_layers, n_layers - 1, "start_layer")
+        rows = {tower: shared_row(self.name, runs, tower, starts[tower]) for tower in towers if tower in runs.leaves}
+        folds = {t: RowFold.hooked(self.name, runs.run(t), starts[t]) for t in towers if t not in runs.leaves}
         try:
-            for tower in towers:
-                run = runs.run(tower)
-                n_layers = len(run.attentions)
-                start = resolve_layer(opts.start_layer, n_layers, n_layers - 1, "start_layer")
-                folds[tower] = RowFold(self.name, run, start)
-            runs.backward()
-            rows = {tower: fold.done().detach() for tower, fold in folds.items()}
+            if folds:
+                runs.backward()
+            rows.update({tower: fold.done().detach() for tower, fold in folds.items()})
         finally:
             for fold in folds.values():
                 fold.remove()
@@ -123,6 +128,21 @@ class Chefer(Method):
             token_scores=token_scores,
             extras={"degenerate_rows": degenerate.reshape(runs.B, runs.P).to(dtype)},
         )
+
+
+def shared_row(method: str, runs: PairRuns, tower: str, start: int) -> torch.Tensor:
+    """(B*P, n) the readout rows of a shared tower's pairs, folded block by block from
+    :func:`~cliplens.methods.pairs.block_gradients` (each block's gradient reduced to Abar
+    before the next is computed)."""
+    run = runs.run(tower)
+    fold = RowFold(method, run, start, pairs=lambda rows: runs.pair_rows(tower, rows))
+    head = [] if run.layout.has_readout_token else [run.pool_attention]
+    for layer, probs, grad in block_gradients(runs, tower, start, head):
+        if layer is None:
+            fold.pool(probs, grad)
+        else:
+            fold.block(layer, probs, grad)
+    return fold.done().detach()
 
 
 def fusion_steps(run, abars) -> list[list[tuple[str, str, str, torch.Tensor]]]:

@@ -21,9 +21,10 @@ entering the block (that recipe hooks the output of the block's first norm, whic
 each token); raw map, no min-max, no upsampling; all pairs in one backward; image tower only
 (the text tower has no grid).
 
-Cost: one forward of the image tower over the B*P pairs and of the text tower over the P
-prompts, and one backward that stops at the features (it runs through the blocks from
-``layer`` on only).
+Cost: one forward of the image tower over the B images and of the text tower over the P
+prompts (no per-pair copies), then the B*P pairs' gradients at the features as one batched
+vector-Jacobian product over the image graph (``shared_graph``), which runs through the blocks
+from ``layer`` on only.
 
 Fusion models with cross-attention (BLIP image-text matching): Grad-CAM on a cross-attention
 layer the way LAVIS computes it for BLIP (``compute_gradcam``): with A the cross-attention
@@ -69,6 +70,7 @@ class GradCAM(Method):
         )
 
     fusion = True
+    shared_graph = True
 
     def graph_from(self, tower: str, opts: Options, num_layers: int) -> int:
         # the features are the stream entering this block: the backward stops there
@@ -80,13 +82,12 @@ class GradCAM(Method):
         run = runs.image
         n_layers = len(run.block_inputs)
         feats = run.block_inputs[resolve_layer(opts.layer, n_layers, n_layers - 1)]
-        (grad,) = torch.autograd.grad(runs.y.sum(), [feats])
         patches = run.layout.patches
-        f = feats.detach()[:, patches]  # (rows, N, C)
-        alpha = grad[:, patches].mean(dim=1)  # (rows, C)
-        cam = torch.einsum("rnc,rc->rn", f, alpha)
+        (grad,) = runs.pair_gradients("image", [feats])  # (B, P, n, C)
+        alpha = grad[:, :, patches].mean(dim=2)  # (B, P, C)
+        signed = torch.einsum("bpnc,bpc->bpn", runs.pair_values("image", feats.detach())[:, :, patches], alpha)
         gh, gw = run.layout.grid
-        signed = cam.reshape(runs.B, runs.P, gh, gw)
+        signed = signed.reshape(runs.B, runs.P, gh, gw)
         return Attribution(image_maps=signed.clamp(min=0), extras={"signed": signed})
 
     def fusion_unsupported(self, adapter: FusionAdapter, opts: Options) -> str | None:

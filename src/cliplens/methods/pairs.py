@@ -6,12 +6,18 @@ image), so a single backward pass of ``y.sum()`` hands every pair its own gradie
 batch never mix in a transformer (no batch statistics). A tower that needs no gradient runs
 on its B (or P) distinct inputs only, without building a graph.
 
+A method that declares ``shared_graph`` instead has each gradient tower run ONCE over its
+distinct inputs with a graph, and takes the pairs' gradients through that one graph with
+:func:`block_gradients`: the P (or B) per-pair cotangents as one batched vector-Jacobian product
+per block. The forward is then paid once, and activation memory grows with B (or P), not B*P.
+
 The helpers below turn per-row tower values back into per-pair results (B, P, ...).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 
@@ -35,6 +41,10 @@ class PairRuns:
     scores: PairScores
     images: ImageBatch  # the inputs, for a method that runs a tower again
     texts: TextBatch
+    #: towers run once over their distinct inputs with a graph (``shared``): (B, P, D) per-pair
+    #: copies of their embeddings, the leaves ``y`` was evaluated on
+    leaves: dict[str, torch.Tensor] = field(default_factory=dict)
+    _cotangents: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 
     def run(self, tower: str) -> TowerRun:
         return self.image if tower == "image" else self.text
@@ -55,6 +65,8 @@ class PairRuns:
     def backward(self) -> list[torch.Tensor]:
         """One backward pass of sum(y); returns gradients w.r.t. :meth:`grad_inputs`.
         Tensor hooks registered on captured tensors fire during it."""
+        if self.leaves:
+            raise RuntimeError("a shared-graph run takes its pairs' gradients through block_gradients")
         inputs = self.grad_inputs()
         if not inputs:
             return []
@@ -73,6 +85,85 @@ class PairRuns:
         if tower == "image":
             return PairContext.of(embeds, self.constant("text"), self.scores)
         return PairContext.of(self.constant("image"), embeds, self.scores)
+
+
+    # ---- shared runs: one graph per tower, batched per-pair gradients -------------------
+    def cotangents(self, tower: str) -> torch.Tensor:
+        """A shared tower's per-pair gradients at its embedding, as a batch of cotangents for
+        its one graph: (P, B, D) for the image tower (per prompt, a vector for each of the B
+        images), (B, P, D) for the text tower. ``dy[b, p] / d(copy (b, p))``: every pair's
+        scalar reads its own copies (other prompts enter as constants, see
+        :mod:`cliplens.targets`). Both towers' are computed at once, the first time."""
+        if self._cotangents is None:
+            towers = list(self.leaves)
+            grads = torch.autograd.grad(self.y.sum(), [self.leaves[t] for t in towers], allow_unused=True)
+            self._cotangents = {
+                t: self.batched(t, torch.zeros_like(self.leaves[t]) if g is None else g) for t, g in zip(towers, grads)
+            }
+        return self._cotangents[tower]
+
+    def pair_gradients(self, tower: str, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Every pair's gradient of its scalar w.r.t. ``tensors`` of ``tower``'s run, each
+        (B, P, *tensor.shape[1:]): on a shared tower one batched vector-Jacobian product over its
+        graph, on a per-pair tower one backward pass of ``sum(y)``."""
+        if tower not in self.leaves:
+            got = torch.autograd.grad(self.y.sum(), tensors)
+            return [per_pair(g, self.B, self.P) for g in got]
+        got = torch.autograd.grad(self.run(tower).embeds, tensors, self.cotangents(tower), is_grads_batched=True)
+        return [self.batched(tower, g) for g in got]
+
+    def pair_values(self, tower: str, x: torch.Tensor) -> torch.Tensor:
+        """(B, P, ...) a view of ``tower``'s per-row values ``x`` for every pair (per-pair rows
+        reshaped, or a shared run's distinct rows expanded)."""
+        if tower in self.leaves or not self.per_pair(tower):
+            return self.distinct(tower, x).expand(self.B, self.P, *x.shape[1:])
+        return per_pair(x, self.B, self.P)
+
+    def batched(self, tower: str, x: torch.Tensor) -> torch.Tensor:
+        """(B, P, ...) per pair <-> (K, rows, ...) batched over the other tower's inputs: the
+        image tower's batch is over prompts (K = P, rows = B), the text tower's over images.
+        The same swap both ways."""
+        return x.transpose(0, 1) if tower == "image" else x
+
+    def distinct(self, tower: str, x: torch.Tensor) -> torch.Tensor:
+        """(rows, ...) values of a shared tower's distinct inputs, broadcastable against (B, P, ...)."""
+        return x[:, None] if tower == "image" else x[None]
+
+    def pair_rows(self, tower: str, x: torch.Tensor) -> torch.Tensor:
+        """(rows, ...) values of a shared tower's distinct inputs -> (B*P, ...), row b*P + p."""
+        if tower == "image":
+            return x.repeat_interleave(self.P, dim=0)
+        return x.repeat(self.B, *([1] * (x.dim() - 1)))
+
+
+def block_gradients(
+    runs: PairRuns, tower: str, start: int, head: list[torch.Tensor] | None = None
+) -> Iterator[tuple[int | None, torch.Tensor, torch.Tensor]]:
+    """Every pair's gradient of its scalar w.r.t. a shared tower's ``head`` tensors (between
+    the last block and the embedding, e.g. a pooling head's attention) and then w.r.t. the
+    attention probabilities of its blocks, from the last block down to ``start``.
+
+    One batched vector-Jacobian product per block (``is_grads_batched``) over the tower's one
+    graph: the cotangent at a block's output goes back through that block alone, giving its
+    attention's gradient and the cotangent at the block before; each block's part of the graph
+    is freed as it is passed and each gradient can be reduced before the next is computed.
+
+    Yields ``(layer, probs, grad)``: layer None for a head tensor; ``probs`` the tensor's
+    values (rows, ...) made broadcastable against ``grad`` (B, P, ...) per pair."""
+    run = runs.run(tower)
+    head = list(head or [])
+    g = runs.cotangents(tower)
+    last = len(run.block_outputs) - 1
+    got = torch.autograd.grad(run.embeds, [*head, run.block_outputs[last]], g, is_grads_batched=True)
+    for tensor, grad in zip(head, got):
+        yield None, runs.distinct(tower, tensor.detach()), runs.batched(tower, grad)
+    g = got[-1]
+    for layer in range(last, start - 1, -1):
+        probs = run.attentions[layer]
+        wrt = [probs] if layer == start else [probs, run.block_outputs[layer - 1]]
+        got = torch.autograd.grad(run.block_outputs[layer], wrt, g, is_grads_batched=True)
+        yield layer, runs.distinct(tower, probs.detach()), runs.batched(tower, got[0])
+        g = got[-1]
 
 
 # Kept under its former name for code written against cliplens.engine
@@ -94,50 +185,66 @@ def forward_pairs(
     text_grad: bool,
     detach_blocks: bool = False,
     graph_from: dict[str, int | None] | None = None,
+    shared: bool = False,
 ) -> PairRuns:
     """Run both towers (call inside ``adapter.explaining()``) and evaluate the target.
 
     ``graph_from`` (tower -> block), for a tower with a gradient: the first block whose tensors
-    need one. The blocks before it then run once per distinct input without a graph and the
+    need one. The blocks before it run once per distinct input without a graph and the
     per-pair rows start there (:class:`~cliplens.adapters.base.FanOut`), so neither the forward
     nor the backward repeats work a method does not need. None (or a tower missing): per-pair
-    rows from the input."""
+    rows from the input.
+
+    ``shared`` (a tower with a gradient and a ``graph_from`` block): no per-pair rows at all.
+    The tower runs once over its distinct inputs, with a graph from that block on, and the
+    target is evaluated on per-pair copies of its embeddings (``PairRuns.leaves``); the pairs'
+    gradients then come from :func:`block_gradients`."""
     B, P = len(images), len(texts)
     graph_from = graph_from or {}
-    pixels = images.pixel_values
-    if image_grad and graph_from.get("image") is not None:
-        with torch.no_grad():  # the fan-out turns gradients on at its block
-            img = adapter.run_image(pixels, detach_blocks=detach_blocks, fan_out=FanOut(graph_from["image"], P))
-        img_pairs = per_pair(img.embeds, B, P)
-    elif image_grad:
-        with torch.enable_grad():
-            img = adapter.run_image(pixels.repeat_interleave(P, dim=0), detach_blocks=detach_blocks)
-        img_pairs = per_pair(img.embeds, B, P)
-    else:
+    leaves: dict[str, torch.Tensor] = {}
+
+    def tower(name: str, grad: bool, run, inputs: tuple, fan: FanOut | None, repeat):
+        """(run, (B, P, D) per-pair embeddings) of one tower."""
+        block = graph_from.get(name)
+        if grad and block is not None and shared:
+            with torch.no_grad():  # the fan-out (one copy) turns gradients on at its block
+                out = run(*inputs, detach_blocks=detach_blocks, fan_out=FanOut(block, 1))
+            e = out.embeds.detach()
+            e = e[:, None].expand(B, P, -1) if name == "image" else e[None].expand(B, P, -1)
+            leaves[name] = e.clone().requires_grad_(True)
+            return out, leaves[name]
+        if grad and block is not None:
+            with torch.no_grad():  # the fan-out turns gradients on at its block
+                out = run(*inputs, detach_blocks=detach_blocks, fan_out=fan)
+            return out, per_pair(out.embeds, B, P)
+        if grad:
+            with torch.enable_grad():
+                out = run(*(repeat(x) for x in inputs), detach_blocks=detach_blocks)
+            return out, per_pair(out.embeds, B, P)
         with torch.no_grad():
-            img = adapter.run_image(pixels, detach_blocks=detach_blocks)
-        img_pairs = img.embeds.detach()[:, None].expand(B, P, -1)
-    ids, mask = texts.input_ids, texts.attention_mask
-    if text_grad and graph_from.get("text") is not None:
-        with torch.no_grad():
-            fan = FanOut(graph_from["text"], B, tile=True)
-            txt = adapter.run_text(ids, mask, detach_blocks=detach_blocks, fan_out=fan)
-        txt_pairs = per_pair(txt.embeds, B, P)
-    elif text_grad:
-        with torch.enable_grad():
-            txt = adapter.run_text(ids.repeat(B, 1), mask.repeat(B, 1), detach_blocks=detach_blocks)
-        txt_pairs = per_pair(txt.embeds, B, P)
-    else:
-        with torch.no_grad():
-            txt = adapter.run_text(ids, mask, detach_blocks=detach_blocks)
-        txt_pairs = txt.embeds.detach()[None].expand(B, P, -1)
+            out = run(*inputs, detach_blocks=detach_blocks)
+        e = out.embeds.detach()
+        return out, (e[:, None].expand(B, P, -1) if name == "image" else e[None].expand(B, P, -1))
+
+    image_fan = FanOut(graph_from["image"], P) if graph_from.get("image") is not None else None
+    img, img_pairs = tower(
+        "image", image_grad, adapter.run_image, (images.pixel_values,), image_fan, lambda x: x.repeat_interleave(P, dim=0)
+    )
+    text_fan = FanOut(graph_from["text"], B, tile=True) if graph_from.get("text") is not None else None
+    txt, txt_pairs = tower(
+        "text", text_grad, adapter.run_text, (texts.input_ids, texts.attention_mask), text_fan, lambda x: x.repeat(B, 1)
+    )
     scores = PairScores.of(adapter, img_pairs.dtype)
     with torch.set_grad_enabled(image_grad or text_grad):
         y = target(PairContext.of(img_pairs, txt_pairs, scores))
     with torch.no_grad():
         logits = scores.logits(img_pairs.detach(), txt_pairs.detach())
         probs = scores.probs(logits)
-    return PairRuns(B, P, img, txt, y, logits, probs, image_grad, text_grad, scores, images, texts)
+    image_per_pair = image_grad and "image" not in leaves
+    text_per_pair = text_grad and "text" not in leaves
+    return PairRuns(
+        B, P, img, txt, y, logits, probs, image_per_pair, text_per_pair, scores, images, texts, leaves=leaves
+    )
 
 
 # ---- per-row tower values -> per-pair results ----------------------------------------------
@@ -154,7 +261,10 @@ def grid_maps(run: TowerRun, token_values: torch.Tensor, B: int, P: int) -> torc
 
 def token_rows(run: TowerRun, token_values: torch.Tensor, B: int, P: int) -> torch.Tensor:
     """(B*P or P, T) per-token values of a text tower -> (B, P, T), NaN on padding."""
-    vals = token_values.masked_fill(~run.layout.valid, float("nan"))
+    valid = run.layout.valid
+    if valid.shape[0] != token_values.shape[0]:  # per-pair values of a shared run's P prompts
+        valid = valid.repeat(B, 1)
+    vals = token_values.masked_fill(~valid, float("nan"))
     if vals.shape[0] == P:
         vals = vals[None].expand(B, P, -1)
     return vals.reshape(B, P, -1)

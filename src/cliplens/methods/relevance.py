@@ -24,8 +24,9 @@ from ..errors import InputError
 
 
 def gradient_weighted(attn: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """Abar = mean over heads of (grad * A)^+ : (rows, H, q, n) -> (rows, q, n)."""
-    return (grad * attn).clamp(min=0).mean(dim=1)
+    """Abar = mean over heads of (grad * A)^+ : (..., H, q, n) -> (..., q, n) (leading axes
+    broadcast: rows, or the (B, P) pairs of a shared run against its distinct inputs)."""
+    return (grad * attn).clamp_(min=0).mean(dim=-3)
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -83,41 +84,49 @@ class RowFold:
     The row starts at the readout token (one-hot); for a tower that pools with an attention
     head (SigLIP's MAP head: no readout token) it starts at the head's gradient-weighted
     probabilities, ``r = sum_q mean_h (dy/dA_pool * A_pool)^+`` over its query rows, which
-    arrive first in the backward pass (the head comes after every block)."""
+    arrive first in the backward pass (the head comes after every block).
 
-    def __init__(self, method: str, run: TowerRun, start: int):
+    Fed by tensor hooks on a per-pair run's tensors (:meth:`hooked`, then one backward pass), or
+    by :func:`~cliplens.methods.pairs.block_gradients` on a shared run (:meth:`pool`,
+    :meth:`block`; ``pairs`` then turns the run's distinct rows into per-pair rows)."""
+
+    def __init__(self, method: str, run: TowerRun, start: int, pairs=None):
         if not run.layout.has_readout_token and run.pool_attention is None:
             readout_rows(method, run)  # raises: the row has nowhere to start
         self.expected = len(run.attentions) - 1
         self.start = start
-        self.handles = []
+        self.handles: list = []
+        self.row: torch.Tensor | None = None
         if run.layout.has_readout_token:
-            self.row: torch.Tensor | None = one_hot_rows(run)
-        else:
-            self.row = None
+            self.row = one_hot_rows(run) if pairs is None else pairs(one_hot_rows(run))
+
+    @classmethod
+    def hooked(cls, method: str, run: TowerRun, start: int) -> "RowFold":
+        """A fold fed by hooks on ``run``'s pooling attention and explained blocks' attention."""
+        fold = cls(method, run, start)
+        if not run.layout.has_readout_token:
             pool = run.pool_attention
-            self.handles.append(pool.register_hook(self._pool_hook(pool)))
-        self.handles += [
-            attn.register_hook(self._hook(l, attn)) for l, attn in enumerate(run.attentions) if l >= start
-        ]
+            fold.handles.append(pool.register_hook(lambda grad: fold.pool(pool.detach(), grad)))
+        for layer, attn in enumerate(run.attentions):
+            if layer >= start:
+                fold.handles.append(attn.register_hook(lambda grad, l=layer, a=attn: fold.block(l, a.detach(), grad)))
+        return fold
 
-    def _pool_hook(self, pool: torch.Tensor):
-        def hook(grad: torch.Tensor) -> None:
-            self.row = gradient_weighted(pool.detach(), grad).sum(dim=1).to(accumulation_dtype(grad.dtype))
+    def pool(self, probs: torch.Tensor, grad: torch.Tensor) -> None:
+        """The pooling head's probabilities and their gradient: the starting row."""
+        weighted = gradient_weighted(probs, grad).sum(dim=-2)
+        self.row = weighted.reshape(-1, weighted.shape[-1]).to(accumulation_dtype(grad.dtype))
 
-        return hook
-
-    def _hook(self, layer: int, attn: torch.Tensor):
-        def hook(grad: torch.Tensor) -> None:
-            if layer != self.expected:
-                raise RuntimeError(f"attention gradients arrived out of order (block {layer}, expected {self.expected})")
-            self.expected -= 1
-            if self.row is None:
-                raise RuntimeError("the pooling attention's gradient did not arrive before the blocks'")
-            abar = gradient_weighted(attn.detach(), grad).to(self.row.dtype)
-            self.row = self.row + torch.bmm(self.row.unsqueeze(1), abar).squeeze(1)
-
-        return hook
+    def block(self, layer: int, probs: torch.Tensor, grad: torch.Tensor) -> None:
+        """Block ``layer``'s attention probabilities and their gradient: one fold."""
+        if layer != self.expected:
+            raise RuntimeError(f"attention gradients arrived out of order (block {layer}, expected {self.expected})")
+        self.expected -= 1
+        if self.row is None:
+            raise RuntimeError("the pooling attention's gradient did not arrive before the blocks'")
+        abar = gradient_weighted(probs, grad)
+        abar = abar.reshape(-1, *abar.shape[-2:]).to(self.row.dtype)
+        self.row = self.row + torch.bmm(self.row.unsqueeze(1), abar).squeeze(1)
 
     def remove(self) -> None:
         for h in self.handles:

@@ -1,0 +1,60 @@
+"""Methods that run each tower once over its distinct inputs and take the pairs' gradients as
+batched vector-Jacobian products (``Method.shared_graph``) give the numbers of the per-pair-rows
+path (the image repeated per prompt, the prompts per image, one backward): float64, 2 images
+x 3 prompts, every dual-encoder family, every target kind, the default and the first block."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import cliplens
+from cliplens.methods import REGISTRY
+from conftest import ADAPTER_FACTORIES, random_image
+
+TEXTS = ["a red triangle", "a photo of a small dog", "cat"]
+IMAGES = [random_image(1), random_image(2, size=(40, 64))]
+
+#: method -> the option naming its first block with a gradient
+FIRST_BLOCK = {"chefer": "start_layer", "gradcam": "layer"}
+SHARED = [name for name, cls in REGISTRY.items() if cls.shared_graph]
+
+
+def test_every_shared_method_is_covered():
+    assert set(SHARED) == set(FIRST_BLOCK)
+
+
+def _close(a: list[np.ndarray], b: list[np.ndarray], tol: float = 1e-10) -> None:
+    """Equal to ``tol`` of the largest magnitude over the whole call (a contrast of a prompt
+    with itself is 0 and its maps rounding noise), NaN where the other is NaN."""
+    scale = max(np.nanmax(np.abs(x)) for x in b)
+    for x, y in zip(a, b):
+        assert np.array_equal(np.isnan(x), np.isnan(y))
+        assert np.nanmax(np.abs(x - y), initial=0.0) <= tol * scale
+
+
+@pytest.fixture(scope="module", params=ADAPTER_FACTORIES, ids=[n for n, _ in ADAPTER_FACTORIES])
+def adapter(request):
+    return request.param[1](seed=0, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("method", SHARED)
+@pytest.mark.parametrize("first", [None, 0])
+@pytest.mark.parametrize("target", ["logit", "probability", "contrast:cat"])
+def test_shared_graph_equals_per_pair_rows(adapter, method, first, target, monkeypatch):
+    cls = REGISTRY[method]
+    opts = {} if first is None else {FIRST_BLOCK[method]: first}
+    if cls().unsupported(adapter, cls.towers, cls().parse_options(opts)):
+        pytest.skip(f"{method} does not explain this family")
+    shared = cliplens.explain(adapter, IMAGES, TEXTS, method=method, target=target, **opts)
+    monkeypatch.setattr(cls, "shared_graph", False)
+    rows = cliplens.explain(adapter, IMAGES, TEXTS, method=method, target=target, **opts)
+    pairs = [(b, p) for b in range(2) for p in range(3)]
+    _close([shared.grid_map(b, p) for b, p in pairs], [rows.grid_map(b, p) for b, p in pairs])
+    if rows.token_scores is not None:
+        _close([shared.token_scores], [rows.token_scores])
+    assert set(shared.extras) == set(rows.extras)
+    for key in rows.extras:
+        _close([np.asarray(shared.extra(key, b)) for b in range(2)], [np.asarray(rows.extra(key, b)) for b in range(2)])
+    _close([shared.target_values], [rows.target_values], 1e-12)
