@@ -13,8 +13,9 @@ ViT-B/16-sized random CLIP, one image, P prompts: time and peak memory ratios in
   attention, the graph retained between layers; image side);
 - cliplens: ``chefer`` (default start layer: the last block; ``start_layer=0``: every block) and
   ``legrad`` with the reference's settings (``layers=2, pooling="mean"``, image tower);
-  "chefer all rows" is ``start_layer=0`` through the per-pair-rows path chefer used before its
-  one-graph path (``Chefer.shared_graph = False``: the image repeated per prompt, one backward).
+  "chefer all rows" and "legrad rows" are the same calls through the per-pair-rows path the
+  methods used before their one-graph path (``shared_graph = False``: the image repeated per
+  prompt from the first explained block, one backward).
 
 Time: interleaved repeats, the median of per-repeat ratios (load changes hit both). Memory: on
 CUDA the peak allocation above the loaded model; on the CPU the peak RSS of a fresh process.
@@ -41,7 +42,7 @@ import _common as C  # noqa: E402
 
 import cliplens  # noqa: E402
 from cliplens.adapters import HFClipAdapter  # noqa: E402
-from cliplens.methods.chefer import Chefer  # noqa: E402
+from cliplens.methods import REGISTRY  # noqa: E402
 
 #: label -> (kind, options): "ours" runs cliplens, "ref" a reference loop
 CASES = {
@@ -52,6 +53,7 @@ CASES = {
     "chefer all rows": ("ours", {"method": "chefer", "start_layer": 0, "per_pair_rows": True}),
     "legrad": ("ours", {"method": "legrad", "layers": 2, "pooling": "mean", "towers": ("image",)}),
     "legrad ref": ("ref", {"loop": "legrad", "layers": 2}),
+    "legrad rows": ("ours", {"method": "legrad", "layers": 2, "pooling": "mean", "towers": ("image",), "per_pair_rows": True}),
 }
 
 
@@ -128,12 +130,13 @@ def runner(adapter, image, texts, label: str):
         rows = opts.pop("per_pair_rows", False)
 
         def fn():
-            shared = Chefer.shared_graph
-            Chefer.shared_graph = shared and not rows
+            cls = REGISTRY[method]
+            shared = cls.shared_graph
+            cls.shared_graph = shared and not rows
             try:
                 cliplens.explain(adapter, image, texts, method=method, **opts)
             finally:
-                Chefer.shared_graph = shared
+                cls.shared_graph = shared
     else:
         loop = opts["loop"]
 

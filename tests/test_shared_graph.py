@@ -17,7 +17,7 @@ TEXTS = ["a red triangle", "a photo of a small dog", "cat"]
 IMAGES = [random_image(1), random_image(2, size=(40, 64))]
 
 #: method -> the option naming its first block with a gradient
-FIRST_BLOCK = {"chefer": "start_layer", "gradcam": "layer"}
+FIRST_BLOCK = {"chefer": "start_layer", "gradcam": "layer", "legrad": "layers", "sensitivity": None, "grad_eclip": None}
 SHARED = [name for name, cls in REGISTRY.items() if cls.shared_graph]
 
 
@@ -34,17 +34,32 @@ def _close(a: list[np.ndarray], b: list[np.ndarray], tol: float = 1e-10) -> None
         assert np.nanmax(np.abs(x - y), initial=0.0) <= tol * scale
 
 
-@pytest.fixture(scope="module", params=ADAPTER_FACTORIES, ids=[n for n, _ in ADAPTER_FACTORIES])
+#: the open_clip family runs in the open_clip suite (`pytest -m open_clip`, its own environment)
+FAMILIES = [
+    pytest.param(factory, id=name, marks=[pytest.mark.open_clip] if name == "open_clip" else [])
+    for name, factory in ADAPTER_FACTORIES
+]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
 def adapter(request):
-    return request.param[1](seed=0, dtype=torch.float64)
+    return request.param(seed=0, dtype=torch.float64)
 
 
 @pytest.mark.parametrize("method", SHARED)
-@pytest.mark.parametrize("first", [None, 0])
+@pytest.mark.parametrize("first", [None, "all"])
 @pytest.mark.parametrize("target", ["logit", "probability", "contrast:cat"])
 def test_shared_graph_equals_per_pair_rows(adapter, method, first, target, monkeypatch):
     cls = REGISTRY[method]
-    opts = {} if first is None else {FIRST_BLOCK[method]: first}
+    # "all": from the first block (legrad: every block, the empty-prompt correction on too;
+    # sensitivity, whose graph always starts at the input: its other shared variant)
+    opts = {} if first is None else {FIRST_BLOCK[method]: None if method == "legrad" else 0}
+    if method == "legrad" and first is not None:
+        opts["correction"] = "on"
+    if method == "sensitivity":
+        opts = {} if first is None else {"variant": "grad_x_input"}
+    if method == "grad_eclip" and first is not None:
+        pytest.skip("grad_eclip has no first-block option (always the last block)")
     if cls().unsupported(adapter, cls.towers, cls().parse_options(opts)):
         pytest.skip(f"{method} does not explain this family")
     shared = cliplens.explain(adapter, IMAGES, TEXTS, method=method, target=target, **opts)

@@ -210,6 +210,11 @@ class Method:
         None (default): the gradient is needed down to the input."""
         return None
 
+    def shares_graph(self, opts: Any) -> bool:
+        """Whether this call runs with :attr:`shared_graph` (default: the flag, whatever the
+        options)."""
+        return self.shared_graph
+
     def prepare_images(self, images: ImageBatch, opts: Any) -> ImageBatch:
         """The images as the forward pass takes them (default: unchanged)."""
         return images
@@ -262,7 +267,7 @@ class Method:
                     text_grad=text_grad,
                     detach_blocks=self.detach_blocks,
                     graph_from={t: self.graph_from(t, opts, n) for t, n in adapter.num_layers.items()},
-                    shared=self.shared_graph,
+                    shared=self.shares_graph(opts),
                 )
                 out = self.attribute(adapter, runs, target, towers, opts)
         return MethodResult(

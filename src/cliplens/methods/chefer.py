@@ -135,7 +135,7 @@ def shared_row(method: str, runs: PairRuns, tower: str, start: int) -> torch.Ten
     :func:`~cliplens.methods.pairs.block_gradients` (each block's gradient reduced to Abar
     before the next is computed)."""
     run = runs.run(tower)
-    fold = RowFold(method, run, start, pairs=lambda rows: runs.pair_rows(tower, rows))
+    fold = RowFold(method, run, start, pairs=lambda rows: runs.pair_values(tower, rows).reshape(runs.B * runs.P, -1))
     head = [] if run.layout.has_readout_token else [run.pool_attention]
     for layer, probs, grad in block_gradients(runs, tower, start, head):
         if layer is None:

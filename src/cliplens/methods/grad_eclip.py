@@ -35,8 +35,9 @@ Differences from the reference (Cyang-Zhao/Grad-Eclip, ``generate_emap.py``: rea
 - Towers that pool with an attention head (SigLIP's image tower) have no readout-token row and
   are refused (their text towers are explained).
 
-Cost: one forward of each explained tower over the B*P pairs (eager attention), one backward
-pass that stops at the last block's attention probabilities, and the last block's q and k
+Cost: one forward of each explained tower over its distinct inputs (eager attention), the
+pairs' gradients at the last block's attention probabilities as one batched vector-Jacobian
+product per tower (``shared_graph``), and the last block's q and k once per distinct input
 (two C x C products per token).
 """
 
@@ -79,6 +80,7 @@ class GradEclip(Method):
         "Zhao, Wang, Zeng, Zhao, Chan. Gradient-based Visual Explanation for Transformer-based CLIP. ICML 2024"
     )
     requires = frozenset({"readout_token", "linear_split"})
+    shared_graph = True
 
     def graph_from(self, tower: str, opts, num_layers: int) -> int:
         # only the last block's attention output is asked a gradient: earlier blocks run once
@@ -87,19 +89,22 @@ class GradEclip(Method):
     def attribute(
         self, adapter: ModelAdapter, runs: PairRuns, target: Target, towers: tuple[str, ...], opts
     ) -> Attribution:
-        tower_runs = [runs.run(t) for t in towers]
-        last = [run.attentions[-1] for run in tower_runs]
+        B, P = runs.B, runs.P
         with torch.enable_grad():
-            grads = torch.autograd.grad(runs.y.sum(), last, allow_unused=True)
+            grads = runs.pair_gradients({t: [runs.run(t).attentions[-1]] for t in towers})
         out = Attribution()
-        for tower, run, a, g in zip(towers, tower_runs, last, grads):
-            g = torch.zeros_like(a) if g is None else g.detach()
-            rows = torch.arange(a.shape[0], device=a.device)
+        for tower in towers:
+            run = runs.run(tower)
+            g = grads[tower][0].detach()  # (B, P, H, n, n)
             r = run.layout.readout
             keep = run.layout.content if tower == "image" else run.layout.valid
             with torch.no_grad():
+                # the affinity per row of the run (per distinct input on a shared graph), then per pair
                 w = affinity(adapter, tower, len(run.attentions) - 1, run.block_inputs[-1].detach(), r, keep)
-                g_r = g[rows, :, r]  # (rows, H, n): <dy/do_r, V^h_j>
+                w = runs.pair_values(tower, w).reshape(B * P, *w.shape[1:])  # (B*P, H, n)
+                r = runs.pair_values(tower, r).reshape(B * P)
+                g = g.reshape(B * P, *g.shape[2:])
+                g_r = g[torch.arange(B * P, device=g.device), :, r]  # (B*P, H, n): <dy/do_r, V^h_j>
                 values = (w * g_r).sum(1).clamp(min=0)
             if tower == "image":
                 out.image_maps = tower_result(runs, tower, values)

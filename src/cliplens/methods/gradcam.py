@@ -83,7 +83,7 @@ class GradCAM(Method):
         n_layers = len(run.block_inputs)
         feats = run.block_inputs[resolve_layer(opts.layer, n_layers, n_layers - 1)]
         patches = run.layout.patches
-        (grad,) = runs.pair_gradients("image", [feats])  # (B, P, n, C)
+        (grad,) = runs.pair_gradients({"image": [feats]})["image"]  # (B, P, n, C)
         alpha = grad[:, :, patches].mean(dim=2)  # (B, P, C)
         signed = torch.einsum("bpnc,bpc->bpn", runs.pair_values("image", feats.detach())[:, :, patches], alpha)
         gh, gw = run.layout.grid

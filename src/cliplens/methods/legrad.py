@@ -58,12 +58,14 @@ Defaults are the reference's (WalBouss/LeGrad ``legrad/wrapper.py``, PyPI ``legr
 Measured: ``layers=2, pooling="mean"`` equals legrad-torch 1.1 (open_clip 2.23) to 2.5e-6
 relative on the same ViT-B/16 weights (CLIP path).
 
-Cost: one forward of each explained tower over the B*P pairs (eager attention), L' extra
-readouts (final norm + projection of one token), and ONE backward pass: every block receives
-a detached copy of the previous block's output (same values), so the gradient of
-``sum_l s^l`` reaching A^l is exactly ds^l/dA^l; that backward stops at the attention
-probabilities (it never runs through the softmax or the earlier blocks). The correction adds
-one text forward of the empty prompt and a second backward of the same (short) graph.
+Cost: one forward of each explained tower over its DISTINCT inputs (B images, P prompts;
+eager attention, a graph from the first explained block on), L' extra readouts (final norm +
+projection), and per explained layer one batched vector-Jacobian product (``shared_graph``):
+the pairs' cotangents at the layer-l readout go back through block l alone, since every block
+receives a detached copy of the previous block's output (same values), so what reaches A^l is
+exactly ds^l/dA^l; the product stops at the attention probabilities. The correction adds one
+text forward of the empty prompt and one plain backward over the image rows (the empty prompt
+does not depend on the call's prompts).
 """
 
 from __future__ import annotations
@@ -139,13 +141,14 @@ def unique(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def positive_mean(grad: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
-    """(rows, H, q, n) attention gradient -> (rows, n): mean over heads and over the valid
-    query rows (all q rows when ``valid`` is None) of its positive part."""
-    per_row = grad.clamp(min=0).mean(dim=1)  # (rows, q, n)
+    """(..., H, q, n) attention gradient -> (..., n): mean over heads and over the valid query
+    rows ``valid`` (..., q) (all q rows when None) of its positive part. Leading axes: rows, or
+    a shared run's (B, P) pairs."""
+    per_row = grad.clamp(min=0).mean(dim=-3)  # (..., q, n)
     if valid is None:
-        return per_row.mean(dim=1)
+        return per_row.mean(dim=-2)
     w = valid.to(per_row.dtype)
-    return torch.einsum("rij,ri->rj", per_row, w) / w.sum(1, keepdim=True)
+    return torch.einsum("...ij,...i->...j", per_row, w) / w.sum(-1, keepdim=True)
 
 
 @register
@@ -159,6 +162,7 @@ class LeGrad(Method):
         "Transformers via Feature Formation Sensitivity. 2024"
     )
     detach_blocks = True
+    shared_graph = True
 
     @dataclass(frozen=True)
     class Options:
@@ -194,60 +198,41 @@ class LeGrad(Method):
         self, adapter: ModelAdapter, runs: PairRuns, target: Target, towers: tuple[str, ...], opts: Options
     ) -> Attribution:
         B, P = runs.B, runs.P
-        # per tower: the run and, per explained layer, where the gradient is taken and whether
-        # that is a pooling head's attention
-        plan: dict[str, tuple[TowerRun, list[tuple[torch.Tensor, bool]]]] = {}
-        total = runs.y.new_zeros(())
+        # per tower: the run and, per explained layer, its readout embedding (rows, D) and where
+        # the gradient is taken (the block's attention, or a pooling head's) with the query rows
+        # it is averaged over (None: all of a pooling head's queries)
+        plan: dict[str, tuple[TowerRun, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]]] = {}
         empty_total = None  # the empty prompt's summed cosines (correction), or None
         with torch.enable_grad():
             for tower in towers:
                 run = runs.run(tower)
-                wrt: list[tuple[torch.Tensor, bool]] = []
-                plan[tower] = (run, wrt)
+                layers: list = []
+                plan[tower] = (run, layers)
                 empty_e = empty_prompt_embedding(adapter) if corrects(run, opts.correction) else None
                 for l in explained_layers(opts.layers, len(run.attentions)):
                     rows_e, pool = layer_readout(adapter, run, run.block_outputs[l], opts.pooling)
-                    wrt.append((run.attentions[l], False) if pool is None else (pool, True))
-                    total = total + target(runs.context_with(tower, per_pair(rows_e, B, P))).sum()
+                    layers.append((rows_e, run.attentions[l] if pool is None else pool, None if pool is not None else run.layout.valid))
                     if empty_e is not None:
                         cos = (rows_e / rows_e.norm(dim=-1, keepdim=True)) @ empty_e.to(rows_e.dtype)
                         empty_total = cos.sum() if empty_total is None else empty_total + cos.sum()
-            attns = [a for _, wrt in plan.values() for a, _ in wrt]
-            queries = [None if pooled else run.layout.valid for run, wrt in plan.values() for _, pooled in wrt]
             leaves = unique(
-                [run.block_inputs[l] for run, wrt in plan.values() for l in explained_layers(opts.layers, len(run.attentions))]
+                [run.block_inputs[l] for run, _ in plan.values() for l in explained_layers(opts.layers, len(run.attentions))]
             )
-
-            def layer_maps(output: torch.Tensor, tensors: list[torch.Tensor], rows: list) -> list:
-                # per tensor: the mean over heads and query rows (the tower's valid tokens, or all
-                # of a pooling head's queries) of its gradient's positive part, as it arrives
-                def reduce(i: int, g: torch.Tensor) -> torch.Tensor:
-                    return positive_mean(g.to(accumulation_dtype(g.dtype)), rows[i])
-
-                return reduced_gradients(output, tensors, reduce, leaves)
-
             empty_maps = None
             if empty_total is not None:
-                image_run, image_wrt = plan["image"]
-                image_rows = [None if pooled else image_run.layout.valid for _, pooled in image_wrt]
-                empty_maps = layer_maps(empty_total, [a for a, _ in image_wrt], image_rows)
-            maps = layer_maps(total, attns, queries) if attns else []
+                # no prompt in it: one plain backward over the image run's rows
+                image_run, image_layers = plan["image"]
+                empty_maps = layer_maps(empty_total, image_layers, leaves)
+                if "image" in runs.leaves:
+                    empty_maps = [runs.pair_values("image", m).reshape(B * P, -1) for m in empty_maps]
+            maps = {tower: self._maps(runs, target, tower, layers, leaves) for tower, (_, layers) in plan.items()}
         out = Attribution()
-        k = 0
-        for tower, (run, wrt) in plan.items():
-            layer_vals = []
-            for a, pooled in wrt:
-                m = maps[k]
-                k += 1
-                layer_vals.append(m if m is not None else a.new_zeros(a.shape[0], a.shape[-1]))
-            stacked = torch.stack(layer_vals, 1)  # (rows, L', n)
+        for tower, (run, layers) in plan.items():
+            stacked = torch.stack(maps[tower], 1)  # (B*P, L', n)
             if tower == "image":
                 values = stacked.sum(1)
                 if empty_maps is not None:
-                    empty = sum(
-                        m if m is not None else a.new_zeros(a.shape[0], a.shape[-1])
-                        for m, (a, _) in zip(empty_maps, wrt)
-                    )
+                    empty = sum(empty_maps)
                     values = suppress(values, empty, run.layout.patches, opts.correction_threshold)
                     out.extras["empty_prompt_maps"] = tower_result(runs, tower, empty)
                 out.image_maps = tower_result(runs, tower, values)
@@ -255,6 +240,44 @@ class LeGrad(Method):
                 out.extras["layer_maps"] = stacked[:, :, run.layout.patches].reshape(B, P, stacked.shape[1], gh, gw)
             else:
                 out.token_scores = tower_result(runs, tower, stacked.sum(1))
-                lay = stacked.masked_fill(~run.layout.valid[:, None], float("nan"))
+                valid = runs.pair_values(tower, run.layout.valid).reshape(B * P, -1)
+                lay = stacked.masked_fill(~valid[:, None], float("nan"))
                 out.extras["text_layer_scores"] = lay.reshape(B, P, *lay.shape[1:])
         return out
+
+    @staticmethod
+    def _maps(runs: PairRuns, target: Target, tower: str, layers: list, leaves: list) -> list[torch.Tensor]:
+        """Per explained layer, (B*P, n) the pairs' maps: the mean over heads and query rows of
+        the positive part of ds^l / dA^l.
+
+        Per-pair rows: every layer's s^l summed, one backward pass, each gradient reduced as it
+        arrives. A shared run: per layer, the pairs' cotangents at the layer-l embedding (from
+        per-pair copies of it) go back through that block as one batched vector-Jacobian product
+        (every block's input is detached, so nothing earlier is reached)."""
+        B, P = runs.B, runs.P
+        if tower not in runs.leaves:
+            total = sum(target(runs.context_with(tower, per_pair(rows_e, B, P))).sum() for rows_e, _, _ in layers)
+            maps = layer_maps(total, layers, leaves)
+            zeros = torch.zeros(B * P, layers[0][1].shape[-1], dtype=accumulation_dtype(runs.y.dtype), device=runs.y.device)
+            return [m if m is not None else zeros for m in maps]
+        out = []
+        for rows_e, probs, valid in layers:
+            copies = runs.pair_values(tower, rows_e.detach()).clone().requires_grad_(True)
+            (cot,) = torch.autograd.grad(target(runs.context_with(tower, copies)).sum(), [copies])
+            (grad,) = torch.autograd.grad(rows_e, [probs], runs.batched(tower, cot), is_grads_batched=True)
+            grad = runs.batched(tower, grad)  # (B, P, H, q, n)
+            rows = None if valid is None else runs.pair_values(tower, valid)
+            m = positive_mean(grad.to(accumulation_dtype(grad.dtype)), rows)
+            out.append(m.reshape(B * P, -1))
+        return out
+
+
+def layer_maps(output: torch.Tensor, layers: list, leaves: list) -> list:
+    """Per explained layer, the mean over heads and query rows (the tower's valid tokens, or all
+    of a pooling head's queries) of the positive part of ``output``'s gradient at its attention,
+    each reduced as it arrives in one backward pass (None where ``output`` does not reach it)."""
+
+    def reduce(i: int, g: torch.Tensor) -> torch.Tensor:
+        return positive_mean(g.to(accumulation_dtype(g.dtype)), layers[i][2])
+
+    return reduced_gradients(output, [probs for _, probs, _ in layers], reduce, leaves)

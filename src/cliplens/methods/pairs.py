@@ -102,19 +102,28 @@ class PairRuns:
             }
         return self._cotangents[tower]
 
-    def pair_gradients(self, tower: str, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Every pair's gradient of its scalar w.r.t. ``tensors`` of ``tower``'s run, each
-        (B, P, *tensor.shape[1:]): on a shared tower one batched vector-Jacobian product over its
-        graph, on a per-pair tower one backward pass of ``sum(y)``."""
-        if tower not in self.leaves:
-            got = torch.autograd.grad(self.y.sum(), tensors)
-            return [per_pair(g, self.B, self.P) for g in got]
-        got = torch.autograd.grad(self.run(tower).embeds, tensors, self.cotangents(tower), is_grads_batched=True)
-        return [self.batched(tower, g) for g in got]
+    def pair_gradients(self, wrt: dict[str, list[torch.Tensor]]) -> dict[str, list[torch.Tensor]]:
+        """Every pair's gradient of its scalar w.r.t. tensors of each tower's run (tower ->
+        tensors), each (B, P, *tensor.shape[1:]), zeros where the scalar does not reach it: a
+        shared tower's by one batched vector-Jacobian product over its graph, the per-pair
+        towers' by one backward pass of ``sum(y)`` for all of them."""
+        out: dict[str, list[torch.Tensor]] = {}
+        rows = [(t, x) for t, xs in wrt.items() if t not in self.leaves for x in xs]
+        if rows:
+            got = torch.autograd.grad(self.y.sum(), [x for _, x in rows], allow_unused=True)
+            for (t, x), g in zip(rows, got):
+                out.setdefault(t, []).append(per_pair(torch.zeros_like(x) if g is None else g, self.B, self.P))
+        for t, xs in wrt.items():
+            if t in self.leaves:
+                got = torch.autograd.grad(self.run(t).embeds, xs, self.cotangents(t), is_grads_batched=True, allow_unused=True)
+                k = self.P if t == "image" else self.B  # the batch of cotangents
+                out[t] = [self.batched(t, x.new_zeros(k, *x.shape) if g is None else g) for x, g in zip(xs, got)]
+        return out
 
     def pair_values(self, tower: str, x: torch.Tensor) -> torch.Tensor:
         """(B, P, ...) a view of ``tower``'s per-row values ``x`` for every pair (per-pair rows
-        reshaped, or a shared run's distinct rows expanded)."""
+        reshaped, or a shared run's distinct rows expanded; ``.reshape(B * P, ...)`` gives the
+        rows b*P + p)."""
         if tower in self.leaves or not self.per_pair(tower):
             return self.distinct(tower, x).expand(self.B, self.P, *x.shape[1:])
         return per_pair(x, self.B, self.P)
@@ -128,12 +137,6 @@ class PairRuns:
     def distinct(self, tower: str, x: torch.Tensor) -> torch.Tensor:
         """(rows, ...) values of a shared tower's distinct inputs, broadcastable against (B, P, ...)."""
         return x[:, None] if tower == "image" else x[None]
-
-    def pair_rows(self, tower: str, x: torch.Tensor) -> torch.Tensor:
-        """(rows, ...) values of a shared tower's distinct inputs -> (B*P, ...), row b*P + p."""
-        if tower == "image":
-            return x.repeat_interleave(self.P, dim=0)
-        return x.repeat(self.B, *([1] * (x.dim() - 1)))
 
 
 def block_gradients(
@@ -195,23 +198,29 @@ def forward_pairs(
     nor the backward repeats work a method does not need. None (or a tower missing): per-pair
     rows from the input.
 
-    ``shared`` (a tower with a gradient and a ``graph_from`` block): no per-pair rows at all.
-    The tower runs once over its distinct inputs, with a graph from that block on, and the
+    ``shared`` (a tower with a gradient): no per-pair rows at all. The tower runs once over its
+    distinct inputs, with a graph from its ``graph_from`` block on (or from the input), and the
     target is evaluated on per-pair copies of its embeddings (``PairRuns.leaves``); the pairs'
-    gradients then come from :func:`block_gradients`."""
+    gradients then come from :func:`block_gradients` or :meth:`PairRuns.pair_gradients`."""
     B, P = len(images), len(texts)
     graph_from = graph_from or {}
     leaves: dict[str, torch.Tensor] = {}
 
+    def spread(name: str, e: torch.Tensor) -> torch.Tensor:
+        """(B or P, D) -> (B, P, D), a view."""
+        return e[:, None].expand(B, P, -1) if name == "image" else e[None].expand(B, P, -1)
+
     def tower(name: str, grad: bool, run, inputs: tuple, fan: FanOut | None, repeat):
         """(run, (B, P, D) per-pair embeddings) of one tower."""
         block = graph_from.get(name)
-        if grad and block is not None and shared:
-            with torch.no_grad():  # the fan-out (one copy) turns gradients on at its block
-                out = run(*inputs, detach_blocks=detach_blocks, fan_out=FanOut(block, 1))
-            e = out.embeds.detach()
-            e = e[:, None].expand(B, P, -1) if name == "image" else e[None].expand(B, P, -1)
-            leaves[name] = e.clone().requires_grad_(True)
+        if grad and shared:
+            if block is None:  # a graph from the input
+                with torch.enable_grad():
+                    out = run(*inputs, detach_blocks=detach_blocks)
+            else:
+                with torch.no_grad():  # the fan-out (one copy) turns gradients on at its block
+                    out = run(*inputs, detach_blocks=detach_blocks, fan_out=FanOut(block, 1))
+            leaves[name] = spread(name, out.embeds.detach()).clone().requires_grad_(True)
             return out, leaves[name]
         if grad and block is not None:
             with torch.no_grad():  # the fan-out turns gradients on at its block
@@ -223,8 +232,7 @@ def forward_pairs(
             return out, per_pair(out.embeds, B, P)
         with torch.no_grad():
             out = run(*inputs, detach_blocks=detach_blocks)
-        e = out.embeds.detach()
-        return out, (e[:, None].expand(B, P, -1) if name == "image" else e[None].expand(B, P, -1))
+        return out, spread(name, out.embeds.detach())
 
     image_fan = FanOut(graph_from["image"], P) if graph_from.get("image") is not None else None
     img, img_pairs = tower(

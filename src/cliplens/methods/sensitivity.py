@@ -35,9 +35,10 @@ Papers: K. Simonyan, A. Vedaldi, A. Zisserman, "Deep Inside Convolutional Networ
 There is no reference implementation for CLIP; the blog's deoptimization had no fixed step
 rule and measured pixels; here the descent runs in embedding space with a normalised step.
 
-Cost: ``grad_norm``, ``grad_x_input``, ``pixel_grad``: one forward of the image tower over
-the B*P pairs (and of the text tower over B*P rows when the text side is asked for, else P)
-and one full backward to the input. ``iterative``: 1 + k image-tower forwards and k full
+Cost: ``grad_norm``, ``grad_x_input``: one forward of each tower over its distinct inputs (B
+images, P prompts), then the pairs' input gradients as one batched vector-Jacobian product over
+each tower's graph (``shared_graph``). ``pixel_grad``: one forward of the image tower over the
+B*P pairs and one full backward to the pixels. ``iterative``: 1 + k image-tower forwards and k full
 backward passes (k = ``steps``), with the text embeddings computed once.
 """
 
@@ -94,6 +95,12 @@ class Sensitivity(Method):
     def gradient_towers(self, towers: tuple[str, ...], opts: Options) -> tuple[bool, bool]:
         return ("image" in towers, "text" in towers and opts.variant in TEXT_VARIANTS)
 
+    shared_graph = True
+
+    def shares_graph(self, opts: Options) -> bool:
+        # pixel_grad needs per-pair pixel copies, iterative per-pair descents
+        return self.shared_graph and opts.variant in TEXT_VARIANTS
+
     def prepare_images(self, images: ImageBatch, opts: Options) -> ImageBatch:
         if opts.variant == "pixel_grad":
             # a pixel tensor that requires grad: its per-pair copy made by the pair forward is
@@ -105,8 +112,19 @@ class Sensitivity(Method):
         self, adapter: ModelAdapter, runs: PairRuns, target: Target, towers: tuple[str, ...], opts: Options
     ) -> Attribution:
         variant = opts.variant
-        want_image, want_text = runs.image_per_pair, runs.text_per_pair
         out = Attribution()
+        if runs.leaves:  # grad_norm / grad_x_input on each tower's one graph
+            inputs = {tower: runs.run(tower).input_embeds for tower in runs.leaves}
+            grads = runs.pair_gradients({tower: [x] for tower, x in inputs.items()})
+            for tower, x in inputs.items():
+                values = token_values(variant, grads[tower][0], runs.pair_values(tower, x.detach()))  # (B, P, n)
+                result = tower_result(runs, tower, values.reshape(runs.B * runs.P, -1))
+                if tower == "image":
+                    out.image_maps = result
+                else:
+                    out.token_scores = result
+            return out
+        want_image, want_text = runs.image_per_pair, runs.text_per_pair
         if not (want_image or want_text):
             return out
         inputs: list[torch.Tensor] = []
