@@ -6,6 +6,10 @@ log-odds). Model: a random ``BlipForImageTextRetrieval`` with BLIP-base sizes (V
 
     python benchmarks/bench_fusion.py                      # BLIP-base sizes, 1 image x 1 and x 4 prompts
     python benchmarks/bench_fusion.py --size tiny --pairs 1,8
+    python benchmarks/bench_fusion.py --pairs 4 --methods "chefer,chefer rows"
+
+A method named "M rows" runs M with the ViT once per pair (pixels repeated, the path before
+``shares_image``: the image encoder once per image, its per-pair gradients batched).
 
 Peak memory on CPU: resident memory sampled in a fresh process per case (see _common.PeakRSS).
 The relevance matrices are full (n x n per stream and pair); the image stream's
@@ -18,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -70,13 +73,27 @@ def plain(adapter: HFBlipITMAdapter, image, texts) -> None:
             p.requires_grad_(f)
 
 
+def runner(adapter: HFBlipITMAdapter, image, texts, method: str):
+    """The plain pass, or ``explain`` with ``method`` ("M rows": the ViT once per pair)."""
+    if method == "plain":
+        return lambda: plain(adapter, image, texts)
+    name, _, rows = method.partition(" ")
+
+    def fn():
+        adapter.shares_image = rows != "rows"
+        try:
+            cliplens.explain(adapter, image, texts, method=name)
+        finally:
+            del adapter.shares_image  # back to the class's
+
+    return fn
+
+
 def case(size: str, method: str, P: int, repeats: int) -> dict:
     adapter = build(size)
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8))
     texts = [f"a photo of a {WORDS[5 + i % 8]} {WORDS[13 + i % 4]}" for i in range(P)]
-    fn = (lambda: plain(adapter, image, texts)) if method == "plain" else (
-        lambda: cliplens.explain(adapter, image, texts, method=method)
-    )
+    fn = runner(adapter, image, texts, method)
     t_fn, t_plain, ratio = C.paired_ratio(fn, lambda: plain(adapter, image, texts), repeats=repeats)
     return {"seconds": t_fn, "plain_seconds": t_plain, "ratio": ratio}
 
@@ -85,9 +102,7 @@ def peak(size: str, method: str, P: int) -> dict:
     adapter = build(size)
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8))
     texts = [f"a photo of a {WORDS[5 + i % 8]} {WORDS[13 + i % 4]}" for i in range(P)]
-    fn = (lambda: plain(adapter, image, texts)) if method == "plain" else (
-        lambda: cliplens.explain(adapter, image, texts, method=method)
-    )
+    fn = runner(adapter, image, texts, method)
     fn()  # warm-up: allocator pools and lazy imports are not the method's memory
     with C.PeakRSS() as p:
         fn()

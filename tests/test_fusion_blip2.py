@@ -241,8 +241,13 @@ def test_stream_layout_and_events(frequency):
     }
     for e in run.events:
         assert tuple(e.probs.shape) == shapes[f"{e.kind}-{e.query}"]
-    # the probabilities are the tensors in the graph: the logit's gradient reaches every one
-    grads = torch.autograd.grad(run.logits.sum(), [e.probs for e in run.events])
+    # the probabilities are the tensors in the graph: the logit's gradient reaches every
+    # Q-Former event and the ViT's per-pair output; the ViT's (shared) events hang off its output
+    assert [e.shared for e in run.events] == [e.stack == "image" for e in run.events]
+    pair_events = [e.probs for e in run.events if not e.shared]
+    grads = torch.autograd.grad(run.logits.sum(), pair_events + [run.shared_image.leaf])
+    assert all(g is not None and g.abs().max() > 0 for g in grads)
+    grads = torch.autograd.grad(run.shared_image.output.sum(), [e.probs for e in run.events if e.shared])
     assert all(g is not None and g.abs().max() > 0 for g in grads)
     # streams and readout
     image, qformer = run.streams["image"], run.streams["qformer"]

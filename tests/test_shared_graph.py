@@ -73,3 +73,53 @@ def test_shared_graph_equals_per_pair_rows(adapter, method, first, target, monke
     for key in rows.extras:
         _close([np.asarray(shared.extra(key, b)) for b in range(2)], [np.asarray(rows.extra(key, b)) for b in range(2)])
     _close([shared.target_values], [rows.target_values], 1e-12)
+
+
+@pytest.mark.parametrize("method", SHARED)
+def test_shared_graph_in_bfloat16_follows_float32(method):
+    """The batched products run in bfloat16 too (relevance accumulated in float32): finite maps
+    that follow float32's on the same weights (tiny CLIP; measured r >= 0.998)."""
+    from families import hf_clip_factory
+
+    half = cliplens.explain(hf_clip_factory(seed=0, dtype=torch.bfloat16), IMAGES, TEXTS, method=method)
+    full = cliplens.explain(hf_clip_factory(seed=0, dtype=torch.float32), IMAGES, TEXTS, method=method)
+    x = np.concatenate([np.ravel(half.grid_map(b, p)) for b in range(2) for p in range(3)]).astype(np.float64)
+    y = np.concatenate([np.ravel(full.grid_map(b, p)) for b in range(2) for p in range(3)]).astype(np.float64)
+    assert np.isfinite(x).all()
+    assert np.corrcoef(x, y)[0, 1] > 0.99
+
+
+# ---- fusion models whose image encoder runs before image and text meet ----------------------
+
+from families import FUSION_FACTORIES  # noqa: E402
+
+SHARING = [(name, f) for name, f in FUSION_FACTORIES if name in ("hf-blip-itm", "hf-blip2-itm")]
+
+
+def test_the_sharing_fusion_families_are_the_ones_that_declare_it():
+    shares = {name for name, f in FUSION_FACTORIES if f().shares_image}
+    assert shares == {name for name, _ in SHARING}
+
+
+@pytest.mark.parametrize("family,factory", SHARING, ids=[n for n, _ in SHARING])
+@pytest.mark.parametrize("method", ["chefer", "gradcam", "raw_attention"])
+@pytest.mark.parametrize("target", ["logit", "probability"])
+def test_image_encoder_once_per_image_equals_once_per_pair(family, factory, method, target, monkeypatch):
+    """BLIP and BLIP-2 run their ViT once per image and the pairs read per-pair copies of its
+    output; chefer's image events get their per-pair gradients as batched products through the
+    one ViT graph. The same numbers as the ViT run once per pair (pixels repeated), float64."""
+    adapter = factory(seed=0, dtype=torch.float64)
+    cls = REGISTRY[method]
+    if cls().unsupported(adapter, cls.towers, cls().parse_options({})):
+        pytest.skip(f"{method} does not explain {family}")
+    shared = cliplens.explain(adapter, IMAGES, TEXTS, method=method, target=target)
+    monkeypatch.setattr(type(adapter), "shares_image", False)
+    rows = cliplens.explain(adapter, IMAGES, TEXTS, method=method, target=target)
+    pairs = [(b, p) for b in range(2) for p in range(3)]
+    _close([shared.grid_map(b, p) for b, p in pairs], [rows.grid_map(b, p) for b, p in pairs])
+    if rows.token_scores is not None:
+        _close([shared.token_scores], [rows.token_scores])
+    assert set(shared.extras) == set(rows.extras)
+    for key in rows.extras:
+        _close([np.asarray(shared.extra(key, b)) for b in range(2)], [np.asarray(rows.extra(key, b)) for b in range(2)])
+    _close([shared.logits], [rows.logits], 1e-12)

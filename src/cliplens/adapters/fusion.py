@@ -24,7 +24,7 @@ import contextlib
 import sys
 from abc import abstractmethod
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -85,6 +85,9 @@ class AttentionEvent:
     layer: int
     step: int
     rows: slice | None = None
+    #: an event of an image encoder run once per image (:class:`SharedImage`): ``probs`` has one
+    #: row per image, not per pair
+    shared: bool = False
 
     def full_rows(self, values: torch.Tensor, n_query: int) -> torch.Tensor:
         """(N, n_rows, k) values of the attending rows -> (N, n_query, k), zero elsewhere
@@ -109,6 +112,7 @@ class FusionRun:
     grid:     (Gh, Gw) of the image.
     leaves:   tensors that require grad and from which every event's probabilities depend on
               what they must (a backward pass ends there).
+    shared_image: the image encoder run once per image, or None (:class:`SharedImage`).
     """
 
     logits: torch.Tensor
@@ -117,9 +121,47 @@ class FusionRun:
     readout: tuple[str, torch.Tensor]
     grid: tuple[int, int]
     leaves: list[torch.Tensor]
+    shared_image: "SharedImage | None" = None
 
     def cross_events(self) -> list[AttentionEvent]:
         return [e for e in self.events if e.kind == "cross"]
+
+
+@dataclass
+class SharedImage:
+    """An image encoder that runs before image and text meet (BLIP, BLIP-2), run once per image
+    instead of once per pair: its output ``output`` (B, n, C, in the graph) reaches the pairs as
+    ``leaf``, the per-pair copies (row b*P + p, ``copies`` = P per image) as a tensor that
+    requires grad. The pairs' backward pass ends at ``leaf``; every pair's gradient then goes
+    back through the one image graph as a batched vector-Jacobian product, block by block
+    (``block_outputs``: each encoder block's output, B rows)."""
+
+    copies: int
+    output: torch.Tensor | None = None
+    leaf: torch.Tensor | None = None
+    block_outputs: list[torch.Tensor] = field(default_factory=list)
+
+
+def share_image_encoder(capture: Capture, encoder: torch.nn.Module, layers: list[torch.nn.Module], copies: int) -> SharedImage:
+    """Hooks (for one run, in ``capture``) that record ``layers``' outputs and hand the output of
+    ``encoder`` (a transformers image model whose ``last_hidden_state`` the pairs read) to the
+    pairs as per-pair copies: the :class:`SharedImage` they fill. The caller passes the encoder
+    one row per image and the rest of the model one row per pair."""
+    shared = SharedImage(copies)
+
+    def on_layer(module, args, output):
+        shared.block_outputs.append(output[0] if isinstance(output, tuple) else output)
+
+    def on_encoder(module, args, output):
+        shared.output = output.last_hidden_state
+        shared.leaf = shared.output.detach().repeat_interleave(copies, dim=0).requires_grad_(torch.is_grad_enabled())
+        output.last_hidden_state = shared.leaf
+        return output
+
+    for layer in layers:
+        capture.forward_hook(layer, on_layer)
+    capture.forward_hook(encoder, on_encoder)
+    return shared
 
 
 def readout_token(rows: int, n: int, index: int, device) -> torch.Tensor:
@@ -151,11 +193,26 @@ class FusionAdapter(ModelAdapter):
     #: the text tokens are the queries of the cross-attention to the image (BLIP); False where
     #: other tokens are (BLIP-2: its Q-Former's query tokens, never the text)
     text_cross_attention: bool = True
+    #: the image encoder runs before image and text meet, so it runs once per image
+    #: (:class:`SharedImage`): :meth:`run_pairs` takes one pixel row per image and ``image_copies``
+    shares_image: bool = False
 
     @abstractmethod
-    def run_pairs(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> FusionRun:
-        """Run N pair rows (pixels, ids and mask each with N rows), capturing every attention
-        event. Call inside :meth:`explaining`, with gradients enabled when they are wanted."""
+    def run_pairs(
+        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_copies: int = 1
+    ) -> FusionRun:
+        """Run N pair rows (ids and mask with N rows), capturing every attention event. Call
+        inside :meth:`explaining`, with gradients enabled when they are wanted. ``pixel_values``
+        has N rows, or with :attr:`shares_image` N / ``image_copies`` (one per image: pair row
+        b*P + p reads image b)."""
+
+    def run_grid(self, images: ImageBatch, texts: TextBatch) -> FusionRun:
+        """Run every (image, prompt) pair: row b*P + p is image b with prompt p."""
+        B, P = len(images), len(texts)
+        ids, mask = texts.input_ids.repeat(B, 1), texts.attention_mask.repeat(B, 1)
+        if self.shares_image:
+            return self.run_pairs(images.pixel_values, ids, mask, image_copies=P)
+        return self.run_pairs(images.pixel_values.repeat_interleave(P, dim=0), ids, mask)
 
     @classmethod
     def matches(cls, model) -> bool:
@@ -215,14 +272,9 @@ class FusionAdapter(ModelAdapter):
 
     def score_table(self, images: ImageBatch, texts: TextBatch) -> torch.Tensor:
         """(B, P) logits of every image against every prompt, no gradients."""
-        B, P = len(images), len(texts)
         with torch.no_grad():
-            run = self.run_pairs(
-                images.pixel_values.repeat_interleave(P, dim=0),
-                texts.input_ids.repeat(B, 1),
-                texts.attention_mask.repeat(B, 1),
-            )
-        return run.logits.detach().reshape(B, P)
+            run = self.run_grid(images, texts)
+        return run.logits.detach().reshape(len(images), len(texts))
 
     # ---- what a fusion model does not have ------------------------------------------------
     def _no_towers(self) -> InputError:

@@ -1,7 +1,8 @@
 """Hugging Face transformers ``BlipForImageTextRetrieval`` with its image-text matching head: a
 fusion model (:mod:`.fusion`).
 
-The ViT image encoder runs first; then every layer of the BERT-style text encoder runs
+The ViT image encoder runs first, once per image (``shares_image``: the pairs read per-pair
+copies of its output); then every layer of the BERT-style text encoder runs
 self-attention over the prompt and cross-attention from the prompt's tokens to the image
 tokens; the ITM head reads the first text token ([CLS]) and gives two logits (no match,
 match). cliplens explains the pair logit ``itm[:, 1] - itm[:, 0]``, the log-odds of a match,
@@ -18,14 +19,13 @@ forward hooks on those modules, for the call only.
 
 from __future__ import annotations
 
-
 import torch
 
 from ..errors import ModelLoadError
 from ..preprocess import OPENAI_MEAN, OPENAI_STD, Preprocess, squash_preprocess_from_config
 from .base import Checkpoint
 from .capture import Capture
-from .fusion import AttentionEvent, FusionAdapter, FusionRun, Stream, readout_token
+from .fusion import AttentionEvent, FusionAdapter, FusionRun, Stream, readout_token, share_image_encoder
 
 #: config.json model_type values this file's adapter takes
 HF_BLIP_TYPES = {"blip"}
@@ -70,7 +70,11 @@ class HFBlipITMAdapter(FusionAdapter):
         return list(self.model.text_encoder.encoder.layer)
 
     # ---- running -----------------------------------------------------------------------
-    def run_pairs(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> FusionRun:
+    shares_image = True
+
+    def run_pairs(
+        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_copies: int = 1
+    ) -> FusionRun:
         model = self.model
         events: list[AttentionEvent] = []
         leaves: list[torch.Tensor] = []
@@ -83,11 +87,16 @@ class HFBlipITMAdapter(FusionAdapter):
 
         def record(kind: str, query: str, key: str, stack: str, layer: int):
             def hook(module, args, output):
-                events.append(AttentionEvent(kind, query, key, output[1], stack, layer, step=len(events)))
+                # the ViT runs once per image: its events have one row per image
+                shared = stack == "image" and self.shares_image
+                events.append(AttentionEvent(kind, query, key, output[1], stack, layer, step=len(events), shared=shared))
 
             return hook
 
         with Capture() as capture:
+            shared = None
+            if self.shares_image:
+                shared = share_image_encoder(capture, model.vision_model, self.blocks("image"), image_copies)
             capture.forward_hook(model.vision_model.embeddings, leaf)
             capture.forward_hook(model.text_encoder.embeddings, leaf)
             for i, layer in enumerate(self.blocks("image")):
@@ -111,7 +120,9 @@ class HFBlipITMAdapter(FusionAdapter):
             "text": Stream.of_text("text", attention_mask),
         }
         readout = ("text", readout_token(N, input_ids.shape[1], 0, input_ids.device))
-        return FusionRun(itm[:, 1] - itm[:, 0], streams, events, readout, grid, leaves)
+        if shared is not None:
+            leaves.append(shared.leaf)  # the pairs' backward ends at the ViT's per-pair output
+        return FusionRun(itm[:, 1] - itm[:, 0], streams, events, readout, grid, leaves, shared)
 
 
 def check_blip_model(model) -> None:

@@ -71,7 +71,7 @@ from ..errors import ModelLoadError
 from ..preprocess import OPENAI_MEAN, OPENAI_STD, Preprocess, squash_preprocess_from_config
 from .base import Checkpoint
 from .capture import Capture
-from .fusion import AttentionEvent, FusionAdapter, FusionRun, Stream
+from .fusion import AttentionEvent, FusionAdapter, FusionRun, Stream, share_image_encoder
 
 #: config.json model_type values this file's adapter takes
 HF_BLIP2_TYPES = {"blip-2"}
@@ -147,8 +147,10 @@ class HFBlip2ITMAdapter(FusionAdapter):
             capture.eager_attention(self.model)
             yield
 
+    shares_image = True
+
     def run_pairs(
-        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_copies: int = 1
     ) -> FusionRun:
         model = self.model
         nq = self.num_query_tokens
@@ -173,8 +175,10 @@ class HFBlip2ITMAdapter(FusionAdapter):
                     raise RuntimeError(
                         f"BLIP-2 cross-attention has {probs.shape[2]} attending rows, expected the {nq} query tokens"
                     )
+                # the ViT runs once per image: its events have one row per image
+                shared = stack == "image" and self.shares_image
                 events.append(
-                    AttentionEvent(kind, query, key, probs, stack, layer, step=len(events), rows=rows)
+                    AttentionEvent(kind, query, key, probs, stack, layer, step=len(events), rows=rows, shared=shared)
                 )
 
             return hook
@@ -196,6 +200,9 @@ class HFBlip2ITMAdapter(FusionAdapter):
         with Capture() as capture:
             if (h, w) != (size, size):
                 capture.forward_pre_hook(model.vision_model, interpolate, with_kwargs=True)
+            shared = None
+            if self.shares_image:
+                shared = share_image_encoder(capture, model.vision_model, self.blocks("image"), image_copies)
             capture.forward_hook(model.vision_model.embeddings, leaf)
             capture.forward_hook(model.embeddings, leaf)
             for i, layer in enumerate(self.blocks("image")):
@@ -232,7 +239,9 @@ class HFBlip2ITMAdapter(FusionAdapter):
         }
         weights = torch.zeros(N, nq + T, device=device)
         weights[:, :nq] = 1.0 / nq  # the head's logits are averaged over the query tokens
-        return FusionRun(itm[:, 1] - itm[:, 0], streams, events, ("qformer", weights), grid, leaves)
+        if shared is not None:
+            leaves.append(shared.leaf)  # the pairs' backward ends at the ViT's per-pair output
+        return FusionRun(itm[:, 1] - itm[:, 0], streams, events, ("qformer", weights), grid, leaves, shared)
 
 
 def check_blip2_model(model) -> None:

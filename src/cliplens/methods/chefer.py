@@ -103,7 +103,7 @@ class Chefer(Method):
         self, adapter: FusionAdapter, runs: FusionRuns, target: Target, towers: tuple[str, ...], opts: Options
     ) -> Attribution:
         run = runs.run
-        abars = runs.event_gradients(lambda i, grad: gradient_weighted(run.events[i].probs.detach(), grad))
+        abars = runs.event_gradients(lambda i, probs, grad: gradient_weighted(probs, grad))
         dtype = accumulation_dtype(run.logits.dtype)
         stream, weights = run.readout
         if not run.cross_events():
@@ -152,7 +152,8 @@ def fusion_steps(run, abars) -> list[list[tuple[str, str, str, torch.Tensor]]]:
     last = None
     for event, abar in zip(run.events, abars):
         if abar is None:
-            abar = event.probs.detach().new_zeros(event.probs.shape[0], event.probs.shape[2], event.probs.shape[3])
+            rows = run.streams[event.query].valid.shape[0]  # one per pair, also for a shared image's events
+            abar = event.probs.detach().new_zeros(rows, event.probs.shape[2], event.probs.shape[3])
         if event.step != last:
             steps.append([])
             last = event.step

@@ -3,7 +3,9 @@
 Layout as for dual encoders: pair (b, p) is row ``b*P + p``. A fusion model mixes image and text
 inside the network, so every pair is its own row of the model's batch (pixels repeated per
 prompt, prompts tiled per image); one backward pass of ``y.sum()`` hands every pair its own
-gradients, since rows of a batch never mix.
+gradients, since rows of a batch never mix. Where the image encoder runs before image and text
+meet (BLIP, BLIP-2: ``FusionAdapter.shares_image``) it runs once per image instead, and its
+events' per-pair gradients come from batched vector-Jacobian products through its one graph.
 
 The helpers turn per-stream token values back into per-pair results: image maps on the grid
 (each token put on the cell it shows, which undoes ViLT's shuffled patch order) and token
@@ -20,6 +22,7 @@ import torch
 from ..adapters.base import ImageBatch, TextBatch
 from ..adapters.fusion import FusionAdapter, FusionRun
 from ..targets import LogitContext, Target, probabilities
+from .pairs import batched_block_vjps
 from .relevance import reduced_gradients
 
 
@@ -41,17 +44,42 @@ class FusionRuns:
         at = stream.positions.clamp(min=0)
         return (stream.positions >= 0) & stream.valid & torch.gather(self.content, 1, at)
 
-    def event_gradients(self, reduce: Callable[[int, torch.Tensor], torch.Tensor]) -> list:
-        """``reduce(i, dy/dA_i)`` for every event i, from one backward pass of sum(y), each
-        gradient reduced the moment it arrives (None where y does not depend on the event)."""
-        events = self.run.events
-        live = [i for i, e in enumerate(events) if e.probs.requires_grad]
-        got = reduced_gradients(
-            self.y.sum(), [events[i].probs for i in live], lambda j, g: reduce(live[j], g), self.run.leaves
-        )
+    def event_gradients(self, reduce: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]) -> list:
+        """``reduce(i, probs, dy/dA_i)`` for every event i (``probs`` its probabilities, detached
+        and broadcastable against the gradient), each gradient reduced the moment it arrives;
+        every result has N = B*P rows (None where y does not depend on the event).
+
+        One backward pass of sum(y). Events of an image encoder run once per image
+        (:class:`~cliplens.adapters.fusion.SharedImage`) come after it: the pairs' gradients at
+        the encoder's per-pair output go back through its one graph as batched vector-Jacobian
+        products, one block at a time (the gradient (B, P, ...) per pair)."""
+        run, N = self.run, self.B * self.P
+        events = run.events
+        live = [i for i, e in enumerate(events) if e.probs.requires_grad and not e.shared]
+        shared = run.shared_image
+        if shared is not None and not shared.leaf.requires_grad:
+            shared = None
+        tensors = [events[i].probs for i in live] + ([shared.leaf] if shared is not None else [])
+
+        def per_pair(j: int, grad: torch.Tensor) -> torch.Tensor:
+            if j == len(live):  # the shared image's per-pair cotangents, kept whole
+                return grad
+            return reduce(live[j], events[live[j]].probs.detach(), grad)
+
+        got = reduced_gradients(self.y.sum(), tensors, per_pair, run.leaves)
         out: list = [None] * len(events)
         for j, i in enumerate(live):
             out[i] = got[j]
+        if shared is not None and got[-1] is not None:
+            image = [i for i, e in enumerate(events) if e.shared]
+            if len(image) != len(shared.block_outputs):
+                raise RuntimeError(f"{len(image)} shared image events for {len(shared.block_outputs)} encoder blocks")
+            cot = got[-1].reshape(self.B, self.P, *got[-1].shape[1:]).transpose(0, 1)  # (P, B, n, C)
+            probs = [events[i].probs for i in image]
+            for layer, grad in batched_block_vjps(shared.output, cot, shared.block_outputs, probs, 0):
+                i = image[layer]
+                value = reduce(i, events[i].probs.detach()[:, None], grad.transpose(0, 1))
+                out[i] = value.reshape(N, *value.shape[2:])
         return out
 
     def image_maps(self, rows: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -96,11 +124,7 @@ def forward_fusion(
     target on the pair logits."""
     B, P = len(images), len(texts)
     with torch.set_grad_enabled(grad):
-        run = adapter.run_pairs(
-            images.pixel_values.repeat_interleave(P, dim=0),
-            texts.input_ids.repeat(B, 1),
-            texts.attention_mask.repeat(B, 1),
-        )
+        run = adapter.run_grid(images, texts)
         live = run.logits.reshape(B, P)
         y = target(LogitContext(live, adapter.pair_probability))
     logits = live.detach()

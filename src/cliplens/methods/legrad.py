@@ -77,7 +77,7 @@ import torch
 from ..adapters.base import ModelAdapter, TowerRun
 from ..targets import Target
 from .base import Attribution, Method, last_layers, option, register
-from .pairs import PairRuns, per_pair, tower_result
+from .pairs import PairRuns, batched_vjp, per_pair, tower_result
 from .relevance import accumulation_dtype, reduced_gradients
 
 POOLINGS = ("model", "mean")
@@ -264,7 +264,7 @@ class LeGrad(Method):
         for rows_e, probs, valid in layers:
             copies = runs.pair_values(tower, rows_e.detach()).clone().requires_grad_(True)
             (cot,) = torch.autograd.grad(target(runs.context_with(tower, copies)).sum(), [copies])
-            (grad,) = torch.autograd.grad(rows_e, [probs], runs.batched(tower, cot), is_grads_batched=True)
+            (grad,) = batched_vjp(rows_e, [probs], runs.batched(tower, cot))
             grad = runs.batched(tower, grad)  # (B, P, H, q, n)
             rows = None if valid is None else runs.pair_values(tower, valid)
             m = positive_mean(grad.to(accumulation_dtype(grad.dtype)), rows)

@@ -115,7 +115,7 @@ class PairRuns:
                 out.setdefault(t, []).append(per_pair(torch.zeros_like(x) if g is None else g, self.B, self.P))
         for t, xs in wrt.items():
             if t in self.leaves:
-                got = torch.autograd.grad(self.run(t).embeds, xs, self.cotangents(t), is_grads_batched=True, allow_unused=True)
+                got = batched_vjp(self.run(t).embeds, xs, self.cotangents(t), allow_unused=True)
                 k = self.P if t == "image" else self.B  # the batch of cotangents
                 out[t] = [self.batched(t, x.new_zeros(k, *x.shape) if g is None else g) for x, g in zip(xs, got)]
         return out
@@ -144,29 +144,60 @@ def block_gradients(
 ) -> Iterator[tuple[int | None, torch.Tensor, torch.Tensor]]:
     """Every pair's gradient of its scalar w.r.t. a shared tower's ``head`` tensors (between
     the last block and the embedding, e.g. a pooling head's attention) and then w.r.t. the
-    attention probabilities of its blocks, from the last block down to ``start``.
-
-    One batched vector-Jacobian product per block (``is_grads_batched``) over the tower's one
-    graph: the cotangent at a block's output goes back through that block alone, giving its
-    attention's gradient and the cotangent at the block before; each block's part of the graph
-    is freed as it is passed and each gradient can be reduced before the next is computed.
+    attention probabilities of its blocks, from the last block down to ``start``
+    (:func:`batched_block_vjps` over the tower's one graph).
 
     Yields ``(layer, probs, grad)``: layer None for a head tensor; ``probs`` the tensor's
     values (rows, ...) made broadcastable against ``grad`` (B, P, ...) per pair."""
     run = runs.run(tower)
     head = list(head or [])
-    g = runs.cotangents(tower)
-    last = len(run.block_outputs) - 1
-    got = torch.autograd.grad(run.embeds, [*head, run.block_outputs[last]], g, is_grads_batched=True)
-    for tensor, grad in zip(head, got):
-        yield None, runs.distinct(tower, tensor.detach()), runs.batched(tower, grad)
+    vjps = batched_block_vjps(run.embeds, runs.cotangents(tower), run.block_outputs, run.attentions, start, head)
+    for layer, grad in vjps:
+        tensor = head[-1 - layer] if layer < 0 else run.attentions[layer]
+        yield (None if layer < 0 else layer), runs.distinct(tower, tensor.detach()), runs.batched(tower, grad)
+
+
+def batched_block_vjps(
+    output: torch.Tensor,
+    cotangents: torch.Tensor,
+    block_outputs: list[torch.Tensor],
+    probs: list[torch.Tensor],
+    start: int,
+    head: list[torch.Tensor] | None = None,
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """K vector-Jacobian products at once (``cotangents`` (K, *output.shape)) from ``output``
+    back through a stack of blocks, one block at a time: the cotangent at a block's output goes
+    back through that block alone (``is_grads_batched``), giving its attention probabilities'
+    gradient and the cotangent at the block before. Each block's part of the graph is freed as
+    it is passed, and the caller can reduce each gradient before the next is computed.
+
+    ``block_outputs[l]`` / ``probs[l]``: block l's output and attention probabilities (in the
+    graph from block ``start`` on); ``head``: tensors between the last block and ``output``.
+    Yields ``(l, (K, *probs[l].shape))`` from the last block down to ``start``, after
+    ``(-1 - i, gradient of head[i])`` for the head tensors."""
+    head = list(head or [])
+    last = len(block_outputs) - 1
+    got = batched_vjp(output, [*head, block_outputs[last]], cotangents)
+    for i, grad in enumerate(got[:-1]):
+        yield -1 - i, grad
     g = got[-1]
     for layer in range(last, start - 1, -1):
-        probs = run.attentions[layer]
-        wrt = [probs] if layer == start else [probs, run.block_outputs[layer - 1]]
-        got = torch.autograd.grad(run.block_outputs[layer], wrt, g, is_grads_batched=True)
-        yield layer, runs.distinct(tower, probs.detach()), runs.batched(tower, got[0])
+        wrt = [probs[layer]] if layer == start else [probs[layer], block_outputs[layer - 1]]
+        got = batched_vjp(block_outputs[layer], wrt, g)
+        yield layer, got[0]
         g = got[-1]
+
+
+def batched_vjp(
+    output: torch.Tensor, inputs: list[torch.Tensor], cotangents: torch.Tensor, allow_unused: bool = False
+) -> list[torch.Tensor | None]:
+    """K vector-Jacobian products of ``output`` at ``inputs`` (``cotangents`` (K, *output.shape)),
+    each gradient (K, *input.shape): ``is_grads_batched``, or a plain backward pass when K = 1
+    (the batched one adds vmap's overhead for nothing)."""
+    if cotangents.shape[0] == 1:
+        got = torch.autograd.grad(output, inputs, cotangents[0], allow_unused=allow_unused)
+        return [None if g is None else g.unsqueeze(0) for g in got]
+    return list(torch.autograd.grad(output, inputs, cotangents, is_grads_batched=True, allow_unused=allow_unused))
 
 
 # Kept under its former name for code written against cliplens.engine
