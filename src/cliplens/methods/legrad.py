@@ -211,7 +211,10 @@ class LeGrad(Method):
                 empty_e = empty_prompt_embedding(adapter) if corrects(run, opts.correction) else None
                 for l in explained_layers(opts.layers, len(run.attentions)):
                     rows_e, pool = layer_readout(adapter, run, run.block_outputs[l], opts.pooling)
-                    layers.append((rows_e, run.attentions[l] if pool is None else pool, None if pool is not None else run.layout.valid))
+                    if pool is None:
+                        layers.append((rows_e, run.attentions[l], run.layout.valid))
+                    else:
+                        layers.append((rows_e, pool, None))
                     if empty_e is not None:
                         cos = (rows_e / rows_e.norm(dim=-1, keepdim=True)) @ empty_e.to(rows_e.dtype)
                         empty_total = cos.sum() if empty_total is None else empty_total + cos.sum()
@@ -257,9 +260,7 @@ class LeGrad(Method):
         B, P = runs.B, runs.P
         if tower not in runs.leaves:
             total = sum(target(runs.context_with(tower, per_pair(rows_e, B, P))).sum() for rows_e, _, _ in layers)
-            maps = layer_maps(total, layers, leaves)
-            zeros = torch.zeros(B * P, layers[0][1].shape[-1], dtype=accumulation_dtype(runs.y.dtype), device=runs.y.device)
-            return [m if m is not None else zeros for m in maps]
+            return layer_maps(total, layers, leaves)
         out = []
         for rows_e, probs, valid in layers:
             copies = runs.pair_values(tower, rows_e.detach()).clone().requires_grad_(True)
@@ -273,11 +274,16 @@ class LeGrad(Method):
 
 
 def layer_maps(output: torch.Tensor, layers: list, leaves: list) -> list:
-    """Per explained layer, the mean over heads and query rows (the tower's valid tokens, or all
-    of a pooling head's queries) of the positive part of ``output``'s gradient at its attention,
-    each reduced as it arrives in one backward pass (None where ``output`` does not reach it)."""
+    """Per explained layer, (rows, n) the mean over heads and query rows (the tower's valid
+    tokens, or all of a pooling head's queries) of the positive part of ``output``'s gradient at
+    its attention, each reduced as it arrives in one backward pass (zeros where ``output`` does
+    not reach it)."""
 
     def reduce(i: int, g: torch.Tensor) -> torch.Tensor:
         return positive_mean(g.to(accumulation_dtype(g.dtype)), layers[i][2])
 
-    return reduced_gradients(output, [probs for _, probs, _ in layers], reduce, leaves)
+    maps = reduced_gradients(output, [probs for _, probs, _ in layers], reduce, leaves)
+    return [
+        m if m is not None else probs.new_zeros(probs.shape[0], probs.shape[-1], dtype=accumulation_dtype(probs.dtype))
+        for m, (_, probs, _) in zip(maps, layers)
+    ]
