@@ -41,6 +41,20 @@ FAMILIES = [
 ]
 
 
+def _same_results(shared, rows) -> None:
+    """Two explanations of IMAGES x TEXTS agree: maps, token scores, every extra, the pair
+    logits and the explained values."""
+    pairs = [(b, p) for b in range(2) for p in range(3)]
+    _close([shared.grid_map(b, p) for b, p in pairs], [rows.grid_map(b, p) for b, p in pairs])
+    if rows.token_scores is not None:
+        _close([shared.token_scores], [rows.token_scores])
+    assert set(shared.extras) == set(rows.extras)
+    for key in rows.extras:
+        _close([np.asarray(shared.extra(key, b)) for b in range(2)], [np.asarray(rows.extra(key, b)) for b in range(2)])
+    _close([shared.logits], [rows.logits], 1e-12)
+    _close([shared.target_values], [rows.target_values], 1e-12)
+
+
 @pytest.fixture(scope="module", params=FAMILIES)
 def adapter(request):
     return request.param(seed=0, dtype=torch.float64)
@@ -65,14 +79,7 @@ def test_shared_graph_equals_per_pair_rows(adapter, method, first, target, monke
     shared = cliplens.explain(adapter, IMAGES, TEXTS, method=method, target=target, **opts)
     monkeypatch.setattr(cls, "shared_graph", False)
     rows = cliplens.explain(adapter, IMAGES, TEXTS, method=method, target=target, **opts)
-    pairs = [(b, p) for b in range(2) for p in range(3)]
-    _close([shared.grid_map(b, p) for b, p in pairs], [rows.grid_map(b, p) for b, p in pairs])
-    if rows.token_scores is not None:
-        _close([shared.token_scores], [rows.token_scores])
-    assert set(shared.extras) == set(rows.extras)
-    for key in rows.extras:
-        _close([np.asarray(shared.extra(key, b)) for b in range(2)], [np.asarray(rows.extra(key, b)) for b in range(2)])
-    _close([shared.target_values], [rows.target_values], 1e-12)
+    _same_results(shared, rows)
 
 
 @pytest.mark.parametrize("method", SHARED)
@@ -115,11 +122,4 @@ def test_image_encoder_once_per_image_equals_once_per_pair(family, factory, meth
     shared = cliplens.explain(adapter, IMAGES, TEXTS, method=method, target=target)
     monkeypatch.setattr(type(adapter), "shares_image", False)
     rows = cliplens.explain(adapter, IMAGES, TEXTS, method=method, target=target)
-    pairs = [(b, p) for b in range(2) for p in range(3)]
-    _close([shared.grid_map(b, p) for b, p in pairs], [rows.grid_map(b, p) for b, p in pairs])
-    if rows.token_scores is not None:
-        _close([shared.token_scores], [rows.token_scores])
-    assert set(shared.extras) == set(rows.extras)
-    for key in rows.extras:
-        _close([np.asarray(shared.extra(key, b)) for b in range(2)], [np.asarray(rows.extra(key, b)) for b in range(2)])
-    _close([shared.logits], [rows.logits], 1e-12)
+    _same_results(shared, rows)

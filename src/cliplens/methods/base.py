@@ -124,7 +124,8 @@ class Method:
     options: ClassVar[dict[str, str]] = {}
 
     # capability flags, read by the template and by the contract tests
-    #: the explained towers run per pair with a gradient (else: one forward each, no graph)
+    #: the explained towers run with a gradient (per pair, or once per distinct input with
+    #: :attr:`shared_graph`; else: one forward each, no graph)
     needs_gradient: ClassVar[bool] = True
     #: every block receives a detached copy of the previous block's output (LeGrad)
     detach_blocks: ClassVar[bool] = False
@@ -136,9 +137,9 @@ class Method:
     #: from the explained value)
     complete: ClassVar[bool] = False
     #: each gradient tower runs ONCE over its distinct inputs with a graph from ``graph_from``, and
-    #: the method takes the pairs' gradients through it with
-    #: :func:`~cliplens.methods.pairs.block_gradients` (batched vector-Jacobian products) instead
-    #: of one backward pass over per-pair rows
+    #: the method takes the pairs' gradients through it as batched vector-Jacobian products
+    #: (:func:`~cliplens.methods.pairs.block_gradients`, ``PairRuns.pair_gradients``) instead of
+    #: one backward pass over per-pair rows; :meth:`shares_graph` may decide per call
     shared_graph: ClassVar[bool] = False
     #: the method also explains fusion models (image and text scored together: BLIP ITM, ViLT),
     #: through :meth:`attribute_fusion`
