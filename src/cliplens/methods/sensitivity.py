@@ -35,10 +35,9 @@ Papers: K. Simonyan, A. Vedaldi, A. Zisserman, "Deep Inside Convolutional Networ
 There is no reference implementation for CLIP; the blog's deoptimization had no fixed step
 rule and measured pixels; here the descent runs in embedding space with a normalised step.
 
-Cost: ``grad_norm``, ``grad_x_input``: one forward of each tower over its distinct inputs (B
-images, P prompts), then the pairs' input gradients as one batched vector-Jacobian product over
-each tower's graph (``shared_graph``). ``pixel_grad``: one forward of the image tower over the
-B*P pairs and one full backward to the pixels. ``iterative``: 1 + k image-tower forwards and k full
+Cost: ``grad_norm``, ``grad_x_input``, ``pixel_grad``: one forward of each tower over its
+distinct inputs (B images, P prompts), then the pairs' input (or pixel) gradients as one batched
+vector-Jacobian product over each tower's graph (``shared_graph``). ``iterative``: 1 + k image-tower forwards and k full
 backward passes (k = ``steps``), with the text embeddings computed once.
 """
 
@@ -98,8 +97,8 @@ class Sensitivity(Method):
     shared_graph = True
 
     def shares_graph(self, opts: Options) -> bool:
-        # pixel_grad needs per-pair pixel copies, iterative per-pair descents
-        return self.shared_graph and opts.variant in TEXT_VARIANTS
+        # iterative descends per pair: after its first step every pair has its own input
+        return self.shared_graph and opts.variant != "iterative"
 
     def prepare_images(self, images: ImageBatch, opts: Options) -> ImageBatch:
         if opts.variant == "pixel_grad":
@@ -113,12 +112,20 @@ class Sensitivity(Method):
     ) -> Attribution:
         variant = opts.variant
         out = Attribution()
-        if runs.leaves:  # grad_norm / grad_x_input on each tower's one graph
-            inputs = {tower: runs.run(tower).input_embeds for tower in runs.leaves}
+        if runs.leaves:  # every variant but iterative, on each tower's one graph
+            B, P = runs.B, runs.P
+            pixels = variant == "pixel_grad"
+            inputs = {t: runs.image.pixel_values if pixels else runs.run(t).input_embeds for t in runs.leaves}
             grads = runs.pair_gradients({tower: [x] for tower, x in inputs.items()})
             for tower, x in inputs.items():
-                values = token_values(variant, grads[tower][0], runs.pair_values(tower, x.detach()))  # (B, P, n)
-                result = tower_result(runs, tower, values.reshape(runs.B * runs.P, -1))
+                g = grads[tower][0]  # (B, P, ...)
+                if pixels:
+                    patch_norms, pixel = pixel_patch_norms(g.reshape(B * P, *g.shape[2:]), runs.image)
+                    out.image_maps = patch_norms.reshape(B, P, *patch_norms.shape[1:])
+                    out.extras["pixel_saliency"] = pixel.reshape(B, P, *pixel.shape[1:])
+                    continue
+                values = token_values(variant, g, runs.pair_values(tower, x.detach()))  # (B, P, n)
+                result = tower_result(runs, tower, values.reshape(B * P, -1))
                 if tower == "image":
                     out.image_maps = result
                 else:
