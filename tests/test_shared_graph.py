@@ -28,7 +28,7 @@ def test_every_shared_method_is_covered():
 def _close(a: list[np.ndarray], b: list[np.ndarray], tol: float = 1e-10) -> None:
     """Equal to ``tol`` of the largest magnitude over the whole call (a contrast of a prompt
     with itself is 0 and its maps rounding noise), NaN where the other is NaN."""
-    scale = max(np.nanmax(np.abs(x)) for x in b)
+    scale = max(np.nanmax(np.abs(x), initial=0.0) for x in b)  # 0 where all are NaN (no scores)
     for x, y in zip(a, b):
         assert np.array_equal(np.isnan(x), np.isnan(y))
         assert np.nanmax(np.abs(x - y), initial=0.0) <= tol * scale
@@ -124,4 +124,21 @@ def test_image_encoder_once_per_image_equals_once_per_pair(family, factory, meth
     shared = cliplens.explain(adapter, IMAGES, TEXTS, method=method, target=target)
     monkeypatch.setattr(type(adapter), "shares_image", False)
     rows = cliplens.explain(adapter, IMAGES, TEXTS, method=method, target=target)
+    _same_results(shared, rows)
+
+
+@pytest.mark.parametrize("method", ["chefer", "raw_attention"])
+@pytest.mark.parametrize("target", ["logit", "probability"])
+def test_detr_runs_once_per_image_for_every_class_asked(method, target, monkeypatch):
+    """DETR's prompts only pick the class (and so the query) read out: the detector runs once per
+    image, and chefer's events get each pair's gradient by one batched product through it. The
+    same numbers as one detector run per (image, class), float64, 2 images x 3 classes."""
+    from families import DETR_LABELS, hf_detr_factory
+
+    adapter = hf_detr_factory(seed=0, dtype=torch.float64)
+    assert adapter.shares_image
+    labels = DETR_LABELS[:3]
+    shared = cliplens.explain(adapter, IMAGES, labels, method=method, target=target)
+    monkeypatch.setattr(type(adapter), "shares_image", False)
+    rows = cliplens.explain(adapter, IMAGES, labels, method=method, target=target)
     _same_results(shared, rows)

@@ -72,7 +72,7 @@ from ..images import Geometry
 from ..preprocess import Preprocess
 from .base import Checkpoint, TextBatch
 from .capture import Capture
-from .fusion import AttentionEvent, FusionAdapter, FusionRun, Stream
+from .fusion import AttentionEvent, FusionAdapter, FusionRun, SharedImage, Stream
 
 #: config.json model_type values this file's adapter takes
 HF_DETR_TYPES = {"detr"}
@@ -254,7 +254,13 @@ class HFDetrAdapter(FusionAdapter):
         mask = torch.ones((N, h, w), dtype=torch.long, device=pixel_values.device)
         return self.model(pixel_values=pixel_values, pixel_mask=mask).logits
 
-    def run_pairs(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> FusionRun:
+    #: the prompt only picks which class (and so which query) is read out: the whole forward runs
+    #: once per image, the pairs read per-pair copies of its logits
+    shares_image = True
+
+    def run_pairs(
+        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_copies: int = 1
+    ) -> FusionRun:
         detr = self.model.model
         events: list[AttentionEvent] = []
         leaves: list[torch.Tensor] = []
@@ -281,7 +287,9 @@ class HFDetrAdapter(FusionAdapter):
             def hook(module, args, output):
                 if not isinstance(output, tuple) or len(output) < 2 or output[1] is None:
                     raise RuntimeError("a DETR attention module returned no probabilities (not eager attention)")
-                events.append(AttentionEvent(kind, query, key, output[1], stack, layer, step=len(events)))
+                # with shares_image every event has one row per image
+                shared = self.shares_image
+                events.append(AttentionEvent(kind, query, key, output[1], stack, layer, step=len(events), shared=shared))
 
             return hook
 
@@ -293,9 +301,15 @@ class HFDetrAdapter(FusionAdapter):
             for i, layer in enumerate(self.blocks("text")):
                 capture.forward_hook(layer.self_attn, record("self", "queries", "queries", "decoder", i))
                 capture.forward_hook(layer.encoder_attn, record("cross", "queries", "image", "decoder", i))
-            logits = self._detect(pixel_values)  # (N, Q, num_labels + 1)
+            logits = self._detect(pixel_values)  # (rows, Q, num_labels + 1)
         if len(grids) != 1:
             raise RuntimeError(f"DETR projected {len(grids)} feature maps in one call (expected one)")
+        shared = None
+        if self.shares_image:  # one row per image: the pairs read per-pair copies of its logits
+            shared = SharedImage(image_copies, output=logits)
+            shared.leaf = logits.detach().repeat_interleave(image_copies, dim=0).requires_grad_(torch.is_grad_enabled())
+            logits = shared.leaf
+            leaves.append(shared.leaf)
         N, Q = logits.shape[:2]
         h, w = pixel_values.shape[-2:]
         stride = self.patch_size[0]
@@ -314,7 +328,8 @@ class HFDetrAdapter(FusionAdapter):
         }
         weights = torch.zeros(N, Q, device=device)
         weights[rows.to(device), chosen.to(device)] = 1.0
-        return FusionRun(class_log_odds(logits[rows, chosen], classes), streams, events, ("queries", weights), grid, leaves)
+        pair_logits = class_log_odds(logits[rows, chosen], classes)
+        return FusionRun(pair_logits, streams, events, ("queries", weights), grid, leaves, shared)
 
 
 def label_index(config) -> dict[str, int]:

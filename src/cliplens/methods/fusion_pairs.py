@@ -22,7 +22,7 @@ import torch
 from ..adapters.base import ImageBatch, TextBatch
 from ..adapters.fusion import FusionAdapter, FusionRun
 from ..targets import LogitContext, Target, probabilities
-from .pairs import batched_block_vjps
+from .pairs import batched_block_vjps, batched_vjp
 from .relevance import reduced_gradients
 
 
@@ -52,7 +52,8 @@ class FusionRuns:
         One backward pass of sum(y). Events of an image encoder run once per image
         (:class:`~cliplens.adapters.fusion.SharedImage`) come after it: the pairs' gradients at
         the encoder's per-pair output go back through its one graph as batched vector-Jacobian
-        products, one block at a time (the gradient (B, P, ...) per pair)."""
+        products, one block at a time (or all at once where the whole model runs per image, as
+        DETR), each gradient (B, P, ...) per pair."""
         run, N = self.run, self.B * self.P
         events = run.events
         live = [i for i, e in enumerate(events) if e.probs.requires_grad and not e.shared]
@@ -72,15 +73,26 @@ class FusionRuns:
             out[i] = got[j]
         if shared is not None and got[-1] is not None:
             image = [i for i, e in enumerate(events) if e.shared]
-            if len(image) != len(shared.block_outputs):
-                raise RuntimeError(f"{len(image)} shared image events for {len(shared.block_outputs)} encoder blocks")
-            cot = got[-1].reshape(self.B, self.P, *got[-1].shape[1:]).transpose(0, 1)  # (P, B, n, C)
+            cot = got[-1].reshape(self.B, self.P, *got[-1].shape[1:]).transpose(0, 1)  # (P, B, ...)
             probs = [events[i].probs for i in image]
-            for layer, grad in batched_block_vjps(shared.output, cot, shared.block_outputs, probs, 0):
-                i = image[layer]
+            if shared.block_outputs:  # a stack of blocks: one block at a time
+                if len(image) != len(shared.block_outputs):
+                    raise RuntimeError(f"{len(image)} shared image events for {len(shared.block_outputs)} encoder blocks")
+                grads = batched_block_vjps(shared.output, cot, shared.block_outputs, probs, 0)
+            else:  # the whole model (DETR): every event at once
+                grads = enumerate(batched_vjp(shared.output, probs, cot, allow_unused=True))
+            for k, grad in grads:
+                i = image[k]
+                if grad is None:
+                    continue
                 value = reduce(i, events[i].probs.detach()[:, None], grad.transpose(0, 1))
                 out[i] = value.reshape(N, *value.shape[2:])
         return out
+
+    def pair_rows(self, event, values: torch.Tensor) -> torch.Tensor:
+        """(rows, ...) values of ``event`` -> (N, ...), one row per pair: the events of an image
+        encoder run once per image (``event.shared``) are repeated for each prompt."""
+        return values.repeat_interleave(self.P, dim=0) if event.shared else values
 
     def image_maps(self, rows: dict[str, torch.Tensor]) -> torch.Tensor:
         """(B, P, Gh, Gw) from per-stream token values {stream: (N, n)}: each token's value on

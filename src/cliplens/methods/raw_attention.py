@@ -83,6 +83,6 @@ class RawAttention(Method):
             layers = sorted({e.layer for e in seen})
             layer = layers[resolve_layer(opts.layer, len(layers), len(layers) - 1)]
             event = [e for e in seen if e.layer == layer][-1]
-            mean = event.full_rows(event.probs.detach().mean(dim=1), run.streams[stream].size)
+            mean = event.full_rows(runs.pair_rows(event, event.probs.detach().mean(dim=1)), run.streams[stream].size)
             rows[key] = torch.einsum("rq,rqk->rk", weights.to(mean.dtype), mean)
         return Attribution(*runs.results(rows, towers))

@@ -85,5 +85,5 @@ class Rollout(Method):
         start = resolve_layer(opts.start_layer, len(events), 0, "start_layer")
         row = weights.to(accumulation_dtype(run.logits.dtype))
         for event in reversed(events[start:]):
-            row = rollout_step(event.probs.detach().to(row.dtype), row)
+            row = rollout_step(runs.pair_rows(event, event.probs.detach()).to(row.dtype), row)
         return Attribution(*runs.results({stream: row}, towers))
