@@ -85,8 +85,8 @@ class AttentionEvent:
     layer: int
     step: int
     rows: slice | None = None
-    #: an event of an image encoder run once per image (:class:`SharedImage`): ``probs`` has one
-    #: row per image, not per pair
+    #: an event of the part of the model that runs once per image (:class:`SharedImage`): ``probs``
+    #: has one row per image, not per pair
     shared: bool = False
 
     def full_rows(self, values: torch.Tensor, n_query: int) -> torch.Tensor:
@@ -129,12 +129,14 @@ class FusionRun:
 
 @dataclass
 class SharedImage:
-    """An image encoder that runs before image and text meet (BLIP, BLIP-2), run once per image
-    instead of once per pair: its output ``output`` (B, n, C, in the graph) reaches the pairs as
-    ``leaf``, the per-pair copies (row b*P + p, ``copies`` = P per image) as a tensor that
-    requires grad. The pairs' backward pass ends at ``leaf``; every pair's gradient then goes
-    back through the one image graph as a batched vector-Jacobian product, block by block
-    (``block_outputs``: each encoder block's output, B rows)."""
+    """The part of a fusion model that reads the image alone, run once per image instead of once
+    per pair: an image encoder that runs before image and text meet (BLIP, BLIP-2), or the whole
+    model where the prompt only picks what is read out (DETR). Its output ``output`` (B rows, in
+    the graph) reaches the pairs as ``leaf``, the per-pair copies (row b*P + p, ``copies`` = P per
+    image) as a tensor that requires grad. The pairs' backward pass ends at ``leaf``; every
+    pair's gradient then goes back through the one image graph as batched vector-Jacobian
+    products: block by block where ``block_outputs`` lists each encoder block's output (B rows),
+    else all its events at once."""
 
     copies: int
     output: torch.Tensor | None = None

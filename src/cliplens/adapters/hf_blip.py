@@ -88,8 +88,8 @@ class HFBlipITMAdapter(FusionAdapter):
         def record(kind: str, query: str, key: str, stack: str, layer: int):
             def hook(module, args, output):
                 # the ViT runs once per image: its events have one row per image
-                shared = stack == "image" and self.shares_image
-                events.append(AttentionEvent(kind, query, key, output[1], stack, layer, step=len(events), shared=shared))
+                per_image = stack == "image" and self.shares_image
+                events.append(AttentionEvent(kind, query, key, output[1], stack, layer, step=len(events), shared=per_image))
 
             return hook
 

@@ -176,9 +176,9 @@ class HFBlip2ITMAdapter(FusionAdapter):
                         f"BLIP-2 cross-attention has {probs.shape[2]} attending rows, expected the {nq} query tokens"
                     )
                 # the ViT runs once per image: its events have one row per image
-                shared = stack == "image" and self.shares_image
+                per_image = stack == "image" and self.shares_image
                 events.append(
-                    AttentionEvent(kind, query, key, probs, stack, layer, step=len(events), rows=rows, shared=shared)
+                    AttentionEvent(kind, query, key, probs, stack, layer, step=len(events), rows=rows, shared=per_image)
                 )
 
             return hook

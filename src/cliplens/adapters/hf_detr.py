@@ -288,8 +288,8 @@ class HFDetrAdapter(FusionAdapter):
                 if not isinstance(output, tuple) or len(output) < 2 or output[1] is None:
                     raise RuntimeError("a DETR attention module returned no probabilities (not eager attention)")
                 # with shares_image every event has one row per image
-                shared = self.shares_image
-                events.append(AttentionEvent(kind, query, key, output[1], stack, layer, step=len(events), shared=shared))
+                per_image = self.shares_image
+                events.append(AttentionEvent(kind, query, key, output[1], stack, layer, step=len(events), shared=per_image))
 
             return hook
 

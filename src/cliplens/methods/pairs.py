@@ -66,7 +66,7 @@ class PairRuns:
         """One backward pass of sum(y); returns gradients w.r.t. :meth:`grad_inputs`.
         Tensor hooks registered on captured tensors fire during it."""
         if self.leaves:
-            raise RuntimeError("a shared-graph run takes its pairs' gradients through block_gradients")
+            raise RuntimeError("a shared-graph run takes its pairs' gradients through block_gradients or pair_gradients")
         inputs = self.grad_inputs()
         if not inputs:
             return []
