@@ -230,9 +230,9 @@ class FusionAdapter(ModelAdapter):
         :attr:`model_classes`; other heads of the family, and unreadable files, are refused with
         a one-line ModelLoadError."""
         import transformers
-        from transformers import AutoConfig, AutoTokenizer
+        from transformers import AutoConfig
 
-        from .hf_encoder import _quiet_progress, _weight_file_errors
+        from .hf_encoder import _quiet_progress, _weight_file_errors, load_failure, load_tokenizer
 
         source, local, name = checkpoint.source, checkpoint.local_files_only, checkpoint.name
         with _quiet_progress():
@@ -248,15 +248,8 @@ class FusionAdapter(ModelAdapter):
                 model_class = getattr(transformers, known[0] if known else cls.model_classes[0])
                 model = model_class.from_pretrained(source, dtype=checkpoint.dtype, local_files_only=local)
             except (OSError, ValueError, RuntimeError, *_weight_file_errors()) as exc:
-                first = (str(exc).splitlines() or [type(exc).__name__])[0]
-                raise ModelLoadError(f"{name}: could not load the {cls.label} checkpoint ({first})") from None
-            tokenizer = checkpoint.tokenizer
-            if tokenizer is None:
-                try:
-                    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local)
-                except (OSError, ValueError, ImportError) as exc:
-                    first = str(exc).splitlines()[0]
-                    raise ModelLoadError(f"{name}: could not load the {cls.label} tokenizer ({first})") from None
+                raise load_failure(exc, name, cls.label) from None
+            tokenizer = load_tokenizer(checkpoint, source, local, name, cls.label)
         return model, tokenizer
 
     @contextlib.contextmanager

@@ -59,6 +59,27 @@ def _weight_file_errors() -> tuple[type[BaseException], ...]:
     return (SafetensorError,)
 
 
+def load_failure(exc: BaseException, name: str, label: str) -> ModelLoadError:
+    """The one-line error for a checkpoint whose config or weights cannot be read."""
+    first = (str(exc).splitlines() or [type(exc).__name__])[0]
+    return ModelLoadError(f"{name}: could not load the {label} checkpoint ({first})")
+
+
+def load_tokenizer(checkpoint: Checkpoint, source, local: bool, name: str, label: str):
+    """The checkpoint's own tokenizer when one was given, else the one saved beside its weights;
+    a one-line ModelLoadError when it cannot be read (e.g. SigLIP's SentencePiece tokenizer
+    without sentencepiece: name the missing piece rather than fail later)."""
+    if checkpoint.tokenizer is not None:
+        return checkpoint.tokenizer
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source, local_files_only=local)
+    except (OSError, ValueError, ImportError) as exc:
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise ModelLoadError(f"{name}: could not load the {label} tokenizer ({first})") from None
+
+
 def _bytes_to_unicode() -> dict[int, str]:
     """The byte -> printable character table of byte-level BPE (GPT-2, CLIP)."""
     keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
@@ -150,23 +171,15 @@ class HFEncoderAdapter(ModelAdapter):
     @classmethod
     def _load(cls, checkpoint: Checkpoint, source, local, name) -> "HFEncoderAdapter":
         import transformers
-        from transformers import AutoConfig, AutoTokenizer
+        from transformers import AutoConfig
 
         try:
             adapter_class = cls._for_config(AutoConfig.from_pretrained(source, local_files_only=local))
             model_class = getattr(transformers, adapter_class.model_class)
             model = model_class.from_pretrained(source, dtype=checkpoint.dtype, local_files_only=local)
         except (OSError, ValueError, RuntimeError, *_weight_file_errors()) as exc:
-            first = (str(exc).splitlines() or [type(exc).__name__])[0]
-            raise ModelLoadError(f"{name}: could not load the {cls.label} checkpoint ({first})") from None
-        tokenizer = checkpoint.tokenizer
-        if tokenizer is None:
-            try:
-                tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local)
-            except (OSError, ValueError, ImportError) as exc:
-                # e.g. SigLIP's own tokenizer is SentencePiece: name the missing piece, not fail later
-                first = str(exc).splitlines()[0]
-                raise ModelLoadError(f"{name}: could not load the {cls.label} tokenizer ({first})") from None
+            raise load_failure(exc, name, cls.label) from None
+        tokenizer = load_tokenizer(checkpoint, source, local, name, cls.label)
         check_tokenizer_fits(tokenizer, model.text_model, name)
         preprocess = adapter_class._preprocess_from(checkpoint.processor_config, model.config.vision_config)
         return adapter_class(model, tokenizer, preprocess=preprocess, name=name)
