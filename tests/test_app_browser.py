@@ -210,9 +210,16 @@ def test_two_tabs_at_once(server, browser, shots):
     d.switch_to.window(tabs[0][0])
 
 
+def _text(d, element_id: str) -> str:
+    """The element's visible text read in one script call: the page re-renders its panels
+    while it polls, so a found element can go stale before `.text` reaches it."""
+    return d.execute_script(
+        "const e = document.getElementById(arguments[0]); return e ? e.innerText : '';", element_id
+    )
+
+
 def _eval_state(d) -> str:
-    found = d.find_elements(By.ID, "evalstate")
-    return found[0].text if found else ""
+    return _text(d, "evalstate")
 
 
 def _set_n(d, n: str) -> None:
@@ -233,9 +240,9 @@ def test_evaluation_panel(server, browser, shots):
     _set_n(d, "3")
     d.find_element(By.ID, "evalrun").click()
     wait.until(lambda drv: _eval_state(drv) == "done")
-    bar = d.find_element(By.ID, "evalbar")
-    assert bar.get_attribute("value") == bar.get_attribute("max") == "3"
-    wait.until(lambda drv: "(final)" in drv.find_element(By.ID, "evalresults").text)
+    bar = d.execute_script("const b = document.getElementById('evalbar'); return [b.value, b.max];")
+    assert bar == [3, 3]
+    wait.until(lambda drv: "(final)" in _text(drv, "evalresults"))
     sources = [e.text for e in d.find_elements(By.CSS_SELECTOR, "#evaltable tbody td:first-child")]
     assert sources == ["chefer", "legrad", "random", "centre", "oracle"]
     heads = d.find_element(By.CSS_SELECTOR, "#evaltable thead").text
@@ -254,16 +261,16 @@ def test_evaluation_panel(server, browser, shots):
         if box.is_selected() != (box.get_attribute("value") == "chefer"):
             box.click()
     d.find_element(By.ID, "evalrun").click()
-    wait.until(lambda drv: "(so far)" in drv.find_element(By.ID, "evalresults").text)
+    wait.until(lambda drv: "(so far)" in _text(drv, "evalresults"))
     snap(d, shots, "9-evaluation-running")
     d.find_element(By.ID, "evalcancel").click()
     wait.until(lambda drv: _eval_state(drv) == "cancelled")
-    done = int(d.find_element(By.ID, "evalbar").get_attribute("value"))
+    done = int(d.execute_script("return document.getElementById('evalbar').value"))
     assert 1 <= done < 150
-    wait.until(lambda drv: "(cancelled)" in drv.find_element(By.ID, "evalresults").text)
+    wait.until(lambda drv: "(cancelled)" in _text(drv, "evalresults"))
     snap(d, shots, "10-evaluation-cancelled")
 
     _set_n(d, "0")
     d.find_element(By.ID, "evalrun").click()
-    wait.until(lambda drv: drv.find_element(By.ID, "evalerror").text)
-    assert "between 1 and 200" in d.find_element(By.ID, "evalerror").text
+    wait.until(lambda drv: _text(drv, "evalerror"))
+    assert "between 1 and 200" in _text(d, "evalerror")
