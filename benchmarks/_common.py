@@ -74,6 +74,16 @@ def plain_pass(adapter, image, texts):
             p.requires_grad_(f)
 
 
+def score_forward(adapter, image, texts):
+    """The floor under any explanation: the model's own scoring of the one image against the P
+    prompts (each tower once over its distinct inputs, default attention path, no graph)."""
+    model = adapter.model
+    batch = adapter.tokenize(texts)
+    pixels = adapter.prepare_images([image])[0].pixel_values
+    with torch.no_grad():
+        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, pixel_values=pixels)
+
+
 def paired_ratio(fn, base, repeats: int = 3) -> tuple[float, float, float]:
     """(median time of fn, median time of base, median of the per-repeat ratios fn / base).
 

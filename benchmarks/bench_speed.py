@@ -15,7 +15,10 @@ ViT-B/16-sized random CLIP, one image, P prompts: time and peak memory ratios in
   ``legrad`` with the reference's settings (``layers=2, pooling="mean"``, image tower);
   "chefer all rows" and "legrad rows" are the same calls through the per-pair-rows path the
   methods used before their one-graph path (``shared_graph = False``: the image repeated per
-  prompt from the first explained block, one backward).
+  prompt from the first explained block, one backward);
+- "score forward": the model scoring the image against the P prompts without a graph (each
+  tower once, its default attention path): the floor under any method that reads the model's
+  score, the reference loops included.
 
 Time: interleaved repeats, the median of per-repeat ratios (load changes hit both). Memory: on
 CUDA the peak allocation above the loaded model; on the CPU the peak RSS of a fresh process.
@@ -54,6 +57,7 @@ CASES = {
     "legrad": ("ours", {"method": "legrad", "layers": 2, "pooling": "mean", "towers": ("image",)}),
     "legrad ref": ("ref", {"loop": "legrad", "layers": 2}),
     "legrad rows": ("ours", {"method": "legrad", "layers": 2, "pooling": "mean", "towers": ("image",), "per_pair_rows": True}),
+    "score forward": ("floor", {}),
 }
 
 
@@ -124,6 +128,8 @@ def runner(adapter, image, texts, label: str):
     kind, opts = CASES.get(label, ("plain", {}))
     if kind == "plain":
         fn = lambda: C.plain_pass(adapter, image, texts)  # noqa: E731
+    elif kind == "floor":
+        fn = lambda: C.score_forward(adapter, image, texts)  # noqa: E731
     elif kind == "ours":
         opts = dict(opts)
         method = opts.pop("method")
