@@ -505,9 +505,10 @@ def random_regions(seed=0, regions=4, size=(48, 40), feat_dim=16, with_image=Tru
     return cliplens.RegionImage(features, boxes, size=size)
 
 
-def make_tiny_bridgetower(seed=0, dtype=torch.float32, image_size=32, patch_size=8, cross_layers=2):
-    """A random BridgeTowerForImageAndTextRetrieval: RoBERTa-style text encoder and CLIP-ViT of 2
-    unimodal layers each, ``cross_layers`` cross-modal layers (2: one link tower per stream),
+def make_tiny_bridgetower(seed=0, dtype=torch.float32, image_size=32, patch_size=8, cross_layers=2, unimodal_layers=2):
+    """A random BridgeTowerForImageAndTextRetrieval: RoBERTa-style text encoder and CLIP-ViT of
+    ``unimodal_layers`` unimodal layers each (2), ``cross_layers`` cross-modal layers (2: one link
+    tower per stream; the last ``cross_layers`` unimodal layers feed them),
     width 32 with 4 heads (the ViT: width 128, whose nn.MultiheadAttention has width // 64 = 2
     heads), attention sharpened (queries and keys scaled up), biases random, and the pooler and
     ITM head scaled so that the pairs' logits differ."""
@@ -517,14 +518,14 @@ def make_tiny_bridgetower(seed=0, dtype=torch.float32, image_size=32, patch_size
         vocab_size=len(FUSION_WORDS),
         hidden_size=32,
         intermediate_size=64,
-        num_hidden_layers=2,
+        num_hidden_layers=unimodal_layers,
         num_attention_heads=4,
         max_position_embeddings=20,
         pad_token_id=0,
         bos_token_id=2,
         eos_token_id=3,
     )
-    vision = dict(hidden_size=128, num_hidden_layers=2, image_size=image_size, patch_size=patch_size)
+    vision = dict(hidden_size=128, num_hidden_layers=unimodal_layers, image_size=image_size, patch_size=patch_size)
     config = BridgeTowerConfig(
         text_config=text, vision_config=vision, hidden_size=32, num_hidden_layers=cross_layers, num_attention_heads=4
     )

@@ -243,11 +243,12 @@ def test_stream_layout_and_events(frequency):
         assert tuple(e.probs.shape) == shapes[f"{e.kind}-{e.query}"]
     # the probabilities are the tensors in the graph: the logit's gradient reaches every
     # Q-Former event and the ViT's per-pair output; the ViT's (shared) events hang off its output
-    assert [e.shared for e in run.events] == [e.stack == "image" for e in run.events]
+    assert [e.shared for e in run.events] == ["image" if e.stack == "image" else None for e in run.events]
+    (part,) = run.shared
     pair_events = [e.probs for e in run.events if not e.shared]
-    grads = torch.autograd.grad(run.logits.sum(), pair_events + [run.shared_image.leaf])
+    grads = torch.autograd.grad(run.logits.sum(), pair_events + part.leaves)
     assert all(g is not None and g.abs().max() > 0 for g in grads)
-    grads = torch.autograd.grad(run.shared_image.output.sum(), [e.probs for e in run.events if e.shared])
+    grads = torch.autograd.grad(part.outputs[0].sum(), [e.probs for e in run.events if e.shared])
     assert all(g is not None and g.abs().max() > 0 for g in grads)
     # streams and readout
     image, qformer = run.streams["image"], run.streams["qformer"]

@@ -98,33 +98,100 @@ def test_shared_graph_in_bfloat16_follows_float32(method):
     assert np.corrcoef(x, y)[0, 1] > 0.99
 
 
-# ---- fusion models whose image encoder runs before image and text meet ----------------------
+# ---- fusion models whose encoders run alone before image and text meet ------------------------
 
 from families import FUSION_FACTORIES  # noqa: E402
 
-SHARING = [(name, f) for name, f in FUSION_FACTORIES if name in ("hf-blip-itm", "hf-blip2-itm")]
+SHARING = [(name, f) for name, f in FUSION_FACTORIES if name in ("hf-blip-itm", "hf-blip2-itm", "hf-bridgetower-itm")]
+
+
+def _per_pair_rows(adapter, monkeypatch) -> None:
+    """Every part of the model once per pair from here on (the path before sharing)."""
+    monkeypatch.setattr(type(adapter), "shares_image", False)
+    monkeypatch.setattr(type(adapter), "shares_text", False)
 
 
 def test_the_sharing_fusion_families_are_the_ones_that_declare_it():
-    shares = {name for name, f in FUSION_FACTORIES if f().shares_image}
+    shares = {name for name, f in FUSION_FACTORIES if f().shares_image or f().shares_text}
     assert shares == {name for name, _ in SHARING}
 
 
 @pytest.mark.parametrize("family,factory", SHARING, ids=[n for n, _ in SHARING])
 @pytest.mark.parametrize("method", ["chefer", "gradcam", "raw_attention"])
 @pytest.mark.parametrize("target", ["logit", "probability"])
-def test_image_encoder_once_per_image_equals_once_per_pair(family, factory, method, target, monkeypatch):
-    """BLIP and BLIP-2 run their ViT once per image and the pairs read per-pair copies of its
-    output; chefer's image events get their per-pair gradients as batched products through the
-    one ViT graph. The same numbers as the ViT run once per pair (pixels repeated), float64."""
+def test_encoders_once_per_input_equal_once_per_pair(family, factory, method, target, monkeypatch):
+    """BLIP and BLIP-2 run their ViT once per image, BridgeTower its two uni-modal encoders once
+    per image and once per prompt (every link to the cross-modal layers reads per-pair copies);
+    chefer's events there get their per-pair gradients as batched products through the one
+    graph, block by block. The same numbers as every part run once per pair, float64."""
     adapter = factory(seed=0, dtype=torch.float64)
     cls = REGISTRY[method]
     if cls().unsupported(adapter, cls.towers, cls().parse_options({})):
         pytest.skip(f"{method} does not explain {family}")
     shared = cliplens.explain(adapter, IMAGES, TEXTS, method=method, target=target)
-    monkeypatch.setattr(type(adapter), "shares_image", False)
+    _per_pair_rows(adapter, monkeypatch)
     rows = cliplens.explain(adapter, IMAGES, TEXTS, method=method, target=target)
     _same_results(shared, rows)
+
+
+@pytest.mark.parametrize("head", ["match", "answer"])
+@pytest.mark.parametrize("method", ["chefer", "gradcam", "raw_attention"])
+@pytest.mark.parametrize("target", ["logit", "probability"])
+def test_lxmert_encoders_once_per_input_equal_once_per_pair(head, method, target, monkeypatch):
+    """LXMERT's language and object-relationship encoders run once per prompt and once per
+    region image; the cross-modality layers read per-pair copies of their outputs. The same
+    numbers as every pair its own row, float64, 2 region images x 3 prompts, both heads."""
+    from families import hf_lxmert_factory, random_regions
+
+    adapter = hf_lxmert_factory(dtype=torch.float64, head=head, r_layers=2)
+    assert adapter.shares_image and adapter.shares_text
+    images = [random_regions(0, regions=4), random_regions(1, regions=4)]
+    shared = cliplens.explain(adapter, images, TEXTS, method=method, target=target)
+    _per_pair_rows(adapter, monkeypatch)
+    rows = cliplens.explain(adapter, images, TEXTS, method=method, target=target)
+    _same_results(shared, rows)
+
+
+@pytest.mark.parametrize("method", ["chefer", "gradcam"])
+def test_bridgetower_links_above_unlinked_blocks(method, monkeypatch):
+    """Four uni-modal layers per encoder and two cross-modal layers: the links read blocks 2 and
+    3, and the batched products carry their cotangents on down through blocks 1 and 0. The same
+    numbers as every pair its own row, float64."""
+    from families import hf_bridgetower_factory
+
+    adapter = hf_bridgetower_factory(seed=0, dtype=torch.float64, unimodal_layers=4)
+    shared = cliplens.explain(adapter, IMAGES, TEXTS, method=method)
+    _per_pair_rows(adapter, monkeypatch)
+    rows = cliplens.explain(adapter, IMAGES, TEXTS, method=method)
+    _same_results(shared, rows)
+
+
+def test_shared_events_have_one_row_per_distinct_input():
+    """What the sharing families' runs hold: BridgeTower's uni-modal events one row per image or
+    prompt, each link read off its block, the cross-modal events one row per pair."""
+    from families import hf_bridgetower_factory
+
+    adapter = hf_bridgetower_factory(seed=0, dtype=torch.float64, unimodal_layers=3)
+    images = adapter.prepare_images(IMAGES)
+    texts = adapter.tokenize(TEXTS)
+    (group,) = images
+    with adapter.explaining():
+        run = adapter.run_grid(group, texts)
+    B, P = len(IMAGES), len(TEXTS)
+    rows = {"image": B, "text": P, None: B * P}
+    assert [e.probs.shape[0] for e in run.events] == [rows[e.shared] for e in run.events]
+    assert {e.shared for e in run.events if e.stack != "cross"} == {"image", "text"}
+    parts = {part.tower: part for part in run.shared}
+    assert parts["image"].copies == P and parts["text"].copies == B
+    for part in parts.values():
+        assert part.taps == [1, 2]  # the two links: after uni-modal block 1, then block 2
+        assert all(leaf.shape[0] == B * P for leaf in part.leaves)
+    # pair row b*P + p reads image b and prompt p
+    image_out, text_out = parts["image"].outputs[0], parts["text"].outputs[0]
+    for b in range(B):
+        for p in range(P):
+            torch.testing.assert_close(parts["image"].leaves[0][b * P + p], image_out[b], rtol=0, atol=0)
+            torch.testing.assert_close(parts["text"].leaves[0][b * P + p], text_out[p], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("method", ["chefer", "raw_attention"])
@@ -139,6 +206,6 @@ def test_detr_runs_once_per_image_for_every_class_asked(method, target, monkeypa
     assert adapter.shares_image
     labels = DETR_LABELS[:3]
     shared = cliplens.explain(adapter, IMAGES, labels, method=method, target=target)
-    monkeypatch.setattr(type(adapter), "shares_image", False)
+    _per_pair_rows(adapter, monkeypatch)
     rows = cliplens.explain(adapter, IMAGES, labels, method=method, target=target)
     _same_results(shared, rows)

@@ -85,9 +85,9 @@ class AttentionEvent:
     layer: int
     step: int
     rows: slice | None = None
-    #: an event of the part of the model that runs once per image (:class:`SharedImage`): ``probs``
-    #: has one row per image, not per pair
-    shared: bool = False
+    #: an event of a part of the model that runs once per distinct input (:class:`SharedPart`):
+    #: "image" (``probs`` has one row per image, not per pair) or "text" (one row per prompt)
+    shared: str | None = None
 
     def full_rows(self, values: torch.Tensor, n_query: int) -> torch.Tensor:
         """(N, n_rows, k) values of the attending rows -> (N, n_query, k), zero elsewhere
@@ -112,7 +112,7 @@ class FusionRun:
     grid:     (Gh, Gw) of the image.
     leaves:   tensors that require grad and from which every event's probabilities depend on
               what they must (a backward pass ends there).
-    shared_image: the image encoder run once per image, or None (:class:`SharedImage`).
+    shared:   the parts run once per distinct input (:class:`SharedPart`), at most one per tower.
     """
 
     logits: torch.Tensor
@@ -121,47 +121,81 @@ class FusionRun:
     readout: tuple[str, torch.Tensor]
     grid: tuple[int, int]
     leaves: list[torch.Tensor]
-    shared_image: "SharedImage | None" = None
+    shared: list["SharedPart"] = field(default_factory=list)
 
     def cross_events(self) -> list[AttentionEvent]:
         return [e for e in self.events if e.kind == "cross"]
 
 
 @dataclass
-class SharedImage:
-    """The part of a fusion model that reads the image alone, run once per image instead of once
-    per pair: an image encoder that runs before image and text meet (BLIP, BLIP-2), or the whole
-    model where the prompt only picks what is read out (DETR). Its output ``output`` (B rows, in
-    the graph) reaches the pairs as ``leaf``, the per-pair copies (row b*P + p, ``copies`` = P per
-    image) as a tensor that requires grad. The pairs' backward pass ends at ``leaf``; every
-    pair's gradient then goes back through the one image graph as batched vector-Jacobian
-    products: block by block where ``block_outputs`` lists each encoder block's output (B rows),
-    else all its events at once."""
+class SharedPart:
+    """The part of a fusion model that reads one input alone, run once per distinct input instead
+    of once per pair: an image encoder that runs before image and text meet (BLIP, BLIP-2), the
+    whole model where the prompt only picks what is read out (DETR), or the uni-modal encoders
+    that feed BridgeTower's cross-modal layers at several depths (``tower`` "image" and "text").
 
+    Pair row b*P + p reads distinct row b of an image part (``copies`` = P) and distinct row p of
+    a text part (``copies`` = B). Each place where the part's output reaches the pairs goes
+    through :meth:`enter`: the output (distinct rows, in the graph) is kept in ``outputs`` and the
+    pairs read its per-pair copies, a tensor that requires grad (``leaves``), where their backward
+    pass ends. Every pair's gradient then goes back through the part's one graph as batched
+    vector-Jacobian products: block by block where ``block_outputs`` lists each block's output
+    (``taps[k]``: the block ``outputs[k]`` is read off), else all its events at once."""
+
+    tower: str
     copies: int
-    output: torch.Tensor | None = None
-    leaf: torch.Tensor | None = None
+    outputs: list[torch.Tensor] = field(default_factory=list)
+    leaves: list[torch.Tensor] = field(default_factory=list)
     block_outputs: list[torch.Tensor] = field(default_factory=list)
+    taps: list[int] = field(default_factory=list)
+
+    def per_pair(self, x: torch.Tensor) -> torch.Tensor:
+        """(rows, ...) distinct rows -> (N, ...) pair rows."""
+        if self.tower == "image":
+            return x.repeat_interleave(self.copies, dim=0)
+        return x.repeat(self.copies, *([1] * (x.dim() - 1)))
+
+    def enter(self, output: torch.Tensor) -> torch.Tensor:
+        """The pairs' per-pair copies of ``output`` (read off the last block recorded so far)."""
+        self.outputs.append(output)
+        self.taps.append(len(self.block_outputs) - 1)
+        leaf = self.per_pair(output.detach()).requires_grad_(torch.is_grad_enabled())
+        self.leaves.append(leaf)
+        return leaf
+
+    def record_block(self, module, args, output) -> None:
+        """A forward hook on each block of the part: its output, for the block-by-block products."""
+        self.block_outputs.append(output[0] if isinstance(output, tuple) else output)
+
+    def cotangents(self, grad: torch.Tensor) -> torch.Tensor:
+        """(N, ...) gradient at a leaf -> (copies, rows, ...), the batched products' layout."""
+        rows = grad.shape[0] // self.copies
+        if self.tower == "image":
+            return grad.reshape(rows, self.copies, *grad.shape[1:]).transpose(0, 1)
+        return grad.reshape(self.copies, rows, *grad.shape[1:])
+
+    def pairs(self, grad: torch.Tensor) -> torch.Tensor:
+        """(copies, rows, ...) -> (B, P, ...)."""
+        return grad.transpose(0, 1) if self.tower == "image" else grad
+
+    def distinct(self, x: torch.Tensor) -> torch.Tensor:
+        """(rows, ...) -> broadcastable against (B, P, ...)."""
+        return x[:, None] if self.tower == "image" else x[None]
 
 
-def share_image_encoder(capture: Capture, encoder: torch.nn.Module, layers: list[torch.nn.Module], copies: int) -> SharedImage:
+def share_image_encoder(capture: Capture, encoder: torch.nn.Module, layers: list[torch.nn.Module], copies: int) -> SharedPart:
     """Hooks (for one run, in ``capture``) that record ``layers``' outputs and hand the output of
     ``encoder`` (a transformers image model whose ``last_hidden_state`` the pairs read) to the
-    pairs as per-pair copies: the :class:`SharedImage` they fill. The caller passes the encoder
+    pairs as per-pair copies: the :class:`SharedPart` they fill. The caller passes the encoder
     one row per image and the rest of the model one row per pair."""
-    shared = SharedImage(copies)
-
-    def on_layer(module, args, output):
-        shared.block_outputs.append(output[0] if isinstance(output, tuple) else output)
+    shared = SharedPart("image", copies)
 
     def on_encoder(module, args, output):
-        shared.output = output.last_hidden_state
-        shared.leaf = shared.output.detach().repeat_interleave(copies, dim=0).requires_grad_(torch.is_grad_enabled())
-        output.last_hidden_state = shared.leaf
+        output.last_hidden_state = shared.enter(output.last_hidden_state)
         return output
 
     for layer in layers:
-        capture.forward_hook(layer, on_layer)
+        capture.forward_hook(layer, shared.record_block)
     capture.forward_hook(encoder, on_encoder)
     return shared
 
@@ -196,25 +230,40 @@ class FusionAdapter(ModelAdapter):
     #: other tokens are (BLIP-2: its Q-Former's query tokens, never the text)
     text_cross_attention: bool = True
     #: the image encoder runs before image and text meet, so it runs once per image
-    #: (:class:`SharedImage`): :meth:`run_pairs` takes one pixel row per image and ``image_copies``
+    #: (:class:`SharedPart`): :meth:`run_pairs` takes one pixel row per image and ``image_copies``
     shares_image: bool = False
+    #: likewise for the text encoder: one id row per prompt and ``text_copies``
+    shares_text: bool = False
 
     @abstractmethod
     def run_pairs(
-        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_copies: int = 1
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image_copies: int = 1,
+        text_copies: int = 1,
     ) -> FusionRun:
-        """Run N pair rows (ids and mask with N rows), capturing every attention event. Call
-        inside :meth:`explaining`, with gradients enabled when they are wanted. ``pixel_values``
-        has N rows, or with :attr:`shares_image` N / ``image_copies`` (one per image: pair row
-        b*P + p reads image b)."""
+        """Run N pair rows, capturing every attention event. Call inside :meth:`explaining`, with
+        gradients enabled when they are wanted. ``pixel_values`` has N rows, or with
+        :attr:`shares_image` N / ``image_copies`` (one per image: pair row b*P + p reads image
+        b); ids and mask have N rows, or with :attr:`shares_text` N / ``text_copies`` (one per
+        prompt: pair row b*P + p reads prompt p)."""
 
     def run_grid(self, images: ImageBatch, texts: TextBatch) -> FusionRun:
         """Run every (image, prompt) pair: row b*P + p is image b with prompt p."""
         B, P = len(images), len(texts)
-        ids, mask = texts.input_ids.repeat(B, 1), texts.attention_mask.repeat(B, 1)
+        pixels, ids, mask = images.pixel_values, texts.input_ids, texts.attention_mask
+        copies = {}
         if self.shares_image:
-            return self.run_pairs(images.pixel_values, ids, mask, image_copies=P)
-        return self.run_pairs(images.pixel_values.repeat_interleave(P, dim=0), ids, mask)
+            copies["image_copies"] = P
+        else:
+            pixels = pixels.repeat_interleave(P, dim=0)
+        if self.shares_text:
+            copies["text_copies"] = B
+        else:
+            ids, mask = ids.repeat(B, 1), mask.repeat(B, 1)
+        return self.run_pairs(pixels, ids, mask, **copies)
 
     @classmethod
     def matches(cls, model) -> bool:

@@ -88,15 +88,15 @@ class HFBlipITMAdapter(FusionAdapter):
         def record(kind: str, query: str, key: str, stack: str, layer: int):
             def hook(module, args, output):
                 # the ViT runs once per image: its events have one row per image
-                per_image = stack == "image" and self.shares_image
+                per_image = "image" if stack == "image" and self.shares_image else None
                 events.append(AttentionEvent(kind, query, key, output[1], stack, layer, step=len(events), shared=per_image))
 
             return hook
 
         with Capture() as capture:
-            shared = None
+            shared = []
             if self.shares_image:
-                shared = share_image_encoder(capture, model.vision_model, self.blocks("image"), image_copies)
+                shared = [share_image_encoder(capture, model.vision_model, self.blocks("image"), image_copies)]
             capture.forward_hook(model.vision_model.embeddings, leaf)
             capture.forward_hook(model.text_encoder.embeddings, leaf)
             for i, layer in enumerate(self.blocks("image")):
@@ -120,8 +120,8 @@ class HFBlipITMAdapter(FusionAdapter):
             "text": Stream.of_text("text", attention_mask),
         }
         readout = ("text", readout_token(N, input_ids.shape[1], 0, input_ids.device))
-        if shared is not None:
-            leaves.append(shared.leaf)  # the pairs' backward ends at the ViT's per-pair output
+        for part in shared:
+            leaves.extend(part.leaves)  # the pairs' backward ends at the ViT's per-pair output
         return FusionRun(itm[:, 1] - itm[:, 0], streams, events, readout, grid, leaves, shared)
 
 

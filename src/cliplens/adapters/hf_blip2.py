@@ -176,7 +176,7 @@ class HFBlip2ITMAdapter(FusionAdapter):
                         f"BLIP-2 cross-attention has {probs.shape[2]} attending rows, expected the {nq} query tokens"
                     )
                 # the ViT runs once per image: its events have one row per image
-                per_image = stack == "image" and self.shares_image
+                per_image = "image" if stack == "image" and self.shares_image else None
                 events.append(
                     AttentionEvent(kind, query, key, probs, stack, layer, step=len(events), rows=rows, shared=per_image)
                 )
@@ -200,9 +200,9 @@ class HFBlip2ITMAdapter(FusionAdapter):
         with Capture() as capture:
             if (h, w) != (size, size):
                 capture.forward_pre_hook(model.vision_model, interpolate, with_kwargs=True)
-            shared = None
+            shared = []
             if self.shares_image:
-                shared = share_image_encoder(capture, model.vision_model, self.blocks("image"), image_copies)
+                shared = [share_image_encoder(capture, model.vision_model, self.blocks("image"), image_copies)]
             capture.forward_hook(model.vision_model.embeddings, leaf)
             capture.forward_hook(model.embeddings, leaf)
             for i, layer in enumerate(self.blocks("image")):
@@ -239,8 +239,8 @@ class HFBlip2ITMAdapter(FusionAdapter):
         }
         weights = torch.zeros(N, nq + T, device=device)
         weights[:, :nq] = 1.0 / nq  # the head's logits are averaged over the query tokens
-        if shared is not None:
-            leaves.append(shared.leaf)  # the pairs' backward ends at the ViT's per-pair output
+        for part in shared:
+            leaves.extend(part.leaves)  # the pairs' backward ends at the ViT's per-pair output
         return FusionRun(itm[:, 1] - itm[:, 0], streams, events, ("qformer", weights), grid, leaves, shared)
 
 

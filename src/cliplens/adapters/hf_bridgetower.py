@@ -67,7 +67,7 @@ from ..errors import ModelLoadError
 from ..preprocess import Preprocess, preprocess_from_config
 from .base import Checkpoint
 from .capture import Capture
-from .fusion import AttentionEvent, FusionAdapter, FusionRun, Stream, readout_token
+from .fusion import AttentionEvent, FusionAdapter, FusionRun, SharedPart, Stream, readout_token
 
 #: config.json model_type values this file's adapter takes
 HF_BRIDGETOWER_TYPES = {"bridgetower"}
@@ -117,15 +117,35 @@ class HFBridgeTowerITMAdapter(FusionAdapter):
         return list(bt.text_model.encoder.layer) + list(bt.cross_modal_text_layers)
 
     # ---- running -----------------------------------------------------------------------
-    def run_pairs(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> FusionRun:
+    #: the uni-modal encoders never see the other modality: each runs once per distinct input
+    #: and the cross-modal layers read per-pair copies of what each link reads off them
+    shares_image = True
+    shares_text = True
+
+    def run_pairs(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image_copies: int = 1,
+        text_copies: int = 1,
+    ) -> FusionRun:
         bt = self.model.bridgetower
-        N, T = input_ids.shape
+        T = input_ids.shape[1]
+        N = input_ids.shape[0] * text_copies
+        if pixel_values.shape[0] * image_copies != N:
+            raise ValueError(f"{pixel_values.shape[0]} x {image_copies} image rows for {N} pair rows")
         text_layers = bt.text_model.encoder.layer
         resblocks = bt.vision_model.visual.transformer.resblocks
         L, C = len(text_layers), len(bt.cross_modal_text_layers)
         h, w = pixel_values.shape[-2:]
         grid = (h // self.patch_size[0], w // self.patch_size[1])
         sizes = {"text": T, "image": 1 + grid[0] * grid[1]}
+        parts = {}
+        if self.shares_image:
+            parts["image"] = SharedPart("image", image_copies)
+        if self.shares_text:
+            parts["text"] = SharedPart("text", text_copies)
         calls: list[tuple[str, str, str, str, int, torch.Tensor]] = []
         leaves: list[torch.Tensor] = []
 
@@ -136,7 +156,8 @@ class HFBridgeTowerITMAdapter(FusionAdapter):
             return out
 
         def keep(kind: str, query: str, key: str, stack: str, layer: int, probs: torch.Tensor) -> None:
-            want = (N, sizes[query], sizes[key])
+            rows = probs.shape[0] if stack in parts else N  # a shared encoder's events: its distinct rows
+            want = (rows, sizes[query], sizes[key])
             if (probs.shape[0], probs.shape[2], probs.shape[3]) != want:
                 raise RuntimeError(
                     f"BridgeTower {kind}-attention {query} -> {key} gave probabilities of shape "
@@ -150,9 +171,35 @@ class HFBridgeTowerITMAdapter(FusionAdapter):
 
             return hook
 
+        def fan_out(part: SharedPart):
+            def hook(module, args, output):
+                return part.enter(output)
+
+            return hook
+
+        def pair_masks(module, args, kwargs):
+            # the text mask was built for the prompts' rows; the cross-modal layers run pair rows
+            for key in ("attention_mask", "encoder_attention_mask"):
+                if isinstance(kwargs.get(key), torch.Tensor):
+                    kwargs[key] = parts["text"].per_pair(kwargs[key])
+            return args, kwargs
+
         with Capture() as capture:
             capture.forward_hook(bt.text_model.embeddings, leaf)
             capture.forward_hook(bt.vision_model.visual.embeddings, leaf)
+            for tower, blocks, transform in (
+                ("text", text_layers, bt.cross_modal_text_transform),
+                ("image", resblocks, bt.cross_modal_image_transform),
+            ):
+                if tower not in parts:
+                    continue
+                for block in blocks:
+                    capture.forward_hook(block, parts[tower].record_block)
+                for module in transform if isinstance(transform, torch.nn.ModuleList) else [transform]:
+                    capture.forward_hook(module, fan_out(parts[tower]))
+            if "text" in parts:
+                for layer in [*bt.cross_modal_text_layers, *bt.cross_modal_image_layers]:
+                    capture.forward_pre_hook(layer, pair_masks, with_kwargs=True)
             for i, layer in enumerate(text_layers):
                 capture.forward_hook(layer.attention.self, record("self", "text", "text", "text", i))
             capture.mha_probabilities(
@@ -174,25 +221,31 @@ class HFBridgeTowerITMAdapter(FusionAdapter):
         expected = 2 * L + 4 * C  # every unimodal layer of each encoder, then the cross-modal layers
         if len(calls) != expected:
             raise RuntimeError(f"BridgeTower ran {len(calls)} attention calls, expected {expected} from its layers")
+        for part in parts.values():
+            leaves.extend(part.leaves)  # the pairs' backward ends at the per-pair copies
+        pair_mask = parts["text"].per_pair(attention_mask) if "text" in parts else attention_mask
         streams = {
             "image": Stream.of_image("image", N, grid, 1, pixel_values.device),
-            "text": Stream.of_text("text", attention_mask),
+            "text": Stream.of_text("text", pair_mask),
         }
         readout = ("text", readout_token(N, T, 0, input_ids.device))
-        return FusionRun(itm[:, 1] - itm[:, 0], streams, relevance_order(calls), readout, grid, leaves)
+        events = relevance_order(calls, set(parts))
+        return FusionRun(itm[:, 1] - itm[:, 0], streams, events, readout, grid, leaves, list(parts.values()))
 
 
-def relevance_order(calls: list[tuple[str, str, str, str, int, torch.Tensor]]) -> list[AttentionEvent]:
+def relevance_order(calls: list[tuple[str, str, str, str, int, torch.Tensor]], shared: set[str]) -> list[AttentionEvent]:
     """The attention calls as events with their steps (see the module docstring): every unimodal
-    self-attention its own step, in call order; each cross-modal layer's four calls (text self,
-    text -> image, image self, image -> text) as the step {text self, image self} and then the
-    step {text -> image, image -> text}."""
+    self-attention its own step, in call order (marked ``shared`` where its encoder runs once
+    per distinct input: ``shared`` names those towers); each cross-modal layer's four calls
+    (text self, text -> image, image self, image -> text) as the step {text self, image self}
+    and then the step {text -> image, image -> text}."""
     events: list[AttentionEvent] = []
     step, i = 0, 0
     while i < len(calls):
         kind, query, key, stack, layer, probs = calls[i]
         if stack != "cross":
-            events.append(AttentionEvent(kind, query, key, probs, stack, layer, step=step))
+            part = stack if stack in shared else None
+            events.append(AttentionEvent(kind, query, key, probs, stack, layer, step=step, shared=part))
             step, i = step + 1, i + 1
             continue
         tt, ti, ii, it = calls[i : i + 4]

@@ -72,7 +72,7 @@ from ..images import Geometry
 from ..preprocess import Preprocess
 from .base import Checkpoint, TextBatch
 from .capture import Capture
-from .fusion import AttentionEvent, FusionAdapter, FusionRun, SharedImage, Stream
+from .fusion import AttentionEvent, FusionAdapter, FusionRun, SharedPart, Stream
 
 #: config.json model_type values this file's adapter takes
 HF_DETR_TYPES = {"detr"}
@@ -288,7 +288,7 @@ class HFDetrAdapter(FusionAdapter):
                 if not isinstance(output, tuple) or len(output) < 2 or output[1] is None:
                     raise RuntimeError("a DETR attention module returned no probabilities (not eager attention)")
                 # with shares_image every event has one row per image
-                per_image = self.shares_image
+                per_image = "image" if self.shares_image else None
                 events.append(AttentionEvent(kind, query, key, output[1], stack, layer, step=len(events), shared=per_image))
 
             return hook
@@ -304,12 +304,11 @@ class HFDetrAdapter(FusionAdapter):
             logits = self._detect(pixel_values)  # (rows, Q, num_labels + 1)
         if len(grids) != 1:
             raise RuntimeError(f"DETR projected {len(grids)} feature maps in one call (expected one)")
-        shared = None
+        shared = []
         if self.shares_image:  # one row per image: the pairs read per-pair copies of its logits
-            shared = SharedImage(image_copies, output=logits)
-            shared.leaf = logits.detach().repeat_interleave(image_copies, dim=0).requires_grad_(torch.is_grad_enabled())
-            logits = shared.leaf
-            leaves.append(shared.leaf)
+            shared = [SharedPart("image", image_copies)]
+            logits = shared[0].enter(logits)
+            leaves.append(logits)
         N, Q = logits.shape[:2]
         h, w = pixel_values.shape[-2:]
         stride = self.patch_size[0]

@@ -84,7 +84,7 @@ from ..errors import InputError, ModelLoadError
 from ..regions import RegionImage
 from .base import Checkpoint, ImageBatch
 from .capture import Capture
-from .fusion import AttentionEvent, FusionAdapter, FusionRun, Stream, readout_token
+from .fusion import AttentionEvent, FusionAdapter, FusionRun, SharedPart, Stream, readout_token
 
 #: config.json model_type values this file's adapter takes
 HF_LXMERT_TYPES = {"lxmert"}
@@ -240,13 +240,31 @@ class HFLxmertAdapter(FusionAdapter):
                 rows.update(zip(group.indices, scores))
         return torch.stack([rows[b] for b in range(len(images))])
 
+    #: the language and object-relationship encoders never see the other modality: each runs
+    #: once per distinct input, and the cross-modality layers read per-pair copies of their outputs
+    shares_image = True
+    shares_text = True
+
     def run_pairs(
-        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image_copies: int = 1,
+        text_copies: int = 1,
     ) -> FusionRun:
         encoder = self.model.lxmert.encoder
-        N, T = input_ids.shape
+        T = input_ids.shape[1]
+        N = input_ids.shape[0] * text_copies
+        if pixel_values.shape[0] * image_copies != N:
+            raise ValueError(f"{pixel_values.shape[0]} x {image_copies} region rows for {N} pair rows")
         R = pixel_values.shape[1]
         sizes = {"text": T, "image": R}
+        parts = {}
+        if self.shares_image:
+            parts["image"] = SharedPart("image", image_copies)
+        if self.shares_text:
+            parts["text"] = SharedPart("text", text_copies)
         events: list[AttentionEvent] = []
         leaves: list[torch.Tensor] = []
         plan = self.attention_plan()
@@ -272,7 +290,8 @@ class HFLxmertAdapter(FusionAdapter):
                 )
             kind, query, key, stack, layer = roles.pop(0)
             probs = output[1]
-            want = (N, sizes[query], sizes[key])
+            rows = probs.shape[0] if stack in parts else N  # a shared encoder's events: its distinct rows
+            want = (rows, sizes[query], sizes[key])
             if (probs.shape[0], probs.shape[2], probs.shape[3]) != want:
                 raise RuntimeError(
                     f"LXMERT {kind}-attention {query} -> {key} gave probabilities of shape {tuple(probs.shape)}, "
@@ -280,10 +299,24 @@ class HFLxmertAdapter(FusionAdapter):
                 )
             # the second call of visual_attention (image -> text) reads the same layer inputs as
             # the first: both directions update the relevance from the same state
-            shared = kind == "cross" and query == "image" and events and events[-1].kind == "cross"
-            step = events[-1].step if shared else (events[-1].step + 1 if events else 0)
-            events.append(AttentionEvent(kind, query, key, probs, stack, layer, step=step))
+            same_step = kind == "cross" and query == "image" and events and events[-1].kind == "cross"
+            step = events[-1].step if same_step else (events[-1].step + 1 if events else 0)
+            part = stack if stack in parts else None
+            events.append(AttentionEvent(kind, query, key, probs, stack, layer, step=step, shared=part))
             return output if asked[id(module)].pop() else output[:1]
+
+        def pair_rows(module, args, kwargs):
+            # the cross-modality layers run pair rows: per-pair copies of the encoders' outputs
+            # (the first layer's inputs) and of the masks built for the distinct rows
+            lang, lang_mask, visual, visual_mask, *rest = args
+            if module is encoder.x_layers[0]:
+                lang = parts["text"].enter(lang) if "text" in parts else lang
+                visual = parts["image"].enter(visual) if "image" in parts else visual
+            if "text" in parts and isinstance(lang_mask, torch.Tensor):
+                lang_mask = parts["text"].per_pair(lang_mask)
+            if "image" in parts and isinstance(visual_mask, torch.Tensor):
+                visual_mask = parts["image"].per_pair(visual_mask)
+            return (lang, lang_mask, visual, visual_mask, *rest), kwargs
 
         with Capture() as capture:
             capture.forward_hook(self.model.lxmert.embeddings, leaf)
@@ -291,16 +324,24 @@ class HFLxmertAdapter(FusionAdapter):
             for module, _ in plan:
                 capture.forward_pre_hook(module, ask, with_kwargs=True)
                 capture.forward_hook(module, record)
+            for tower, blocks in (("text", encoder.layer), ("image", encoder.r_layers)):
+                for block in blocks if tower in parts else []:
+                    capture.forward_hook(block, parts[tower].record_block)
+            if parts:
+                for layer in encoder.x_layers:
+                    capture.forward_pre_hook(layer, pair_rows, with_kwargs=True)
             scores = self._head_scores(self._backbone(pixel_values, input_ids, attention_mask))
         left = sum(len(r) for r in pending.values())
         if left:
             raise RuntimeError(f"{left} LXMERT attention calls expected by the layer plan did not run")
+        for part in parts.values():
+            leaves.extend(part.leaves)  # the pairs' backward ends at the per-pair copies
         streams = {
-            "text": Stream.of_text("text", attention_mask),
+            "text": Stream.of_text("text", parts["text"].per_pair(attention_mask) if "text" in parts else attention_mask),
             "image": Stream.of_image("image", N, (1, R), 0, input_ids.device),
         }
         readout = ("text", readout_token(N, T, 0, input_ids.device))
-        return FusionRun(self.pair_logits(scores), streams, events, readout, (1, R), leaves)
+        return FusionRun(self.pair_logits(scores), streams, events, readout, (1, R), leaves, list(parts.values()))
 
 
 def check_lxmert_model(model, head: str | None) -> str:

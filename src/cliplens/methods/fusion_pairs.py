@@ -4,8 +4,10 @@ Layout as for dual encoders: pair (b, p) is row ``b*P + p``. A fusion model mixe
 inside the network, so every pair is its own row of the model's batch (pixels repeated per
 prompt, prompts tiled per image); one backward pass of ``y.sum()`` hands every pair its own
 gradients, since rows of a batch never mix. Where the image encoder runs before image and text
-meet (BLIP, BLIP-2: ``FusionAdapter.shares_image``) it runs once per image instead, and its
-events' per-pair gradients come from batched vector-Jacobian products through its one graph.
+meet (BLIP, BLIP-2: ``FusionAdapter.shares_image``) it runs once per image instead; where
+both encoders run alone before they meet (BridgeTower, ``shares_text`` too) each runs once per
+distinct input. Their events' per-pair gradients come from batched vector-Jacobian products
+through their one graph.
 
 The helpers turn per-stream token values back into per-pair results: image maps on the grid
 (each token put on the cell it shows, which undoes ViLT's shuffled patch order) and token
@@ -22,7 +24,7 @@ import torch
 from ..adapters.base import ImageBatch, TextBatch
 from ..adapters.fusion import FusionAdapter, FusionRun
 from ..targets import LogitContext, Target, probabilities
-from .pairs import batched_block_vjps, batched_vjp
+from .pairs import batched_vjp, stack_vjps
 from .relevance import reduced_gradients
 
 
@@ -49,21 +51,19 @@ class FusionRuns:
         and broadcastable against the gradient), each gradient reduced the moment it arrives;
         every result has N = B*P rows (None where y does not depend on the event).
 
-        One backward pass of sum(y). Events of an image encoder run once per image
-        (:class:`~cliplens.adapters.fusion.SharedImage`) come after it: the pairs' gradients at
-        the encoder's per-pair output go back through its one graph as batched vector-Jacobian
+        One backward pass of sum(y). The events of a part run once per distinct input
+        (:class:`~cliplens.adapters.fusion.SharedPart`) come after it: the pairs' gradients at
+        the part's per-pair outputs go back through its one graph as batched vector-Jacobian
         products, one block at a time (or all at once where the whole model runs per image, as
         DETR), each gradient (B, P, ...) per pair."""
         run, N = self.run, self.B * self.P
         events = run.events
-        live = [i for i, e in enumerate(events) if e.probs.requires_grad and not e.shared]
-        shared = run.shared_image
-        if shared is not None and not shared.leaf.requires_grad:
-            shared = None
-        tensors = [events[i].probs for i in live] + ([shared.leaf] if shared is not None else [])
+        live = [i for i, e in enumerate(events) if e.probs.requires_grad and e.shared is None]
+        parts = [part for part in run.shared if part.leaves and part.leaves[0].requires_grad]
+        tensors = [events[i].probs for i in live] + [leaf for part in parts for leaf in part.leaves]
 
         def per_pair(j: int, grad: torch.Tensor) -> torch.Tensor:
-            if j == len(live):  # the shared image's per-pair cotangents, kept whole
+            if j >= len(live):  # a shared part's per-pair cotangents, kept whole
                 return grad
             return reduce(live[j], events[live[j]].probs.detach(), grad)
 
@@ -71,28 +71,40 @@ class FusionRuns:
         out: list = [None] * len(events)
         for j, i in enumerate(live):
             out[i] = got[j]
-        if shared is not None and got[-1] is not None:
-            image = [i for i, e in enumerate(events) if e.shared]
-            cot = got[-1].reshape(self.B, self.P, *got[-1].shape[1:]).transpose(0, 1)  # (P, B, ...)
-            probs = [events[i].probs for i in image]
-            if shared.block_outputs:  # a stack of blocks: one block at a time
-                if len(image) != len(shared.block_outputs):
-                    raise RuntimeError(f"{len(image)} shared image events for {len(shared.block_outputs)} encoder blocks")
-                grads = batched_block_vjps(shared.output, cot, shared.block_outputs, probs, 0)
+        at = len(live)
+        for part in parts:
+            grads = got[at : at + len(part.leaves)]
+            at += len(part.leaves)
+            cots = [part.cotangents(torch.zeros_like(leaf) if g is None else g) for g, leaf in zip(grads, part.leaves)]
+            mine = [i for i, e in enumerate(events) if e.shared == part.tower]
+            if not mine:
+                continue
+            probs = [events[i].probs for i in mine]
+            if part.block_outputs:  # a stack of blocks: one block at a time
+                if len(mine) != len(part.block_outputs):
+                    raise RuntimeError(f"{len(mine)} shared {part.tower} events for {len(part.block_outputs)} blocks")
+                taps: dict[int, list] = {}
+                for output, tap, cot in zip(part.outputs, part.taps, cots):
+                    taps.setdefault(tap, []).append((output, cot))
+                vjps = stack_vjps(part.block_outputs, probs, 0, taps)
             else:  # the whole model (DETR): every event at once
-                grads = enumerate(batched_vjp(shared.output, probs, cot, allow_unused=True))
-            for k, grad in grads:
-                i = image[k]
+                vjps = enumerate(batched_vjp(part.outputs, probs, cots, allow_unused=True))
+            for k, grad in vjps:
                 if grad is None:
                     continue
-                value = reduce(i, events[i].probs.detach()[:, None], grad.transpose(0, 1))
+                i = mine[k]
+                value = reduce(i, part.distinct(events[i].probs.detach()), part.pairs(grad))
                 out[i] = value.reshape(N, *value.shape[2:])
         return out
 
     def pair_rows(self, event, values: torch.Tensor) -> torch.Tensor:
-        """(rows, ...) values of ``event`` -> (N, ...), one row per pair: the events of an image
-        encoder run once per image (``event.shared``) are repeated for each prompt."""
-        return values.repeat_interleave(self.P, dim=0) if event.shared else values
+        """(rows, ...) values of ``event`` -> (N, ...), one row per pair: the events of a part run
+        once per distinct input (``event.shared``) are repeated for each pair that reads them."""
+        if event.shared == "image":
+            return values.repeat_interleave(self.P, dim=0)
+        if event.shared == "text":
+            return values.repeat(self.B, *([1] * (values.dim() - 1)))
+        return values
 
     def image_maps(self, rows: dict[str, torch.Tensor]) -> torch.Tensor:
         """(B, P, Gh, Gw) from per-stream token values {stream: (N, n)}: each token's value on

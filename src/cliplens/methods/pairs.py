@@ -166,10 +166,7 @@ def batched_block_vjps(
     head: list[torch.Tensor] | None = None,
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """K vector-Jacobian products at once (``cotangents`` (K, *output.shape)) from ``output``
-    back through a stack of blocks, one block at a time: the cotangent at a block's output goes
-    back through that block alone (``is_grads_batched``), giving its attention probabilities'
-    gradient and the cotangent at the block before. Each block's part of the graph is freed as
-    it is passed, and the caller can reduce each gradient before the next is computed.
+    back through a stack of blocks, one block at a time (:func:`stack_vjps`).
 
     ``block_outputs[l]`` / ``probs[l]``: block l's output and attention probabilities (in the
     graph from block ``start`` on); ``head``: tensors between the last block and ``output``.
@@ -180,24 +177,52 @@ def batched_block_vjps(
     got = batched_vjp(output, [*head, block_outputs[last]], cotangents)
     for i, grad in enumerate(got[:-1]):
         yield -1 - i, grad
-    g = got[-1]
-    for layer in range(last, start - 1, -1):
-        wrt = [probs[layer]] if layer == start else [probs[layer], block_outputs[layer - 1]]
-        got = batched_vjp(block_outputs[layer], wrt, g)
-        yield layer, got[0]
-        g = got[-1]
+    yield from stack_vjps(block_outputs, probs, start, {last: [(block_outputs[last], got[-1])]})
+
+
+def stack_vjps(
+    block_outputs: list[torch.Tensor],
+    probs: list[torch.Tensor],
+    start: int,
+    taps: dict[int, list[tuple[torch.Tensor, torch.Tensor]]],
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """K vector-Jacobian products at once back through a stack of blocks, one block at a time:
+    ``taps[l]`` lists tensors read off block l's output (or that output itself) with their
+    (K, ...) cotangents. The cotangent at a block's output (from the taps there and from the
+    block above) goes back through that block alone (``is_grads_batched``), giving its attention
+    probabilities' gradient and the cotangent at the block before. Each block's part of the
+    graph is freed as it is passed, and the caller can reduce each gradient before the next is
+    computed. Yields ``(l, (K, *probs[l].shape))`` from the last block down to ``start``, for
+    the blocks a tap reaches."""
+    g = None
+    for layer in range(len(block_outputs) - 1, start - 1, -1):
+        pending = list(taps.get(layer, []))
+        if g is not None:
+            pending.append((block_outputs[layer], g))
+        if not pending:
+            continue
+        wrt = [probs[layer]] + ([block_outputs[layer - 1]] if layer > start else [])
+        got = batched_vjp([t for t, _ in pending], wrt, [c for _, c in pending], allow_unused=True)
+        if got[0] is not None:
+            yield layer, got[0]
+        g = got[1] if layer > start else None
 
 
 def batched_vjp(
-    output: torch.Tensor, inputs: list[torch.Tensor], cotangents: torch.Tensor, allow_unused: bool = False
+    output: torch.Tensor | list[torch.Tensor],
+    inputs: list[torch.Tensor],
+    cotangents: torch.Tensor | list[torch.Tensor],
+    allow_unused: bool = False,
 ) -> list[torch.Tensor | None]:
-    """K vector-Jacobian products of ``output`` at ``inputs`` (``cotangents`` (K, *output.shape)),
-    each gradient (K, *input.shape): ``is_grads_batched``, or a plain backward pass when K = 1
-    (the batched one adds vmap's overhead for nothing)."""
-    if cotangents.shape[0] == 1:
-        got = torch.autograd.grad(output, inputs, cotangents[0], allow_unused=allow_unused)
+    """K vector-Jacobian products of ``output`` (a tensor or several) at ``inputs`` (``cotangents``
+    (K, *output.shape), one per output), each gradient (K, *input.shape): ``is_grads_batched``,
+    or a plain backward pass when K = 1 (the batched one adds vmap's overhead for nothing)."""
+    outputs = list(output) if isinstance(output, (list, tuple)) else [output]
+    cots = list(cotangents) if isinstance(cotangents, (list, tuple)) else [cotangents]
+    if cots[0].shape[0] == 1:
+        got = torch.autograd.grad(outputs, inputs, [c[0] for c in cots], allow_unused=allow_unused)
         return [None if g is None else g.unsqueeze(0) for g in got]
-    return list(torch.autograd.grad(output, inputs, cotangents, is_grads_batched=True, allow_unused=allow_unused))
+    return list(torch.autograd.grad(outputs, inputs, cots, is_grads_batched=True, allow_unused=allow_unused))
 
 
 # Kept under its former name for code written against cliplens.engine
