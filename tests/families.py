@@ -613,7 +613,7 @@ def make_tiny_detr(seed=0, dtype=torch.float32, num_queries=10, init_std=0.2, sh
 
 
 def hf_detr_factory(seed=0, dtype=torch.float32, **kw):
-    from cliplens.adapters.hf_detr import DetrPreprocess, HFDetrAdapter, IMAGENET_MEAN, IMAGENET_STD
+    from cliplens.adapters.hf_detr import IMAGENET_MEAN, IMAGENET_STD, DetrPreprocess, HFDetrAdapter
 
     model = make_tiny_detr(seed=seed, dtype=dtype, **kw)
     # DETR's recipe (shorter side to 800, longer at most 1333) at a tiny scale: 48 and 80

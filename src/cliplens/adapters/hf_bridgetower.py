@@ -60,7 +60,6 @@ max_position_embeddings, pad_token_id}``; head ``itm_score``.
 
 from __future__ import annotations
 
-
 import torch
 
 from ..errors import ModelLoadError

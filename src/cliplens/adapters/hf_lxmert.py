@@ -77,7 +77,6 @@ task_matched}``.
 
 from __future__ import annotations
 
-
 import torch
 
 from ..errors import InputError, ModelLoadError
