@@ -81,6 +81,30 @@ class TowerRun:
     graph_input: torch.Tensor | None = None
 
 
+# ---- the pair layout: pair (b, p) of B images x P prompts is row b*P + p -------------------------
+
+
+def pair_copies(x: torch.Tensor, copies: int, tile: bool) -> torch.Tensor:
+    """(rows, ...) one tower's distinct inputs -> their per-pair rows: each image ``copies`` (= P)
+    times in a row (``tile`` False: pair b*P + p reads image b), or the prompts ``copies``
+    (= B) times over (``tile`` True: pair b*P + p reads prompt p)."""
+    if tile:
+        return x.repeat(copies, *([1] * (x.dim() - 1)))
+    return x.repeat_interleave(copies, dim=0)
+
+
+def swap_pairs(tower: str, x: torch.Tensor) -> torch.Tensor:
+    """(B, P, ...) per pair <-> (K, rows, ...) batched over the other tower's inputs: the image
+    tower's batch is over prompts (K = P, rows = B), the text tower's over images. The same swap
+    both ways."""
+    return x.transpose(0, 1) if tower == "image" else x
+
+
+def against_pairs(tower: str, x: torch.Tensor) -> torch.Tensor:
+    """(rows, ...) values of one tower's distinct inputs, broadcastable against (B, P, ...)."""
+    return x[:, None] if tower == "image" else x[None]
+
+
 @dataclass(frozen=True)
 class FanOut:
     """Per-pair rows from one block on, for a run over B distinct inputs.
@@ -106,9 +130,7 @@ class FanOut:
         return self.rows(hidden.detach()).requires_grad_(True)
 
     def rows(self, t: torch.Tensor) -> torch.Tensor:
-        if self.tile:
-            return t.repeat(self.copies, *([1] * (t.dim() - 1)))
-        return t.repeat_interleave(self.copies, dim=0)
+        return pair_copies(t, self.copies, self.tile)
 
     def beside(self, x, rows: int):
         """An argument passed beside the stream (a per-row attention mask): fanned out when it

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import InputError, ModelLoadError
-from .base import Checkpoint, ImageBatch, ModelAdapter, TextBatch
+from .base import Checkpoint, ImageBatch, ModelAdapter, TextBatch, pair_copies, swap_pairs
 from .capture import Capture
 
 
@@ -151,9 +151,7 @@ class SharedPart:
 
     def per_pair(self, x: torch.Tensor) -> torch.Tensor:
         """(rows, ...) distinct rows -> (N, ...) pair rows."""
-        if self.tower == "image":
-            return x.repeat_interleave(self.copies, dim=0)
-        return x.repeat(self.copies, *([1] * (x.dim() - 1)))
+        return pair_copies(x, self.copies, tile=self.tower == "text")
 
     def enter(self, output: torch.Tensor) -> torch.Tensor:
         """The pairs' per-pair copies of ``output`` (read off the last block recorded so far)."""
@@ -170,17 +168,8 @@ class SharedPart:
     def cotangents(self, grad: torch.Tensor) -> torch.Tensor:
         """(N, ...) gradient at a leaf -> (copies, rows, ...), the batched products' layout."""
         rows = grad.shape[0] // self.copies
-        if self.tower == "image":
-            return grad.reshape(rows, self.copies, *grad.shape[1:]).transpose(0, 1)
-        return grad.reshape(self.copies, rows, *grad.shape[1:])
-
-    def pairs(self, grad: torch.Tensor) -> torch.Tensor:
-        """(copies, rows, ...) -> (B, P, ...)."""
-        return grad.transpose(0, 1) if self.tower == "image" else grad
-
-    def distinct(self, x: torch.Tensor) -> torch.Tensor:
-        """(rows, ...) -> broadcastable against (B, P, ...)."""
-        return x[:, None] if self.tower == "image" else x[None]
+        pairs = (rows, self.copies) if self.tower == "image" else (self.copies, rows)
+        return swap_pairs(self.tower, grad.reshape(*pairs, *grad.shape[1:]))
 
 
 def share_image_encoder(capture: Capture, encoder: torch.nn.Module, layers: list[torch.nn.Module], copies: int) -> SharedPart:

@@ -54,7 +54,15 @@ stack ``"image"``, layer i), and per cross-modal layer j ``cross_modal_{text,ima
 {attention.self, crossattention.self}`` (stack ``"cross"``, layer L + j). The text attention
 modules return their probabilities beside their output (eager attention). Leaves: the text
 embeddings (``text_model.embeddings``) and the image embeddings (``vision_model.visual.embeddings``),
-each detached and requiring grad. ``config.{text_config, vision_config}.{patch_size, image_size,
+each detached and requiring grad.
+
+**Once per distinct input.** The uni-modal encoders never see the other modality, so the text
+encoder runs once per prompt and the ViT once per image (``shares_text``, ``shares_image``):
+every output of ``cross_modal_{text,image}_transform`` (what the first cross-modal layer and
+each link tower read off a uni-modal block) reaches the pairs as per-pair copies
+(:class:`~cliplens.adapters.fusion.SharedPart`, ``taps``: the block each was read off), and the
+text mask the cross-modal layers read is repeated per pair. The uni-modal events then have one
+row per image or prompt. ``config.{text_config, vision_config}.{patch_size, image_size,
 max_position_embeddings, pad_token_id}``; head ``itm_score``.
 """
 

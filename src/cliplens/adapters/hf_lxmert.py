@@ -44,6 +44,12 @@ the caller asked for; the model's outputs do not change. Leaves: the text embedd
 (``lxmert.embeddings``) and the visual feature embeddings (``encoder.visn_fc``), each detached
 and requiring grad. Readout: the text [CLS] token (the pooler reads it).
 
+**Once per distinct input.** The language and object-relationship encoders never see the other
+modality: they run once per prompt and once per region image (``shares_text``,
+``shares_image``); a pre-hook on the first cross-modality layer hands it per-pair copies of
+their outputs (:class:`~cliplens.adapters.fusion.SharedPart`) and every cross-modality layer
+the masks repeated per pair. Their events have one row per prompt or region image.
+
 **The explained scalar.**
 
 - ``LxmertForPreTraining`` (e.g. ``unc-nlp/lxmert-base-uncased``): the cross-modality matching

@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from ..adapters.base import ImageBatch, TextBatch
+from ..adapters.base import ImageBatch, TextBatch, against_pairs, swap_pairs
 from ..adapters.fusion import FusionAdapter, FusionRun
 from ..targets import LogitContext, Target, probabilities
 from .pairs import batched_vjp, stack_vjps
@@ -93,7 +93,7 @@ class FusionRuns:
                 if grad is None:
                     continue
                 i = mine[k]
-                value = reduce(i, part.distinct(events[i].probs.detach()), part.pairs(grad))
+                value = reduce(i, against_pairs(part.tower, events[i].probs.detach()), swap_pairs(part.tower, grad))
                 out[i] = value.reshape(N, *value.shape[2:])
         return out
 

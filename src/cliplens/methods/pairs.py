@@ -21,7 +21,7 @@ from typing import Iterator
 
 import torch
 
-from ..adapters.base import FanOut, ImageBatch, ModelAdapter, TextBatch, TowerRun
+from ..adapters.base import FanOut, ImageBatch, ModelAdapter, TextBatch, TowerRun, against_pairs, swap_pairs
 from ..targets import PairContext, PairScores, Target
 
 
@@ -129,14 +129,12 @@ class PairRuns:
         return per_pair(x, self.B, self.P)
 
     def batched(self, tower: str, x: torch.Tensor) -> torch.Tensor:
-        """(B, P, ...) per pair <-> (K, rows, ...) batched over the other tower's inputs: the
-        image tower's batch is over prompts (K = P, rows = B), the text tower's over images.
-        The same swap both ways."""
-        return x.transpose(0, 1) if tower == "image" else x
+        """(B, P, ...) per pair <-> (K, rows, ...): :func:`~cliplens.adapters.base.swap_pairs`."""
+        return swap_pairs(tower, x)
 
     def distinct(self, tower: str, x: torch.Tensor) -> torch.Tensor:
         """(rows, ...) values of a shared tower's distinct inputs, broadcastable against (B, P, ...)."""
-        return x[:, None] if tower == "image" else x[None]
+        return against_pairs(tower, x)
 
 
 def block_gradients(
