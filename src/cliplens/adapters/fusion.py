@@ -239,6 +239,22 @@ class FusionAdapter(ModelAdapter):
         b); ids and mask have N rows, or with :attr:`shares_text` N / ``text_copies`` (one per
         prompt: pair row b*P + p reads prompt p)."""
 
+    def shared_parts(
+        self, pixel_rows: int, text_rows: int, image_copies: int, text_copies: int
+    ) -> tuple[int, dict[str, SharedPart]]:
+        """(N pair rows, {tower: the :class:`SharedPart` it fills}) for a :meth:`run_pairs` call
+        of an adapter whose encoders run once per distinct input (:attr:`shares_image`,
+        :attr:`shares_text`)."""
+        N = text_rows * text_copies
+        if pixel_rows * image_copies != N:
+            raise ValueError(f"{pixel_rows} x {image_copies} image rows for {text_rows} x {text_copies} pair rows")
+        parts = {}
+        if self.shares_image:
+            parts["image"] = SharedPart("image", image_copies)
+        if self.shares_text:
+            parts["text"] = SharedPart("text", text_copies)
+        return N, parts
+
     def run_grid(self, images: ImageBatch, texts: TextBatch) -> FusionRun:
         """Run every (image, prompt) pair: row b*P + p is image b with prompt p."""
         B, P = len(images), len(texts)

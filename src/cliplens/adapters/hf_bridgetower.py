@@ -139,20 +139,13 @@ class HFBridgeTowerITMAdapter(FusionAdapter):
     ) -> FusionRun:
         bt = self.model.bridgetower
         T = input_ids.shape[1]
-        N = input_ids.shape[0] * text_copies
-        if pixel_values.shape[0] * image_copies != N:
-            raise ValueError(f"{pixel_values.shape[0]} x {image_copies} image rows for {N} pair rows")
+        N, parts = self.shared_parts(pixel_values.shape[0], input_ids.shape[0], image_copies, text_copies)
         text_layers = bt.text_model.encoder.layer
         resblocks = bt.vision_model.visual.transformer.resblocks
         L, C = len(text_layers), len(bt.cross_modal_text_layers)
         h, w = pixel_values.shape[-2:]
         grid = (h // self.patch_size[0], w // self.patch_size[1])
         sizes = {"text": T, "image": 1 + grid[0] * grid[1]}
-        parts = {}
-        if self.shares_image:
-            parts["image"] = SharedPart("image", image_copies)
-        if self.shares_text:
-            parts["text"] = SharedPart("text", text_copies)
         calls: list[tuple[str, str, str, str, int, torch.Tensor]] = []
         leaves: list[torch.Tensor] = []
 

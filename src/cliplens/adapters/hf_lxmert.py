@@ -89,7 +89,7 @@ from ..errors import InputError, ModelLoadError
 from ..regions import RegionImage
 from .base import Checkpoint, ImageBatch
 from .capture import Capture
-from .fusion import AttentionEvent, FusionAdapter, FusionRun, SharedPart, Stream, readout_token
+from .fusion import AttentionEvent, FusionAdapter, FusionRun, Stream, readout_token
 
 #: config.json model_type values this file's adapter takes
 HF_LXMERT_TYPES = {"lxmert"}
@@ -259,17 +259,9 @@ class HFLxmertAdapter(FusionAdapter):
         text_copies: int = 1,
     ) -> FusionRun:
         encoder = self.model.lxmert.encoder
-        T = input_ids.shape[1]
-        N = input_ids.shape[0] * text_copies
-        if pixel_values.shape[0] * image_copies != N:
-            raise ValueError(f"{pixel_values.shape[0]} x {image_copies} region rows for {N} pair rows")
-        R = pixel_values.shape[1]
+        T, R = input_ids.shape[1], pixel_values.shape[1]
+        N, parts = self.shared_parts(pixel_values.shape[0], input_ids.shape[0], image_copies, text_copies)
         sizes = {"text": T, "image": R}
-        parts = {}
-        if self.shares_image:
-            parts["image"] = SharedPart("image", image_copies)
-        if self.shares_text:
-            parts["text"] = SharedPart("text", text_copies)
         events: list[AttentionEvent] = []
         leaves: list[torch.Tensor] = []
         plan = self.attention_plan()
