@@ -56,7 +56,6 @@ from .base import (
     TokenLayout,
     TowerRun,
     block_entry,
-    keep_attention,
     run_input_embeds,
 )
 from .capture import Capture, mha_with_probabilities
@@ -344,14 +343,12 @@ class OpenClipAdapter(ModelAdapter):
         fanned_mask=None,
     ) -> torch.Tensor:
         """Every block of ``transformer`` over a (B, n, C) stream, capturing what the contract asks
-        (with ``fan_out``: per-pair rows from its block on, see :class:`FanOut`)."""
+        (with ``fan_out``: per-pair rows from its block on, see :class:`FanOut`; the blocks before
+        it keep their own fused attention, whose probabilities no method reads)."""
         batch_first = getattr(transformer, "batch_first", True)
+        first = fan_out.block if fan_out is not None else 0
         with Capture() as capture:
-            attention_probabilities(
-                capture,
-                transformer.resblocks,
-                lambda probs: run.attentions.append(keep_attention(probs, len(run.attentions), fan_out)),
-            )
+            attention_probabilities(capture, transformer.resblocks[first:], run.attentions.append)
             for i, blk in enumerate(transformer.resblocks):
                 if fan_out is not None and i == fan_out.block:
                     x = run.graph_input = fan_out.enter(x)
@@ -359,6 +356,8 @@ class OpenClipAdapter(ModelAdapter):
                 x = block_entry(x, i, detach_blocks)
                 run.block_inputs.append(x)
                 out = blk(x if batch_first else x.transpose(0, 1), attn_mask=attn_mask)
+                if i < first:
+                    run.attentions.append(None)
                 x = out if batch_first else out.transpose(0, 1)
                 run.block_outputs.append(x)
         return x
