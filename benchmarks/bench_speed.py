@@ -16,9 +16,14 @@ ViT-B/16-sized random CLIP, one image, P prompts: time and peak memory ratios in
   "chefer all rows" and "legrad rows" are the same calls through the per-pair-rows path the
   methods used before their one-graph path (``shared_graph = False``: the image repeated per
   prompt from the first explained block, one backward);
+- "chefer ref 77", "legrad ref 77": the reference loops with every prompt padded to CLIP's
+  77-token context, as the reference code's tokenizers do (the other reference cases pad to
+  the longest prompt, as cliplens does);
 - "score forward": the model scoring the image against the P prompts without a graph (each
   tower once, its default attention path): the floor under any method that reads the model's
-  score, the reference loops included.
+  score, the reference loops included;
+- "chefer eager" and "legrad eager": the same calls with the blocks before the first explained
+  one on the eager attention path too (the path before they ran the fused kernel).
 
 Time: interleaved repeats, the median of per-repeat ratios (load changes hit both). Memory: on
 CUDA the peak allocation above the loaded model; on the CPU the peak RSS of a fresh process.
@@ -44,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
 import cliplens  # noqa: E402
+import cliplens.adapters.hf_encoder as hf_encoder  # noqa: E402
 from cliplens.adapters import HFClipAdapter  # noqa: E402
 from cliplens.methods import REGISTRY  # noqa: E402
 
@@ -57,7 +63,11 @@ CASES = {
     "legrad": ("ours", {"method": "legrad", "layers": 2, "pooling": "mean", "towers": ("image",)}),
     "legrad ref": ("ref", {"loop": "legrad", "layers": 2}),
     "legrad rows": ("ours", {"method": "legrad", "layers": 2, "pooling": "mean", "towers": ("image",), "per_pair_rows": True}),
+    "chefer ref 77": ("ref", {"loop": "chefer", "start": -1, "context": 77}),
+    "legrad ref 77": ("ref", {"loop": "legrad", "layers": 2, "context": 77}),
     "score forward": ("floor", {}),
+    "chefer eager": ("ours", {"method": "chefer", "eager_blocks": True}),
+    "legrad eager": ("ours", {"method": "legrad", "layers": 2, "pooling": "mean", "towers": ("image",), "eager_blocks": True}),
 }
 
 
@@ -76,10 +86,15 @@ def setup(size: int, device: str, dtype: torch.dtype):
     return adapter, image
 
 
-def _reference_forward(adapter, image, texts):
-    """The image repeated per prompt, every block recorded with the parameters requiring grad."""
+def _reference_forward(adapter, image, texts, context: int | None = None):
+    """The image repeated per prompt, every block recorded with the parameters requiring grad;
+    prompts padded to the longest (as cliplens does), or to ``context`` tokens (the reference
+    code's tokenizers pad to CLIP's 77)."""
     model = adapter.model
-    batch = adapter.tokenize(texts)
+    if context:
+        batch = adapter.tokenizer(list(texts), padding="max_length", max_length=context, return_tensors="pt")
+    else:
+        batch = adapter.tokenize(texts)
     pixels = adapter.prepare_images([image])[0].pixel_values.repeat(len(texts), 1, 1, 1)
     model.set_attn_implementation("eager")
     out = model(
@@ -92,8 +107,8 @@ def _reference_forward(adapter, image, texts):
     return out, batch
 
 
-def chefer_reference(adapter, image, texts, start: int):
-    out, batch = _reference_forward(adapter, image, texts)
+def chefer_reference(adapter, image, texts, start: int, context: int | None = None):
+    out, batch = _reference_forward(adapter, image, texts, context)
     y = out.logits_per_image.diagonal().sum()
     v_att, t_att = out.vision_model_output.attentions, out.text_model_output.attentions
     start_v = start % len(v_att)
@@ -110,8 +125,8 @@ def chefer_reference(adapter, image, texts, start: int):
     return rows[0][:, 0, 1:], rows[1][torch.arange(len(texts)), eot]
 
 
-def legrad_reference(adapter, image, texts, layers: int):
-    out, batch = _reference_forward(adapter, image, texts)
+def legrad_reference(adapter, image, texts, layers: int, context: int | None = None):
+    out, batch = _reference_forward(adapter, image, texts, context)
     model = adapter.model
     text = out.text_embeds.detach()
     atts, hidden = out.vision_model_output.attentions, out.vision_model_output.hidden_states
@@ -134,15 +149,19 @@ def runner(adapter, image, texts, label: str):
         opts = dict(opts)
         method = opts.pop("method")
         rows = opts.pop("per_pair_rows", False)
+        eager = opts.pop("eager_blocks", False)
 
         def fn():
             cls = REGISTRY[method]
-            shared = cls.shared_graph
+            shared, fused = cls.shared_graph, hf_encoder.fused_attention
             cls.shared_graph = shared and not rows
+            if eager:
+                hf_encoder.fused_attention = lambda capture, attentions: None
             try:
                 cliplens.explain(adapter, image, texts, method=method, **opts)
             finally:
                 cls.shared_graph = shared
+                hf_encoder.fused_attention = fused
     else:
         loop = opts["loop"]
 
@@ -153,9 +172,9 @@ def runner(adapter, image, texts, label: str):
                 for p, _ in flags:
                     p.requires_grad_(True)
                 if loop == "chefer":
-                    chefer_reference(adapter, image, texts, opts["start"])
+                    chefer_reference(adapter, image, texts, opts["start"], opts.get("context"))
                 else:
-                    legrad_reference(adapter, image, texts, opts["layers"])
+                    legrad_reference(adapter, image, texts, opts["layers"], opts.get("context"))
             finally:
                 for p, f in flags:
                     p.requires_grad_(f)

@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from ..adapters.base import ImageBatch, TextBatch, against_pairs, swap_pairs
+from ..adapters.base import ImageBatch, TextBatch, against_pairs, pair_copies, swap_pairs
 from ..adapters.fusion import FusionAdapter, FusionRun
 from ..targets import LogitContext, Target, probabilities
 from .pairs import batched_vjp, stack_vjps
@@ -100,11 +100,10 @@ class FusionRuns:
     def pair_rows(self, event, values: torch.Tensor) -> torch.Tensor:
         """(rows, ...) values of ``event`` -> (N, ...), one row per pair: the events of a part run
         once per distinct input (``event.shared``) are repeated for each pair that reads them."""
-        if event.shared == "image":
-            return values.repeat_interleave(self.P, dim=0)
-        if event.shared == "text":
-            return values.repeat(self.B, *([1] * (values.dim() - 1)))
-        return values
+        if event.shared is None:
+            return values
+        copies = self.P if event.shared == "image" else self.B
+        return pair_copies(values, copies, tile=event.shared == "text")
 
     def image_maps(self, rows: dict[str, torch.Tensor]) -> torch.Tensor:
         """(B, P, Gh, Gw) from per-stream token values {stream: (N, n)}: each token's value on
