@@ -299,20 +299,26 @@ class HFEncoderAdapter(ModelAdapter):
         layer = self._layer(tower, layer_index)
         return layer.mlp(layer.layer_norm2(hidden))
 
+
 def fused_attention(capture: Capture, attentions: list[torch.nn.Module]):
     """A switch ``fused(on)`` between the fused attention kernel (SDPA: no probabilities) and the
     eager path for the transformers attention modules ``attentions`` (through the config they
-    dispatch on), set back to eager when ``capture`` ends. Blocks before a fan-out run fused: no
-    method reads their probabilities, and the kernel never writes the n x n matrices (at 896 px
-    a ViT-B/16 chefer explanation then takes 0.74x the time of the all-eager one on a CPU)."""
+    dispatch on), each config's own setting back when ``capture`` ends. Blocks before a fan-out
+    run fused: no method reads their probabilities, and the kernel never writes the n x n
+    matrices (at 896 px a ViT-B/16 chefer explanation then takes 0.74x the time of the
+    all-eager one on a CPU)."""
     configs = list({id(c): c for c in (getattr(a, "config", None) for a in attentions) if c is not None}.values())
-    configs = [c for c in configs if hasattr(c, "_attn_implementation_internal")]
+    saved = [(c, c._attn_implementation_internal) for c in configs if hasattr(c, "_attn_implementation_internal")]
 
     def fused(on: bool) -> None:
-        for config in configs:
+        for config, _ in saved:
             config._attn_implementation_internal = "sdpa" if on else "eager"
 
-    capture.on_exit(lambda: fused(False))
+    def restore() -> None:
+        for config, value in saved:
+            config._attn_implementation_internal = value
+
+    capture.on_exit(restore)
     return fused
 
 

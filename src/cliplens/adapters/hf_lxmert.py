@@ -305,6 +305,8 @@ class HFLxmertAdapter(FusionAdapter):
         def pair_rows(module, args, kwargs):
             # the cross-modality layers run pair rows: per-pair copies of the encoders' outputs
             # (the first layer's inputs) and of the masks built for the distinct rows
+            if len(args) < 4:
+                raise RuntimeError("an LXMERT cross-modality layer was called without its four positional inputs")
             lang, lang_mask, visual, visual_mask, *rest = args
             if module is encoder.x_layers[0]:
                 lang = parts["text"].enter(lang) if "text" in parts else lang
