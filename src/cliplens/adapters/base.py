@@ -122,6 +122,10 @@ class FanOut:
     #: how rows repeat: each input ``copies`` times in a row (False: the image tower, pair
     #: b*P + p is image b), or the whole batch ``copies`` times over (True: the text tower)
     tile: bool = False
+    #: the blocks from :attr:`block` on run the fused attention kernel too, each keeping a
+    #: :class:`~cliplens.adapters.kept.KeptAttention` where it would keep its probabilities (for
+    #: a method that reads attention only through it); a tower that cannot keeps probabilities
+    kept: bool = False
 
     def enter(self, hidden: torch.Tensor) -> torch.Tensor:
         """The stream entering :attr:`block`, fanned out; switches gradient recording on (the

@@ -25,6 +25,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .kept import fused_attention_kept
+
 
 class Capture:
     """One handle list of temporary changes to model instances, undone in reverse order on exit.
@@ -84,12 +86,13 @@ class Capture:
         module.forward = forward
 
     def mha_probabilities(
-        self, modules: list[torch.nn.MultiheadAttention], sink: Callable[[int, torch.Tensor], None]
+        self, modules: list[torch.nn.MultiheadAttention], sink: Callable[[int, torch.Tensor], None], kept: bool = False
     ) -> None:
         """Route each listed ``nn.MultiheadAttention`` instance through
-        :func:`mha_with_probabilities` and hand its per-head probabilities to ``sink(i, probs)``
-        (i: the module's position in ``modules``). The fused kernels return no per-head
-        probabilities (or only their mean, not in the graph), hence the swap."""
+        :func:`mha_with_probabilities` and hand its per-head probabilities (``kept``: its
+        :class:`~cliplens.adapters.kept.KeptAttention`) to ``sink(i, probs)`` (i: the module's
+        position in ``modules``). The fused kernels return no per-head probabilities (or only
+        their mean, not in the graph), hence the swap."""
         for i, mha in enumerate(modules):
 
             def forward(
@@ -112,6 +115,7 @@ class Capture:
                     attn_mask=attn_mask,
                     key_padding_mask=key_padding_mask,
                     is_causal=is_causal,
+                    kept=kept,
                 )
                 sink(_i, probs)
                 if not need_weights:
@@ -217,11 +221,14 @@ def mha_with_probabilities(
     attn_mask: torch.Tensor | None = None,
     key_padding_mask: torch.Tensor | None = None,
     is_causal: bool = False,
+    kept: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """What ``mha(query, key, value, ...)[0]`` computes, from the module's own weights, one head
     at a time, returning ``(output, probabilities)``; probabilities are (B, H, Lq, Lk) and the
     output is computed from exactly that tensor, so gradients reach it. Inputs follow the
-    module's ``batch_first`` layout (or are unbatched (L, E))."""
+    module's ``batch_first`` layout (or are unbatched (L, E)). ``kept``: the heads run on the
+    fused kernel and a :class:`~cliplens.adapters.kept.KeptAttention` stands for the
+    probabilities."""
     if mha.bias_k is not None or mha.bias_v is not None or mha.add_zero_attn:
         raise NotImplementedError("nn.MultiheadAttention with add_bias_kv or add_zero_attn is not supported")
     unbatched = query.dim() == 2
@@ -244,9 +251,9 @@ def mha_with_probabilities(
     q = F.linear(query, w_q, b_q).reshape(B, Lq, H, d).transpose(1, 2)
     k = F.linear(key, w_k, b_k).reshape(B, Lk, H, d).transpose(1, 2)
     v = F.linear(value, w_v, b_v).reshape(B, Lk, H, d).transpose(1, 2)
-    scores = (q * d**-0.5) @ k.transpose(-1, -2)  # (B, H, Lq, Lk)
     if is_causal and attn_mask is None:
         attn_mask = torch.ones(Lq, Lk, dtype=torch.bool, device=q.device).triu(1)
+    masks = []
     for mask in (attn_mask, key_padding_mask):
         if mask is None:
             continue
@@ -254,15 +261,30 @@ def mha_with_probabilities(
             mask = mask[:, None, None, :]
         elif mask.dim() == 3:
             mask = mask.reshape(B, H, Lq, Lk)
-        if mask.dtype == torch.bool:
-            scores = scores.masked_fill(mask, float("-inf"))
-        else:
-            scores = scores + mask.to(scores.dtype)
-    probs = scores.softmax(dim=-1)
-    mixed = F.dropout(probs, mha.dropout, mha.training) @ v
+        masks.append(mask)
+    if kept:
+        additive = [additive_mask(m, q.dtype) for m in masks]
+        mixed, probs = fused_attention_kept(q, k, v, sum(additive[1:], additive[0]) if additive else None, d**-0.5)
+    else:
+        scores = (q * d**-0.5) @ k.transpose(-1, -2)  # (B, H, Lq, Lk)
+        for mask in masks:
+            if mask.dtype == torch.bool:
+                scores = scores.masked_fill(mask, float("-inf"))
+            else:
+                scores = scores + mask.to(scores.dtype)
+        probs = scores.softmax(dim=-1)
+        mixed = F.dropout(probs, mha.dropout, mha.training) @ v
     out = mha.out_proj(mixed.transpose(1, 2).reshape(B, Lq, E))
     if unbatched:
         out = out.squeeze(0)
     elif not mha.batch_first:
         out = out.transpose(0, 1)
     return out, probs
+
+
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An attention mask as a term added to the scores: a boolean one (True = masked, as
+    ``nn.MultiheadAttention`` reads it) as -inf where True and 0 elsewhere."""
+    if mask.dtype == torch.bool:
+        return torch.zeros_like(mask, dtype=dtype).masked_fill(mask, float("-inf"))
+    return mask.to(dtype)

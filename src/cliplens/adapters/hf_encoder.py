@@ -33,6 +33,7 @@ from .base import (
     run_input_embeds,
 )
 from .capture import Capture
+from .kept import runs_kept, transformers_kept_attention
 
 
 @contextlib.contextmanager
@@ -300,19 +301,29 @@ class HFEncoderAdapter(ModelAdapter):
         return layer.mlp(layer.layer_norm2(hidden))
 
 
+#: the name transformers dispatches :func:`~cliplens.adapters.kept.transformers_kept_attention` on
+KEPT = "cliplens_kept"
+
+
 def fused_attention(capture: Capture, attentions: list[torch.nn.Module]):
-    """A switch ``fused(on)`` between the fused attention kernel (SDPA: no probabilities) and the
-    eager path for the transformers attention modules ``attentions`` (through the config they
-    dispatch on), each config's own setting back when ``capture`` ends. Blocks before a fan-out
-    run fused: no method reads their probabilities, and the kernel never writes the n x n
-    matrices (at 896 px a ViT-B/16 chefer explanation then takes 0.74x the time of the
-    all-eager one on a CPU)."""
+    """A switch ``fused(implementation)`` of the transformers attention modules ``attentions``
+    (through the config they dispatch on) between ``"eager"`` (probabilities returned),
+    ``"sdpa"`` (the fused kernel: no probabilities) and :data:`KEPT` (the fused kernel, keeping
+    a :class:`~cliplens.adapters.kept.KeptAttention` where eager returns probabilities), each
+    config's own setting back when ``capture`` ends. Blocks before a fan-out run fused: no
+    method reads their probabilities, and the kernel never writes the n x n matrices (at 896 px
+    a ViT-B/16 chefer explanation then takes 0.74x the time of the all-eager one on a CPU)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
     configs = list({id(c): c for c in (getattr(a, "config", None) for a in attentions) if c is not None}.values())
     saved = [(c, c._attn_implementation_internal) for c in configs if hasattr(c, "_attn_implementation_internal")]
 
-    def fused(on: bool) -> None:
+    def fused(implementation: str) -> None:
+        if implementation == KEPT and KEPT not in ALL_ATTENTION_FUNCTIONS:
+            ALL_ATTENTION_FUNCTIONS[KEPT] = transformers_kept_attention
+            capture.on_exit(lambda: ALL_ATTENTION_FUNCTIONS.pop(KEPT, None))
         for config, _ in saved:
-            config._attn_implementation_internal = "sdpa" if on else "eager"
+            config._attn_implementation_internal = implementation
 
     def restore() -> None:
         for config, value in saved:
@@ -320,6 +331,17 @@ def fused_attention(capture: Capture, attentions: list[torch.nn.Module]):
 
     capture.on_exit(restore)
     return fused
+
+
+def block_attention(index: int, fan_out: FanOut, dtype: torch.dtype) -> str:
+    """How block ``index`` of a fanned-out run computes its attention (see :func:`fused_attention`):
+    fused before the fan-out, kept after it where :func:`~cliplens.adapters.kept.runs_kept`
+    says so; float64 stays eager (the reason is there)."""
+    if dtype == torch.float64:
+        return "eager"
+    if index < fan_out.block:
+        return "sdpa"
+    return KEPT if runs_kept(fan_out, dtype) else "eager"
 
 
 def capture_tower(
@@ -334,8 +356,10 @@ def capture_tower(
 ) -> None:
     """Hooks (for one run, in ``capture``) that fill ``run``: the embedding output (or
     ``input_embeds`` in its place) as ``run.input_embeds``; each layer's input and output; each
-    layer's attention probabilities (the second output of its attention module); with
-    ``fan_out``, the stream and any per-row mask beside it repeated per pair from its block on.
+    layer's attention probabilities (the second output of its attention module: a
+    :class:`~cliplens.adapters.kept.KeptAttention` where a ``kept`` fan-out runs the block
+    fused, :func:`block_attention`); with ``fan_out``, the stream and any per-row mask beside
+    it repeated per pair from its block on.
     Every transformers tower cliplens runs apart (CLIP, SigLIP, BLIP's ITC towers) is captured
     this way; an adapter names its modules."""
 
@@ -343,7 +367,7 @@ def capture_tower(
 
     def on_embed(module, args, output):
         if fused is not None:
-            fused(False)  # any mask the tower builds next is built for the eager path
+            fused("eager")  # any mask the tower builds next is built for the eager path
         leaf = run_input_embeds(output, input_embeds)
         run.input_embeds = leaf
         return leaf
@@ -358,9 +382,7 @@ def capture_tower(
             rest = args[1:]
             others = {k: v for k, v in kwargs.items() if k != "hidden_states"}
             if fused is not None:
-                # float64 stays eager: transformers' eager softmax runs in float32, SDPA in
-                # float64, and float64 runs (the oracles, the golden files) read the eager blocks
-                fused(i < fan_out.block and hidden.dtype != torch.float64)
+                fused(block_attention(i, fan_out, hidden.dtype))
             if fan_out is not None and i >= fan_out.block:
                 if i == fan_out.block:
                     distinct_rows.append(hidden.shape[0])

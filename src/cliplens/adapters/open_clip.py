@@ -58,7 +58,8 @@ from .base import (
     block_entry,
     run_input_embeds,
 )
-from .capture import Capture, mha_with_probabilities
+from .capture import Capture, additive_mask, mha_with_probabilities
+from .kept import fused_attention_kept, runs_kept
 from .open_clip_load import import_open_clip, load_open_clip  # noqa: F401 (load_open_clip: its old import path)
 
 # ---- what the model is ------------------------------------------------------------------------
@@ -140,10 +141,11 @@ def preprocess_for(model) -> Preprocess:
 
 
 def open_clip_attention(
-    attn, x: torch.Tensor, attn_mask: torch.Tensor | None = None
+    attn, x: torch.Tensor, attn_mask: torch.Tensor | None = None, kept: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """open_clip's ``Attention.forward`` (batch first, self-attention), computed with explicit
-    per-head probabilities: returns ``(output, probs)`` with probs (N, H, L, L)."""
+    per-head probabilities: returns ``(output, probs)`` with probs (N, H, L, L) (``kept``: the
+    fused kernel, and a :class:`~cliplens.adapters.kept.KeptAttention` for the probabilities)."""
     N, L, C = x.shape
     H = attn.num_heads
     q, k, v = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
@@ -153,20 +155,26 @@ def open_clip_attention(
     if attn_mask is not None:
         if attn_mask.ndim == 3:
             attn_mask = attn_mask.reshape(N, H, L, L)
-        if attn_mask.dtype == torch.bool:
-            attn_mask = torch.zeros_like(attn_mask, dtype=q.dtype).masked_fill(attn_mask, float("-inf"))
+        attn_mask = additive_mask(attn_mask, q.dtype)
+    cosine = getattr(attn, "logit_scale", None) is not None
+    if kept:
+        if cosine:
+            q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+            scale = float(torch.clamp(attn.logit_scale, max=attn.logit_scale_max).exp())
         else:
-            attn_mask = attn_mask.to(q.dtype)
-    if getattr(attn, "logit_scale", None) is not None:
-        scores = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-1, -2)
-        scores = scores * torch.clamp(attn.logit_scale, max=attn.logit_scale_max).exp()
+            q, k, scale = attn.ln_q(q), attn.ln_k(k), attn.scale
+        out, probs = fused_attention_kept(q, k, v, attn_mask, scale)
     else:
-        q, k = attn.ln_q(q), attn.ln_k(k)
-        scores = (q * attn.scale) @ k.transpose(-1, -2)
-    if attn_mask is not None:
-        scores = scores + attn_mask
-    probs = scores.softmax(dim=-1)
-    out = F.dropout(probs, attn.attn_drop.p, attn.training) @ v
+        if cosine:
+            scores = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-1, -2)
+            scores = scores * torch.clamp(attn.logit_scale, max=attn.logit_scale_max).exp()
+        else:
+            q, k = attn.ln_q(q), attn.ln_k(k)
+            scores = (q * attn.scale) @ k.transpose(-1, -2)
+        if attn_mask is not None:
+            scores = scores + attn_mask
+        probs = scores.softmax(dim=-1)
+        out = F.dropout(probs, attn.attn_drop.p, attn.training) @ v
     if getattr(attn, "head_scale", None) is not None:
         out = out * attn.head_scale
     out = out.transpose(1, 2).reshape(N, L, C)
@@ -174,22 +182,25 @@ def open_clip_attention(
     return out, probs
 
 
-def attention_probabilities(capture: Capture, blocks, sink: Callable[[torch.Tensor], None]) -> None:
+def attention_probabilities(
+    capture: Capture, blocks, sink: Callable[[torch.Tensor], None], kept: bool = False
+) -> None:
     """In ``capture`` (for its ``with`` block), every block's attention of ``blocks`` hands its
-    per-head probabilities to ``sink`` (in call order): ``nn.MultiheadAttention`` through
-    :meth:`Capture.mha_probabilities`, open_clip's ``Attention`` through
-    :func:`open_clip_attention`. Patches of these module instances only."""
+    per-head probabilities (``kept``: a :class:`~cliplens.adapters.kept.KeptAttention`) to
+    ``sink`` (in call order): ``nn.MultiheadAttention`` through :meth:`Capture.mha_probabilities`,
+    open_clip's ``Attention`` through :func:`open_clip_attention`. Patches of these module
+    instances only."""
     for blk in blocks:
         if not isinstance(blk.attn, torch.nn.MultiheadAttention):
 
             def forward(x, attn_mask=None, _attn=blk.attn):
-                out, probs = open_clip_attention(_attn, x, attn_mask)
+                out, probs = open_clip_attention(_attn, x, attn_mask, kept)
                 sink(probs)
                 return out
 
             capture.patch_forward(blk.attn, forward)
     mhas = [blk.attn for blk in blocks if isinstance(blk.attn, torch.nn.MultiheadAttention)]
-    capture.mha_probabilities(mhas, lambda i, p: sink(p))
+    capture.mha_probabilities(mhas, lambda i, p: sink(p), kept)
 
 
 # ---- the adapter ------------------------------------------------------------------------------
@@ -348,7 +359,8 @@ class OpenClipAdapter(ModelAdapter):
         batch_first = getattr(transformer, "batch_first", True)
         first = fan_out.block if fan_out is not None else 0
         with Capture() as capture:
-            attention_probabilities(capture, transformer.resblocks[first:], run.attentions.append)
+            kept = runs_kept(fan_out, x.dtype)
+            attention_probabilities(capture, transformer.resblocks[first:], run.attentions.append, kept)
             for i, blk in enumerate(transformer.resblocks):
                 if fan_out is not None and i == fan_out.block:
                     x = run.graph_input = fan_out.enter(x)

@@ -141,6 +141,10 @@ class Method:
     #: (:func:`~cliplens.methods.pairs.block_gradients`, ``PairRuns.pair_gradients``) instead of
     #: one backward pass over per-pair rows; :meth:`shares_graph` may decide per call
     shared_graph: ClassVar[bool] = False
+    #: the method reads an explained block's attention only as probabilities x their gradient,
+    #: through :func:`~cliplens.methods.relevance.row_times_abar`: the towers may run those
+    #: blocks on the fused kernel and keep :class:`~cliplens.adapters.kept.KeptAttention`
+    kept_attention: ClassVar[bool] = False
     #: the method also explains fusion models (image and text scored together: BLIP ITM, ViLT),
     #: through :meth:`attribute_fusion`
     fusion: ClassVar[bool] = False
@@ -269,6 +273,7 @@ class Method:
                     detach_blocks=self.detach_blocks,
                     graph_from={t: self.graph_from(t, opts, n) for t, n in adapter.num_layers.items()},
                     shared=self.shares_graph(opts),
+                    kept=self.kept_attention,
                 )
                 out = self.attribute(adapter, runs, target, towers, opts)
         return MethodResult(

@@ -20,6 +20,11 @@ Cost: one forward of each tower over its DISTINCT inputs (B images, P prompts; a
 ``start_layer`` on), then the pairs' gradients block by block as batched vector-Jacobian
 products over that one graph (``shared_graph``, :func:`~cliplens.methods.pairs.block_gradients`),
 each block's reduced to Abar and folded before the next, plus O(H n^2) per block and pair.
+The explained blocks run the fused attention kernel (``kept_attention``): each keeps its q, k,
+v, and the gradient is taken at the kernel's output; A and dy/dA = dO V^T are recomputed a
+chunk of query rows at a time for the fold (:class:`~cliplens.adapters.kept.KeptAttention`),
+so no H x n x n tensor of a whole block exists (float64 runs stay eager, see
+:func:`~cliplens.adapters.kept.runs_kept`).
 
 Fusion models (BLIP image-text matching, ViLT, ...): the bi-modal and encoder-decoder rules of
 the same paper (:class:`~cliplens.methods.relevance.StreamRelevance`): relevance matrices between
@@ -68,6 +73,7 @@ class Chefer(Method):
 
     fusion = True
     shared_graph = True
+    kept_attention = True
 
     def graph_from(self, tower: str, opts: Options, num_layers: int) -> int:
         # the relevance of blocks before start_layer is the identity: no gradient needed there

@@ -59,11 +59,13 @@ Measured: ``layers=2, pooling="mean"`` equals legrad-torch 1.1 (open_clip 2.23) 
 relative on the same ViT-B/16 weights (CLIP path).
 
 Cost: one forward of each explained tower over its DISTINCT inputs (B images, P prompts;
-eager attention, a graph from the first explained block on), L' extra readouts (final norm +
-projection), and per explained layer one batched vector-Jacobian product (``shared_graph``):
-the pairs' cotangents at the layer-l readout go back through block l alone, since every block
-receives a detached copy of the previous block's output (same values), so what reaches A^l is
-exactly ds^l/dA^l; the product stops at the attention probabilities. The correction adds one
+a graph from the first explained block on), L' extra readouts (final norm + projection), and
+per explained layer one batched vector-Jacobian product (``shared_graph``): the pairs'
+cotangents at the layer-l readout go back through block l alone, since every block receives a
+detached copy of the previous block's output (same values), so what reaches A^l is exactly
+ds^l/dA^l. The explained blocks run the fused attention kernel (``kept_attention``): the
+product stops at the kernel's output O, and ds^l/dA^l = dO V^T is recomputed a chunk of query
+rows at a time (:class:`~cliplens.adapters.kept.KeptAttention`; float64 runs stay eager). The correction adds one
 text forward of the empty prompt and one plain backward over the image rows (the empty prompt
 does not depend on the call's prompts).
 """
@@ -75,6 +77,7 @@ from dataclasses import dataclass
 import torch
 
 from ..adapters.base import ModelAdapter, TowerRun
+from ..adapters.kept import KeptAttention, in_graph, query_chunks
 from ..targets import Target
 from .base import Attribution, Method, last_layers, option, register
 from .pairs import PairRuns, batched_vjp, per_pair, tower_result
@@ -144,11 +147,32 @@ def positive_mean(grad: torch.Tensor, valid: torch.Tensor | None) -> torch.Tenso
     """(..., H, q, n) attention gradient -> (..., n): mean over heads and over the valid query
     rows ``valid`` (..., q) (all q rows when None) of its positive part. Leading axes: rows, or
     a shared run's (B, P) pairs."""
+    weights = None if valid is None else valid.to(grad.dtype)
+    total = positive_row_sum(grad, weights)
+    return total / (grad.shape[-2] if weights is None else weights.sum(-1, keepdim=True))
+
+
+def positive_row_sum(grad: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """(..., H, q, n) -> (..., n): the mean over heads of the positive part, summed over the
+    query rows with ``weights`` (..., q) (all 1 when None)."""
     per_row = grad.clamp(min=0).mean(dim=-3)  # (..., q, n)
-    if valid is None:
-        return per_row.mean(dim=-2)
-    w = valid.to(per_row.dtype)
-    return torch.einsum("...ij,...i->...j", per_row, w) / w.sum(-1, keepdim=True)
+    if weights is None:
+        return per_row.sum(dim=-2)
+    return torch.einsum("...ij,...i->...j", per_row, weights)
+
+
+def attention_positive_mean(attn, grad: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """:func:`positive_mean` of a block's attention gradient, in the accumulation dtype: ``grad``
+    is that gradient, or for a :class:`~cliplens.adapters.kept.KeptAttention` the gradient at its
+    output, from which dy/dA = dO V^T is recomputed a chunk of query rows at a time."""
+    dtype = accumulation_dtype(grad.dtype)
+    if not isinstance(attn, KeptAttention):
+        return positive_mean(grad.to(dtype), valid)
+    weights = None if valid is None else valid.to(dtype)
+    total = 0
+    for rows in query_chunks(attn, grad.shape[:-3].numel()):
+        total = total + positive_row_sum(attn.grad(grad, rows, dtype), None if weights is None else weights[..., rows])
+    return total / (attn.shape[-2] if weights is None else weights.sum(-1, keepdim=True))
 
 
 @register
@@ -163,6 +187,7 @@ class LeGrad(Method):
     )
     detach_blocks = True
     shared_graph = True
+    kept_attention = True
 
     @dataclass(frozen=True)
     class Options:
@@ -265,11 +290,11 @@ class LeGrad(Method):
         for rows_e, probs, valid in layers:
             copies = runs.pair_values(tower, rows_e.detach()).clone().requires_grad_(True)
             (cot,) = torch.autograd.grad(target(runs.context_with(tower, copies)).sum(), [copies])
-            (grad,) = batched_vjp(rows_e, [probs], runs.batched(tower, cot))
+            (grad,) = batched_vjp(rows_e, [in_graph(probs)], runs.batched(tower, cot))
             grad = runs.batched(tower, grad)  # (B, P, H, q, n)
             rows = None if valid is None else runs.pair_values(tower, valid)
-            m = positive_mean(grad.to(accumulation_dtype(grad.dtype)), rows)
-            out.append(m.reshape(B * P, -1))
+            attn = probs if not isinstance(probs, KeptAttention) else runs.distinct(tower, probs.detach())
+            out.append(attention_positive_mean(attn, grad, rows).reshape(B * P, -1))
         return out
 
 
@@ -280,10 +305,11 @@ def layer_maps(output: torch.Tensor, layers: list, leaves: list) -> list:
     not reach it)."""
 
     def reduce(i: int, g: torch.Tensor) -> torch.Tensor:
-        return positive_mean(g.to(accumulation_dtype(g.dtype)), layers[i][2])
+        _, probs, valid = layers[i]
+        return attention_positive_mean(probs.detach(), g, valid)
 
-    maps = reduced_gradients(output, [probs for _, probs, _ in layers], reduce, leaves)
+    maps = reduced_gradients(output, [in_graph(probs) for _, probs, _ in layers], reduce, leaves)
     return [
-        m if m is not None else probs.new_zeros(probs.shape[0], probs.shape[-1], dtype=accumulation_dtype(probs.dtype))
+        m if m is not None else in_graph(probs).new_zeros(probs.shape[0], probs.shape[-1], dtype=accumulation_dtype(probs.dtype))
         for m, (_, probs, _) in zip(maps, layers)
     ]

@@ -22,6 +22,7 @@ from typing import Iterator
 import torch
 
 from ..adapters.base import FanOut, ImageBatch, ModelAdapter, TextBatch, TowerRun, against_pairs, swap_pairs
+from ..adapters.kept import in_graph
 from ..targets import PairContext, PairScores, Target
 
 
@@ -199,7 +200,7 @@ def stack_vjps(
             pending.append((block_outputs[layer], g))
         if not pending:
             continue
-        wrt = [probs[layer]] + ([block_outputs[layer - 1]] if layer > start else [])
+        wrt = [in_graph(probs[layer])] + ([block_outputs[layer - 1]] if layer > start else [])
         got = batched_vjp([t for t, _ in pending], wrt, [c for _, c in pending], allow_unused=True)
         if got[0] is not None:
             yield layer, got[0]
@@ -243,6 +244,7 @@ def forward_pairs(
     detach_blocks: bool = False,
     graph_from: dict[str, int | None] | None = None,
     shared: bool = False,
+    kept: bool = False,
 ) -> PairRuns:
     """Run both towers (call inside ``adapter.explaining()``) and evaluate the target.
 
@@ -255,7 +257,10 @@ def forward_pairs(
     ``shared`` (a tower with a gradient): no per-pair rows at all. The tower runs once over its
     distinct inputs, with a graph from its ``graph_from`` block on (or from the input), and the
     target is evaluated on per-pair copies of its embeddings (``PairRuns.leaves``); the pairs'
-    gradients then come from :func:`block_gradients` or :meth:`PairRuns.pair_gradients`."""
+    gradients then come from :func:`block_gradients` or :meth:`PairRuns.pair_gradients`.
+
+    ``kept``: the blocks from ``graph_from`` on run the fused attention kernel and keep
+    :class:`~cliplens.adapters.kept.KeptAttention` (see :attr:`FanOut.kept`)."""
     B, P = len(images), len(texts)
     graph_from = graph_from or {}
     leaves: dict[str, torch.Tensor] = {}
@@ -273,7 +278,7 @@ def forward_pairs(
                     out = run(*inputs, detach_blocks=detach_blocks)
             else:
                 with torch.no_grad():  # the fan-out (one copy) turns gradients on at its block
-                    out = run(*inputs, detach_blocks=detach_blocks, fan_out=FanOut(block, 1))
+                    out = run(*inputs, detach_blocks=detach_blocks, fan_out=FanOut(block, 1, kept=kept))
             leaves[name] = spread(name, out.embeds.detach()).clone().requires_grad_(True)
             return out, leaves[name]
         if grad and block is not None:
@@ -288,11 +293,11 @@ def forward_pairs(
             out = run(*inputs, detach_blocks=detach_blocks)
         return out, spread(name, out.embeds.detach())
 
-    image_fan = FanOut(graph_from["image"], P) if graph_from.get("image") is not None else None
+    image_fan = FanOut(graph_from["image"], P, kept=kept) if graph_from.get("image") is not None else None
     img, img_pairs = tower(
         "image", image_grad, adapter.run_image, (images.pixel_values,), image_fan, lambda x: x.repeat_interleave(P, dim=0)
     )
-    text_fan = FanOut(graph_from["text"], B, tile=True) if graph_from.get("text") is not None else None
+    text_fan = FanOut(graph_from["text"], B, tile=True, kept=kept) if graph_from.get("text") is not None else None
     txt, txt_pairs = tower(
         "text", text_grad, adapter.run_text, (texts.input_ids, texts.attention_mask), text_fan, lambda x: x.repeat(B, 1)
     )

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from ..adapters.base import TowerRun
+from ..adapters.kept import KeptAttention, in_graph, query_chunks
 from ..errors import InputError
 
 
@@ -27,6 +28,24 @@ def gradient_weighted(attn: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """Abar = mean over heads of (grad * A)^+ : (..., H, q, n) -> (..., q, n) (leading axes
     broadcast: rows, or the (B, P) pairs of a shared run against its distinct inputs)."""
     return (grad * attn).clamp_(min=0).mean(dim=-3)
+
+
+def row_times_abar(row: torch.Tensor, attn, grad: torch.Tensor) -> torch.Tensor:
+    """``row @ Abar`` for (rows, n) readout rows and one block's attention: its probabilities
+    and their gradient, or a :class:`~cliplens.adapters.kept.KeptAttention` and the gradient at
+    its output, whose probabilities and gradient are recomputed a chunk of query rows at a time
+    and reduced before the next (no H x n x n tensor of every row at once), for the query rows
+    ``row`` weighs (the last block's fold reads the readout token's alone). Leading axes of
+    ``attn`` broadcast against ``grad``'s, which flatten to the rows of ``row``."""
+    if not isinstance(attn, KeptAttention):
+        abar = gradient_weighted(attn, grad)
+        return torch.bmm(row.unsqueeze(1), abar.reshape(-1, *abar.shape[-2:]).to(row.dtype)).squeeze(1)
+    out = torch.zeros_like(row)
+    for rows in query_chunks(attn, grad.shape[:-3].numel(), live=(row != 0).any(dim=0)):
+        abar = gradient_weighted(attn.probs(rows, row.dtype), attn.grad(grad, rows, row.dtype))
+        abar = abar.reshape(-1, *abar.shape[-2:])
+        out += torch.bmm(row[:, None, rows], abar).squeeze(1)
+    return out
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -109,7 +128,9 @@ class RowFold:
             fold.handles.append(pool.register_hook(lambda grad: fold.pool(pool.detach(), grad)))
         for layer, attn in enumerate(run.attentions):
             if layer >= start:
-                fold.handles.append(attn.register_hook(lambda grad, l=layer, a=attn: fold.block(l, a.detach(), grad)))
+                fold.handles.append(
+                    in_graph(attn).register_hook(lambda grad, l=layer, a=attn: fold.block(l, a.detach(), grad))
+                )
         return fold
 
     def pool(self, probs: torch.Tensor, grad: torch.Tensor) -> None:
@@ -124,9 +145,7 @@ class RowFold:
         self.expected -= 1
         if self.row is None:
             raise RuntimeError("the pooling attention's gradient did not arrive before the blocks'")
-        abar = gradient_weighted(probs, grad)
-        abar = abar.reshape(-1, *abar.shape[-2:]).to(self.row.dtype)
-        self.row = self.row + torch.bmm(self.row.unsqueeze(1), abar).squeeze(1)
+        self.row = self.row + row_times_abar(self.row, probs, grad)
 
     def remove(self) -> None:
         for h in self.handles:

@@ -1,0 +1,300 @@
+"""Explained blocks on the fused kernel (cliplens.adapters.kept): a block keeps its queries, keys,
+values and the kernel's output; chefer recomputes the probabilities and their gradient a chunk
+of query rows at a time, legrad the gradient alone.
+
+- The pieces against a slow, obvious float64 computation: the kernel's output, the recomputed
+  probabilities, dy/dA = dO V^T (against autograd through explicit probabilities) and the
+  folded row ``row @ Abar`` in chunks of one and two query rows, with masks (additive, boolean,
+  causal) and a shared run's broadcast pair axes.
+- End to end in float64, the kept path forced on: chefer and legrad equal their eager runs with
+  exact float64 probabilities (transformers' eager softmax runs in float32; the test swaps in
+  one in float64), on CLIP (causal and padding masks), SigLIP and SigLIP 2 (patch mask) and
+  open_clip (nn.MultiheadAttention and its own Attention), to 1e-9 of the scale.
+- End to end in float32, the path the methods take: the same maps as with their explained
+  blocks on the eager path, within float32 rounding (the tiny models' sharp attention
+  amplifies it; 5e-3 of the scale holds with room, measured at most 5.7e-4).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import cliplens
+import cliplens.adapters.hf_encoder as hf_encoder
+import cliplens.adapters.kept as kept_module
+from cliplens.adapters.kept import fused_attention_kept, query_chunks, transformers_kept_attention
+from cliplens.methods import REGISTRY
+from cliplens.methods.relevance import row_times_abar
+from families import ADAPTER_FACTORIES, random_image
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+R, H, N, D = 2, 3, 7, 4
+
+
+def _qkv(seed: int, rows: int = R):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(rows, H, N, D, generator=g, dtype=torch.float64) for _ in range(3)]
+
+
+def _explicit_probs(q, k, mask, scale, causal):
+    """softmax(q k^T * scale + mask), one query row, one head at a time."""
+    out = torch.zeros(*q.shape[:-1], k.shape[-2], dtype=torch.float64)
+    for r in range(q.shape[0]):
+        for h in range(q.shape[1]):
+            for i in range(q.shape[2]):
+                s = torch.stack([(q[r, h, i] * k[r, h, j]).sum() * scale for j in range(k.shape[2])])
+                if mask is not None:
+                    s = s + mask[r if mask.shape[0] > 1 else 0, 0, i]
+                if causal:
+                    s[i + 1 :] = float("-inf")
+                out[r, h, i] = torch.exp(s - s.max()) / torch.exp(s - s.max()).sum()
+    return out
+
+
+def _padding_mask(rows: int = R) -> torch.Tensor:
+    """(rows, 1, N, N) additive: row 1 cannot see its last two keys."""
+    mask = torch.zeros(rows, 1, N, N, dtype=torch.float64)
+    mask[1, :, :, -2:] = torch.finfo(torch.float64).min
+    return mask
+
+
+@pytest.mark.parametrize("masked,causal", [(False, False), (True, False), (False, True)])
+def test_kept_pieces_equal_the_explicit_attention(masked, causal):
+    q, k, v = _qkv(0)
+    mask = _padding_mask() if masked else None
+    scale = 0.7
+    out, kept = fused_attention_kept(q, k, v, mask, scale, causal)
+    A = _explicit_probs(q, k, mask, scale, causal).requires_grad_(True)
+    torch.testing.assert_close(out, A.detach() @ v, rtol=0, atol=1e-12)
+    assert kept.output is out and kept.shape == A.shape
+    for rows in (slice(0, N), slice(2, 5), slice(6, 7)):
+        torch.testing.assert_close(kept.probs(rows, torch.float64), A.detach()[..., rows, :], rtol=0, atol=1e-12)
+    # dy/dA for y = <W, A V>: autograd through the explicit probabilities
+    W = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    (dA,) = torch.autograd.grad((W * (A @ v)).sum(), [A])
+    dO = W  # dy/dO of y = <W, O>
+    for rows in (slice(0, N), slice(1, 4), torch.tensor([0, 5, 6])):
+        torch.testing.assert_close(kept.grad(dO, rows, torch.float64), dA[..., rows, :], rtol=0, atol=1e-12)
+        torch.testing.assert_close(kept.probs(rows, torch.float64), A.detach()[..., rows, :], rtol=0, atol=1e-12)
+
+
+def _explicit_fold(row, A, dA):
+    """row @ mean_h (dA * A)^+, one pair at a time."""
+    out = torch.zeros_like(row)
+    for r in range(row.shape[0]):
+        abar = (dA[r] * A[r]).clamp(min=0).mean(dim=0)
+        out[r] = row[r] @ abar
+    return out
+
+
+@pytest.mark.parametrize("budget", [1, 2 * R * H * N, 10**9])  # one query row per chunk, two, all
+def test_folded_row_in_chunks_equals_the_explicit_fold(budget, monkeypatch):
+    monkeypatch.setattr(kept_module, "CHUNK_ELEMENTS", budget)
+    q, k, v = _qkv(2)
+    mask = _padding_mask()
+    _, kept = fused_attention_kept(q, k, v, mask, 0.5)
+    A = _explicit_probs(q, k, mask, 0.5, False)
+    g = torch.Generator().manual_seed(3)
+    dO = torch.randn(R, H, N, D, generator=g, dtype=torch.float64)
+    row = torch.rand(R, N, generator=g, dtype=torch.float64)
+    want = _explicit_fold(row, A, dO @ v.transpose(-1, -2))
+    torch.testing.assert_close(row_times_abar(row, kept, dO), want, rtol=0, atol=1e-12)
+    # the eager form (probabilities and their gradient) is the same function
+    torch.testing.assert_close(row_times_abar(row, A, dO @ v.transpose(-1, -2)), want, rtol=0, atol=1e-12)
+    chunks = list(query_chunks(kept, R))
+    assert [i for c in chunks for i in range(c.start, c.stop)] == list(range(N))
+    assert len(chunks) == {1: N, 2 * R * H * N: 4, 10**9: 1}[budget]
+    # query rows the row does not weigh are not recomputed: the readout's alone here
+    one_hot = torch.zeros_like(row)
+    one_hot[:, 0] = 1.0
+    assert [c.tolist() for c in query_chunks(kept, R, live=(one_hot != 0).any(dim=0))] == [[0]]
+    want = _explicit_fold(one_hot, A, dO @ v.transpose(-1, -2))
+    torch.testing.assert_close(row_times_abar(one_hot, kept, dO), want, rtol=0, atol=1e-12)
+
+
+def test_folded_row_of_a_shared_run_broadcasts_distinct_inputs_against_pairs(monkeypatch):
+    """A shared run keeps B distinct images; P prompts give each a gradient: kept[:, None]
+    against (B, P, H, n, d), the rows b*P + p."""
+    monkeypatch.setattr(kept_module, "CHUNK_ELEMENTS", 3 * H * N)
+    B, P = R, 3
+    q, k, v = _qkv(4)
+    _, kept = fused_attention_kept(q, k, v, _padding_mask(), 0.5)
+    A = _explicit_probs(q, k, _padding_mask(), 0.5, False)
+    g = torch.Generator().manual_seed(5)
+    dO = torch.randn(B, P, H, N, D, generator=g, dtype=torch.float64)
+    row = torch.rand(B * P, N, generator=g, dtype=torch.float64)
+    row[:, [1, 4]] = 0.0  # query rows no pair weighs
+    A_pairs = A.repeat_interleave(P, dim=0)
+    dA_pairs = (dO @ v[:, None].transpose(-1, -2)).reshape(B * P, H, N, N)
+    want = _explicit_fold(row, A_pairs, dA_pairs)
+    torch.testing.assert_close(row_times_abar(row, kept[:, None], dO), want, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "additive", "bool", "causal"])
+def test_transformers_attention_function_returns_the_eager_output(mask_kind):
+    q, k, v = _qkv(6)
+    module = torch.nn.Module()
+    module.is_causal = mask_kind == "causal"
+    additive = _padding_mask()
+    mask = {"none": None, "causal": None, "additive": additive, "bool": additive == 0}[mask_kind]
+    out, kept = transformers_kept_attention(module, q, k, v, mask, scaling=0.3)
+    A = _explicit_probs(q, k, None if mask is None else additive, 0.3, mask_kind == "causal")
+    torch.testing.assert_close(out, (A @ v).transpose(1, 2), rtol=0, atol=1e-12)
+    torch.testing.assert_close(kept.probs(slice(0, N), torch.float64), A, rtol=0, atol=1e-12)
+
+
+# ---- end to end -----------------------------------------------------------------------------
+
+IMAGES = [random_image(1), random_image(2, size=(40, 64))]
+TEXTS = ["a red triangle", "a photo of a small dog", "cat"]  # padded in one batch
+KEPT_FAMILIES = [
+    pytest.param(name, factory, id=name, marks=[pytest.mark.open_clip] if name == "open_clip" else [])
+    for name, factory in ADAPTER_FACTORIES
+    if name in ("hf-clip", "hf-siglip", "hf-siglip2", "open_clip")
+]
+CASES = [
+    ("chefer", {}),
+    ("chefer", {"start_layer": 0}),
+    ("chefer", {"start_layer": 1}),
+    ("chefer", {"start_layer": 0, "target": "probability"}),
+    ("legrad", {}),
+    ("legrad", {"layers": None, "pooling": "model"}),
+    ("legrad", {"correction": "on", "target": "probability"}),  # the correction: a hooked backward
+]
+CASE_IDS = [m + "-" + (",".join(f"{k}={v}" for k, v in o.items()) or "default") for m, o in CASES]
+
+
+def _explained(method: str, options: dict, num_layers: int) -> int:
+    if method == "chefer":
+        return num_layers - options.get("start_layer", -1) % num_layers
+    return min(options.get("layers", 2) or num_layers, num_layers)
+
+
+def _count_kept(family: str, monkeypatch) -> list:
+    """A list that grows by one per block run on the fused kernel keeping its attention."""
+    calls = []
+
+    def counting(fn):
+        def counted(*args, **kwargs):
+            calls.append(1)
+            return fn(*args, **kwargs)
+
+        return counted
+
+    if family == "open_clip":
+        import cliplens.adapters.capture as capture
+        import cliplens.adapters.open_clip as open_clip_adapter
+
+        for module in (capture, open_clip_adapter):
+            monkeypatch.setattr(module, "fused_attention_kept", counting(fused_attention_kept))
+    else:
+        monkeypatch.setattr(hf_encoder, "transformers_kept_attention", counting(transformers_kept_attention))
+    return calls
+
+
+def _kept_in_float64(family: str, monkeypatch) -> None:
+    """The kept path on in float64 too (it is off there: the eager blocks are the oracles')."""
+    if family == "open_clip":
+        import cliplens.adapters.open_clip as open_clip_adapter
+
+        monkeypatch.setattr(open_clip_adapter, "runs_kept", lambda fan, dtype: fan is not None and fan.kept)
+    else:
+        monkeypatch.setattr(
+            hf_encoder, "block_attention", lambda i, fan, dtype: "sdpa" if i < fan.block else hf_encoder.KEPT
+        )
+
+
+def _exact_eager(monkeypatch) -> None:
+    """transformers' eager attention with its softmax in the inputs' dtype (it runs the softmax
+    in float32); cliplens's own eager path for open_clip already is."""
+
+    def eager(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        scores = query @ key.transpose(-1, -2) * scaling
+        if attention_mask is not None:
+            scores = scores + attention_mask
+        probs = scores.softmax(dim=-1)
+        return (probs @ value).transpose(1, 2).contiguous(), probs
+
+    from transformers.models.clip import modeling_clip
+    from transformers.models.siglip import modeling_siglip
+    from transformers.models.siglip2 import modeling_siglip2
+
+    for module in (modeling_clip, modeling_siglip, modeling_siglip2):
+        monkeypatch.setattr(module, "eager_attention_forward", eager)
+
+
+def _assert_same(have, want, atol):
+    for b in range(len(IMAGES)):
+        for p in range(len(TEXTS)):
+            w = want.grid_map(b, p)
+            np.testing.assert_allclose(have.grid_map(b, p), w, rtol=0, atol=atol * np.nanmax(np.abs(w)))
+            wt = np.asarray(want.token_scores[b][p], dtype=np.float64)
+            ht = np.asarray(have.token_scores[b][p], dtype=np.float64)
+            np.testing.assert_allclose(ht, wt, rtol=0, atol=atol * np.nanmax(np.abs(wt)))
+
+
+@pytest.mark.parametrize("family,factory", KEPT_FAMILIES)
+@pytest.mark.parametrize("method,options", CASES, ids=CASE_IDS)
+def test_kept_blocks_equal_exact_eager_in_float64(family, factory, method, options, monkeypatch):
+    _kept_equals_exact_eager(factory(seed=0, dtype=torch.float64), family, method, options, monkeypatch)
+
+
+@pytest.mark.open_clip
+@pytest.mark.parametrize("method", ["chefer", "legrad"])
+def test_open_clip_own_attention_blocks_on_kept_attention(method, monkeypatch):
+    """open_clip's own ``Attention`` (query/key norms, head scales), not nn.MultiheadAttention."""
+    pytest.importorskip("open_clip")
+    from cliplens.adapters.open_clip import OpenClipAdapter
+    from families import make_tiny_open_clip
+
+    custom = dict(qk_norm=True, scale_heads=True, scale_attn=True, scale_attn_inner=True, scale_fc=True)
+    adapter = OpenClipAdapter(make_tiny_open_clip(dtype=torch.float64, **custom))
+    assert not isinstance(adapter.model.visual.transformer.resblocks[0].attn, torch.nn.MultiheadAttention)
+    options = {"start_layer": 0} if method == "chefer" else {"layers": None}
+    _kept_equals_exact_eager(adapter, "open_clip", method, options, monkeypatch)
+
+
+def _kept_equals_exact_eager(adapter, family, method, options, monkeypatch):
+    _exact_eager(monkeypatch)
+    cls = REGISTRY[method]
+    monkeypatch.setattr(cls, "kept_attention", False)
+    want = cliplens.explain(adapter, IMAGES, TEXTS, method=method, **options)
+    monkeypatch.setattr(cls, "kept_attention", True)
+    _kept_in_float64(family, monkeypatch)
+    calls = _count_kept(family, monkeypatch)
+    have = cliplens.explain(adapter, IMAGES, TEXTS, method=method, **options)
+    # every explained block of each tower once per call of the method (SigLIP 2 explains each
+    # image size apart: two calls here; the correction runs the empty prompt's text tower too)
+    per_call = sum(_explained(method, options, n) for n in adapter.num_layers.values())
+    assert calls and len(calls) >= per_call
+    _assert_same(have, want, 1e-9)
+    for key, value in want.extras.items():
+        if isinstance(value, np.ndarray) and value.dtype.kind == "f":
+            np.testing.assert_allclose(have.extras[key], value, rtol=0, atol=1e-9 * (np.nanmax(np.abs(value)) + 1e-300))
+
+
+@pytest.mark.parametrize("family,factory", KEPT_FAMILIES)
+@pytest.mark.parametrize("method,options", [CASES[0], CASES[1], CASES[4]], ids=[CASE_IDS[0], CASE_IDS[1], CASE_IDS[4]])
+def test_kept_blocks_match_their_eager_blocks_in_float32(family, factory, method, options, monkeypatch):
+    adapter = factory(seed=0, dtype=torch.float32)
+    calls = _count_kept(family, monkeypatch)
+    have = cliplens.explain(adapter, IMAGES, TEXTS, method=method, **options)
+    assert calls, "the explained blocks did not run fused"
+    monkeypatch.setattr(REGISTRY[method], "kept_attention", False)
+    calls.clear()
+    want = cliplens.explain(adapter, IMAGES, TEXTS, method=method, **options)
+    assert not calls
+    _assert_same(have, want, 5e-3)
+
+
+def test_kept_attention_function_is_registered_for_the_call_only():
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    adapter = ADAPTER_FACTORIES[0][1](seed=0, dtype=torch.float32)
+    attn = adapter.model.config.vision_config._attn_implementation
+    cliplens.explain(adapter, IMAGES[:1], TEXTS[:1], method="chefer")
+    assert hf_encoder.KEPT not in ALL_ATTENTION_FUNCTIONS
+    assert adapter.model.config.vision_config._attn_implementation == attn
