@@ -23,7 +23,11 @@ ViT-B/16-sized random CLIP, one image, P prompts: time and peak memory ratios in
   tower once, its default attention path): the floor under any method that reads the model's
   score, the reference loops included;
 - "chefer eager" and "legrad eager": the same calls with the blocks before the first explained
-  one on the eager attention path too (the path before they ran the fused kernel).
+  one on the eager attention path too (the path before they ran the fused kernel);
+- "chefer probs", "chefer all probs", "legrad probs", "legrad all probs": the methods with
+  their explained blocks on the eager path, keeping their probabilities (``kept_attention =
+  False``: the path before those blocks ran fused and kept their queries, keys and values);
+  "legrad all": ``layers=None``, every block.
 
 Time: interleaved repeats, the median of per-repeat ratios (load changes hit both). Memory: on
 CUDA the peak allocation above the loaded model; on the CPU the peak RSS of a fresh process.
@@ -67,6 +71,11 @@ CASES = {
     "legrad ref 77": ("ref", {"loop": "legrad", "layers": 2, "context": 77}),
     "score forward": ("floor", {}),
     "chefer eager": ("ours", {"method": "chefer", "eager_blocks": True}),
+    "chefer probs": ("ours", {"method": "chefer", "probs": True}),
+    "chefer all probs": ("ours", {"method": "chefer", "start_layer": 0, "probs": True}),
+    "legrad probs": ("ours", {"method": "legrad", "layers": 2, "pooling": "mean", "towers": ("image",), "probs": True}),
+    "legrad all": ("ours", {"method": "legrad", "layers": None, "pooling": "mean", "towers": ("image",)}),
+    "legrad all probs": ("ours", {"method": "legrad", "layers": None, "pooling": "mean", "towers": ("image",), "probs": True}),
     "legrad eager": ("ours", {"method": "legrad", "layers": 2, "pooling": "mean", "towers": ("image",), "eager_blocks": True}),
 }
 
@@ -150,17 +159,20 @@ def runner(adapter, image, texts, label: str):
         method = opts.pop("method")
         rows = opts.pop("per_pair_rows", False)
         eager = opts.pop("eager_blocks", False)
+        probs = opts.pop("probs", False)
 
         def fn():
             cls = REGISTRY[method]
-            shared, fused = cls.shared_graph, hf_encoder.fused_attention
+            shared, kept, fused = cls.shared_graph, cls.kept_attention, hf_encoder.fused_attention
             cls.shared_graph = shared and not rows
+            cls.kept_attention = kept and not probs
             if eager:
                 hf_encoder.fused_attention = lambda capture, attentions: None
             try:
                 cliplens.explain(adapter, image, texts, method=method, **opts)
             finally:
                 cls.shared_graph = shared
+                cls.kept_attention = kept
                 hf_encoder.fused_attention = fused
     else:
         loop = opts["loop"]
@@ -236,7 +248,7 @@ def main() -> None:
                         )["peak_mb"]
             for label in cases:
                 t, t_plain, ratio = times[label]
-                ref = f"{label.removesuffix(' rows')} ref" if not label.endswith("ref") else None
+                ref = f"{label.removesuffix(' rows').removesuffix(' probs')} ref" if not label.endswith("ref") else None
                 x_ref = f"{t / times[ref][0]:.2f}" if ref in times else ""
                 mem = mems.get(label)
                 m_plain = mems.get("plain")
