@@ -242,6 +242,14 @@ def test_kept_blocks_equal_exact_eager_in_float64(family, factory, method, optio
     _kept_equals_exact_eager(factory(seed=0, dtype=torch.float64), family, method, options, monkeypatch)
 
 
+@pytest.mark.parametrize("method,options", [CASES[1], CASES[5]], ids=[CASE_IDS[1], CASE_IDS[5]])
+def test_kept_blocks_on_per_pair_rows_equal_exact_eager_in_float64(method, options, monkeypatch):
+    """The per-pair-rows path (``shared_graph`` off): the fold and the maps fed by tensor hooks
+    on the kept outputs during one backward pass."""
+    monkeypatch.setattr(REGISTRY[method], "shared_graph", False)
+    _kept_equals_exact_eager(ADAPTER_FACTORIES[0][1](seed=0, dtype=torch.float64), "hf-clip", method, options, monkeypatch)
+
+
 @pytest.mark.open_clip
 @pytest.mark.parametrize("method", ["chefer", "legrad"])
 def test_open_clip_own_attention_blocks_on_kept_attention(method, monkeypatch):
