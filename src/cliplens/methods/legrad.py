@@ -65,9 +65,9 @@ cotangents at the layer-l readout go back through block l alone, since every blo
 detached copy of the previous block's output (same values), so what reaches A^l is exactly
 ds^l/dA^l. The explained blocks run the fused attention kernel (``kept_attention``): the
 product stops at the kernel's output O, and ds^l/dA^l = dO V^T is recomputed a chunk of query
-rows at a time (:class:`~cliplens.adapters.kept.KeptAttention`; float64 runs stay eager). The correction adds one
-text forward of the empty prompt and one plain backward over the image rows (the empty prompt
-does not depend on the call's prompts).
+rows at a time (:class:`~cliplens.adapters.kept.KeptAttention`; float64 runs stay eager). The
+correction adds one text forward of the empty prompt and one plain backward over the image
+rows (the empty prompt does not depend on the call's prompts).
 """
 
 from __future__ import annotations
