@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .kept import fused_attention_kept
+from .kept import additive_mask, fused_attention_kept
 
 
 class Capture:
@@ -280,11 +280,3 @@ def mha_with_probabilities(
     elif not mha.batch_first:
         out = out.transpose(0, 1)
     return out, probs
-
-
-def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """An attention mask as a term added to the scores: a boolean one (True = masked, as
-    ``nn.MultiheadAttention`` reads it) as -inf where True and 0 elsewhere."""
-    if mask.dtype == torch.bool:
-        return torch.zeros_like(mask, dtype=dtype).masked_fill(mask, float("-inf"))
-    return mask.to(dtype)

@@ -105,6 +105,14 @@ def runs_kept(fan_out, dtype: torch.dtype) -> bool:
     return fan_out is not None and fan_out.kept and dtype != torch.float64
 
 
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An attention mask as a term added to the scores: a boolean one (True = masked, as
+    ``nn.MultiheadAttention`` reads it) as -inf where True and 0 elsewhere."""
+    if mask.dtype == torch.bool:
+        return torch.zeros_like(mask, dtype=dtype).masked_fill(mask, float("-inf"))
+    return mask.to(dtype)
+
+
 def in_graph(attention) -> torch.Tensor:
     """The tensor a block's attention gradient is taken at: the probabilities themselves, or a
     :class:`KeptAttention`'s output."""
@@ -157,9 +165,7 @@ def transformers_kept_attention(module, query, key, value, attention_mask, scali
     if attention_mask is not None:
         attention_mask = attention_mask[..., : key.shape[-2]]
         if attention_mask.dtype == torch.bool:  # True = attend, as the SDPA mask path reads it
-            attention_mask = torch.zeros_like(attention_mask, dtype=query.dtype).masked_fill(
-                ~attention_mask, float("-inf")
-            )
+            attention_mask = additive_mask(~attention_mask, query.dtype)
     scale = float(query.shape[-1] ** -0.5 if scaling is None else scaling)
     out, kept = fused_attention_kept(query, key, value, attention_mask, scale, causal)
     return out.transpose(1, 2).contiguous(), kept

@@ -58,8 +58,8 @@ from .base import (
     block_entry,
     run_input_embeds,
 )
-from .capture import Capture, additive_mask, mha_with_probabilities
-from .kept import fused_attention_kept, runs_kept
+from .capture import Capture, mha_with_probabilities
+from .kept import additive_mask, fused_attention_kept, runs_kept
 from .open_clip_load import import_open_clip, load_open_clip  # noqa: F401 (load_open_clip: its old import path)
 
 # ---- what the model is ------------------------------------------------------------------------

@@ -293,7 +293,7 @@ class LeGrad(Method):
             (grad,) = batched_vjp(rows_e, [in_graph(probs)], runs.batched(tower, cot))
             grad = runs.batched(tower, grad)  # (B, P, H, q, n)
             rows = None if valid is None else runs.pair_values(tower, valid)
-            attn = probs if not isinstance(probs, KeptAttention) else runs.distinct(tower, probs.detach())
+            attn = runs.distinct(tower, probs.detach())
             out.append(attention_positive_mean(attn, grad, rows).reshape(B * P, -1))
         return out
 
