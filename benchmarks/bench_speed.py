@@ -27,7 +27,11 @@ ViT-B/16-sized random CLIP, one image, P prompts: time and peak memory ratios in
 - "chefer probs", "chefer all probs", "legrad probs", "legrad all probs": the methods with
   their explained blocks on the eager path, keeping their probabilities (``kept_attention =
   False``: the path before those blocks ran fused and kept their queries, keys and values);
-  "legrad all": ``layers=None``, every block.
+  "legrad all": ``layers=None``, every block;
+- "rollout", "raw_attention", "gradcam", "sensitivity" and "chefer text" (chefer on the text
+  tower alone) against the same calls with "probs": every block a run holds keeps its
+  probabilities on the eager path, as before a run kept only the blocks its method reads
+  (``AttentionReads``; the others now run the fused kernel and keep nothing).
 
 Time: interleaved repeats, the median of per-repeat ratios (load changes hit both). Memory: on
 CUDA the peak allocation above the loaded model; on the CPU the peak RSS of a fresh process.
@@ -55,6 +59,7 @@ import _common as C  # noqa: E402
 import cliplens  # noqa: E402
 import cliplens.adapters.hf_encoder as hf_encoder  # noqa: E402
 from cliplens.adapters import HFClipAdapter  # noqa: E402
+from cliplens.adapters.kept import EVERY_BLOCK  # noqa: E402
 from cliplens.methods import REGISTRY  # noqa: E402
 
 #: label -> (kind, options): "ours" runs cliplens, "ref" a reference loop
@@ -78,6 +83,21 @@ CASES = {
     "legrad all probs": ("ours", {"method": "legrad", "layers": None, "pooling": "mean", "towers": ("image",), "probs": True}),
     "legrad eager": ("ours", {"method": "legrad", "layers": 2, "pooling": "mean", "towers": ("image",), "eager_blocks": True}),
 }
+#: the blocks a method does not read, fused, against every block keeping its probabilities (--cases)
+READ_CASES = {
+    "rollout": ("ours", {"method": "rollout"}),
+    "rollout probs": ("ours", {"method": "rollout", "probs": True}),
+    "raw_attention": ("ours", {"method": "raw_attention"}),
+    "raw_attention probs": ("ours", {"method": "raw_attention", "probs": True}),
+    "gradcam": ("ours", {"method": "gradcam"}),
+    "gradcam probs": ("ours", {"method": "gradcam", "probs": True}),
+    "sensitivity": ("ours", {"method": "sensitivity"}),
+    "sensitivity probs": ("ours", {"method": "sensitivity", "probs": True}),
+    "chefer text": ("ours", {"method": "chefer", "towers": ("text",)}),
+    "chefer text probs": ("ours", {"method": "chefer", "towers": ("text",), "probs": True}),
+}
+DEFAULT_CASES = list(CASES)
+CASES.update(READ_CASES)
 
 
 def setup(size: int, device: str, dtype: torch.dtype):
@@ -148,6 +168,11 @@ def legrad_reference(adapter, image, texts, layers: int, context: int | None = N
     return total
 
 
+def every_block(method, adapter, towers, opts):
+    """``Method.attention_reads`` as before a run kept only the blocks its method reads."""
+    return {tower: EVERY_BLOCK for tower in adapter.num_layers}
+
+
 def runner(adapter, image, texts, label: str):
     kind, opts = CASES.get(label, ("plain", {}))
     if kind == "plain":
@@ -163,17 +188,21 @@ def runner(adapter, image, texts, label: str):
 
         def fn():
             cls = REGISTRY[method]
-            shared, kept, fused = cls.shared_graph, cls.kept_attention, hf_encoder.fused_attention
+            shared, kept, paths = cls.shared_graph, cls.kept_attention, hf_encoder.IMPLEMENTATION
             cls.shared_graph = shared and not rows
             cls.kept_attention = kept and not probs
+            if probs:  # every block keeps its probabilities
+                cls.attention_reads = every_block
             if eager:
-                hf_encoder.fused_attention = lambda capture, attentions: None
+                hf_encoder.IMPLEMENTATION = dict.fromkeys(paths, "eager")
             try:
                 cliplens.explain(adapter, image, texts, method=method, **opts)
             finally:
                 cls.shared_graph = shared
                 cls.kept_attention = kept
-                hf_encoder.fused_attention = fused
+                if probs:
+                    del cls.attention_reads
+                hf_encoder.IMPLEMENTATION = paths
     else:
         loop = opts["loop"]
 
@@ -203,7 +232,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prompts", default="1,8,32")
     ap.add_argument("--sizes", default="224")
-    ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--cases", default=",".join(DEFAULT_CASES))
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))

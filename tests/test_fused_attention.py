@@ -40,7 +40,7 @@ def test_fused_blocks_before_the_explained_ones_change_no_map(family, factory, m
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counted)
     fused = cliplens.explain(adapter, IMAGES, TEXTS, method=method, **options)
     assert calls, "no block ran the fused kernel"
-    monkeypatch.setattr(hf_encoder, "fused_attention", lambda capture, attentions: None)
+    monkeypatch.setattr(hf_encoder, "IMPLEMENTATION", dict.fromkeys(hf_encoder.IMPLEMENTATION, "eager"))
     calls.clear()
     eager = cliplens.explain(adapter, IMAGES, TEXTS, method=method, **options)
     assert not calls

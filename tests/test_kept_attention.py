@@ -1,18 +1,23 @@
-"""Explained blocks on the fused kernel (cliplens.adapters.kept): a block keeps its queries, keys,
-values and the kernel's output; chefer recomputes the probabilities and their gradient a chunk
-of query rows at a time, legrad the gradient alone.
+"""Blocks on the fused kernel (cliplens.adapters.kept): a block a method reads keeps its queries,
+keys, values and the kernel's output; chefer recomputes the probabilities and their gradient a
+chunk of query rows at a time, legrad the gradient alone, rollout and raw attention the
+probabilities alone. A block no method reads keeps nothing.
 
 - The pieces against a slow, obvious float64 computation: the kernel's output, the recomputed
-  probabilities, dy/dA = dO V^T (against autograd through explicit probabilities) and the
-  folded row ``row @ Abar`` in chunks of one and two query rows, with masks (additive, boolean,
-  causal) and a shared run's broadcast pair axes.
-- End to end in float64, the kept path forced on: chefer and legrad equal their eager runs with
-  exact float64 probabilities (transformers' eager softmax runs in float32; the test swaps in
-  one in float64), on CLIP (causal and padding masks), SigLIP and SigLIP 2 (patch mask) and
-  open_clip (nn.MultiheadAttention and its own Attention), to 1e-9 of the scale.
-- End to end in float32, the path the methods take: the same maps as with their explained
-  blocks on the eager path, within float32 rounding (the tiny models' sharp attention
-  amplifies it; 5e-3 of the scale holds with room, measured at most 5.7e-4).
+  probabilities, dy/dA = dO V^T (against autograd through explicit probabilities), the folded
+  row ``row @ Abar`` and the rollout and head-mean rows (against the matrices formed) in chunks
+  of one and two query rows, with masks (additive, boolean, causal) and a shared run's
+  broadcast pair axes.
+- End to end in float64, the kept path forced on: chefer, legrad, rollout and raw attention
+  equal their eager runs with exact float64 probabilities (transformers' eager softmax runs in
+  float32; the test swaps in one in float64), on CLIP (causal and padding masks), SigLIP and
+  SigLIP 2 (patch mask) and open_clip (nn.MultiheadAttention and its own Attention), to 1e-9
+  of the scale.
+- End to end in float32, the path the methods take: the same maps as with their read blocks
+  on the eager path, within float32 rounding (the tiny models' sharp attention amplifies it;
+  5e-3 of the scale holds with room, measured at most 5.7e-4).
+- Which blocks keep what (``AttentionReads``): known answers, and per method the blocks each
+  tower run keeps, the others never reaching a path that returns probabilities.
 """
 
 from __future__ import annotations
@@ -24,9 +29,14 @@ import torch
 import cliplens
 import cliplens.adapters.hf_encoder as hf_encoder
 import cliplens.adapters.kept as kept_module
-from cliplens.adapters.kept import fused_attention_kept, query_chunks, transformers_kept_attention
+from cliplens.adapters.kept import (
+    AttentionReads,
+    fused_attention_kept,
+    query_chunks,
+    transformers_kept_attention,
+)
 from cliplens.methods import REGISTRY
-from cliplens.methods.relevance import row_times_abar
+from cliplens.methods.relevance import head_mean_row, rollout_step, row_times_abar
 from families import ADAPTER_FACTORIES, random_image
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -133,6 +143,50 @@ def test_folded_row_of_a_shared_run_broadcasts_distinct_inputs_against_pairs(mon
     torch.testing.assert_close(row_times_abar(row, kept[:, None], dO), want, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("budget", [1, 2 * R * H * N, 10**9])
+@pytest.mark.parametrize("causal", [False, True])
+def test_rollout_and_head_mean_rows_of_a_kept_block_equal_the_explicit_matrices(budget, causal, monkeypatch):
+    """rollout and raw attention read a kept block chunk by chunk: against the matrices
+    ``mean_h A`` and ``rownormalise(mean_h A + I)`` formed explicitly."""
+    monkeypatch.setattr(kept_module, "CHUNK_ELEMENTS", budget)
+    q, k, v = _qkv(7)
+    mask = None if causal else _padding_mask()
+    _, kept = fused_attention_kept(q, k, v, mask, 0.6, causal)
+    A = _explicit_probs(q, k, mask, 0.6, causal)
+    mean = A.mean(dim=1)  # (R, N, N)
+    ahat = mean + torch.eye(N, dtype=torch.float64)
+    ahat = ahat / ahat.sum(dim=-1, keepdim=True)
+    g = torch.Generator().manual_seed(8)
+    dense = torch.rand(R, N, generator=g, dtype=torch.float64)
+    one_hot = torch.zeros(R, N, dtype=torch.float64)
+    one_hot[:, 0] = 1.0
+    for row in (dense, one_hot):
+        want_mean = torch.stack([row[r] @ mean[r] for r in range(R)])
+        want_rollout = torch.stack([row[r] @ ahat[r] for r in range(R)])
+        for attn in (kept, A):  # the kept block and the probabilities: one function
+            torch.testing.assert_close(head_mean_row(attn, row), want_mean, rtol=0, atol=1e-12)
+            torch.testing.assert_close(rollout_step(attn, row), want_rollout, rtol=0, atol=1e-12)
+
+
+def test_attention_reads_say_which_blocks_keep_what():
+    """Known answers: a block outside ``blocks`` or before a fan-out runs fused and keeps
+    nothing; float64 runs never fuse."""
+    from cliplens.adapters.base import FanOut
+
+    f32, f64 = torch.float32, torch.float64
+    reads = AttentionReads(frozenset({2, 3}), kept=True)
+    fan = FanOut(3, 2)
+    assert [reads.keeps(i) for i in range(5)] == [False, False, True, True, False]
+    assert [reads.keeps(i, fan) for i in range(5)] == [False, False, False, True, False]
+    assert [reads.path(i, None, f32) for i in range(5)] == ["fused", "fused", "kept", "kept", "fused"]
+    assert [reads.path(i, fan, f32) for i in (2, 3)] == ["fused", "kept"]
+    assert [reads.path(i, None, f64) for i in range(5)] == ["eager"] * 5
+    assert [kept_module.EVERY_BLOCK.path(i, None, f32) for i in range(3)] == ["eager"] * 3
+    assert [kept_module.EVERY_BLOCK.path(i, fan, f32) for i in (2, 3)] == ["fused", "eager"]
+    assert [kept_module.NO_BLOCK.path(i, None, f32) for i in range(3)] == ["fused"] * 3
+    assert not AttentionReads(None, kept=True).runs_kept(f64)
+
+
 @pytest.mark.parametrize("mask_kind", ["none", "additive", "bool", "causal"])
 def test_transformers_attention_function_returns_the_eager_output(mask_kind):
     q, k, v = _qkv(6)
@@ -163,6 +217,10 @@ CASES = [
     ("legrad", {}),
     ("legrad", {"layers": None, "pooling": "model"}),
     ("legrad", {"correction": "on", "target": "probability"}),  # the correction: a hooked backward
+    ("rollout", {}),
+    ("rollout", {"start_layer": 1}),
+    ("raw_attention", {}),
+    ("raw_attention", {"layer": 0}),
 ]
 CASE_IDS = [m + "-" + (",".join(f"{k}={v}" for k, v in o.items()) or "default") for m, o in CASES]
 
@@ -170,41 +228,40 @@ CASE_IDS = [m + "-" + (",".join(f"{k}={v}" for k, v in o.items()) or "default") 
 def _explained(method: str, options: dict, num_layers: int) -> int:
     if method == "chefer":
         return num_layers - options.get("start_layer", -1) % num_layers
+    if method == "rollout":
+        return num_layers - options.get("start_layer", 0) % num_layers
+    if method == "raw_attention":
+        return 1
     return min(options.get("layers", 2) or num_layers, num_layers)
+
+
+def _counting(fn, calls: list):
+    """``fn``, adding an entry to ``calls`` per call."""
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return fn(*args, **kwargs)
+
+    return counted
 
 
 def _count_kept(family: str, monkeypatch) -> list:
     """A list that grows by one per block run on the fused kernel keeping its attention."""
     calls = []
-
-    def counting(fn):
-        def counted(*args, **kwargs):
-            calls.append(1)
-            return fn(*args, **kwargs)
-
-        return counted
-
     if family == "open_clip":
         import cliplens.adapters.capture as capture
         import cliplens.adapters.open_clip as open_clip_adapter
 
         for module in (capture, open_clip_adapter):
-            monkeypatch.setattr(module, "fused_attention_kept", counting(fused_attention_kept))
+            monkeypatch.setattr(module, "fused_attention_kept", _counting(fused_attention_kept, calls))
     else:
-        monkeypatch.setattr(hf_encoder, "transformers_kept_attention", counting(transformers_kept_attention))
+        monkeypatch.setattr(hf_encoder, "transformers_kept_attention", _counting(transformers_kept_attention, calls))
     return calls
 
 
-def _kept_in_float64(family: str, monkeypatch) -> None:
+def _kept_in_float64(monkeypatch) -> None:
     """The kept path on in float64 too (it is off there: the eager blocks are the oracles')."""
-    if family == "open_clip":
-        import cliplens.adapters.open_clip as open_clip_adapter
-
-        monkeypatch.setattr(open_clip_adapter, "runs_kept", lambda fan, dtype: fan is not None and fan.kept)
-    else:
-        monkeypatch.setattr(
-            hf_encoder, "block_attention", lambda i, fan, dtype: "sdpa" if i < fan.block else hf_encoder.KEPT
-        )
+    monkeypatch.setattr(AttentionReads, "runs_kept", lambda self, dtype: self.kept)
 
 
 def _exact_eager(monkeypatch) -> None:
@@ -271,7 +328,7 @@ def _kept_equals_exact_eager(adapter, family, method, options, monkeypatch):
     monkeypatch.setattr(cls, "kept_attention", False)
     want = cliplens.explain(adapter, IMAGES, TEXTS, method=method, **options)
     monkeypatch.setattr(cls, "kept_attention", True)
-    _kept_in_float64(family, monkeypatch)
+    _kept_in_float64(monkeypatch)
     calls = _count_kept(family, monkeypatch)
     have = cliplens.explain(adapter, IMAGES, TEXTS, method=method, **options)
     # every explained block of each tower once per call of the method (SigLIP 2 explains each
@@ -285,7 +342,9 @@ def _kept_equals_exact_eager(adapter, family, method, options, monkeypatch):
 
 
 @pytest.mark.parametrize("family,factory", KEPT_FAMILIES)
-@pytest.mark.parametrize("method,options", [CASES[0], CASES[1], CASES[4]], ids=[CASE_IDS[0], CASE_IDS[1], CASE_IDS[4]])
+@pytest.mark.parametrize(
+    "method,options", [CASES[i] for i in (0, 1, 4, 6, 8)], ids=[CASE_IDS[i] for i in (0, 1, 4, 6, 8)]
+)
 def test_kept_blocks_match_their_eager_blocks_in_float32(family, factory, method, options, monkeypatch):
     adapter = factory(seed=0, dtype=torch.float32)
     calls = _count_kept(family, monkeypatch)
@@ -306,3 +365,54 @@ def test_kept_attention_function_is_registered_for_the_call_only():
     cliplens.explain(adapter, IMAGES[:1], TEXTS[:1], method="chefer")
     assert hf_encoder.KEPT not in ALL_ATTENTION_FUNCTIONS
     assert adapter.model.config.vision_config._attn_implementation == attn
+
+
+# ---- which blocks keep their attention --------------------------------------------------------
+
+READ_CASES = [
+    # (method, options, towers, blocks kept per tower of L: a function of L)
+    ("gradcam", {}, ("image",), lambda L: {"image": set(), "text": set()}),
+    ("sensitivity", {}, None, lambda L: {"image": set(), "text": set()}),
+    ("chefer", {}, ("image",), lambda L: {"image": {L - 1}, "text": set()}),
+    ("legrad", {"layers": 2}, ("text",), lambda L: {"image": set(), "text": {L - 2, L - 1}}),
+    ("raw_attention", {"layer": 0}, None, lambda L: {"image": {0}, "text": {0}}),
+    ("rollout", {"start_layer": 1}, None, lambda L: {"image": set(range(1, L)), "text": set(range(1, L))}),
+    ("decomposition", {}, None, lambda L: {"image": set(range(L)), "text": set(range(L))}),
+]
+
+
+@pytest.mark.parametrize("family,factory", [f for f in KEPT_FAMILIES if f.id in ("hf-clip", "open_clip")])
+@pytest.mark.parametrize("method,options,towers,blocks", READ_CASES, ids=[c[0] for c in READ_CASES])
+def test_blocks_no_method_reads_keep_nothing_and_run_fused(
+    family, factory, method, options, towers, blocks, monkeypatch
+):
+    """Each tower run keeps the attention of the blocks the method reads and nothing else; the
+    other blocks never reach an attention path that returns probabilities (float32)."""
+    adapter = factory(seed=0, dtype=torch.float32)
+    kept_runs: dict[str, set[int]] = {}
+    for tower in ("image", "text"):
+        run = getattr(adapter, f"run_{tower}")
+
+        def spy(*args, _run=run, _tower=tower, **kwargs):
+            out = _run(*args, **kwargs)
+            kept_runs.setdefault(_tower, {i for i, a in enumerate(out.attentions) if a is not None})
+            return out
+
+        monkeypatch.setattr(adapter, f"run_{tower}", spy)
+    read_paths = []  # one entry per block run on a path that keeps its attention
+    if family == "open_clip":
+        import cliplens.adapters.capture as capture
+        import cliplens.adapters.open_clip as open_clip_adapter
+
+        for module, name in ((capture, "mha_with_probabilities"), (open_clip_adapter, "open_clip_attention")):
+            monkeypatch.setattr(module, name, _counting(getattr(module, name), read_paths))
+    else:
+        from transformers.models.clip import modeling_clip
+
+        for module, name in ((modeling_clip, "eager_attention_forward"), (hf_encoder, "transformers_kept_attention")):
+            monkeypatch.setattr(module, name, _counting(getattr(module, name), read_paths))
+    kw = {} if towers is None else {"towers": towers}
+    cliplens.explain(adapter, IMAGES[:1], TEXTS[:2], method=method, **kw, **options)
+    want = {t: blocks(n)[t] for t, n in adapter.num_layers.items()}
+    assert kept_runs == want
+    assert len(read_paths) == sum(len(b) for b in want.values())

@@ -26,6 +26,7 @@ from ..preprocess import Preprocess
 
 # the temporary-change helpers live in capture.py; their old import path stays
 from .capture import frozen_eval, mha_probabilities, mha_with_probabilities, module_hooks  # noqa: F401
+from .kept import EVERY_BLOCK, AttentionReads
 
 
 @dataclass(frozen=True)
@@ -57,8 +58,9 @@ class TowerRun:
     """What one forward pass of a tower left behind (tensors still in the autograd graph).
 
     embeds:        (B, D) projected embedding, not normalised.
-    attentions:    per block, (B, H, n, n) attention probabilities (None for the blocks before a
-                   :class:`FanOut`).
+    attentions:    per block, (B, H, n, n) attention probabilities, a
+                   :class:`~cliplens.adapters.kept.KeptAttention`, or None for the blocks the run
+                   was not asked to keep (``reads``) and those before a :class:`FanOut`.
     block_inputs:  per block, (B, n, C) residual stream entering the block.
     block_outputs: per block, (B, n, C) residual stream leaving the block.
     input_embeds:  (B, n, C) token embeddings (with positions) entering the first block's
@@ -122,10 +124,6 @@ class FanOut:
     #: how rows repeat: each input ``copies`` times in a row (False: the image tower, pair
     #: b*P + p is image b), or the whole batch ``copies`` times over (True: the text tower)
     tile: bool = False
-    #: the blocks from :attr:`block` on run the fused attention kernel too, each keeping a
-    #: :class:`~cliplens.adapters.kept.KeptAttention` where it would keep its probabilities (for
-    #: a method that reads attention only through it); a tower that cannot keeps probabilities
-    kept: bool = False
 
     def enter(self, hidden: torch.Tensor) -> torch.Tensor:
         """The stream entering :attr:`block`, fanned out; switches gradient recording on (the
@@ -350,6 +348,7 @@ class ModelAdapter(ABC):
         detach_blocks: bool = False,
         input_embeds: torch.Tensor | None = None,
         fan_out: FanOut | None = None,
+        reads: AttentionReads = EVERY_BLOCK,
     ) -> TowerRun:
         """Run the image tower, capturing per-block tensors. Call inside :meth:`explaining`.
 
@@ -364,7 +363,11 @@ class ModelAdapter(ABC):
         requires grad). ``pixel_values`` still fixes the input size and layout.
 
         ``fan_out`` (:class:`FanOut`), for a call under ``torch.no_grad()``: per-pair rows with a
-        graph from one block on, the earlier blocks run once per image without one."""
+        graph from one block on, the earlier blocks run once per image without one.
+
+        ``reads`` (:class:`~cliplens.adapters.kept.AttentionReads`): which blocks keep their
+        attention in :attr:`TowerRun.attentions`, and as what; the others run the fused kernel
+        and keep None (default: every block keeps its probabilities)."""
 
     @abstractmethod
     def run_text(
@@ -374,6 +377,7 @@ class ModelAdapter(ABC):
         *,
         detach_blocks: bool = False,
         fan_out: FanOut | None = None,
+        reads: AttentionReads = EVERY_BLOCK,
     ) -> TowerRun:
         """Run the text tower (see :meth:`run_image`; a text ``fan_out`` tiles: ``tile=True``)."""
 
@@ -506,14 +510,6 @@ def run_input_embeds(computed: torch.Tensor, given: torch.Tensor | None) -> torc
             )
         computed = given.to(computed.dtype)
     return as_grad_leaf(computed)
-
-
-def keep_attention(probs: torch.Tensor, index: int, fan_out: FanOut | None) -> torch.Tensor | None:
-    """What a run keeps of block ``index``'s attention probabilities: None before a fan-out (no
-    method with a fan-out reads them, and at large inputs they are most of the memory)."""
-    if fan_out is not None and index < fan_out.block:
-        return None
-    return probs
 
 
 def block_entry(hidden: torch.Tensor, index: int, detach_blocks: bool) -> torch.Tensor:

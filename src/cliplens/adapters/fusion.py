@@ -335,10 +335,10 @@ class FusionAdapter(ModelAdapter):
     def logit_scale(self) -> torch.Tensor:
         raise self._no_towers()
 
-    def run_image(self, pixel_values, *, detach_blocks=False, input_embeds=None, fan_out=None):
+    def run_image(self, pixel_values, *, detach_blocks=False, input_embeds=None, fan_out=None, reads=None):
         raise self._no_towers()
 
-    def run_text(self, input_ids, attention_mask, *, detach_blocks=False, fan_out=None):
+    def run_text(self, input_ids, attention_mask, *, detach_blocks=False, fan_out=None, reads=None):
         raise self._no_towers()
 
 

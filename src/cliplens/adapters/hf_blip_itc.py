@@ -53,6 +53,7 @@ from .capture import Capture
 from .fusion import bert_tokenize
 from .hf_blip import HFBlipITMAdapter
 from .hf_encoder import capture_tower
+from .kept import EVERY_BLOCK, AttentionReads
 
 #: the spec prefixes that load a BLIP ITM checkpoint in this mode
 BLIP_ITC_PREFIXES = ("blip-itc:",)
@@ -151,6 +152,7 @@ class HFBlipITCAdapter(ModelAdapter):
         detach_blocks: bool = False,
         input_embeds: torch.Tensor | None = None,
         fan_out: FanOut | None = None,
+        reads: AttentionReads = EVERY_BLOCK,
     ) -> TowerRun:
         vm = self.model.vision_model
         layout = self._image_layout(pixel_values, class_token=True, pooled=False)
@@ -159,7 +161,7 @@ class HFBlipITCAdapter(ModelAdapter):
         run = TowerRun("image", embeds=None, layout=layout, pixel_values=pixel_values)  # type: ignore[arg-type]
         layers = list(vm.encoder.layers)
         with Capture() as capture:
-            capture_tower(capture, vm.embeddings, layers, [l.self_attn for l in layers], run, detach_blocks, input_embeds, fan_out)
+            capture_tower(capture, vm.embeddings, layers, [l.self_attn for l in layers], run, detach_blocks, input_embeds, fan_out, reads)
             # interpolation of the position embeddings is the identity at the model's own size
             out = vm(pixel_values=pixel_values, interpolate_pos_encoding=True)
         # the ITC path reads the class token of last_hidden_state (post_layernorm applied once;
@@ -175,6 +177,7 @@ class HFBlipITCAdapter(ModelAdapter):
         *,
         detach_blocks: bool = False,
         fan_out: FanOut | None = None,
+        reads: AttentionReads = EVERY_BLOCK,
     ) -> TowerRun:
         te = self.model.text_encoder
         valid = attention_mask.bool()
@@ -190,7 +193,7 @@ class HFBlipITCAdapter(ModelAdapter):
         run = TowerRun("text", embeds=None, layout=layout)  # type: ignore[arg-type]
         layers = list(te.encoder.layer)
         with Capture() as capture:
-            capture_tower(capture, te.embeddings, layers, [l.attention.self for l in layers], run, detach_blocks, None, fan_out)
+            capture_tower(capture, te.embeddings, layers, [l.attention.self for l in layers], run, detach_blocks, None, fan_out, reads)
             # no encoder_hidden_states: the cross-attention to the image is skipped (ITC)
             hidden = te(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         run.pooled = hidden[:, 0]  # [CLS]; the last block's own LayerNorm is the final norm

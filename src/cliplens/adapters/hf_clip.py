@@ -21,6 +21,7 @@ from .base import FanOut, TextBatch, TokenLayout, TowerRun
 from .capture import Capture, all_configs, eager_attention  # noqa: F401 (old import path)
 from .hf_encoder import HFEncoderAdapter
 from .hub import read_processor_config  # noqa: F401 (old import path)
+from .kept import EVERY_BLOCK, AttentionReads
 
 #: config.json model_type values this file's adapter takes
 HF_CLIP_TYPES = {"clip"}
@@ -88,6 +89,7 @@ class HFClipAdapter(HFEncoderAdapter):
         detach_blocks: bool = False,
         input_embeds: torch.Tensor | None = None,
         fan_out: FanOut | None = None,
+        reads: AttentionReads = EVERY_BLOCK,
     ) -> TowerRun:
         vm = self.model.vision_model
         layout = self._image_layout(pixel_values, class_token=True, pooled=False)
@@ -95,7 +97,7 @@ class HFClipAdapter(HFEncoderAdapter):
             layout = fan_out.layout(layout)
         run = TowerRun("image", embeds=None, layout=layout, pixel_values=pixel_values)  # type: ignore[arg-type]
         with Capture() as capture:
-            self._capture(capture, vm, run, detach_blocks, input_embeds, fan_out)
+            self._capture(capture, vm, run, detach_blocks, input_embeds, fan_out, reads)
             out = vm(pixel_values=pixel_values, interpolate_pos_encoding=True)
         run.pooled = out.pooler_output
         run.embeds = self.model.visual_projection(run.pooled)
@@ -108,6 +110,7 @@ class HFClipAdapter(HFEncoderAdapter):
         *,
         detach_blocks: bool = False,
         fan_out: FanOut | None = None,
+        reads: AttentionReads = EVERY_BLOCK,
     ) -> TowerRun:
         tm = self.model.text_model
         readout = self._readout_positions(input_ids)
@@ -118,7 +121,7 @@ class HFClipAdapter(HFEncoderAdapter):
             layout = fan_out.layout(layout)
         run = TowerRun("text", embeds=None, layout=layout)  # type: ignore[arg-type]
         with Capture() as capture:
-            self._capture(capture, tm, run, detach_blocks, fan_out=fan_out)
+            self._capture(capture, tm, run, detach_blocks, fan_out=fan_out, reads=reads)
             if fan_out is None:
                 run.pooled = tm(input_ids=input_ids, attention_mask=attention_mask).pooler_output
             else:

@@ -29,11 +29,10 @@ from .base import (
     ReadoutParts,
     TowerRun,
     block_entry,
-    keep_attention,
     run_input_embeds,
 )
 from .capture import Capture
-from .kept import runs_kept, transformers_kept_attention
+from .kept import EVERY_BLOCK, AttentionReads, transformers_kept_attention
 
 
 @contextlib.contextmanager
@@ -250,12 +249,21 @@ class HFEncoderAdapter(ModelAdapter):
         detach_blocks: bool,
         input_embeds: torch.Tensor | None = None,
         fan_out: FanOut | None = None,
+        reads: AttentionReads = EVERY_BLOCK,
     ) -> None:
         """:func:`capture_tower` on ``tower_module``'s ``embeddings``, ``encoder.layers`` and their
         ``self_attn``."""
         layers = list(tower_module.encoder.layers)
         capture_tower(
-            capture, tower_module.embeddings, layers, [l.self_attn for l in layers], run, detach_blocks, input_embeds, fan_out
+            capture,
+            tower_module.embeddings,
+            layers,
+            [l.self_attn for l in layers],
+            run,
+            detach_blocks,
+            input_embeds,
+            fan_out,
+            reads,
         )
 
     # ---- readout -----------------------------------------------------------------------
@@ -310,9 +318,10 @@ def fused_attention(capture: Capture, attentions: list[torch.nn.Module]):
     (through the config they dispatch on) between ``"eager"`` (probabilities returned),
     ``"sdpa"`` (the fused kernel: no probabilities) and :data:`KEPT` (the fused kernel, keeping
     a :class:`~cliplens.adapters.kept.KeptAttention` where eager returns probabilities), each
-    config's own setting back when ``capture`` ends. Blocks before a fan-out run fused: no
-    method reads their probabilities, and the kernel never writes the n x n matrices (at 896 px
-    a ViT-B/16 chefer explanation then takes 0.74x the time of the all-eager one on a CPU)."""
+    config's own setting back when ``capture`` ends. The blocks whose attention no method reads
+    (those before a fan-out among them) run fused: the kernel never writes the n x n matrices
+    (at 896 px a ViT-B/16 chefer explanation then takes 0.74x the time of the all-eager one on
+    a CPU)."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     configs = list({id(c): c for c in (getattr(a, "config", None) for a in attentions) if c is not None}.values())
@@ -333,15 +342,9 @@ def fused_attention(capture: Capture, attentions: list[torch.nn.Module]):
     return fused
 
 
-def block_attention(index: int, fan_out: FanOut, dtype: torch.dtype) -> str:
-    """How block ``index`` of a fanned-out run computes its attention (see :func:`fused_attention`):
-    fused before the fan-out, kept after it where :func:`~cliplens.adapters.kept.runs_kept`
-    says so; float64 stays eager (the reason is there)."""
-    if dtype == torch.float64:
-        return "eager"
-    if index < fan_out.block:
-        return "sdpa"
-    return KEPT if runs_kept(fan_out, dtype) else "eager"
+#: an :meth:`AttentionReads.path <cliplens.adapters.kept.AttentionReads.path>` as the
+#: implementation name transformers dispatches on
+IMPLEMENTATION = {"eager": "eager", "fused": "sdpa", "kept": KEPT}
 
 
 def capture_tower(
@@ -353,21 +356,21 @@ def capture_tower(
     detach_blocks: bool,
     input_embeds: torch.Tensor | None,
     fan_out: FanOut | None,
+    reads: AttentionReads = EVERY_BLOCK,
 ) -> None:
     """Hooks (for one run, in ``capture``) that fill ``run``: the embedding output (or
-    ``input_embeds`` in its place) as ``run.input_embeds``; each layer's input and output; each
-    layer's attention probabilities (the second output of its attention module: a
-    :class:`~cliplens.adapters.kept.KeptAttention` where a ``kept`` fan-out runs the block
-    fused, :func:`block_attention`); with ``fan_out``, the stream and any per-row mask beside
-    it repeated per pair from its block on.
+    ``input_embeds`` in its place) as ``run.input_embeds``; each layer's input and output; the
+    attention of the layers ``reads`` keeps (the second output of its attention module:
+    probabilities, or a :class:`~cliplens.adapters.kept.KeptAttention` where the block runs
+    kept), None for the others, which run the fused kernel (``reads.path``); with ``fan_out``,
+    the stream and any per-row mask beside it repeated per pair from its block on.
     Every transformers tower cliplens runs apart (CLIP, SigLIP, BLIP's ITC towers) is captured
     this way; an adapter names its modules."""
 
-    fused = fused_attention(capture, attentions) if fan_out is not None else None
+    fused = fused_attention(capture, attentions)
 
     def on_embed(module, args, output):
-        if fused is not None:
-            fused("eager")  # any mask the tower builds next is built for the eager path
+        fused("eager")  # any mask the tower builds next is built for the eager path
         leaf = run_input_embeds(output, input_embeds)
         run.input_embeds = leaf
         return leaf
@@ -381,8 +384,7 @@ def capture_tower(
             hidden = args[0] if positional else kwargs["hidden_states"]
             rest = args[1:]
             others = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-            if fused is not None:
-                fused(block_attention(i, fan_out, hidden.dtype))
+            fused(IMPLEMENTATION[reads.path(i, fan_out, hidden.dtype)])
             if fan_out is not None and i >= fan_out.block:
                 if i == fan_out.block:
                     distinct_rows.append(hidden.shape[0])
@@ -401,13 +403,13 @@ def capture_tower(
             run.block_outputs.append(output[0] if isinstance(output, tuple) else output)
 
         def on_attn(module, args, output, i=i):
-            weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
-            if weights is None and fan_out is not None and i < fan_out.block:
-                run.attentions.append(None)  # a fused block before the fan-out: nothing to keep
+            if not reads.keeps(i, fan_out):
+                run.attentions.append(None)  # a block no method reads: nothing to keep
                 return
+            weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
             if weights is None:
                 raise RuntimeError("attention probabilities were not returned; eager attention is required")
-            run.attentions.append(keep_attention(weights, i, fan_out))
+            run.attentions.append(weights)
 
         capture.forward_pre_hook(layer, pre, with_kwargs=True)
         capture.forward_hook(layer, post)

@@ -42,6 +42,7 @@ from ..preprocess import (  # noqa: F401 (the recipes' old import path)
 from .base import Checkpoint, FanOut, TextBatch, TokenLayout, TowerRun
 from .capture import Capture
 from .hf_encoder import HFEncoderAdapter
+from .kept import EVERY_BLOCK, AttentionReads
 
 #: config.json model_type values this file's adapters take
 HF_SIGLIP_TYPES = {"siglip", "siglip2"}
@@ -148,6 +149,7 @@ class HFSiglipAdapter(HFEncoderAdapter):
         detach_blocks: bool = False,
         input_embeds: torch.Tensor | None = None,
         fan_out: FanOut | None = None,
+        reads: AttentionReads = EVERY_BLOCK,
     ) -> TowerRun:
         vm = self.model.vision_model
         layout = self._image_layout(pixel_values, class_token=False, pooled=True)
@@ -156,7 +158,7 @@ class HFSiglipAdapter(HFEncoderAdapter):
         run = TowerRun("image", embeds=None, layout=layout, pixel_values=pixel_values)  # type: ignore[arg-type]
         pool: list[torch.Tensor] = []
         with Capture() as capture:
-            self._capture(capture, vm, run, detach_blocks, input_embeds, fan_out)
+            self._capture(capture, vm, run, detach_blocks, input_embeds, fan_out, reads)
             capture.mha_probabilities([vm.head.attention], lambda i, p: pool.append(p))
             out = self._vision_forward(vm, pixel_values, *layout.grid)
         run.pool_attention = pool[-1]
@@ -182,6 +184,7 @@ class HFSiglipAdapter(HFEncoderAdapter):
         *,
         detach_blocks: bool = False,
         fan_out: FanOut | None = None,
+        reads: AttentionReads = EVERY_BLOCK,
     ) -> TowerRun:
         tm = self.model.text_model
         specials = [
@@ -198,7 +201,7 @@ class HFSiglipAdapter(HFEncoderAdapter):
             layout = fan_out.layout(layout)
         run = TowerRun("text", embeds=None, layout=layout)  # type: ignore[arg-type]
         with Capture() as capture:
-            self._capture(capture, tm, run, detach_blocks, fan_out=fan_out)
+            self._capture(capture, tm, run, detach_blocks, fan_out=fan_out, reads=reads)
             out = tm(input_ids=input_ids, attention_mask=attention_mask if self.text_uses_mask else None)
         run.pooled = out.last_hidden_state[:, -1]  # last_hidden_state is after the final norm
         run.embeds = out.pooler_output if fan_out is None else tm.head(run.pooled)

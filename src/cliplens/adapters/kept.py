@@ -14,9 +14,12 @@ as ``probabilities x their gradient`` (Chefer's Abar) does not need them whole:
 
 :class:`KeptAttention` stands where a run keeps a block's probabilities (``TowerRun.
 attentions[l]``), so every consumer says which it reads: :func:`in_graph` is the tensor a
-gradient is taken at, :func:`query_chunks` the row chunks to reduce. A :class:`FanOut` with
-``kept`` asks the towers for it; a tower whose attention cannot run fused keeps probabilities
-instead, and the consumers take either.
+gradient is taken at, :func:`query_chunks` the row chunks to reduce.
+
+:class:`AttentionReads` tells a tower run which blocks keep their attention at all, and as
+what (``kept``: a :class:`KeptAttention`); a tower whose attention cannot run fused keeps
+probabilities instead, and the consumers take either. The blocks no method reads run the fused
+kernel and keep nothing.
 """
 
 from __future__ import annotations
@@ -96,13 +99,48 @@ class KeptAttention:
         return d_output[..., rows, :].to(dtype) @ self.value.to(dtype).transpose(-1, -2)
 
 
-def runs_kept(fan_out, dtype: torch.dtype) -> bool:
-    """Whether the explained blocks of a run with ``fan_out`` (a :class:`~cliplens.adapters.base.
-    FanOut` or None) run fused and keep :class:`KeptAttention`: when it asks for it, except in
-    float64. float64 stays eager: transformers' eager softmax runs in float32 where the fused
-    kernel runs in float64, and float64 runs (the oracles, the golden files) read the eager
-    blocks."""
-    return fan_out is not None and fan_out.kept and dtype != torch.float64
+@dataclass(frozen=True)
+class AttentionReads:
+    """Which blocks of a tower run keep their attention for the method, and as what.
+
+    blocks: the blocks whose attention the method reads (None: every block).
+    kept:   it reads them through a :class:`KeptAttention` (the fused kernel) rather than as
+            probabilities.
+
+    A block the method does not read, or one before a fan-out (no graph, no method reads it),
+    runs the fused kernel and keeps None in ``TowerRun.attentions``: at 896 px a ViT-B/16
+    block's probabilities are 472 MB, and a run that keeps every block's holds 5.7 GB."""
+
+    blocks: frozenset[int] | None = None
+    kept: bool = False
+
+    def keeps(self, index: int, fan_out=None) -> bool:
+        """Whether block ``index`` keeps its attention (``fan_out``: a
+        :class:`~cliplens.adapters.base.FanOut` or None)."""
+        if fan_out is not None and index < fan_out.block:
+            return False
+        return self.blocks is None or index in self.blocks
+
+    def runs_kept(self, dtype: torch.dtype) -> bool:
+        """Whether the blocks it keeps run fused and keep :class:`KeptAttention`: when asked,
+        except in float64. float64 stays eager: transformers' eager softmax runs in float32 where
+        the fused kernel runs in float64, and float64 runs (the oracles, the golden files) read
+        the eager blocks."""
+        return self.kept and dtype != torch.float64
+
+    def path(self, index: int, fan_out, dtype: torch.dtype) -> str:
+        """How block ``index`` computes its attention: ``"eager"`` (probabilities returned),
+        ``"fused"`` (the kernel; nothing kept) or ``"kept"``. float64 runs never fuse (see
+        :meth:`runs_kept`)."""
+        if not self.keeps(index, fan_out):
+            return "eager" if dtype == torch.float64 else "fused"
+        return "kept" if self.runs_kept(dtype) else "eager"
+
+
+#: every block keeps its probabilities (what a run does unless told otherwise)
+EVERY_BLOCK = AttentionReads()
+#: no block keeps anything (a run for its embeddings only)
+NO_BLOCK = AttentionReads(frozenset())
 
 
 def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

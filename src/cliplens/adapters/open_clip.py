@@ -59,7 +59,7 @@ from .base import (
     run_input_embeds,
 )
 from .capture import Capture, mha_with_probabilities
-from .kept import additive_mask, fused_attention_kept, runs_kept
+from .kept import EVERY_BLOCK, AttentionReads, additive_mask, fused_attention_kept
 from .open_clip_load import import_open_clip, load_open_clip  # noqa: F401 (load_open_clip: its old import path)
 
 # ---- what the model is ------------------------------------------------------------------------
@@ -352,15 +352,17 @@ class OpenClipAdapter(ModelAdapter):
         detach_blocks: bool,
         fan_out: FanOut | None = None,
         fanned_mask=None,
+        reads: AttentionReads = EVERY_BLOCK,
     ) -> torch.Tensor:
         """Every block of ``transformer`` over a (B, n, C) stream, capturing what the contract asks
-        (with ``fan_out``: per-pair rows from its block on, see :class:`FanOut`; the blocks before
-        it keep their own fused attention, whose probabilities no method reads)."""
+        (with ``fan_out``: per-pair rows from its block on, see :class:`FanOut`). The blocks
+        ``reads`` does not keep (those before the fan-out among them) run their own fused
+        attention and keep None."""
         batch_first = getattr(transformer, "batch_first", True)
-        first = fan_out.block if fan_out is not None else 0
+        keeps = [reads.keeps(i, fan_out) for i in range(len(transformer.resblocks))]
         with Capture() as capture:
-            kept = runs_kept(fan_out, x.dtype)
-            attention_probabilities(capture, transformer.resblocks[first:], run.attentions.append, kept)
+            read = [blk for blk, keep in zip(transformer.resblocks, keeps) if keep]
+            attention_probabilities(capture, read, run.attentions.append, reads.runs_kept(x.dtype))
             for i, blk in enumerate(transformer.resblocks):
                 if fan_out is not None and i == fan_out.block:
                     x = run.graph_input = fan_out.enter(x)
@@ -368,7 +370,7 @@ class OpenClipAdapter(ModelAdapter):
                 x = block_entry(x, i, detach_blocks)
                 run.block_inputs.append(x)
                 out = blk(x if batch_first else x.transpose(0, 1), attn_mask=attn_mask)
-                if i < first:
+                if not keeps[i]:
                     run.attentions.append(None)
                 x = out if batch_first else out.transpose(0, 1)
                 run.block_outputs.append(x)
@@ -395,6 +397,7 @@ class OpenClipAdapter(ModelAdapter):
         detach_blocks: bool = False,
         input_embeds: torch.Tensor | None = None,
         fan_out: FanOut | None = None,
+        reads: AttentionReads = EVERY_BLOCK,
     ) -> TowerRun:
         visual = self.model.visual
         layout = self._image_layout(pixel_values, class_token=True, pooled=self._attention_pooled)
@@ -411,7 +414,7 @@ class OpenClipAdapter(ModelAdapter):
         x = run_input_embeds(x, input_embeds)
         run.input_embeds = x
         x = visual.ln_pre(visual.patch_dropout(x))
-        x = self._blocks(visual.transformer, x, None, run, detach_blocks, fan_out, None)
+        x = self._blocks(visual.transformer, x, None, run, detach_blocks, fan_out, None, reads)
         run.embeds, run.pool_attention, run.pooled = self._image_readout(x)
         return run
 
@@ -450,6 +453,7 @@ class OpenClipAdapter(ModelAdapter):
         *,
         detach_blocks: bool = False,
         fan_out: FanOut | None = None,
+        reads: AttentionReads = EVERY_BLOCK,
     ) -> TowerRun:
         text = self.text
         P, T = input_ids.shape
@@ -477,7 +481,7 @@ class OpenClipAdapter(ModelAdapter):
             mask = pad if mask is None else mask[None] + pad
         # a per-row padding mask (P*heads, T, T) is tiled with the rows from the fan-out block on
         fanned_mask = fan_out.rows(mask) if fan_out is not None and mask is not None and mask.dim() == 3 else mask
-        x = self._blocks(text.transformer, x, mask, run, detach_blocks, fan_out, fanned_mask)
+        x = self._blocks(text.transformer, x, mask, run, detach_blocks, fan_out, fanned_mask, reads)
         rows = torch.arange(x.shape[0], device=x.device)
         run.pooled = text.ln_final(x[rows, layout.readout])
         run.embeds = self._text_project(run.pooled)

@@ -17,6 +17,7 @@ import torch
 
 from ..adapters.base import ImageBatch, ModelAdapter, TextBatch
 from ..adapters.fusion import FusionAdapter
+from ..adapters.kept import AttentionReads
 from ..errors import InputError
 from ..targets import Target
 from .fusion_pairs import FusionRuns, forward_fusion
@@ -141,9 +142,10 @@ class Method:
     #: (:func:`~cliplens.methods.pairs.block_gradients`, ``PairRuns.pair_gradients``) instead of
     #: one backward pass over per-pair rows; :meth:`shares_graph` may decide per call
     shared_graph: ClassVar[bool] = False
-    #: the method reads an explained block's attention only as probabilities x their gradient,
-    #: through :func:`~cliplens.methods.relevance.row_times_abar`: the towers may run those
-    #: blocks on the fused kernel and keep :class:`~cliplens.adapters.kept.KeptAttention`
+    #: the method reads the attention of the blocks it reads (:meth:`attention_blocks`) only
+    #: through the functions that take a :class:`~cliplens.adapters.kept.KeptAttention`
+    #: (``row_times_abar``, ``head_mean_row``, ``rollout_step``, ``attention_positive_mean``):
+    #: the towers may run those blocks on the fused kernel and keep one
     kept_attention: ClassVar[bool] = False
     #: the method also explains fusion models (image and text scored together: BLIP ITM, ViLT),
     #: through :meth:`attribute_fusion`
@@ -215,6 +217,21 @@ class Method:
         None (default): the gradient is needed down to the input."""
         return None
 
+    def attention_blocks(self, tower: str, opts: Any, num_layers: int) -> frozenset[int] | None:
+        """The blocks of an explained ``tower`` whose attention (``TowerRun.attentions``) this
+        method reads; the others run the fused kernel and keep None, and so do every block of a
+        tower it does not explain and the blocks before a fan-out. None (default): every block."""
+        return None
+
+    def attention_reads(self, adapter: ModelAdapter, towers: tuple[str, ...], opts: Any) -> dict[str, AttentionReads]:
+        """What each tower's run keeps of its blocks' attention for this call."""
+        return {
+            tower: AttentionReads(
+                self.attention_blocks(tower, opts, n) if tower in towers else frozenset(), self.kept_attention
+            )
+            for tower, n in adapter.num_layers.items()
+        }
+
     def shares_graph(self, opts: Any) -> bool:
         """Whether this call runs with :attr:`shared_graph` (default: the flag, whatever the
         options)."""
@@ -273,7 +290,7 @@ class Method:
                     detach_blocks=self.detach_blocks,
                     graph_from={t: self.graph_from(t, opts, n) for t, n in adapter.num_layers.items()},
                     shared=self.shares_graph(opts),
-                    kept=self.kept_attention,
+                    reads=self.attention_reads(adapter, towers, opts),
                 )
                 out = self.attribute(adapter, runs, target, towers, opts)
         return MethodResult(

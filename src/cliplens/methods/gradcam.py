@@ -76,6 +76,9 @@ class GradCAM(Method):
         # the features are the stream entering this block: the backward stops there
         return resolve_layer(opts.layer, num_layers, num_layers - 1)
 
+    def attention_blocks(self, tower: str, opts: Options, num_layers: int) -> frozenset[int]:
+        return frozenset()  # the features are the stream: every block runs the fused kernel
+
     def attribute(
         self, adapter: ModelAdapter, runs: PairRuns, target: Target, towers: tuple[str, ...], opts: Options
     ) -> Attribution:

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from ..adapters.base import ModelAdapter, TowerRun
+from ..adapters.kept import NO_BLOCK
 from ..errors import InputError
 from ..targets import PairLogit, Target
 from .base import Attribution, Method, option, register
@@ -69,15 +70,18 @@ class JacobianInteractions(Method):
             return "method 'jacobian_interactions' pairs the two towers: explain both (towers=('image', 'text'))"
         return super().unsupported(adapter, towers, opts)
 
+    def attention_blocks(self, tower: str, opts: Options, num_layers: int) -> frozenset[int]:
+        return frozenset()  # embeddings and input gradients only: every block runs the fused kernel
+
     def attribute(
         self, adapter: ModelAdapter, runs: PairRuns, target: Target, towers: tuple[str, ...], opts: Options
     ) -> Attribution:
         B, P = runs.B, runs.P
         with torch.enable_grad():
-            img = adapter.run_image(runs.images.pixel_values)
+            img = adapter.run_image(runs.images.pixel_values, reads=NO_BLOCK)
             g_img = gradient_x_input_per_dim(img, opts.chunk)  # (B, D, n_i)
             del img
-            txt = adapter.run_text(runs.texts.input_ids, runs.texts.attention_mask)
+            txt = adapter.run_text(runs.texts.input_ids, runs.texts.attention_mask, reads=NO_BLOCK)
             g_txt = gradient_x_input_per_dim(txt, opts.chunk)  # (P, D, T)
         layout = runs.image.layout
         g_img = g_img[:, :, layout.patches]  # (B, D, N)

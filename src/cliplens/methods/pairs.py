@@ -22,7 +22,7 @@ from typing import Iterator
 import torch
 
 from ..adapters.base import FanOut, ImageBatch, ModelAdapter, TextBatch, TowerRun, against_pairs, swap_pairs
-from ..adapters.kept import in_graph
+from ..adapters.kept import EVERY_BLOCK, AttentionReads, in_graph
 from ..targets import PairContext, PairScores, Target
 
 
@@ -244,7 +244,7 @@ def forward_pairs(
     detach_blocks: bool = False,
     graph_from: dict[str, int | None] | None = None,
     shared: bool = False,
-    kept: bool = False,
+    reads: dict[str, AttentionReads] | None = None,
 ) -> PairRuns:
     """Run both towers (call inside ``adapter.explaining()``) and evaluate the target.
 
@@ -259,10 +259,12 @@ def forward_pairs(
     target is evaluated on per-pair copies of its embeddings (``PairRuns.leaves``); the pairs'
     gradients then come from :func:`block_gradients` or :meth:`PairRuns.pair_gradients`.
 
-    ``kept``: the blocks from ``graph_from`` on run the fused attention kernel and keep
-    :class:`~cliplens.adapters.kept.KeptAttention` (see :attr:`FanOut.kept`)."""
+    ``reads`` (tower -> :class:`~cliplens.adapters.kept.AttentionReads`): which blocks of each
+    tower keep their attention, and as what (a tower missing: every block its probabilities).
+    The others run the fused kernel and keep nothing."""
     B, P = len(images), len(texts)
     graph_from = graph_from or {}
+    reads = reads or {}
     leaves: dict[str, torch.Tensor] = {}
 
     def spread(name: str, e: torch.Tensor) -> torch.Tensor:
@@ -272,32 +274,33 @@ def forward_pairs(
     def tower(name: str, grad: bool, run, inputs: tuple, fan: FanOut | None, repeat):
         """(run, (B, P, D) per-pair embeddings) of one tower."""
         block = graph_from.get(name)
+        kw = dict(detach_blocks=detach_blocks, reads=reads.get(name, EVERY_BLOCK))
         if grad and shared:
             if block is None:  # a graph from the input
                 with torch.enable_grad():
-                    out = run(*inputs, detach_blocks=detach_blocks)
+                    out = run(*inputs, **kw)
             else:
                 with torch.no_grad():  # the fan-out (one copy) turns gradients on at its block
-                    out = run(*inputs, detach_blocks=detach_blocks, fan_out=FanOut(block, 1, kept=kept))
+                    out = run(*inputs, fan_out=FanOut(block, 1), **kw)
             leaves[name] = spread(name, out.embeds.detach()).clone().requires_grad_(True)
             return out, leaves[name]
         if grad and block is not None:
             with torch.no_grad():  # the fan-out turns gradients on at its block
-                out = run(*inputs, detach_blocks=detach_blocks, fan_out=fan)
+                out = run(*inputs, fan_out=fan, **kw)
             return out, per_pair(out.embeds, B, P)
         if grad:
             with torch.enable_grad():
-                out = run(*(repeat(x) for x in inputs), detach_blocks=detach_blocks)
+                out = run(*(repeat(x) for x in inputs), **kw)
             return out, per_pair(out.embeds, B, P)
         with torch.no_grad():
-            out = run(*inputs, detach_blocks=detach_blocks)
+            out = run(*inputs, **kw)
         return out, spread(name, out.embeds.detach())
 
-    image_fan = FanOut(graph_from["image"], P, kept=kept) if graph_from.get("image") is not None else None
+    image_fan = FanOut(graph_from["image"], P) if graph_from.get("image") is not None else None
     img, img_pairs = tower(
         "image", image_grad, adapter.run_image, (images.pixel_values,), image_fan, lambda x: x.repeat_interleave(P, dim=0)
     )
-    text_fan = FanOut(graph_from["text"], B, tile=True, kept=kept) if graph_from.get("text") is not None else None
+    text_fan = FanOut(graph_from["text"], B, tile=True) if graph_from.get("text") is not None else None
     txt, txt_pairs = tower(
         "text", text_grad, adapter.run_text, (texts.input_ids, texts.attention_mask), text_fan, lambda x: x.repeat(B, 1)
     )

@@ -52,6 +52,7 @@ class RawAttention(Method):
         "Abnar, Zuidema. Quantifying Attention Flow in Transformers. ACL 2020 (raw attention baseline)"
     )
     needs_gradient = False
+    kept_attention = True
     fusion = True
 
     @dataclass(frozen=True)
@@ -59,6 +60,9 @@ class RawAttention(Method):
         layer: int | None = option(
             None, "block whose attention is shown (default: the last; negative counts from the end)", "int"
         )
+
+    def attention_blocks(self, tower: str, opts: Options, num_layers: int) -> frozenset[int]:
+        return frozenset({resolve_layer(opts.layer, num_layers, num_layers - 1)})
 
     def attribute(
         self, adapter: ModelAdapter, runs: PairRuns, target: Target, towers: tuple[str, ...], opts: Options

@@ -11,11 +11,17 @@ Every rule works on the readout token's ROW of a relevance matrix, never on n x 
 - :func:`readout_rows`: where a row starts: one-hot at the readout token, or the pooling head's
   attention for towers that pool with one.
 
+Each rule takes a block's probabilities, or a :class:`~cliplens.adapters.kept.KeptAttention`
+whose probabilities it recomputes a chunk of query rows at a time (only the query rows the row
+weighs: the last block's, the readout token's alone).
+
 The bi-modal rules of the same paper (cross- and co-attention) join this module as further
 entries, keyed by the kind of attention event.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import torch
 
@@ -58,7 +64,7 @@ def one_hot_rows(run: TowerRun) -> torch.Tensor:
     """(rows, n) one-hot rows at each row's readout token."""
     rows = run.layout.readout.shape[0]
     n = run.layout.valid.shape[1]
-    dtype = accumulation_dtype(run.attentions[-1].dtype if run.attentions else torch.float32)
+    dtype = accumulation_dtype(run.block_outputs[-1].dtype if run.block_outputs else torch.float32)
     out = torch.zeros(rows, n, dtype=dtype, device=run.layout.readout.device)
     out[torch.arange(rows), run.layout.readout] = 1.0
     return out
@@ -76,17 +82,39 @@ def readout_rows(method: str, run: TowerRun) -> torch.Tensor:
     )
 
 
-def head_mean_row(attn: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
-    """row @ mean_h A: (rows, H, n, n), (rows, n) -> (rows, n), without forming mean_h A."""
-    return torch.einsum("ri,rhij->rj", row, attn) / attn.shape[1]
+def probability_chunks(attn, row: torch.Tensor) -> Iterator[tuple[slice | torch.Tensor, torch.Tensor]]:
+    """(query rows, their probabilities (rows, H, q, n) in ``row``'s dtype) of one block's
+    attention for (rows, n) rows ``row``: probabilities whole, or a
+    :class:`~cliplens.adapters.kept.KeptAttention`'s recomputed a chunk of query rows at a time,
+    for the query rows ``row`` weighs only."""
+    if not isinstance(attn, KeptAttention):
+        yield slice(None), attn.to(row.dtype)
+        return
+    for rows in query_chunks(attn, row.shape[0], live=(row != 0).any(dim=0)):
+        yield rows, attn.probs(rows, row.dtype)
 
 
-def rollout_step(attn: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
+def head_mean_row(attn, row: torch.Tensor) -> torch.Tensor:
+    """row @ mean_h A: (rows, H, n, n) probabilities (or a kept block), (rows, n) -> (rows, n),
+    without forming mean_h A."""
+    out = torch.zeros_like(row)
+    for rows, probs in probability_chunks(attn, row):
+        out += torch.einsum("ri,rhij->rj", row[:, rows], probs)
+    return out / attn.shape[-3]
+
+
+def rollout_step(attn, row: torch.Tensor) -> torch.Tensor:
     """row @ rownormalise(mean_h A + I), without forming the matrix: with s the row sums of
-    ``mean_h A + I``, ``row @ Ahat = (row / s) @ mean_h A + row / s``."""
-    sums = attn.sum(dim=(1, 3)) / attn.shape[1] + 1.0  # (rows, n)
-    scaled = row / sums
-    return head_mean_row(attn, scaled) + scaled
+    ``mean_h A + I``, ``row @ Ahat = (row / s) @ mean_h A + row / s`` (a query row's sum comes
+    with its own probabilities, so a kept block is read once)."""
+    heads = attn.shape[-3]
+    out = torch.zeros_like(row)
+    for rows, probs in probability_chunks(attn, row):
+        sums = probs.sum(dim=(1, 3)) / heads + 1.0  # (rows, q)
+        scaled = row[:, rows] / sums
+        out += torch.einsum("ri,rhij->rj", scaled, probs) / heads
+        out[:, rows] += scaled
+    return out
 
 
 def rollout_row(run: TowerRun, row: torch.Tensor, start: int) -> torch.Tensor:

@@ -50,6 +50,7 @@ class Rollout(Method):
     fusion_summary = "attention rollout over a single-stream model's joint stack (no gradient)"
     reference = "Abnar, Zuidema. Quantifying Attention Flow in Transformers. ACL 2020"
     needs_gradient = False
+    kept_attention = True
     fusion = True
 
     @dataclass(frozen=True)
@@ -57,6 +58,9 @@ class Rollout(Method):
         start_layer: int | None = option(
             None, "first block to include (default 0 = all blocks; negative counts from the end)", "int"
         )
+
+    def attention_blocks(self, tower: str, opts: Options, num_layers: int) -> frozenset[int]:
+        return frozenset(range(resolve_layer(opts.start_layer, num_layers, 0, "start_layer"), num_layers))
 
     def attribute(
         self, adapter: ModelAdapter, runs: PairRuns, target: Target, towers: tuple[str, ...], opts: Options

@@ -49,6 +49,7 @@ from dataclasses import dataclass
 import torch
 
 from ..adapters.base import ImageBatch, ModelAdapter, TowerRun
+from ..adapters.kept import NO_BLOCK
 from ..targets import Target
 from .base import Attribution, Method, option, register
 from .pairs import PairRuns, per_pair, tower_result
@@ -99,6 +100,9 @@ class Sensitivity(Method):
     def shares_graph(self, opts: Options) -> bool:
         # iterative descends per pair: after its first step every pair has its own input
         return self.shared_graph and opts.variant != "iterative"
+
+    def attention_blocks(self, tower: str, opts: Options, num_layers: int) -> frozenset[int]:
+        return frozenset()  # gradients at the input only: every block runs the fused kernel
 
     def prepare_images(self, images: ImageBatch, opts: Options) -> ImageBatch:
         if opts.variant == "pixel_grad":
@@ -180,7 +184,7 @@ class Sensitivity(Method):
             if k > 0:
                 with torch.enable_grad():
                     x_in = x.detach().requires_grad_(True)
-                    new = adapter.run_image(pixels, input_embeds=x_in)
+                    new = adapter.run_image(pixels, input_embeds=x_in, reads=NO_BLOCK)
                     y = target(runs.context_with("image", per_pair(new.embeds, B, P)))
                     (grad,) = torch.autograd.grad(y.sum(), [x_in])
                 path.append(y.detach())
@@ -188,7 +192,7 @@ class Sensitivity(Method):
             norm = g.flatten(1).norm(dim=1).clamp_min(torch.finfo(g.dtype).tiny)
             x = x - (step_size * rms / norm)[:, None, None] * g
         with torch.no_grad():
-            final = adapter.run_image(pixels, input_embeds=x)
+            final = adapter.run_image(pixels, input_embeds=x, reads=NO_BLOCK)
             path.append(target(runs.context_with("image", per_pair(final.embeds, B, P))))
         change = (x - x0).norm(dim=-1)  # (rows, n)
         return tower_result(runs, "image", change), torch.stack(path, -1)
