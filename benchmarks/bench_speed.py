@@ -28,10 +28,11 @@ ViT-B/16-sized random CLIP, one image, P prompts: time and peak memory ratios in
   their explained blocks on the eager path, keeping their probabilities (``kept_attention =
   False``: the path before those blocks ran fused and kept their queries, keys and values);
   "legrad all": ``layers=None``, every block;
-- "rollout", "raw_attention", "gradcam", "sensitivity" and "chefer text" (chefer on the text
-  tower alone) against the same calls with "probs": every block a run holds keeps its
-  probabilities on the eager path, as before a run kept only the blocks its method reads
-  (``AttentionReads``; the others now run the fused kernel and keep nothing).
+- "rollout", "raw_attention", "gradcam", "sensitivity", "decomposition", "grad_eclip" and
+  "chefer text" (chefer on the text tower alone) against the same calls with "probs": every
+  block a run holds keeps its probabilities on the eager path, as before a run kept only the
+  blocks its method reads (``AttentionReads``; the others now run the fused kernel and keep
+  nothing) and read them kept.
 
 Time: interleaved repeats, the median of per-repeat ratios (load changes hit both). Memory: on
 CUDA the peak allocation above the loaded model; on the CPU the peak RSS of a fresh process.
@@ -93,6 +94,10 @@ READ_CASES = {
     "gradcam probs": ("ours", {"method": "gradcam", "probs": True}),
     "sensitivity": ("ours", {"method": "sensitivity"}),
     "sensitivity probs": ("ours", {"method": "sensitivity", "probs": True}),
+    "decomposition": ("ours", {"method": "decomposition"}),
+    "decomposition probs": ("ours", {"method": "decomposition", "probs": True}),
+    "grad_eclip": ("ours", {"method": "grad_eclip"}),
+    "grad_eclip probs": ("ours", {"method": "grad_eclip", "probs": True}),
     "chefer text": ("ours", {"method": "chefer", "towers": ("text",)}),
     "chefer text probs": ("ours", {"method": "chefer", "towers": ("text",), "probs": True}),
 }

@@ -33,6 +33,7 @@ from cliplens.adapters.kept import (
     AttentionReads,
     fused_attention_kept,
     query_chunks,
+    query_rows,
     transformers_kept_attention,
 )
 from cliplens.methods import REGISTRY
@@ -146,8 +147,9 @@ def test_folded_row_of_a_shared_run_broadcasts_distinct_inputs_against_pairs(mon
 @pytest.mark.parametrize("budget", [1, 2 * R * H * N, 10**9])
 @pytest.mark.parametrize("causal", [False, True])
 def test_rollout_and_head_mean_rows_of_a_kept_block_equal_the_explicit_matrices(budget, causal, monkeypatch):
-    """rollout and raw attention read a kept block chunk by chunk: against the matrices
-    ``mean_h A`` and ``rownormalise(mean_h A + I)`` formed explicitly."""
+    """rollout and raw attention read a kept block chunk by chunk, decomposition and
+    interactions its readout rows: against the matrices ``mean_h A`` and
+    ``rownormalise(mean_h A + I)`` formed explicitly, and A's rows."""
     monkeypatch.setattr(kept_module, "CHUNK_ELEMENTS", budget)
     q, k, v = _qkv(7)
     mask = None if causal else _padding_mask()
@@ -160,6 +162,11 @@ def test_rollout_and_head_mean_rows_of_a_kept_block_equal_the_explicit_matrices(
     dense = torch.rand(R, N, generator=g, dtype=torch.float64)
     one_hot = torch.zeros(R, N, dtype=torch.float64)
     one_hot[:, 0] = 1.0
+    # each row's probabilities at its own query position (a readout token)
+    for index in (torch.tensor([0, 0]), torch.tensor([5, 2]), torch.tensor([6, 6])):
+        want = torch.stack([A[r, :, int(index[r])] for r in range(R)])
+        torch.testing.assert_close(query_rows(kept, index), want, rtol=0, atol=1e-12)
+        torch.testing.assert_close(query_rows(A, index), want, rtol=0, atol=1e-12)
     for row in (dense, one_hot):
         want_mean = torch.stack([row[r] @ mean[r] for r in range(R)])
         want_rollout = torch.stack([row[r] @ ahat[r] for r in range(R)])
@@ -221,6 +228,7 @@ CASES = [
     ("rollout", {"start_layer": 1}),
     ("raw_attention", {}),
     ("raw_attention", {"layer": 0}),
+    ("decomposition", {}),
 ]
 CASE_IDS = [m + "-" + (",".join(f"{k}={v}" for k, v in o.items()) or "default") for m, o in CASES]
 
@@ -231,6 +239,10 @@ def _explained(method: str, options: dict, num_layers: int) -> int:
     if method == "rollout":
         return num_layers - options.get("start_layer", 0) % num_layers
     if method == "raw_attention":
+        return 1
+    if method in ("decomposition", "interactions"):
+        return num_layers
+    if method == "grad_eclip":
         return 1
     return min(options.get("layers", 2) or num_layers, num_layers)
 
@@ -307,6 +319,13 @@ def test_kept_blocks_on_per_pair_rows_equal_exact_eager_in_float64(method, optio
     _kept_equals_exact_eager(ADAPTER_FACTORIES[0][1](seed=0, dtype=torch.float64), "hf-clip", method, options, monkeypatch)
 
 
+@pytest.mark.parametrize("family,factory", [f for f in KEPT_FAMILIES if f.id in ("hf-clip", "open_clip")])
+@pytest.mark.parametrize("method", ["interactions", "grad_eclip"])
+def test_token_readout_methods_on_kept_blocks_equal_exact_eager_in_float64(family, factory, method, monkeypatch):
+    """Methods that need both towers to read out a token (not SigLIP's pooled image tower)."""
+    _kept_equals_exact_eager(factory(seed=0, dtype=torch.float64), family, method, {}, monkeypatch)
+
+
 @pytest.mark.open_clip
 @pytest.mark.parametrize("method", ["chefer", "legrad"])
 def test_open_clip_own_attention_blocks_on_kept_attention(method, monkeypatch):
@@ -337,16 +356,27 @@ def _kept_equals_exact_eager(adapter, family, method, options, monkeypatch):
     assert calls and len(calls) >= per_call
     _assert_same(have, want, 1e-9)
     for key, value in want.extras.items():
-        if isinstance(value, np.ndarray) and value.dtype.kind == "f":
+        if "delta_" in key:  # completeness residuals (text_delta_...): float64 rounding, in both runs
+            assert np.nanmax(have.extras[key]) < 1e-12
+        elif isinstance(value, np.ndarray) and value.dtype.kind == "f":
             np.testing.assert_allclose(have.extras[key], value, rtol=0, atol=1e-9 * (np.nanmax(np.abs(value)) + 1e-300))
 
 
 @pytest.mark.parametrize("family,factory", KEPT_FAMILIES)
 @pytest.mark.parametrize(
-    "method,options", [CASES[i] for i in (0, 1, 4, 6, 8)], ids=[CASE_IDS[i] for i in (0, 1, 4, 6, 8)]
+    "method,options", [CASES[i] for i in (0, 1, 4, 6, 8, 10)], ids=[CASE_IDS[i] for i in (0, 1, 4, 6, 8, 10)]
 )
 def test_kept_blocks_match_their_eager_blocks_in_float32(family, factory, method, options, monkeypatch):
-    adapter = factory(seed=0, dtype=torch.float32)
+    _kept_matches_eager_in_float32(factory(seed=0, dtype=torch.float32), family, method, options, monkeypatch)
+
+
+@pytest.mark.parametrize("family,factory", [f for f in KEPT_FAMILIES if f.id in ("hf-clip", "open_clip")])
+@pytest.mark.parametrize("method", ["interactions", "grad_eclip"])
+def test_token_readout_methods_on_kept_blocks_match_eager_in_float32(family, factory, method, monkeypatch):
+    _kept_matches_eager_in_float32(factory(seed=0, dtype=torch.float32), family, method, {}, monkeypatch)
+
+
+def _kept_matches_eager_in_float32(adapter, family, method, options, monkeypatch):
     calls = _count_kept(family, monkeypatch)
     have = cliplens.explain(adapter, IMAGES, TEXTS, method=method, **options)
     assert calls, "the explained blocks did not run fused"

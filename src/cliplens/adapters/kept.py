@@ -157,6 +157,17 @@ def in_graph(attention) -> torch.Tensor:
     return attention.output if isinstance(attention, KeptAttention) else attention
 
 
+def query_rows(attention, index: torch.Tensor) -> torch.Tensor:
+    """(rows, H, n): each row's attention probabilities at its own query position ``index[row]``
+    (a readout token), from a block's probabilities (rows, H, n, n) or a :class:`KeptAttention`,
+    whose probabilities are recomputed at those query positions alone."""
+    rows = torch.arange(index.shape[0], device=index.device)
+    if not isinstance(attention, KeptAttention):
+        return attention[rows, :, index]
+    positions, where = index.unique(return_inverse=True)
+    return attention.probs(positions, attention.dtype)[rows, :, where]
+
+
 def query_chunks(kept: KeptAttention, lead: int, live: torch.Tensor | None = None) -> Iterator[slice | torch.Tensor]:
     """Query rows in chunks whose probabilities for ``lead`` pairs (or rows) x H heads fit
     :data:`CHUNK_ELEMENTS`: slices, or with ``live`` ((n,) bool) index tensors of the live rows

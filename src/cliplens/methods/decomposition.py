@@ -74,6 +74,7 @@ from __future__ import annotations
 import torch
 
 from ..adapters.base import ModelAdapter, TowerRun
+from ..adapters.kept import query_rows
 from ..errors import InputError
 from ..targets import Contrast, PairLogit, Target
 from .base import Attribution, Method, register
@@ -178,7 +179,7 @@ class TowerDecomposition(FrozenReadout):
         for l, (x, attn) in enumerate(zip(run.block_inputs, run.attentions)):
             V = adapter.attention_value_heads(tower, l, x)  # (rows, H, n, C)
             rows, H, n, C = V.shape
-            a = attn[ar, :, r]  # (rows, H, n): the readout token's attention rows
+            a = query_rows(attn, r)  # (rows, H, n): the readout token's attention rows
             # token term (h, j) is a_hj V_hj; its share: coef * a_hj <V_hj, w> + the constant's share
             vw = _dot_pairs(V.reshape(rows, H * n, C), self.w, tower).reshape(B, P, H, n)
             tok = (
@@ -282,6 +283,7 @@ class Decomposition(Method):
     summary = "exact additive decomposition of the logit over layers, heads and tokens (TextSpan-style, no gradient)"
     reference = "Gandelsman, Efros, Steinhardt. Interpreting CLIP's Image Representation via Text-Based Decomposition. ICLR 2024"
     needs_gradient = False
+    kept_attention = True  # the readout token's attention rows alone (``query_rows``)
     requires = frozenset({"readout_token", "linear_split"})
     complete = True
     image_only_extras = frozenset({"head_embeddings"})

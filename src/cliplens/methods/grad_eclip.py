@@ -35,10 +35,12 @@ Differences from the reference (Cyang-Zhao/Grad-Eclip, ``generate_emap.py``: rea
 - Towers that pool with an attention head (SigLIP's image tower) have no readout-token row and
   are refused (their text towers are explained).
 
-Cost: one forward of each explained tower over its distinct inputs (eager attention), the
-pairs' gradients at the last block's attention probabilities as one batched vector-Jacobian
-product per tower (``shared_graph``), and the last block's q and k once per distinct input
-(two C x C products per token).
+Cost: one forward of each explained tower over its distinct inputs, the pairs' gradients at the
+last block's attention as one batched vector-Jacobian product per tower (``shared_graph``),
+and the last block's q and k once per distinct input (two C x C products per token). The last
+block runs the fused kernel (``kept_attention``): the gradient is taken at its output O = A V,
+(B, P, H, n, d) instead of the probabilities' (B, P, H, n, n), and only the readout row of
+dy/dA = dO V^T is formed (float64 runs stay eager).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from __future__ import annotations
 import torch
 
 from ..adapters.base import ModelAdapter
+from ..adapters.kept import KeptAttention, in_graph
 from ..targets import Target
 from .base import Attribution, Method, register
 from .pairs import PairRuns, tower_result
@@ -81,6 +84,7 @@ class GradEclip(Method):
     )
     requires = frozenset({"readout_token", "linear_split"})
     shared_graph = True
+    kept_attention = True  # dy/dA at the readout row only: dO_r V^T
 
     def graph_from(self, tower: str, opts, num_layers: int) -> int:
         # only the last block's attention output is asked a gradient: earlier blocks run once
@@ -91,11 +95,12 @@ class GradEclip(Method):
     ) -> Attribution:
         B, P = runs.B, runs.P
         with torch.enable_grad():
-            grads = runs.pair_gradients({t: [runs.run(t).attentions[-1]] for t in towers})
+            grads = runs.pair_gradients({t: [in_graph(runs.run(t).attentions[-1])] for t in towers})
         out = Attribution()
         for tower in towers:
             run = runs.run(tower)
-            g = grads[tower][0].detach()  # (B, P, H, n, n)
+            # (B, P, H, n, n) at the probabilities, or (B, P, H, n, d) at a kept block's output
+            g = grads[tower][0].detach()
             r = run.layout.readout
             keep = run.layout.content if tower == "image" else run.layout.valid
             with torch.no_grad():
@@ -105,6 +110,10 @@ class GradEclip(Method):
                 r = runs.pair_values(tower, r).reshape(B * P)
                 g = g.reshape(B * P, *g.shape[2:])
                 g_r = g[torch.arange(B * P, device=g.device), :, r]  # (B*P, H, n): <dy/do_r, V^h_j>
+                attn = run.attentions[-1]
+                if isinstance(attn, KeptAttention):  # the readout row of dy/dA = dO V^T
+                    v = runs.pair_values(tower, attn.value).reshape(B * P, *attn.value.shape[1:])
+                    g_r = torch.einsum("rhd,rhnd->rhn", g_r, v.to(g_r.dtype))
                 values = (w * g_r).sum(1).clamp(min=0)
             if tower == "image":
                 out.image_maps = tower_result(runs, tower, values)

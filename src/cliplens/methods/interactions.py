@@ -58,6 +58,7 @@ from __future__ import annotations
 import torch
 
 from ..adapters.base import ModelAdapter
+from ..adapters.kept import query_rows
 from ..errors import InputError
 from ..targets import PairLogit, Target
 from .base import Attribution, Method, register
@@ -75,7 +76,7 @@ def token_parts(adapter: ModelAdapter, readout: FrozenReadout) -> tuple[torch.Te
     rest = x0
     for l, (x, attn) in enumerate(zip(run.block_inputs, run.attentions)):
         V = adapter.attention_value_heads(tower, l, x)  # (rows, H, n, C)
-        a = attn[ar, :, r]  # (rows, H, n): the readout token's attention rows
+        a = query_rows(attn, r)  # (rows, H, n): the readout token's attention rows
         direct = torch.einsum("rhn,rhnc->rnc", a, V)
         tok = tok + direct
         attn_out = direct.sum(1)
@@ -102,6 +103,7 @@ class Interactions(Method):
         "exCLIP (Moeller et al., TMLR 2025) and FIxLIP (NeurIPS 2025)"
     )
     needs_gradient = False
+    kept_attention = True  # the readout token's attention rows alone (``query_rows``)
     requires = frozenset({"readout_token", "linear_split"})
     complete = True
 
