@@ -60,7 +60,7 @@ class RegionStub:
     def explaining(self):
         return contextlib.nullcontext()
 
-    def run_image(self, pixels: torch.Tensor):
+    def run_image(self, pixels: torch.Tensor, *, reads=None):
         self.calls += 1
         kept = (pixels[:, 0][:, self.region] != 0).double().mean(dim=1)
         return SimpleNamespace(embeds=torch.stack([kept, torch.ones_like(kept)], dim=1))

@@ -183,8 +183,10 @@ def test_random_ties_shuffle_only_within_tied_groups():
 
 
 def test_random_ties_average_the_draws(adapter):  # noqa: F811
-    """``ties="random"``: each curve is the mean of 8 draws; a map without ties gives exactly the
-    index-order curves (and no extra model input), a constant map does not."""
+    """``ties="random"``: each curve is the mean of 8 draws; a map without ties gives the
+    index-order curves (and no extra model input), a constant map does not. "The same" is to
+    float32 rounding: the images are encoded in other batches, and the CPU kernels' rounding
+    depends on the batch (2-5e-7 of an embedding here)."""
     from cliplens.eval.perturbation import PromptScorer
     from cliplens.eval.runner import perturbation_scores
     from cliplens.targets import resolve_target
@@ -201,7 +203,9 @@ def test_random_ties_average_the_draws(adapter):  # noqa: F811
         cfg = EvalConfig(methods="chefer", dataset="x", metrics="perturbation,deletion", steps=4, ties=ties)
         out[ties] = perturbation_scores(adapter, cfg, pixels, {"d": distinct, "f": flat}, scorer, index=3)
     (idx, n_idx), (rnd, n_rnd) = out["index"], out["random"]
-    assert idx[("d", 0)] == rnd[("d", 0)]
+    assert idx[("d", 0)].keys() == rnd[("d", 0)].keys()
+    for key, value in idx[("d", 0)].items():
+        np.testing.assert_allclose(np.asarray(rnd[("d", 0)][key]), np.asarray(value), rtol=1e-5, atol=1e-6)
     assert idx[("f", 0)] != rnd[("f", 0)] and n_rnd > n_idx
     for kind in ("positive", "deletion"):
         curve = rnd[("f", 0)][kind]

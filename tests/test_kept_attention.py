@@ -446,3 +446,40 @@ def test_blocks_no_method_reads_keep_nothing_and_run_fused(
     want = {t: blocks(n)[t] for t, n in adapter.num_layers.items()}
     assert kept_runs == want
     assert len(read_paths) == sum(len(b) for b in want.values())
+
+
+def test_runs_for_embeddings_only_keep_no_attention(monkeypatch):
+    """The evaluation's encoders, the score table and legrad's empty prompt run every block on
+    the fused kernel (a batch of 256 images at 224 px would otherwise hold 5.7 GB of
+    probabilities), with the embeddings of the eager path (float32 rounding)."""
+    from cliplens.eval.classifier import encode_images, encode_texts
+    from cliplens.methods.legrad import empty_prompt_embedding
+
+    adapter = ADAPTER_FACTORIES[0][1](seed=0, dtype=torch.float32)
+    images, texts = adapter.prepare_images(IMAGES[:1])[0], adapter.tokenize(TEXTS)
+    kept = []
+    for tower in ("image", "text"):
+        run = getattr(adapter, f"run_{tower}")
+
+        def spy(*args, _run=run, **kwargs):
+            out = _run(*args, **kwargs)
+            kept.append(sum(a is not None for a in out.attentions))
+            return out
+
+        monkeypatch.setattr(adapter, f"run_{tower}", spy)
+    fused = [
+        encode_images(adapter, images.pixel_values),
+        encode_texts(adapter, TEXTS),
+        adapter.score_table(images, texts),
+        empty_prompt_embedding(adapter),
+    ]
+    assert len(kept) == 5 and not any(kept)  # images, texts, the table (two), the empty prompt
+    monkeypatch.setattr(hf_encoder, "IMPLEMENTATION", dict.fromkeys(hf_encoder.IMPLEMENTATION, "eager"))
+    eager = [
+        encode_images(adapter, images.pixel_values),
+        encode_texts(adapter, TEXTS),
+        adapter.score_table(images, texts),
+        empty_prompt_embedding(adapter),
+    ]
+    for have, want in zip(fused, eager):
+        torch.testing.assert_close(have, want, rtol=0, atol=1e-4 * float(want.abs().max()))

@@ -26,7 +26,7 @@ from ..preprocess import Preprocess
 
 # the temporary-change helpers live in capture.py; their old import path stays
 from .capture import frozen_eval, mha_probabilities, mha_with_probabilities, module_hooks  # noqa: F401
-from .kept import EVERY_BLOCK, AttentionReads
+from .kept import EVERY_BLOCK, NO_BLOCK, AttentionReads
 
 
 @dataclass(frozen=True)
@@ -331,8 +331,8 @@ class ModelAdapter(ABC):
         from ..targets import PairScores
 
         with torch.no_grad():
-            img = self.run_image(images.pixel_values).embeds
-            txt = self.run_text(texts.input_ids, texts.attention_mask).embeds
+            img = self.run_image(images.pixel_values, reads=NO_BLOCK).embeds
+            txt = self.run_text(texts.input_ids, texts.attention_mask, reads=NO_BLOCK).embeds
             return PairScores.of(self, txt.dtype).table(img, txt)
 
     @abstractmethod

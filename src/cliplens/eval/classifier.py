@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from ..adapters import ModelAdapter
+from ..adapters.kept import NO_BLOCK
 from ..errors import InputError
 from ..targets import PairContext, Target
 from .templates import IMAGENET_TEMPLATES, TEMPLATE_SETS
@@ -68,7 +69,7 @@ def encode_texts(adapter: ModelAdapter, texts: Sequence[str], batch_size: int = 
     with adapter.explaining():
         for start in range(0, len(texts), batch_size):
             batch = adapter.tokenize(list(texts[start : start + batch_size]))
-            out.append(adapter.run_text(batch.input_ids, batch.attention_mask).embeds.detach())
+            out.append(adapter.run_text(batch.input_ids, batch.attention_mask, reads=NO_BLOCK).embeds.detach())
     return torch.cat(out)
 
 
@@ -78,7 +79,7 @@ def encode_images(adapter: ModelAdapter, pixel_values: torch.Tensor, batch_size:
     out = []
     with adapter.explaining():
         for start in range(0, pixel_values.shape[0], batch_size):
-            out.append(adapter.run_image(pixel_values[start : start + batch_size]).embeds.detach())
+            out.append(adapter.run_image(pixel_values[start : start + batch_size], reads=NO_BLOCK).embeds.detach())
     return torch.cat(out)
 
 
