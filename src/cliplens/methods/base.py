@@ -142,11 +142,10 @@ class Method:
     #: (:func:`~cliplens.methods.pairs.block_gradients`, ``PairRuns.pair_gradients``) instead of
     #: one backward pass over per-pair rows; :meth:`shares_graph` may decide per call
     shared_graph: ClassVar[bool] = False
-    #: the method reads the attention of the blocks it reads (:meth:`attention_blocks`) only
-    #: through the functions that take a :class:`~cliplens.adapters.kept.KeptAttention`
-    #: (``row_times_abar``, ``head_mean_row``, ``rollout_step``, ``attention_positive_mean``,
-    #: ``query_rows``):
-    #: the towers may run those blocks on the fused kernel and keep one
+    #: the method reads the attention of its blocks (:meth:`attention_blocks`) only through the
+    #: functions that take a :class:`~cliplens.adapters.kept.KeptAttention` (``row_times_abar``,
+    #: ``head_mean_row``, ``rollout_step``, ``attention_positive_mean``, ``query_rows``, or the
+    #: gradient at ``in_graph``): the towers may run those blocks on the fused kernel and keep one
     kept_attention: ClassVar[bool] = False
     #: the method also explains fusion models (image and text scored together: BLIP ITM, ViLT),
     #: through :meth:`attribute_fusion`

@@ -18,8 +18,9 @@ Paper: the baseline used throughout the attribution literature, e.g. S. Abnar, W
 Differences from common reference code: the raw head-mean (no normalisation, no dropping of
 the class column beyond reporting patches), any block selectable with ``layer``.
 
-Cost: one forward of each tower over the B images and P prompts (eager attention), no
-backward, no B*P replication; O(H n) per explained row.
+Cost: one forward of each tower over the B images and P prompts, no backward, no B*P
+replication; O(H n) per explained row. Every block runs the fused kernel; the shown one keeps
+its queries and keys (``kept_attention``), from which the readout row alone is recomputed.
 
 Fusion models: the readout token's attention row to each stream in the readout stream's block
 ``layer`` (default: the last): on BLIP, the [CLS] token's cross-attention row over the image

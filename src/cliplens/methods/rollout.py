@@ -22,8 +22,10 @@ baseline by Chefer et al.): the row product instead of full matrices (same numbe
 values (the reference code often divides the row by its maximum for display);
 ``start_layer`` lets rollout skip the first blocks (default 0: all blocks, as the paper).
 
-Cost: one forward of each tower over the B images and P prompts (eager attention), no
-backward, no B*P replication; O(H n^2) per block.
+Cost: one forward of each tower over the B images and P prompts, no backward, no B*P
+replication; O(H n^2) per block. The blocks run the fused kernel and those from
+``start_layer`` on keep their queries and keys (``kept_attention``): each step recomputes the
+probabilities a chunk of query rows at a time, never a block's H x n x n whole.
 
 Fusion models: only those with one self-attention stack over a joint sequence of text and
 image tokens (ViLT), where rollout is the same product over that stack (``start_layer`` counts
