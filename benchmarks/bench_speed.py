@@ -85,22 +85,18 @@ CASES = {
     "legrad eager": ("ours", {"method": "legrad", "layers": 2, "pooling": "mean", "towers": ("image",), "eager_blocks": True}),
 }
 #: the blocks a method does not read, fused, against every block keeping its probabilities (--cases)
-READ_CASES = {
-    "rollout": ("ours", {"method": "rollout"}),
-    "rollout probs": ("ours", {"method": "rollout", "probs": True}),
-    "raw_attention": ("ours", {"method": "raw_attention"}),
-    "raw_attention probs": ("ours", {"method": "raw_attention", "probs": True}),
-    "gradcam": ("ours", {"method": "gradcam"}),
-    "gradcam probs": ("ours", {"method": "gradcam", "probs": True}),
-    "sensitivity": ("ours", {"method": "sensitivity"}),
-    "sensitivity probs": ("ours", {"method": "sensitivity", "probs": True}),
-    "decomposition": ("ours", {"method": "decomposition"}),
-    "decomposition probs": ("ours", {"method": "decomposition", "probs": True}),
-    "grad_eclip": ("ours", {"method": "grad_eclip"}),
-    "grad_eclip probs": ("ours", {"method": "grad_eclip", "probs": True}),
-    "chefer text": ("ours", {"method": "chefer", "towers": ("text",)}),
-    "chefer text probs": ("ours", {"method": "chefer", "towers": ("text",), "probs": True}),
-}
+READ_CASES = {}
+for _label, _opts in {
+    "rollout": {"method": "rollout"},
+    "raw_attention": {"method": "raw_attention"},
+    "gradcam": {"method": "gradcam"},
+    "sensitivity": {"method": "sensitivity"},
+    "decomposition": {"method": "decomposition"},
+    "grad_eclip": {"method": "grad_eclip"},
+    "chefer text": {"method": "chefer", "towers": ("text",)},
+}.items():
+    READ_CASES[_label] = ("ours", _opts)
+    READ_CASES[f"{_label} probs"] = ("ours", {**_opts, "probs": True})
 DEFAULT_CASES = list(CASES)
 CASES.update(READ_CASES)
 
