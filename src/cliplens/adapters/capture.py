@@ -86,7 +86,10 @@ class Capture:
         module.forward = forward
 
     def mha_probabilities(
-        self, modules: list[torch.nn.MultiheadAttention], sink: Callable[[int, torch.Tensor], None], kept: bool = False
+        self,
+        modules: list[torch.nn.MultiheadAttention],
+        sink: Callable[[int, torch.Tensor], None],
+        kept: bool = False,
     ) -> None:
         """Route each listed ``nn.MultiheadAttention`` instance through
         :func:`mha_with_probabilities` and hand its per-head probabilities (``kept``: its
@@ -264,7 +267,8 @@ def mha_with_probabilities(
         masks.append(mask)
     if kept:
         additive = [additive_mask(m, q.dtype) for m in masks]
-        mixed, probs = fused_attention_kept(q, k, v, sum(additive[1:], additive[0]) if additive else None, d**-0.5)
+        mask = sum(additive[1:], additive[0]) if additive else None
+        mixed, probs = fused_attention_kept(q, k, v, mask, d**-0.5)
     else:
         scores = (q * d**-0.5) @ k.transpose(-1, -2)  # (B, H, Lq, Lk)
         for mask in masks:

@@ -161,7 +161,8 @@ class HFBlipITCAdapter(ModelAdapter):
         run = TowerRun("image", embeds=None, layout=layout, pixel_values=pixel_values)  # type: ignore[arg-type]
         layers = list(vm.encoder.layers)
         with Capture() as capture:
-            capture_tower(capture, vm.embeddings, layers, [l.self_attn for l in layers], run, detach_blocks, input_embeds, fan_out, reads)
+            attentions = [l.self_attn for l in layers]
+            capture_tower(capture, vm.embeddings, layers, attentions, run, detach_blocks, input_embeds, fan_out, reads)
             # interpolation of the position embeddings is the identity at the model's own size
             out = vm(pixel_values=pixel_values, interpolate_pos_encoding=True)
         # the ITC path reads the class token of last_hidden_state (post_layernorm applied once;
@@ -193,7 +194,8 @@ class HFBlipITCAdapter(ModelAdapter):
         run = TowerRun("text", embeds=None, layout=layout)  # type: ignore[arg-type]
         layers = list(te.encoder.layer)
         with Capture() as capture:
-            capture_tower(capture, te.embeddings, layers, [l.attention.self for l in layers], run, detach_blocks, None, fan_out, reads)
+            attentions = [l.attention.self for l in layers]
+            capture_tower(capture, te.embeddings, layers, attentions, run, detach_blocks, None, fan_out, reads)
             # no encoder_hidden_states: the cross-attention to the image is skipped (ITC)
             hidden = te(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         run.pooled = hidden[:, 0]  # [CLS]; the last block's own LayerNorm is the final norm
