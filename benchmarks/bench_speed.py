@@ -32,7 +32,10 @@ ViT-B/16-sized random CLIP, one image, P prompts: time and peak memory ratios in
   "chefer text" (chefer on the text tower alone) against the same calls with "probs": every
   block a run holds keeps its probabilities on the eager path, as before a run kept only the
   blocks its method reads (``AttentionReads``; the others now run the fused kernel and keep
-  nothing) and read them kept.
+  nothing) and read them kept;
+- "chefer block" and "grad_eclip block": the gradient at the last block's attention through
+  the whole block, as before it came through the readout token's row alone
+  (``readout_attention_gradients``).
 
 Time: interleaved repeats, the median of per-repeat ratios (load changes hit both). Memory: on
 CUDA the peak allocation above the loaded model; on the CPU the peak RSS of a fresh process.
@@ -97,8 +100,14 @@ for _label, _opts in {
 }.items():
     READ_CASES[_label] = ("ours", _opts)
     READ_CASES[f"{_label} probs"] = ("ours", {**_opts, "probs": True})
+#: the last block's attention gradient through the readout row alone, against the whole block (--cases)
+BLOCK_CASES = {
+    "grad_eclip block": ("ours", {"method": "grad_eclip", "whole_block": True}),
+    "chefer block": ("ours", {"method": "chefer", "whole_block": True}),
+}
 DEFAULT_CASES = list(CASES)
 CASES.update(READ_CASES)
+CASES.update(BLOCK_CASES)
 
 
 def setup(size: int, device: str, dtype: torch.dtype):
@@ -186,16 +195,21 @@ def runner(adapter, image, texts, label: str):
         rows = opts.pop("per_pair_rows", False)
         eager = opts.pop("eager_blocks", False)
         probs = opts.pop("probs", False)
+        whole = opts.pop("whole_block", False)
 
         def fn():
             cls = REGISTRY[method]
             shared, kept, paths = cls.shared_graph, cls.kept_attention, hf_encoder.IMPLEMENTATION
+            module = sys.modules[cls.__module__]
+            short = getattr(module, "readout_attention_gradients", None)
             cls.shared_graph = shared and not rows
             cls.kept_attention = kept and not probs
             if probs:  # every block keeps its probabilities
                 cls.attention_reads = every_block
             if eager:
                 hf_encoder.IMPLEMENTATION = dict.fromkeys(paths, "eager")
+            if whole:  # the last block's gradient through the whole block
+                module.readout_attention_gradients = lambda *args: None
             try:
                 cliplens.explain(adapter, image, texts, method=method, **opts)
             finally:
@@ -204,6 +218,8 @@ def runner(adapter, image, texts, label: str):
                 if probs:
                     del cls.attention_reads
                 hf_encoder.IMPLEMENTATION = paths
+                if whole:
+                    module.readout_attention_gradients = short
     else:
         loop = opts["loop"]
 
@@ -278,7 +294,7 @@ def main() -> None:
                         )["peak_mb"]
             for label in cases:
                 t, t_plain, ratio = times[label]
-                ref = f"{label.removesuffix(' rows').removesuffix(' probs')} ref" if not label.endswith("ref") else None
+                ref = f"{label.removesuffix(' rows').removesuffix(' probs').removesuffix(' block')} ref" if not label.endswith("ref") else None
                 x_ref = f"{t / times[ref][0]:.2f}" if ref in times else ""
                 mem = mems.get(label)
                 m_plain = mems.get("plain")

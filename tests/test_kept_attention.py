@@ -483,3 +483,105 @@ def test_runs_for_embeddings_only_keep_no_attention(monkeypatch):
     ]
     for have, want in zip(fused, eager):
         torch.testing.assert_close(have, want, rtol=0, atol=1e-4 * float(want.abs().max()))
+
+
+# ---- the last block's readout row on its own --------------------------------------------------
+
+LINEAR_FAMILIES = [
+    pytest.param(name, factory, id=name, marks=[pytest.mark.open_clip] if name == "open_clip" else [])
+    for name, factory in ADAPTER_FACTORIES
+    if name in ("hf-clip", "hf-siglip", "hf-siglip2", "hf-blip-itc", "open_clip")
+]
+
+
+#: the towers whose last block the embedding reads at one token, with linear pieces and a kept
+#: last block (BLIP's attention computes its own probabilities: it never runs kept)
+SHORT_TOWERS = {
+    "hf-clip": ["image", "text"],
+    "hf-siglip": ["text"],
+    "hf-siglip2": ["text"],
+    "hf-blip-itc": [],
+    "open_clip": ["image", "text"],
+}
+
+
+@pytest.mark.parametrize("family,factory", LINEAR_FAMILIES)
+def test_readout_row_branch_of_the_last_block_gives_the_embedding(family, factory, monkeypatch):
+    """``attention_output`` of the kept output's readout row equals the attention branch summed
+    from the per-head mapped values (``attention_value_heads``, ``attention_out_bias``) with
+    the probabilities, and ``head(z + mlp(z))`` from that row alone is the tower's embedding
+    (float64, 1e-12; text rows padded to different lengths, so the readout sits at different
+    positions)."""
+    adapter = factory(seed=0, dtype=torch.float64)
+    _kept_in_float64(monkeypatch)
+    reads = AttentionReads(None, kept=True)
+    towers = [t for t in ("image", "text") if {"readout_token", "linear_split"} <= adapter.capabilities(t)]
+    assert towers
+    with adapter.explaining():
+        runs = {
+            "image": lambda: adapter.run_image(adapter.prepare_images(IMAGES[:1])[0].pixel_values, reads=reads),
+            "text": lambda: adapter.run_text(*_ids_and_mask(adapter), reads=reads),
+        }
+        for tower in towers:
+            run = runs[tower]()
+            last = len(run.attentions) - 1
+            attn = run.attentions[last]
+            r = run.layout.readout
+            rows = torch.arange(r.shape[0])
+            x = run.block_inputs[last][rows, r]
+            A = query_rows(attn, r)  # (rows, H, n)
+            if tower in SHORT_TOWERS[family]:
+                heads = attn.output[rows, :, r]  # (rows, H, d)
+            else:  # BLIP's eager block: its values from its fused projection
+                _, _, v = adapter._qkv(adapter._vit_layer(tower, last), run.block_inputs[last])  # (rows, n, H, d)
+                heads = torch.einsum("rhn,rnhd->rhd", A, v)
+            U = adapter.attention_value_heads(tower, last, run.block_inputs[last])  # (rows, H, n, C)
+            bias = adapter.attention_out_bias(tower, last)
+            want = torch.einsum("rhn,rhnc->rc", A, U) + (0 if bias is None else bias)
+            have = adapter.attention_output(tower, last, heads)
+            torch.testing.assert_close(have, want, rtol=0, atol=1e-12)
+            z = x + have
+            embeds = adapter.head(tower, z + adapter.mlp_output(tower, last, z))
+            torch.testing.assert_close(embeds, run.embeds, rtol=0, atol=1e-12)
+
+
+def _ids_and_mask(adapter):
+    batch = adapter.tokenize(TEXTS)
+    assert len(set(batch.attention_mask.sum(1).tolist())) > 1
+    return batch.input_ids, batch.attention_mask
+
+
+@pytest.mark.parametrize("family,factory", LINEAR_FAMILIES)
+@pytest.mark.parametrize("method", ["chefer", "grad_eclip"])
+def test_last_block_gradient_through_its_readout_row_equals_the_whole_block(family, factory, method, monkeypatch):
+    """chefer (default: the last block) and grad_eclip take the gradient at the last block's
+    attention through the readout row alone on every tower that reads out a token with linear
+    pieces, and never go back through the whole block there: the same maps and token scores as
+    through the whole block (float64, kept blocks, 1e-12 of the scale)."""
+    import cliplens.methods.chefer as chefer
+    import cliplens.methods.grad_eclip as grad_eclip
+    import cliplens.methods.pairs as pairs
+
+    adapter = factory(seed=0, dtype=torch.float64)
+    meth = REGISTRY[method]()
+    if meth.unsupported(adapter, meth.towers, meth.parse_options({})):
+        pytest.skip(f"{method} does not run on {family}")
+    _kept_in_float64(monkeypatch)
+    short, whole = [], []
+
+    def spy(adapter, runs, tower):
+        out = pairs.readout_attention_gradients(adapter, runs, tower)
+        (short if out is not None else whole).append(tower)
+        return out
+
+    module = chefer if method == "chefer" else grad_eclip
+    monkeypatch.setattr(module, "readout_attention_gradients", spy)
+    block_calls = []
+    monkeypatch.setattr(chefer, "block_gradients", _counting(pairs.block_gradients, block_calls))
+    have = cliplens.explain(adapter, IMAGES, TEXTS, method=method)
+    assert sorted(set(short)) == SHORT_TOWERS[family]
+    if method == "chefer":
+        assert len(block_calls) == len(whole)  # the whole block only where the short way is shut
+    monkeypatch.setattr(module, "readout_attention_gradients", lambda *args: None)
+    want = cliplens.explain(adapter, IMAGES, TEXTS, method=method)
+    _assert_same(have, want, 1e-12)

@@ -290,7 +290,8 @@ class ModelAdapter(ABC):
           end-of-text token), not through an attention-pooling head;
         - ``"linear_split"``: its blocks and readout are exposed as exact linear pieces
           (:meth:`attention_value_heads`, :meth:`attention_qk`, :meth:`attention_out_bias`,
-          :meth:`mlp_output`, :meth:`readout_parts`), for exact decompositions;
+          :meth:`attention_output`, :meth:`mlp_output`, :meth:`readout_parts`), for exact
+          decompositions and for a last block's readout row computed on its own;
         - ``"pool_split"``: the tower pools with an attention head whose linear pieces are
           exposed (:meth:`pool_value_heads`, :meth:`pool_out_bias`, :meth:`pool_mlp_output`):
           its embedding splits exactly per (head, token) plus the head's bias and MLP.
@@ -461,6 +462,12 @@ class ModelAdapter(ABC):
         """(C,) the bias the attention branch of block ``layer_index`` adds (after its output
         projection and any layer scale), or None."""
         raise NotImplementedError(f"{type(self).__name__} does not expose the attention output bias")
+
+    def attention_output(self, tower: str, layer_index: int, heads: torch.Tensor) -> torch.Tensor:
+        """(..., H, d) block ``layer_index``'s attention output per head (``A V``, before the
+        output projection) -> (..., C): what its attention branch adds to the residual stream
+        (the output projection with its bias, and any layer scale)."""
+        raise NotImplementedError(f"{type(self).__name__} does not expose the attention output projection")
 
     def mlp_output(self, tower: str, layer_index: int, hidden: torch.Tensor) -> torch.Tensor:
         """(B, n, C) residual stream after block ``layer_index``'s attention branch -> what

@@ -248,6 +248,9 @@ class HFBlipITCAdapter(ModelAdapter):
     def attention_out_bias(self, tower: str, layer_index: int) -> torch.Tensor | None:
         return self._vit_layer(tower, layer_index).self_attn.projection.bias
 
+    def attention_output(self, tower: str, layer_index: int, heads: torch.Tensor) -> torch.Tensor:
+        return self._vit_layer(tower, layer_index).self_attn.projection(heads.flatten(-2))
+
     def mlp_output(self, tower: str, layer_index: int, hidden: torch.Tensor) -> torch.Tensor:
         layer = self._vit_layer(tower, layer_index)
         return layer.mlp(layer.layer_norm2(hidden))

@@ -304,6 +304,9 @@ class HFEncoderAdapter(ModelAdapter):
     def attention_out_bias(self, tower: str, layer_index: int) -> torch.Tensor | None:
         return self._layer(tower, layer_index).self_attn.out_proj.bias
 
+    def attention_output(self, tower: str, layer_index: int, heads: torch.Tensor) -> torch.Tensor:
+        return self._layer(tower, layer_index).self_attn.out_proj(heads.flatten(-2))
+
     def mlp_output(self, tower: str, layer_index: int, hidden: torch.Tensor) -> torch.Tensor:
         layer = self._layer(tower, layer_index)
         return layer.mlp(layer.layer_norm2(hidden))

@@ -563,6 +563,10 @@ class OpenClipAdapter(ModelAdapter):
             return bias
         return bias * gamma
 
+    def attention_output(self, tower: str, layer_index: int, heads: torch.Tensor) -> torch.Tensor:
+        blk = self._block(tower, layer_index)
+        return blk.ls_1(blk.attn.out_proj(heads.flatten(-2)))
+
     def mlp_output(self, tower: str, layer_index: int, hidden: torch.Tensor) -> torch.Tensor:
         blk = self._block(tower, layer_index)
         return blk.ls_2(blk.mlp(blk.ln_2(hidden)))

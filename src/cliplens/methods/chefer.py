@@ -45,10 +45,11 @@ import torch
 
 from ..adapters.base import ModelAdapter
 from ..adapters.fusion import FusionAdapter
+from ..adapters.kept import query_rows
 from ..targets import Target
 from .base import Attribution, Method, option, register, resolve_layer
 from .fusion_pairs import FusionRuns
-from .pairs import PairRuns, block_gradients
+from .pairs import PairRuns, block_gradients, readout_attention_gradients
 from .relevance import DEGENERATE_POLICIES, RowFold, StreamRelevance, accumulation_dtype, gradient_weighted
 
 
@@ -86,7 +87,9 @@ class Chefer(Method):
         for tower in towers:
             n_layers = len(runs.run(tower).attentions)
             starts[tower] = resolve_layer(opts.start_layer, n_layers, n_layers - 1, "start_layer")
-        rows = {tower: shared_row(self.name, runs, tower, starts[tower]) for tower in towers if tower in runs.leaves}
+        rows = {
+            tower: shared_row(self.name, adapter, runs, tower, starts[tower]) for tower in towers if tower in runs.leaves
+        }
         folds = {t: RowFold.hooked(self.name, runs.run(t), starts[t]) for t in towers if t not in runs.leaves}
         try:
             if folds:
@@ -136,12 +139,22 @@ class Chefer(Method):
         )
 
 
-def shared_row(method: str, runs: PairRuns, tower: str, start: int) -> torch.Tensor:
+def shared_row(method: str, adapter: ModelAdapter, runs: PairRuns, tower: str, start: int) -> torch.Tensor:
     """(B*P, n) the readout rows of a shared tower's pairs, folded block by block from
     :func:`~cliplens.methods.pairs.block_gradients` (each block's gradient reduced to Abar
-    before the next is computed)."""
+    before the next is computed). When the last block alone is explained (the default) and
+    the tower reads out a token, only that block's readout row of Abar is needed, and its
+    gradient comes through that row alone
+    (:func:`~cliplens.methods.pairs.readout_attention_gradients`)."""
     run = runs.run(tower)
     fold = RowFold(method, run, start, pairs=lambda rows: runs.pair_values(tower, rows).reshape(runs.B * runs.P, -1))
+    last = len(run.attentions) - 1
+    grad = readout_attention_gradients(adapter, runs, tower) if start == last else None
+    if grad is not None:  # (B, P, H, n)
+        probs = runs.distinct(tower, query_rows(run.attentions[last], run.layout.readout))
+        abar = gradient_weighted(probs[..., None, :].to(grad.dtype), grad[..., None, :])  # (B, P, 1, n)
+        fold.readout_block(last, abar.reshape(runs.B * runs.P, -1))
+        return fold.done().detach()
     head = [] if run.layout.has_readout_token else [run.pool_attention]
     for layer, probs, grad in block_gradients(runs, tower, start, head):
         if layer is None:

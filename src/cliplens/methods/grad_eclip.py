@@ -51,7 +51,7 @@ from ..adapters.base import ModelAdapter
 from ..adapters.kept import KeptAttention, in_graph
 from ..targets import Target
 from .base import Attribution, Method, register
-from .pairs import PairRuns, tower_result
+from .pairs import PairRuns, readout_attention_gradients, tower_result
 
 
 def min_max_over(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -94,13 +94,15 @@ class GradEclip(Method):
         self, adapter: ModelAdapter, runs: PairRuns, target: Target, towers: tuple[str, ...], opts
     ) -> Attribution:
         B, P = runs.B, runs.P
+        # the readout row of dy/dA: through that row alone where the tower allows it, else at
+        # the whole block's attention (its probabilities, or a kept block's output)
+        short = {t: readout_attention_gradients(adapter, runs, t) for t in towers}
+        whole = [t for t in towers if short[t] is None]
         with torch.enable_grad():
-            grads = runs.pair_gradients({t: [in_graph(runs.run(t).attentions[-1])] for t in towers})
+            grads = runs.pair_gradients({t: [in_graph(runs.run(t).attentions[-1])] for t in whole}) if whole else {}
         out = Attribution()
         for tower in towers:
             run = runs.run(tower)
-            # (B, P, H, n, n) at the probabilities, or (B, P, H, n, d) at a kept block's output
-            g = grads[tower][0].detach()
             r = run.layout.readout
             keep = run.layout.content if tower == "image" else run.layout.valid
             with torch.no_grad():
@@ -108,12 +110,17 @@ class GradEclip(Method):
                 w = affinity(adapter, tower, len(run.attentions) - 1, run.block_inputs[-1].detach(), r, keep)
                 w = runs.pair_values(tower, w).reshape(B * P, *w.shape[1:])  # (B*P, H, n)
                 r = runs.pair_values(tower, r).reshape(B * P)
-                g = g.reshape(B * P, *g.shape[2:])
-                g_r = g[torch.arange(B * P, device=g.device), :, r]  # (B*P, H, n): <dy/do_r, V^h_j>
-                attn = run.attentions[-1]
-                if isinstance(attn, KeptAttention):  # the readout row of dy/dA = dO V^T
-                    v = runs.pair_values(tower, attn.value).reshape(B * P, *attn.value.shape[1:])
-                    g_r = torch.einsum("rhd,rhnd->rhn", g_r, v.to(g_r.dtype))
+                if short[tower] is not None:
+                    g_r = short[tower].reshape(B * P, *short[tower].shape[2:]).to(w.dtype)  # (B*P, H, n)
+                else:
+                    # (B, P, H, n, n) at the probabilities, or (B, P, H, n, d) at a kept block's output
+                    g = grads[tower][0].detach()
+                    g = g.reshape(B * P, *g.shape[2:])
+                    g_r = g[torch.arange(B * P, device=g.device), :, r]  # (B*P, H, n): <dy/do_r, V^h_j>
+                    attn = run.attentions[-1]
+                    if isinstance(attn, KeptAttention):  # the readout row of dy/dA = dO V^T
+                        v = runs.pair_values(tower, attn.value).reshape(B * P, *attn.value.shape[1:])
+                        g_r = torch.einsum("rhd,rhnd->rhn", g_r, v.to(g_r.dtype))
                 values = (w * g_r).sum(1).clamp(min=0)
             if tower == "image":
                 out.image_maps = tower_result(runs, tower, values)

@@ -140,7 +140,8 @@ class RowFold:
     def __init__(self, method: str, run: TowerRun, start: int, pairs=None):
         if not run.layout.has_readout_token and run.pool_attention is None:
             readout_rows(method, run)  # raises: the row has nowhere to start
-        self.expected = len(run.attentions) - 1
+        self.expected = self.last = len(run.attentions) - 1
+        self.one_hot = run.layout.has_readout_token
         self.start = start
         self.handles: list = []
         self.row: torch.Tensor | None = None
@@ -174,6 +175,14 @@ class RowFold:
         if self.row is None:
             raise RuntimeError("the pooling attention's gradient did not arrive before the blocks'")
         self.row = self.row + row_times_abar(self.row, probs, grad)
+
+    def readout_block(self, layer: int, abar_row: torch.Tensor) -> None:
+        """The last block's fold from the readout token's row of its Abar alone, ``abar_row``
+        (rows, n): the row is still one-hot there, so ``r @ Abar`` is that row."""
+        if layer != self.expected or layer != self.last or not self.one_hot:
+            raise RuntimeError("a readout row alone folds only the last block of a tower that reads out a token")
+        self.expected -= 1
+        self.row = self.row + abar_row.to(self.row.dtype)
 
     def remove(self) -> None:
         for h in self.handles:
