@@ -40,7 +40,10 @@ last block's attention as one batched vector-Jacobian product per tower (``share
 and the last block's q and k once per distinct input (two C x C products per token). The last
 block runs the fused kernel (``kept_attention``): the gradient is taken at its output O = A V,
 (B, P, H, n, d) instead of the probabilities' (B, P, H, n, n), and only the readout row of
-dy/dA = dO V^T is formed (float64 runs stay eager).
+dy/dA = dO V^T is formed (float64 runs stay eager). On towers with the adapter's linear pieces
+the gradient at O comes through the readout row alone (the only row of the last block the
+embedding reads; :func:`~cliplens.methods.pairs.readout_attention_gradients`): one row per
+input and pair instead of the block's n.
 """
 
 from __future__ import annotations
