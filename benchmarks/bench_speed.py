@@ -33,9 +33,9 @@ ViT-B/16-sized random CLIP, one image, P prompts: time and peak memory ratios in
   block a run holds keeps its probabilities on the eager path, as before a run kept only the
   blocks its method reads (``AttentionReads``; the others now run the fused kernel and keep
   nothing) and read them kept;
-- "chefer block" and "grad_eclip block": the gradient at the last block's attention through
-  the whole block, as before it came through the readout token's row alone
-  (``readout_attention_gradients``).
+- "chefer block", "grad_eclip block" and "gradcam block": the gradient at the last block's
+  attention (gradcam: its input) through the whole block, as before it came through the
+  readout token's row alone (``readout_attention_gradients``, ``readout_input_gradients``).
 
 Time: interleaved repeats, the median of per-repeat ratios (load changes hit both). Memory: on
 CUDA the peak allocation above the loaded model; on the CPU the peak RSS of a fresh process.
@@ -103,6 +103,7 @@ for _label, _opts in {
 #: the last block's attention gradient through the readout row alone, against the whole block (--cases)
 BLOCK_CASES = {
     "grad_eclip block": ("ours", {"method": "grad_eclip", "whole_block": True}),
+    "gradcam block": ("ours", {"method": "gradcam", "whole_block": True}),
     "chefer block": ("ours", {"method": "chefer", "whole_block": True}),
 }
 DEFAULT_CASES = list(CASES)
@@ -201,7 +202,8 @@ def runner(adapter, image, texts, label: str):
             cls = REGISTRY[method]
             shared, kept, paths = cls.shared_graph, cls.kept_attention, hf_encoder.IMPLEMENTATION
             module = sys.modules[cls.__module__]
-            short = getattr(module, "readout_attention_gradients", None)
+            names = ("readout_attention_gradients", "readout_input_gradients")
+            shorts = {n: getattr(module, n) for n in names if hasattr(module, n)}
             cls.shared_graph = shared and not rows
             cls.kept_attention = kept and not probs
             if probs:  # every block keeps its probabilities
@@ -209,7 +211,8 @@ def runner(adapter, image, texts, label: str):
             if eager:
                 hf_encoder.IMPLEMENTATION = dict.fromkeys(paths, "eager")
             if whole:  # the last block's gradient through the whole block
-                module.readout_attention_gradients = lambda *args: None
+                for name in shorts:
+                    setattr(module, name, lambda *args: None)
             try:
                 cliplens.explain(adapter, image, texts, method=method, **opts)
             finally:
@@ -218,8 +221,8 @@ def runner(adapter, image, texts, label: str):
                 if probs:
                     del cls.attention_reads
                 hf_encoder.IMPLEMENTATION = paths
-                if whole:
-                    module.readout_attention_gradients = short
+                for name, fn in shorts.items():
+                    setattr(module, name, fn)
     else:
         loop = opts["loop"]
 

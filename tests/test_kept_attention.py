@@ -401,7 +401,8 @@ def test_kept_attention_function_is_registered_for_the_call_only():
 
 READ_CASES = [
     # (method, options, towers, blocks kept per tower of L: a function of L)
-    ("gradcam", {}, ("image",), lambda L: {"image": set(), "text": set()}),
+    ("gradcam", {}, ("image",), lambda L: {"image": {L - 1}, "text": set()}),  # for the readout row
+    ("gradcam", {"layer": 1}, ("image",), lambda L: {"image": set(), "text": set()}),
     ("sensitivity", {}, None, lambda L: {"image": set(), "text": set()}),
     ("chefer", {}, ("image",), lambda L: {"image": {L - 1}, "text": set()}),
     ("legrad", {"layers": 2}, ("text",), lambda L: {"image": set(), "text": {L - 2, L - 1}}),
@@ -412,7 +413,9 @@ READ_CASES = [
 
 
 @pytest.mark.parametrize("family,factory", [f for f in KEPT_FAMILIES if f.id in ("hf-clip", "open_clip")])
-@pytest.mark.parametrize("method,options,towers,blocks", READ_CASES, ids=[c[0] for c in READ_CASES])
+@pytest.mark.parametrize(
+    "method,options,towers,blocks", READ_CASES, ids=[c[0] + str(c[1] or "") for c in READ_CASES]
+)
 def test_blocks_no_method_reads_keep_nothing_and_run_fused(
     family, factory, method, options, towers, blocks, monkeypatch
 ):
@@ -507,11 +510,12 @@ SHORT_TOWERS = {
 
 @pytest.mark.parametrize("family,factory", LINEAR_FAMILIES)
 def test_readout_row_branch_of_the_last_block_gives_the_embedding(family, factory, monkeypatch):
-    """``attention_output`` of the kept output's readout row equals the attention branch summed
-    from the per-head mapped values (``attention_value_heads``, ``attention_out_bias``) with
-    the probabilities, and ``head(z + mlp(z))`` from that row alone is the tower's embedding
-    (float64, 1e-12; text rows padded to different lengths, so the readout sits at different
-    positions)."""
+    """The readout row of the last block from the adapter's linear pieces: ``A_r V`` with
+    ``attention_values`` is the kept output's row; ``attention_output`` of it equals the
+    attention branch summed from the per-head mapped values (``attention_value_heads``,
+    ``attention_out_bias``) with the probabilities; and ``head(z + mlp(z))`` from that row
+    alone is the tower's embedding (float64, 1e-12; text rows padded to different lengths, so
+    the readout sits at different positions)."""
     adapter = factory(seed=0, dtype=torch.float64)
     _kept_in_float64(monkeypatch)
     reads = AttentionReads(None, kept=True)
@@ -530,11 +534,10 @@ def test_readout_row_branch_of_the_last_block_gives_the_embedding(family, factor
             rows = torch.arange(r.shape[0])
             x = run.block_inputs[last][rows, r]
             A = query_rows(attn, r)  # (rows, H, n)
-            if tower in SHORT_TOWERS[family]:
-                heads = attn.output[rows, :, r]  # (rows, H, d)
-            else:  # BLIP's eager block: its values from its fused projection
-                _, _, v = adapter._qkv(adapter._vit_layer(tower, last), run.block_inputs[last])  # (rows, n, H, d)
-                heads = torch.einsum("rhn,rnhd->rhd", A, v)
+            V = adapter.attention_values(tower, last, run.block_inputs[last])  # (rows, H, n, d)
+            heads = torch.einsum("rhn,rhnd->rhd", A, V)
+            if tower in SHORT_TOWERS[family]:  # the kept output's readout row is A_r V
+                torch.testing.assert_close(attn.output[rows, :, r], heads, rtol=0, atol=1e-12)
             U = adapter.attention_value_heads(tower, last, run.block_inputs[last])  # (rows, H, n, C)
             bias = adapter.attention_out_bias(tower, last)
             want = torch.einsum("rhn,rhnc->rc", A, U) + (0 if bias is None else bias)
@@ -585,3 +588,35 @@ def test_last_block_gradient_through_its_readout_row_equals_the_whole_block(fami
     monkeypatch.setattr(module, "readout_attention_gradients", lambda *args: None)
     want = cliplens.explain(adapter, IMAGES, TEXTS, method=method)
     _assert_same(have, want, 1e-12)
+
+
+@pytest.mark.parametrize("family,factory", LINEAR_FAMILIES)
+def test_gradcam_gradient_through_the_readout_row_equals_the_whole_block(family, factory, monkeypatch):
+    """gradcam at the last block's input (the default) takes every pair's gradient through the
+    block's readout row rebuilt from its input (keys and values of every token), on the image
+    towers that read out a token with linear pieces: the same maps as through the whole block
+    (float64, kept last block, 1e-12 of the scale); the whole block is never asked there."""
+    import cliplens.methods.gradcam as gradcam
+    import cliplens.methods.pairs as pairs
+
+    adapter = factory(seed=0, dtype=torch.float64)
+    _kept_in_float64(monkeypatch)
+    short, whole = [], []
+
+    def spy(adapter, runs, tower):
+        out = pairs.readout_input_gradients(adapter, runs, tower)
+        (short if out is not None else whole).append(tower)
+        return out
+
+    monkeypatch.setattr(gradcam, "readout_input_gradients", spy)
+    asked = []
+    monkeypatch.setattr(pairs.PairRuns, "pair_gradients", _counting(pairs.PairRuns.pair_gradients, asked))
+    have = cliplens.explain(adapter, IMAGES, TEXTS, method="gradcam")
+    assert bool(short) == ("image" in SHORT_TOWERS[family])
+    assert len(asked) == len(whole)
+    monkeypatch.setattr(gradcam, "readout_input_gradients", lambda *args: None)
+    want = cliplens.explain(adapter, IMAGES, TEXTS, method="gradcam")
+    for b in range(len(IMAGES)):
+        for p in range(len(TEXTS)):
+            w = want.extras["signed"][b][p]
+            np.testing.assert_allclose(have.extras["signed"][b][p], w, rtol=0, atol=1e-12 * np.abs(w).max())

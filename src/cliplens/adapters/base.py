@@ -289,8 +289,9 @@ class ModelAdapter(ABC):
         - ``"readout_token"``: the tower reads its embedding out of one token (class token,
           end-of-text token), not through an attention-pooling head;
         - ``"linear_split"``: its blocks and readout are exposed as exact linear pieces
-          (:meth:`attention_value_heads`, :meth:`attention_qk`, :meth:`attention_out_bias`,
-          :meth:`attention_output`, :meth:`mlp_output`, :meth:`readout_parts`), for exact
+          (:meth:`attention_value_heads`, :meth:`attention_qk`, :meth:`attention_values`,
+          :meth:`attention_out_bias`, :meth:`attention_output`, :meth:`mlp_output`,
+          :meth:`readout_parts`), for exact
           decompositions and for a last block's readout row computed on its own;
         - ``"pool_split"``: the tower pools with an attention head whose linear pieces are
           exposed (:meth:`pool_value_heads`, :meth:`pool_out_bias`, :meth:`pool_mlp_output`):
@@ -457,6 +458,12 @@ class ModelAdapter(ABC):
         (after the pre-norm and the projections with their biases, before the 1/sqrt(d)
         scaling), so ``softmax(q k^T / sqrt(d) + mask)`` is the block's attention."""
         raise NotImplementedError(f"{type(self).__name__} does not expose per-head queries and keys")
+
+    def attention_values(self, tower: str, layer_index: int, block_input: torch.Tensor) -> torch.Tensor:
+        """(B, n, C) residual stream entering block ``layer_index`` -> (B, H, n, d): every head's
+        value vectors (after the pre-norm and the value projection with its bias), so the
+        attention output per head is ``A V`` (what :meth:`attention_output` maps)."""
+        raise NotImplementedError(f"{type(self).__name__} does not expose per-head values")
 
     def attention_out_bias(self, tower: str, layer_index: int) -> torch.Tensor | None:
         """(C,) the bias the attention branch of block ``layer_index`` adds (after its output

@@ -232,18 +232,20 @@ class HFBlipITCAdapter(ModelAdapter):
         return q, k, v
 
     def attention_value_heads(self, tower: str, layer_index: int, block_input: torch.Tensor) -> torch.Tensor:
-        layer = self._vit_layer(tower, layer_index)
-        attn = layer.self_attn
-        _, _, v = self._qkv(layer, block_input)
-        c = attn.embed_dim
-        w_o = attn.projection.weight.reshape(c, attn.num_heads, attn.head_dim)
-        return torch.einsum("bnhd,chd->bhnc", v, w_o)
+        attn = self._vit_layer(tower, layer_index).self_attn
+        values = self.attention_values(tower, layer_index, block_input)  # (B, H, n, d)
+        w_o = attn.projection.weight.reshape(attn.embed_dim, attn.num_heads, attn.head_dim)
+        return torch.einsum("bhnd,chd->bhnc", values, w_o)
 
     def attention_qk(
         self, tower: str, layer_index: int, block_input: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         q, k, _ = self._qkv(self._vit_layer(tower, layer_index), block_input)
         return q.transpose(1, 2), k.transpose(1, 2)
+
+    def attention_values(self, tower: str, layer_index: int, block_input: torch.Tensor) -> torch.Tensor:
+        _, _, v = self._qkv(self._vit_layer(tower, layer_index), block_input)
+        return v.transpose(1, 2)
 
     def attention_out_bias(self, tower: str, layer_index: int) -> torch.Tensor | None:
         return self._vit_layer(tower, layer_index).self_attn.projection.bias

@@ -281,25 +281,32 @@ class HFEncoderAdapter(ModelAdapter):
 
     # ---- linear pieces (see ModelAdapter) ------------------------------------------------
     def attention_value_heads(self, tower: str, layer_index: int, block_input: torch.Tensor) -> torch.Tensor:
-        layer = self._layer(tower, layer_index)
-        attn = layer.self_attn
-        values = attn.v_proj(layer.layer_norm1(block_input))  # (B, n, C)
-        b, n, c = values.shape
-        h, d = attn.num_heads, attn.head_dim
-        w_o = attn.out_proj.weight.reshape(c, h, d)  # out = sum_h W_O[:, h-slice] @ v_h
-        return torch.einsum("bnhd,chd->bhnc", values.reshape(b, n, h, d), w_o)
+        attn = self._layer(tower, layer_index).self_attn
+        values = self.attention_values(tower, layer_index, block_input)  # (B, H, n, d)
+        # out = sum_h W_O[:, h-slice] @ v_h
+        w_o = attn.out_proj.weight.reshape(-1, attn.num_heads, attn.head_dim)
+        return torch.einsum("bhnd,chd->bhnc", values, w_o)
 
-    def attention_qk(
-        self, tower: str, layer_index: int, block_input: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _projected(
+        self, tower: str, layer_index: int, block_input: torch.Tensor, names: str
+    ) -> list[torch.Tensor]:
+        """Block ``layer_index``'s ``q``, ``k`` and/or ``v`` projections (``names``, e.g.
+        ``"qk"``) of its pre-normed input, each (B, H, n, d)."""
         layer = self._layer(tower, layer_index)
         attn = layer.self_attn
         x = layer.layer_norm1(block_input)
         b, n, _ = x.shape
-        h, d = attn.num_heads, attn.head_dim
-        q = attn.q_proj(x).reshape(b, n, h, d).transpose(1, 2)
-        k = attn.k_proj(x).reshape(b, n, h, d).transpose(1, 2)
+        heads = lambda y: y.reshape(b, n, attn.num_heads, attn.head_dim).transpose(1, 2)  # noqa: E731
+        return [heads(getattr(attn, f"{name}_proj")(x)) for name in names]
+
+    def attention_qk(
+        self, tower: str, layer_index: int, block_input: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        q, k = self._projected(tower, layer_index, block_input, "qk")
         return q, k
+
+    def attention_values(self, tower: str, layer_index: int, block_input: torch.Tensor) -> torch.Tensor:
+        return self._projected(tower, layer_index, block_input, "v")[0]
 
     def attention_out_bias(self, tower: str, layer_index: int) -> torch.Tensor | None:
         return self._layer(tower, layer_index).self_attn.out_proj.bias

@@ -531,29 +531,34 @@ class OpenClipAdapter(ModelAdapter):
     def attention_value_heads(self, tower: str, layer_index: int, block_input: torch.Tensor) -> torch.Tensor:
         blk = self._block(tower, layer_index)
         mha = blk.attn
-        c = mha.embed_dim
-        h = mha.num_heads
-        w_v = mha.in_proj_weight[2 * c :]
-        b_v = mha.in_proj_bias[2 * c :] if mha.in_proj_bias is not None else None
-        values = F.linear(blk.ln_1(block_input), w_v, b_v)  # (B, n, C)
-        b, n, _ = values.shape
-        w_o = mha.out_proj.weight.reshape(c, h, c // h)
-        heads = torch.einsum("bnhd,chd->bhnc", values.reshape(b, n, h, c // h), w_o)
+        c, h = mha.embed_dim, mha.num_heads
+        values = self.attention_values(tower, layer_index, block_input)  # (B, H, n, d)
+        heads = torch.einsum("bhnd,chd->bhnc", values, mha.out_proj.weight.reshape(c, h, c // h))
         gamma = self._scale(blk.ls_1)
         return heads * gamma if gamma is not None else heads
+
+    @staticmethod
+    def _in_projection(blk, x: torch.Tensor, part: int) -> torch.Tensor:
+        """(B, n, C) normed stream -> (B, H, n, d): the query (``part`` 0), key (1) or value (2)
+        third of ``nn.MultiheadAttention``'s in-projection, per head."""
+        mha = blk.attn
+        c, h = mha.embed_dim, mha.num_heads
+        rows = slice(part * c, (part + 1) * c)
+        bias = mha.in_proj_bias
+        y = F.linear(x, mha.in_proj_weight[rows], None if bias is None else bias[rows])
+        b, n, _ = y.shape
+        return y.reshape(b, n, h, c // h).transpose(1, 2)
 
     def attention_qk(
         self, tower: str, layer_index: int, block_input: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         blk = self._block(tower, layer_index)
-        mha = blk.attn
-        c, h = mha.embed_dim, mha.num_heads
-        bias = mha.in_proj_bias
         x = blk.ln_1(block_input)
-        b, n, _ = x.shape
-        q = F.linear(x, mha.in_proj_weight[:c], None if bias is None else bias[:c])
-        k = F.linear(x, mha.in_proj_weight[c : 2 * c], None if bias is None else bias[c : 2 * c])
-        return q.reshape(b, n, h, c // h).transpose(1, 2), k.reshape(b, n, h, c // h).transpose(1, 2)
+        return self._in_projection(blk, x, 0), self._in_projection(blk, x, 1)
+
+    def attention_values(self, tower: str, layer_index: int, block_input: torch.Tensor) -> torch.Tensor:
+        blk = self._block(tower, layer_index)
+        return self._in_projection(blk, blk.ln_1(block_input), 2)
 
     def attention_out_bias(self, tower: str, layer_index: int) -> torch.Tensor | None:
         blk = self._block(tower, layer_index)

@@ -24,7 +24,10 @@ each token); raw map, no min-max, no upsampling; all pairs in one backward; imag
 Cost: one forward of the image tower over the B images and of the text tower over the P
 prompts (no per-pair copies), then the B*P pairs' gradients at the features as one batched
 vector-Jacobian product over the image graph (``shared_graph``), which runs through the blocks
-from ``layer`` on only.
+from ``layer`` on only. At the last block (the default) on a tower with a readout token and the
+adapter's linear pieces, through that block's readout row alone
+(:func:`~cliplens.methods.pairs.readout_input_gradients`): the keys and values of every token,
+the rest of one row.
 
 Fusion models with cross-attention (BLIP image-text matching): Grad-CAM on a cross-attention
 layer the way LAVIS computes it for BLIP (``compute_gradcam``): with A the cross-attention
@@ -49,7 +52,7 @@ from ..adapters.fusion import FusionAdapter
 from ..targets import Target
 from .base import Attribution, Method, option, register, resolve_layer
 from .fusion_pairs import FusionRuns
-from .pairs import PairRuns
+from .pairs import PairRuns, readout_input_gradients
 
 
 @register
@@ -71,22 +74,30 @@ class GradCAM(Method):
 
     fusion = True
     shared_graph = True
+    kept_attention = True  # the last block, for its readout row (attention_blocks)
 
     def graph_from(self, tower: str, opts: Options, num_layers: int) -> int:
         # the features are the stream entering this block: the backward stops there
         return resolve_layer(opts.layer, num_layers, num_layers - 1)
 
     def attention_blocks(self, tower: str, opts: Options, num_layers: int) -> frozenset[int]:
-        return frozenset()  # the features are the stream: every block runs the fused kernel
+        # the features are the stream: every block runs the fused kernel; the last one keeps its
+        # queries, keys and values (scale and mask) when the features enter it, for the readout row
+        last = num_layers - 1
+        return frozenset({last}) if resolve_layer(opts.layer, num_layers, last) == last else frozenset()
 
     def attribute(
         self, adapter: ModelAdapter, runs: PairRuns, target: Target, towers: tuple[str, ...], opts: Options
     ) -> Attribution:
         run = runs.image
         n_layers = len(run.block_inputs)
-        feats = run.block_inputs[resolve_layer(opts.layer, n_layers, n_layers - 1)]
+        layer = resolve_layer(opts.layer, n_layers, n_layers - 1)
+        feats = run.block_inputs[layer]
         patches = run.layout.patches
-        (grad,) = runs.pair_gradients({"image": [feats]})["image"]  # (B, P, n, C)
+        # the last block's input: through that block's readout row where the tower allows it
+        grad = readout_input_gradients(adapter, runs, "image") if layer == n_layers - 1 else None
+        if grad is None:
+            (grad,) = runs.pair_gradients({"image": [feats]})["image"]  # (B, P, n, C)
         alpha = grad[:, :, patches].mean(dim=2)  # (B, P, C)
         signed = torch.einsum("bpnc,bpc->bpn", runs.pair_values("image", feats.detach())[:, :, patches], alpha)
         gh, gw = run.layout.grid

@@ -16,13 +16,14 @@ The helpers below turn per-row tower values back into per-pair results (B, P, ..
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
 
 from ..adapters.base import FanOut, ImageBatch, ModelAdapter, TextBatch, TowerRun, against_pairs, swap_pairs
-from ..adapters.kept import EVERY_BLOCK, AttentionReads, KeptAttention, in_graph
+from ..adapters.kept import EVERY_BLOCK, AttentionReads, KeptAttention, in_graph, query_rows
 from ..targets import PairContext, PairScores, Target
 from .relevance import accumulation_dtype
 
@@ -167,36 +168,83 @@ def readout_attention_gradients(adapter: ModelAdapter, runs: PairRuns, tower: st
     token's row: the block's other rows feed nothing after it. The embedding is then
     ``head(z + mlp(z))`` with ``z = x + attention_output(O_r)``, x the readout token's row of
     the block's input and O_r = A_r V its attention output's row (per head, before the output
-    projection), and every pair's gradient at O_r is a batched vector-Jacobian product over that
-    one row per input: rows x C where the whole block's is rows x n x C. ``dy/dA_r = dO_r V^T``.
-    At P = 32 (ViT-B/16, 224 px) the whole block's product was half of a chefer explanation.
+    projection; :func:`readout_row_embeds`), and every pair's gradient at O_r is a batched
+    vector-Jacobian product over that one row per input: rows x C where the whole block's is
+    rows x n x C. ``dy/dA_r = dO_r V^T``. At P = 32 (ViT-B/16, 224 px) the whole block's
+    product was half of a chefer explanation.
 
-    Applies to a shared run (:attr:`PairRuns.leaves`) of a tower with a readout token and the
-    adapter's linear pieces (``"linear_split"``) whose last block ran kept
-    (:class:`~cliplens.adapters.kept.KeptAttention`: its values are there; float64 runs are
-    eager)."""
-    run = runs.run(tower)
-    attn = run.attentions[-1] if run.attentions else None
-    if (
-        tower not in runs.leaves
-        or not isinstance(attn, KeptAttention)
-        or not run.layout.has_readout_token
-        or "linear_split" not in adapter.capabilities(tower)
-    ):
+    Applies where :func:`readout_row_applies`."""
+    if not readout_row_applies(adapter, runs, tower):
         return None
-    last = len(run.attentions) - 1
+    run = runs.run(tower)
+    last, attn = len(run.attentions) - 1, run.attentions[-1]
     readout = run.layout.readout
     rows = torch.arange(readout.shape[0], device=readout.device)
-    x = run.block_inputs[last].detach()[rows, readout]  # (rows, C)
     heads = attn.output.detach()[rows, :, readout].requires_grad_(True)  # (rows, H, d)
     with torch.enable_grad():
-        z = x + adapter.attention_output(tower, last, heads)
-        embeds = adapter.head(tower, z + adapter.mlp_output(tower, last, z))
+        x = run.block_inputs[last].detach()[rows, readout]  # (rows, C)
+        embeds = readout_row_embeds(adapter, tower, last, x, heads)
     (d_heads,) = batched_vjp(embeds, [heads], runs.cotangents(tower))  # (K, rows, H, d)
     dtype = accumulation_dtype(d_heads.dtype)
     # rows and heads as the batch of one product with the values, which are not copied per pair
     grad = d_heads.permute(1, 2, 0, 3).to(dtype) @ attn.value.to(dtype).transpose(-1, -2)  # (rows, H, K, n)
     return runs.batched(tower, grad.permute(2, 0, 1, 3))
+
+
+def readout_input_gradients(adapter: ModelAdapter, runs: PairRuns, tower: str) -> torch.Tensor | None:
+    """(B, P, n, C) every pair's gradient of its scalar at the residual stream entering the
+    last block, taken through the readout token's row of that block alone; None where this short
+    way does not apply (:func:`readout_row_applies`; then through the whole block).
+
+    Every token reaches the readout row through the block's keys and values, so the row is
+    rebuilt from the block's input X: ``q_r``, K and V from the adapter's linear pieces
+    (``attention_qk``, ``attention_values``), ``A_r = softmax(q_r K^T * scale + mask_r)``
+    (the kept block's scale and mask), ``O_r = A_r V``, then :func:`readout_row_embeds`. The
+    pairs' batched product then runs through the norm and the three projections of n rows and
+    the rest of one row, where the whole block's runs its MLP and output projection over n rows
+    too (a quarter of the work)."""
+    if not readout_row_applies(adapter, runs, tower):
+        return None
+    run = runs.run(tower)
+    last, attn = len(run.attentions) - 1, run.attentions[-1]
+    readout = run.layout.readout
+    rows = torch.arange(readout.shape[0], device=readout.device)
+    x = run.block_inputs[last].detach().requires_grad_(True)  # (rows, n, C)
+    with torch.enable_grad():
+        q, k = adapter.attention_qk(tower, last, x)
+        v = adapter.attention_values(tower, last, x)  # (rows, H, n, d)
+        rebuilt = dataclasses.replace(attn, query=q, key=k, value=v)
+        probs = query_rows(rebuilt, readout)  # (rows, H, n)
+        heads = (probs.unsqueeze(-2) @ v).squeeze(-2)  # (rows, H, d)
+        embeds = readout_row_embeds(adapter, tower, last, x[rows, readout], heads)
+    (grad,) = batched_vjp(embeds, [x], runs.cotangents(tower))  # (K, rows, n, C)
+    return runs.batched(tower, grad)
+
+
+def readout_row_applies(adapter: ModelAdapter, runs: PairRuns, tower: str) -> bool:
+    """Whether a tower's last block can be taken through its readout row alone: a shared run
+    (:attr:`PairRuns.leaves`) of a tower with a readout token and the adapter's linear pieces
+    (``"linear_split"``) whose last block ran kept (:class:`~cliplens.adapters.kept.
+    KeptAttention`: its values, scale and mask are there; float64 runs are eager)."""
+    run = runs.run(tower)
+    return (
+        tower in runs.leaves
+        and bool(run.attentions)
+        and isinstance(run.attentions[-1], KeptAttention)
+        and run.layout.has_readout_token
+        and "linear_split" in adapter.capabilities(tower)
+    )
+
+
+def readout_row_embeds(
+    adapter: ModelAdapter, tower: str, layer: int, x: torch.Tensor, heads: torch.Tensor
+) -> torch.Tensor:
+    """(rows, D) a tower's embedding from the readout token's row of its last block ``layer``
+    alone: ``head(z + mlp(z))`` with ``z = x + attention_output(heads)``, x (rows, C) the row of
+    the block's input, ``heads`` (rows, H, d) its attention output per head (the adapter's linear
+    pieces; the pre-norm residual block of :class:`~cliplens.adapters.base.ModelAdapter`)."""
+    z = x + adapter.attention_output(tower, layer, heads)
+    return adapter.head(tower, z + adapter.mlp_output(tower, layer, z))
 
 
 def batched_block_vjps(
