@@ -548,6 +548,23 @@ def test_readout_row_branch_of_the_last_block_gives_the_embedding(family, factor
             torch.testing.assert_close(embeds, run.embeds, rtol=0, atol=1e-12)
 
 
+def _sort_towers(module, name: str, monkeypatch) -> tuple[list[str], list[str]]:
+    """Two lists that grow by the towers ``module.name`` (a readout-row helper of
+    :mod:`cliplens.methods.pairs`) takes the short way on, and those it turns away."""
+    import cliplens.methods.pairs as pairs
+
+    short, whole = [], []
+    helper = getattr(pairs, name)
+
+    def spy(adapter, runs, tower):
+        out = helper(adapter, runs, tower)
+        (short if out is not None else whole).append(tower)
+        return out
+
+    monkeypatch.setattr(module, name, spy)
+    return short, whole
+
+
 def _ids_and_mask(adapter):
     batch = adapter.tokenize(TEXTS)
     assert len(set(batch.attention_mask.sum(1).tolist())) > 1
@@ -570,15 +587,8 @@ def test_last_block_gradient_through_its_readout_row_equals_the_whole_block(fami
     if meth.unsupported(adapter, meth.towers, meth.parse_options({})):
         pytest.skip(f"{method} does not run on {family}")
     _kept_in_float64(monkeypatch)
-    short, whole = [], []
-
-    def spy(adapter, runs, tower):
-        out = pairs.readout_attention_gradients(adapter, runs, tower)
-        (short if out is not None else whole).append(tower)
-        return out
-
     module = chefer if method == "chefer" else grad_eclip
-    monkeypatch.setattr(module, "readout_attention_gradients", spy)
+    short, whole = _sort_towers(module, "readout_attention_gradients", monkeypatch)
     block_calls = []
     monkeypatch.setattr(chefer, "block_gradients", _counting(pairs.block_gradients, block_calls))
     have = cliplens.explain(adapter, IMAGES, TEXTS, method=method)
@@ -601,14 +611,7 @@ def test_gradcam_gradient_through_the_readout_row_equals_the_whole_block(family,
 
     adapter = factory(seed=0, dtype=torch.float64)
     _kept_in_float64(monkeypatch)
-    short, whole = [], []
-
-    def spy(adapter, runs, tower):
-        out = pairs.readout_input_gradients(adapter, runs, tower)
-        (short if out is not None else whole).append(tower)
-        return out
-
-    monkeypatch.setattr(gradcam, "readout_input_gradients", spy)
+    short, whole = _sort_towers(gradcam, "readout_input_gradients", monkeypatch)
     asked = []
     monkeypatch.setattr(pairs.PairRuns, "pair_gradients", _counting(pairs.PairRuns.pair_gradients, asked))
     have = cliplens.explain(adapter, IMAGES, TEXTS, method="gradcam")

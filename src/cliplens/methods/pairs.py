@@ -176,10 +176,7 @@ def readout_attention_gradients(adapter: ModelAdapter, runs: PairRuns, tower: st
     Applies where :func:`readout_row_applies`."""
     if not readout_row_applies(adapter, runs, tower):
         return None
-    run = runs.run(tower)
-    last, attn = len(run.attentions) - 1, run.attentions[-1]
-    readout = run.layout.readout
-    rows = torch.arange(readout.shape[0], device=readout.device)
+    run, last, attn, readout, rows = _last_block(runs, tower)
     heads = attn.output.detach()[rows, :, readout].requires_grad_(True)  # (rows, H, d)
     with torch.enable_grad():
         x = run.block_inputs[last].detach()[rows, readout]  # (rows, C)
@@ -205,10 +202,7 @@ def readout_input_gradients(adapter: ModelAdapter, runs: PairRuns, tower: str) -
     too (a quarter of the work)."""
     if not readout_row_applies(adapter, runs, tower):
         return None
-    run = runs.run(tower)
-    last, attn = len(run.attentions) - 1, run.attentions[-1]
-    readout = run.layout.readout
-    rows = torch.arange(readout.shape[0], device=readout.device)
+    run, last, attn, readout, rows = _last_block(runs, tower)
     x = run.block_inputs[last].detach().requires_grad_(True)  # (rows, n, C)
     with torch.enable_grad():
         q, k = adapter.attention_qk(tower, last, x)
@@ -234,6 +228,15 @@ def readout_row_applies(adapter: ModelAdapter, runs: PairRuns, tower: str) -> bo
         and run.layout.has_readout_token
         and "linear_split" in adapter.capabilities(tower)
     )
+
+
+def _last_block(runs: PairRuns, tower: str):
+    """(run, index of the last block, its kept attention, the readout positions (rows,), the
+    row indices (rows,)) of a shared tower run."""
+    run = runs.run(tower)
+    readout = run.layout.readout
+    rows = torch.arange(readout.shape[0], device=readout.device)
+    return run, len(run.attentions) - 1, run.attentions[-1], readout, rows
 
 
 def readout_row_embeds(
