@@ -291,8 +291,8 @@ class ModelAdapter(ABC):
         - ``"linear_split"``: its blocks and readout are exposed as exact linear pieces
           (:meth:`attention_value_heads`, :meth:`attention_qk`, :meth:`attention_values`,
           :meth:`attention_out_bias`, :meth:`attention_output`, :meth:`mlp_output`,
-          :meth:`readout_parts`), for exact
-          decompositions and for a last block's readout row computed on its own;
+          :meth:`readout_parts`), for exact decompositions and for a last block's readout row
+          computed on its own;
         - ``"pool_split"``: the tower pools with an attention head whose linear pieces are
           exposed (:meth:`pool_value_heads`, :meth:`pool_out_bias`, :meth:`pool_mlp_output`):
           its embedding splits exactly per (head, token) plus the head's bias and MLP.

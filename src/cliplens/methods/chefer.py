@@ -24,11 +24,12 @@ The explained blocks run the fused attention kernel (``kept_attention``): each k
 v, and the gradient is taken at the kernel's output; A and dy/dA = dO V^T are recomputed a
 chunk of query rows at a time for the fold (:class:`~cliplens.adapters.kept.KeptAttention`),
 so no H x n x n tensor of a whole block exists (float64 runs stay eager, see
-:meth:`~cliplens.adapters.kept.AttentionReads.runs_kept`). With the default start layer on a tower that reads
-out a token, the last block's gradient comes through the readout token's row alone (the only
-row of that block the embedding reads): the pairs' batched product is over one row per input
-instead of the block's n (:func:`~cliplens.methods.pairs.readout_attention_gradients`), so
-chefer then costs about the model's own forward at any P.
+:meth:`~cliplens.adapters.kept.AttentionReads.runs_kept`). With the default start layer on a
+tower that reads out a token, the last block's gradient comes through the readout token's row
+alone (the only row of that block the embedding reads; see
+:func:`~cliplens.methods.pairs.readout_attention_gradients`): the pairs' batched product is
+over one row per input instead of the block's n, so chefer then costs about the model's own
+forward at any P.
 
 Fusion models (BLIP image-text matching, ViLT, ...): the bi-modal and encoder-decoder rules of
 the same paper (:class:`~cliplens.methods.relevance.StreamRelevance`): relevance matrices between
