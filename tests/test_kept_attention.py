@@ -623,3 +623,32 @@ def test_gradcam_gradient_through_the_readout_row_equals_the_whole_block(family,
         for p in range(len(TEXTS)):
             w = want.extras["signed"][b][p]
             np.testing.assert_allclose(have.extras["signed"][b][p], w, rtol=0, atol=1e-12 * np.abs(w).max())
+
+
+@pytest.mark.parametrize("target", ["probability", "contrast:1"])
+@pytest.mark.parametrize("method", ["chefer", "grad_eclip", "gradcam"])
+def test_readout_row_gradients_follow_every_target(method, target, monkeypatch):
+    """Targets that read other prompts (softmax over the prompts, a contrast): the pairs'
+    cotangents carry them into the readout row as into the whole block (CLIP, float64, kept
+    last block, 1e-12 of the scale)."""
+    import cliplens.methods.chefer as chefer
+    import cliplens.methods.grad_eclip as grad_eclip
+    import cliplens.methods.gradcam as gradcam
+
+    adapter = ADAPTER_FACTORIES[0][1](seed=0, dtype=torch.float64)
+    _kept_in_float64(monkeypatch)
+    module = {"chefer": chefer, "grad_eclip": grad_eclip, "gradcam": gradcam}[method]
+    name = "readout_input_gradients" if method == "gradcam" else "readout_attention_gradients"
+    short, _ = _sort_towers(module, name, monkeypatch)
+    have = cliplens.explain(adapter, IMAGES, TEXTS, method=method, target=target)
+    assert short
+    monkeypatch.setattr(module, name, lambda *args: None)
+    want = cliplens.explain(adapter, IMAGES, TEXTS, method=method, target=target)
+    for b in range(len(IMAGES)):
+        for p in range(len(TEXTS)):
+            w = want.grid_map(b, p)
+            np.testing.assert_allclose(have.grid_map(b, p), w, rtol=0, atol=1e-12 * np.abs(w).max())
+            if want.token_scores is not None:
+                wt = np.nan_to_num(want.token_scores[b][p])
+                ht = np.nan_to_num(have.token_scores[b][p])
+                np.testing.assert_allclose(ht, wt, rtol=0, atol=1e-12 * np.abs(wt).max())
