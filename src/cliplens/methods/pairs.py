@@ -197,9 +197,9 @@ def readout_input_gradients(adapter: ModelAdapter, runs: PairRuns, tower: str) -
     rebuilt from the block's input X: ``q_r``, K and V from the adapter's linear pieces
     (``attention_qk``, ``attention_values``), ``A_r = softmax(q_r K^T * scale + mask_r)``
     (the kept block's scale and mask), ``O_r = A_r V``, then :func:`readout_row_embeds`. The
-    pairs' batched product then runs through the norm and the three projections of n rows and
-    the rest of one row, where the whole block's runs its MLP and output projection over n rows
-    too (a quarter of the work)."""
+    pairs' batched product then runs through the norm and the key and value projections of n
+    rows and the rest of one row, where the whole block's runs its query, output and MLP
+    projections over n rows too."""
     if not readout_row_applies(adapter, runs, tower):
         return None
     run, last, attn, readout, rows = _last_block(runs, tower)
@@ -207,6 +207,10 @@ def readout_input_gradients(adapter: ModelAdapter, runs: PairRuns, tower: str) -
     with torch.enable_grad():
         q, k = adapter.attention_qk(tower, last, x)
         v = adapter.attention_values(tower, last, x)  # (rows, H, n, d)
+        # only the readout token's query reaches the row: the others stay out of the backward
+        q_r, _ = adapter.attention_qk(tower, last, x[rows, readout][:, None])  # (rows, H, 1, d)
+        q = q.detach().clone()
+        q[rows, :, readout] = q_r[:, :, 0]
         rebuilt = dataclasses.replace(attn, query=q, key=k, value=v)
         probs = query_rows(rebuilt, readout)  # (rows, H, n)
         heads = (probs.unsqueeze(-2) @ v).squeeze(-2)  # (rows, H, d)
