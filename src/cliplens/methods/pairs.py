@@ -222,8 +222,8 @@ def readout_input_gradients(adapter: ModelAdapter, runs: PairRuns, tower: str) -
 def readout_row_applies(adapter: ModelAdapter, runs: PairRuns, tower: str) -> bool:
     """Whether a tower's last block can be taken through its readout row alone: a shared run
     (:attr:`PairRuns.leaves`) of a tower with a readout token and the adapter's linear pieces
-    (``"linear_split"``) whose last block ran kept (:class:`~cliplens.adapters.kept.
-    KeptAttention`: its values, scale and mask are there; float64 runs are eager)."""
+    (``"linear_split"``) whose last block ran kept (its values, scale and mask are there, see
+    :class:`~cliplens.adapters.kept.KeptAttention`; float64 runs are eager)."""
     run = runs.run(tower)
     return (
         tower in runs.leaves
