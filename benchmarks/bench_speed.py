@@ -35,7 +35,10 @@ ViT-B/16-sized random CLIP, one image, P prompts: time and peak memory ratios in
   nothing) and read them kept;
 - "chefer block", "grad_eclip block" and "gradcam block": the gradient at the last block's
   attention (gradcam: its input) through the whole block, as before it came through the
-  readout token's row alone (``readout_attention_gradients``, ``readout_input_gradients``).
+  readout token's row alone (``readout_attention_gradients``, ``readout_input_gradients``);
+- "chefer no stop", "grad_eclip no stop" and "gradcam no stop": the gradient through the
+  readout row, but the towers run their last block whole, as before they stopped in its
+  attention and finished the embedding from that row (``AttentionReads.readout_block``).
 
 Time: interleaved repeats, the median of per-repeat ratios (load changes hit both). Memory: on
 CUDA the peak allocation above the loaded model; on the CPU the peak RSS of a fresh process.
@@ -105,6 +108,9 @@ BLOCK_CASES = {
     "grad_eclip block": ("ours", {"method": "grad_eclip", "whole_block": True}),
     "gradcam block": ("ours", {"method": "gradcam", "whole_block": True}),
     "chefer block": ("ours", {"method": "chefer", "whole_block": True}),
+    "grad_eclip no stop": ("ours", {"method": "grad_eclip", "no_stop": True}),
+    "gradcam no stop": ("ours", {"method": "gradcam", "no_stop": True}),
+    "chefer no stop": ("ours", {"method": "chefer", "no_stop": True}),
 }
 DEFAULT_CASES = list(CASES)
 CASES.update(READ_CASES)
@@ -197,10 +203,12 @@ def runner(adapter, image, texts, label: str):
         eager = opts.pop("eager_blocks", False)
         probs = opts.pop("probs", False)
         whole = opts.pop("whole_block", False)
+        no_stop = opts.pop("no_stop", False) or whole
 
         def fn():
             cls = REGISTRY[method]
             shared, kept, paths = cls.shared_graph, cls.kept_attention, hf_encoder.IMPLEMENTATION
+            stops = cls.__dict__.get("reads_readout_row")
             module = sys.modules[cls.__module__]
             names = ("readout_attention_gradients", "readout_input_gradients")
             shorts = {n: getattr(module, n) for n in names if hasattr(module, n)}
@@ -213,6 +221,8 @@ def runner(adapter, image, texts, label: str):
             if whole:  # the last block's gradient through the whole block
                 for name in shorts:
                     setattr(module, name, lambda *args: None)
+            if no_stop:  # the towers run their last block whole
+                cls.reads_readout_row = lambda *args: False
             try:
                 cliplens.explain(adapter, image, texts, method=method, **opts)
             finally:
@@ -223,6 +233,10 @@ def runner(adapter, image, texts, label: str):
                 hf_encoder.IMPLEMENTATION = paths
                 for name, fn in shorts.items():
                     setattr(module, name, fn)
+                if no_stop and stops is not None:
+                    cls.reads_readout_row = stops
+                elif no_stop:
+                    del cls.reads_readout_row
     else:
         loop = opts["loop"]
 
@@ -297,7 +311,10 @@ def main() -> None:
                         )["peak_mb"]
             for label in cases:
                 t, t_plain, ratio = times[label]
-                ref = f"{label.removesuffix(' rows').removesuffix(' probs').removesuffix(' block')} ref" if not label.endswith("ref") else None
+                base = label
+                for suffix in (" rows", " probs", " block", " no stop"):
+                    base = base.removesuffix(suffix)
+                ref = f"{base} ref" if not label.endswith("ref") else None
                 x_ref = f"{t / times[ref][0]:.2f}" if ref in times else ""
                 mem = mems.get(label)
                 m_plain = mems.get("plain")

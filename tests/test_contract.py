@@ -283,9 +283,9 @@ def test_model_restored_after_injected_exception(method, where, prepared):
         )  # a method may refuse the target first
     else:
         block = _last_image_block(adapter)
-        if where == "forward":
+        if where == "forward":  # entering the block: a tower may stop inside it (the readout row)
 
-            def hook(module, args, output):
+            def enter(module, args):
                 raise Boom("forward failed")
 
         else:
@@ -298,7 +298,10 @@ def test_model_restored_after_injected_exception(method, where, prepared):
                 if out.requires_grad:
                     out.register_hook(explode)
 
-        handle = block.register_forward_hook(hook)
+        if where == "forward":
+            handle = block.register_forward_pre_hook(enter)
+        else:
+            handle = block.register_forward_hook(hook)
         before_state = {**before_state, "hooks": before_state["hooks"] + 1}
         expected = (Boom,)
     try:

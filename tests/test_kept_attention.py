@@ -29,6 +29,7 @@ import torch
 import cliplens
 import cliplens.adapters.hf_encoder as hf_encoder
 import cliplens.adapters.kept as kept_module
+from cliplens.adapters.base import FanOut
 from cliplens.adapters.kept import (
     AttentionReads,
     fused_attention_kept,
@@ -177,9 +178,7 @@ def test_rollout_and_head_mean_rows_of_a_kept_block_equal_the_explicit_matrices(
 
 def test_attention_reads_say_which_blocks_keep_what():
     """Known answers: a block outside ``blocks`` or before a fan-out runs fused and keeps
-    nothing; float64 runs never fuse."""
-    from cliplens.adapters.base import FanOut
-
+    nothing; float64 runs never fuse; the readout block stops where it would run kept."""
     f32, f64 = torch.float32, torch.float64
     reads = AttentionReads(frozenset({2, 3}), kept=True)
     fan = FanOut(3, 2)
@@ -192,6 +191,10 @@ def test_attention_reads_say_which_blocks_keep_what():
     assert [kept_module.EVERY_BLOCK.path(i, fan, f32) for i in (2, 3)] == ["fused", "eager"]
     assert [kept_module.NO_BLOCK.path(i, None, f32) for i in range(3)] == ["fused"] * 3
     assert not AttentionReads(None, kept=True).runs_kept(f64)
+    stop = AttentionReads(frozenset({3, 4}), kept=True, readout_block=4)
+    assert [stop.path(i, None, f32) for i in (2, 3, 4)] == ["fused", "kept", "readout"]
+    assert [stop.path(i, None, f64) for i in (3, 4)] == ["eager", "eager"]
+    assert AttentionReads(frozenset({4}), kept=False, readout_block=4).path(4, None, f32) == "eager"
 
 
 @pytest.mark.parametrize("mask_kind", ["none", "additive", "bool", "causal"])
@@ -258,7 +261,8 @@ def _counting(fn, calls: list):
 
 
 def _count_kept(family: str, monkeypatch) -> list:
-    """A list that grows by one per block run on the fused kernel keeping its attention."""
+    """A list that grows by one per block run on the fused kernel keeping its attention (or
+    stopping there: the "readout" path)."""
     calls = []
     if family == "open_clip":
         import cliplens.adapters.capture as capture
@@ -267,7 +271,8 @@ def _count_kept(family: str, monkeypatch) -> list:
         for module in (capture, open_clip_adapter):
             monkeypatch.setattr(module, "fused_attention_kept", _counting(fused_attention_kept, calls))
     else:
-        monkeypatch.setattr(hf_encoder, "transformers_kept_attention", _counting(transformers_kept_attention, calls))
+        for name in ("transformers_kept_attention", "transformers_readout_attention"):
+            monkeypatch.setattr(hf_encoder, name, _counting(getattr(hf_encoder, name), calls))
     return calls
 
 
@@ -392,20 +397,23 @@ def test_kept_attention_function_is_registered_for_the_call_only():
 
     adapter = ADAPTER_FACTORIES[0][1](seed=0, dtype=torch.float32)
     attn = adapter.model.config.vision_config._attn_implementation
-    cliplens.explain(adapter, IMAGES[:1], TEXTS[:1], method="chefer")
-    assert hf_encoder.KEPT not in ALL_ATTENTION_FUNCTIONS
-    assert adapter.model.config.vision_config._attn_implementation == attn
+    for options in ({}, {"start_layer": 0}):  # stopping at the readout row; every block kept
+        cliplens.explain(adapter, IMAGES[:1], TEXTS[:1], method="chefer", **options)
+        assert hf_encoder.KEPT not in ALL_ATTENTION_FUNCTIONS
+        assert hf_encoder.READOUT not in ALL_ATTENTION_FUNCTIONS
+        assert adapter.model.config.vision_config._attn_implementation == attn
 
 
 # ---- which blocks keep their attention --------------------------------------------------------
 
 READ_CASES = [
-    # (method, options, towers, blocks kept per tower of L: a function of L)
-    ("gradcam", {}, ("image",), lambda L: {"image": {L - 1}, "text": set()}),  # for the readout row
-    ("gradcam", {"layer": 1}, ("image",), lambda L: {"image": set(), "text": set()}),
+    # (method, options, towers, blocks kept per tower of L: a function of L); a tower the call
+    # does not explain keeps its last block, where it stops at the readout row (its embedding alone)
+    ("gradcam", {}, ("image",), lambda L: {"image": {L - 1}, "text": {L - 1}}),  # for the readout row
+    ("gradcam", {"layer": 1}, ("image",), lambda L: {"image": set(), "text": {L - 1}}),
     ("sensitivity", {}, None, lambda L: {"image": set(), "text": set()}),
-    ("chefer", {}, ("image",), lambda L: {"image": {L - 1}, "text": set()}),
-    ("legrad", {"layers": 2}, ("text",), lambda L: {"image": set(), "text": {L - 2, L - 1}}),
+    ("chefer", {}, ("image",), lambda L: {"image": {L - 1}, "text": {L - 1}}),
+    ("legrad", {"layers": 2}, ("text",), lambda L: {"image": {L - 1}, "text": {L - 2, L - 1}}),
     ("raw_attention", {"layer": 0}, None, lambda L: {"image": {0}, "text": {0}}),
     ("rollout", {"start_layer": 1}, None, lambda L: {"image": set(range(1, L)), "text": set(range(1, L))}),
     ("decomposition", {}, None, lambda L: {"image": set(range(L)), "text": set(range(L))}),
@@ -442,7 +450,11 @@ def test_blocks_no_method_reads_keep_nothing_and_run_fused(
     else:
         from transformers.models.clip import modeling_clip
 
-        for module, name in ((modeling_clip, "eager_attention_forward"), (hf_encoder, "transformers_kept_attention")):
+        for module, name in (
+            (modeling_clip, "eager_attention_forward"),
+            (hf_encoder, "transformers_kept_attention"),
+            (hf_encoder, "transformers_readout_attention"),
+        ):
             monkeypatch.setattr(module, name, _counting(getattr(module, name), read_paths))
     kw = {} if towers is None else {"towers": towers}
     cliplens.explain(adapter, IMAGES[:1], TEXTS[:2], method=method, **kw, **options)
@@ -548,6 +560,92 @@ def test_readout_row_branch_of_the_last_block_gives_the_embedding(family, factor
             torch.testing.assert_close(embeds, run.embeds, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("family,factory", LINEAR_FAMILIES)
+def test_a_tower_stopped_at_its_last_blocks_readout_row_gives_the_whole_runs_embedding(
+    family, factory, monkeypatch
+):
+    """The ``"readout"`` path (``AttentionReads.readout_block``): on the towers that take it
+    (``SHORT_TOWERS``) the run stops in the last block's attention (no output for that block, a
+    kept attention without one) and its embedding, finished from the readout row alone, equals
+    the whole run's; its kept queries, keys and values are the whole run's (float64, 1e-12; text
+    rows padded to different lengths, with and without a fan-out). Elsewhere (BLIP's attention
+    never runs kept) the tower runs whole and gives the same as without the stop."""
+    adapter = factory(seed=0, dtype=torch.float64)
+    _kept_in_float64(monkeypatch)
+    pixels = adapter.prepare_images(IMAGES[:1])[0].pixel_values
+    with adapter.explaining():
+        for tower, n in adapter.num_layers.items():
+            if not {"readout_token", "linear_split"} <= adapter.capabilities(tower):
+                continue
+            last = n - 1
+            for fan_out in (None, FanOut(last, 1)):
+                runs = {}
+                for name, reads in (
+                    ("whole", AttentionReads(frozenset({last}), kept=True)),
+                    ("stopped", AttentionReads(frozenset({last}), kept=True, readout_block=last)),
+                ):
+                    kw = dict(reads=reads, fan_out=fan_out)
+                    with torch.no_grad():
+                        if tower == "image":
+                            runs[name] = adapter.run_image(pixels, **kw)
+                        else:
+                            runs[name] = adapter.run_text(*_ids_and_mask(adapter), **kw)
+                whole, stopped = runs["whole"], runs["stopped"]
+                torch.testing.assert_close(stopped.embeds, whole.embeds, rtol=0, atol=1e-12)
+                if tower not in SHORT_TOWERS[family]:
+                    assert len(stopped.block_outputs) == n and stopped.pooled is not None
+                    continue
+                assert len(stopped.block_outputs) == n - 1 and len(stopped.block_inputs) == n
+                assert stopped.pooled is None and stopped.attentions[last].output is None
+                for field in ("query", "key", "value"):
+                    have, want = (getattr(r.attentions[last], field) for r in (stopped, whole))
+                    torch.testing.assert_close(have, want, rtol=0, atol=1e-12)
+                assert stopped.attentions[last].scale == whole.attentions[last].scale
+
+
+def test_the_readout_stop_is_asked_where_only_the_last_blocks_readout_row_is_read():
+    """``Method.attention_reads``: the readout block is asked on the towers that read out a
+    token with linear pieces, where the call reads that block only at that row: explained by
+    chefer at its default start, grad_eclip, or gradcam at the last block, on a shared graph; or
+    not explained at all (its embedding alone). Never on a tower legrad explains, nor chefer
+    from an earlier block or gradcam at an earlier layer."""
+    adapter = ADAPTER_FACTORIES[0][1](seed=0)
+    L = adapter.num_layers
+
+    def asked(method, towers=("image", "text"), **options):
+        cls = REGISTRY[method]
+        reads = cls().attention_reads(adapter, towers, cls().parse_options(options))
+        return {t: r.readout_block for t, r in reads.items()}
+
+    every = {t: n - 1 for t, n in L.items()}
+    text_alone = {"image": None, "text": L["text"] - 1}  # the text tower for its embedding alone
+    assert asked("chefer") == every
+    assert asked("grad_eclip") == every
+    assert asked("chefer", towers=("image",)) == every
+    assert asked("gradcam", towers=("image",)) == every
+    assert asked("chefer", start_layer=0) == {"image": None, "text": None}
+    assert asked("chefer", towers=("text",), start_layer=0) == {"image": L["image"] - 1, "text": None}
+    assert asked("gradcam", towers=("image",), layer=0) == text_alone
+    assert asked("legrad") == {"image": None, "text": None}
+    assert asked("legrad", towers=("image",)) == text_alone
+    assert asked("rollout", towers=("image",)) == text_alone
+    chefer = REGISTRY["chefer"]()
+    siglip = dict(ADAPTER_FACTORIES)["hf-siglip"](seed=0)
+    reads = chefer.attention_reads(siglip, ("image", "text"), chefer.parse_options({}))
+    assert reads["image"].readout_block is None  # a pooling head reads every token
+    assert reads["text"].readout_block == siglip.num_layers["text"] - 1
+
+
+def test_per_pair_rows_never_stop_at_the_readout_row(monkeypatch):
+    """Without a shared graph the pairs' gradients go back through the tower's own graph: the
+    towers run their last block whole."""
+    monkeypatch.setattr(REGISTRY["chefer"], "shared_graph", False)
+    adapter = ADAPTER_FACTORIES[0][1](seed=0)
+    chefer = REGISTRY["chefer"]()
+    reads = chefer.attention_reads(adapter, ("image", "text"), chefer.parse_options({}))
+    assert all(r.readout_block is None for r in reads.values())
+
+
 def _sort_towers(module, name: str, monkeypatch) -> tuple[list[str], list[str]]:
     """Two lists that grow by the towers ``module.name`` (a readout-row helper of
     :mod:`cliplens.methods.pairs`) takes the short way on, and those it turns away."""
@@ -563,6 +661,13 @@ def _sort_towers(module, name: str, monkeypatch) -> tuple[list[str], list[str]]:
 
     monkeypatch.setattr(module, name, spy)
     return short, whole
+
+
+def _through_whole_block(module, name: str, method: str, monkeypatch) -> None:
+    """The last block's gradient through the whole block again: the readout-row helper
+    ``module.name`` turned away, and the towers run that block whole (no readout stop)."""
+    monkeypatch.setattr(module, name, lambda *args: None)
+    monkeypatch.setattr(REGISTRY[method], "reads_readout_row", lambda *args: False)
 
 
 def _ids_and_mask(adapter):
@@ -595,7 +700,7 @@ def test_last_block_gradient_through_its_readout_row_equals_the_whole_block(fami
     assert sorted(set(short)) == SHORT_TOWERS[family]
     if method == "chefer":
         assert len(block_calls) == len(whole)  # the whole block only where the short way is shut
-    monkeypatch.setattr(module, "readout_attention_gradients", lambda *args: None)
+    _through_whole_block(module, "readout_attention_gradients", method, monkeypatch)
     want = cliplens.explain(adapter, IMAGES, TEXTS, method=method)
     _assert_same(have, want, 1e-12)
 
@@ -617,7 +722,7 @@ def test_gradcam_gradient_through_the_readout_row_equals_the_whole_block(family,
     have = cliplens.explain(adapter, IMAGES, TEXTS, method="gradcam")
     assert bool(short) == ("image" in SHORT_TOWERS[family])
     assert len(asked) == len(whole)
-    monkeypatch.setattr(gradcam, "readout_input_gradients", lambda *args: None)
+    _through_whole_block(gradcam, "readout_input_gradients", "gradcam", monkeypatch)
     want = cliplens.explain(adapter, IMAGES, TEXTS, method="gradcam")
     for b in range(len(IMAGES)):
         for p in range(len(TEXTS)):
@@ -642,13 +747,14 @@ def test_readout_row_gradients_follow_every_target(method, target, monkeypatch):
     short, _ = _sort_towers(module, name, monkeypatch)
     have = cliplens.explain(adapter, IMAGES, TEXTS, method=method, target=target)
     assert short
-    monkeypatch.setattr(module, name, lambda *args: None)
+    _through_whole_block(module, name, method, monkeypatch)
     want = cliplens.explain(adapter, IMAGES, TEXTS, method=method, target=target)
-    for b in range(len(IMAGES)):
-        for p in range(len(TEXTS)):
-            w = want.grid_map(b, p)
-            np.testing.assert_allclose(have.grid_map(b, p), w, rtol=0, atol=1e-12 * np.abs(w).max())
-            if want.token_scores is not None:
-                wt = np.nan_to_num(want.token_scores[b][p])
-                ht = np.nan_to_num(have.token_scores[b][p])
-                np.testing.assert_allclose(ht, wt, rtol=0, atol=1e-12 * np.abs(wt).max())
+    # the scale of the whole call: a contrast of a prompt with itself explains 0 (rounding noise)
+    pairs = [(b, p) for b in range(len(IMAGES)) for p in range(len(TEXTS))]
+    scale = max(np.abs(want.grid_map(b, p)).max() for b, p in pairs)
+    for b, p in pairs:
+        np.testing.assert_allclose(have.grid_map(b, p), want.grid_map(b, p), rtol=0, atol=1e-12 * scale)
+    if want.token_scores is not None:
+        wt = np.nan_to_num(np.asarray(want.token_scores, dtype=np.float64))
+        ht = np.nan_to_num(np.asarray(have.token_scores, dtype=np.float64))
+        np.testing.assert_allclose(ht, wt, rtol=0, atol=1e-12 * np.abs(wt).max())

@@ -102,12 +102,12 @@ def test_restored_when_backward_hook_raises(model_and_adapter, monkeypatch):
 def test_restored_when_forward_raises(model_and_adapter):
     model, adapter = model_and_adapter
     before = _state(model)
-    layer = model.text_model.encoder.layers[1]
+    layer = model.text_model.encoder.layers[1]  # the last: entering it (a tower may stop inside)
 
-    def bad_hook(module, args, output):
+    def bad_hook(module, args):
         raise Boom("forward failed")
 
-    handle = layer.register_forward_hook(bad_hook)
+    handle = layer.register_forward_pre_hook(bad_hook)
     try:
         with pytest.raises(Boom):
             cliplens.explain(adapter, [random_image(1)], ["a cat"], method="chefer")

@@ -26,7 +26,7 @@ from ..preprocess import Preprocess
 
 # the temporary-change helpers live in capture.py; their old import path stays
 from .capture import frozen_eval, mha_probabilities, mha_with_probabilities, module_hooks  # noqa: F401
-from .kept import EVERY_BLOCK, NO_BLOCK, AttentionReads
+from .kept import EVERY_BLOCK, NO_BLOCK, AttentionReads, ReadoutStop, readout_heads
 
 
 @dataclass(frozen=True)
@@ -502,6 +502,40 @@ class ModelAdapter(ABC):
     def readout_parts(self, tower: str) -> "ReadoutParts":
         """The final norm and projection applied to the readout token's residual stream."""
         raise NotImplementedError(f"{type(self).__name__} does not expose its readout parts")
+
+
+def readout_row_embeds(
+    adapter: ModelAdapter, tower: str, layer: int, x: torch.Tensor, heads: torch.Tensor
+) -> torch.Tensor:
+    """(rows, D) a tower's embedding from the readout token's row of its last block ``layer``
+    alone: ``head(z + mlp(z))`` with ``z = x + attention_output(heads)``, x (rows, C) the row of
+    the block's input, ``heads`` (rows, H, d) its attention output per head (the adapter's linear
+    pieces; the pre-norm residual block of :class:`ModelAdapter`)."""
+    z = x + adapter.attention_output(tower, layer, heads)
+    return adapter.head(tower, z + adapter.mlp_output(tower, layer, z))
+
+
+def forward_or_readout(adapter: ModelAdapter, run: TowerRun, forward):
+    """``forward()``'s result (a tower's forward, filling ``run`` through its hooks; their
+    capture ends inside it, so the tower's modules are themselves again), or None where the
+    tower stopped in its last block's attention (the ``"readout"`` path of
+    :class:`~cliplens.adapters.kept.AttentionReads`; :class:`~cliplens.adapters.kept.ReadoutStop`).
+    The stop's kept attention is then the run's last, and ``run.embeds`` is finished from the
+    readout token's row alone (:func:`readout_row_embeds`): the rest of that block, over every
+    other row, feeds nothing the embedding reads. The run then has no output for that block
+    (``block_outputs``) and no ``pooled``."""
+    try:
+        return forward()
+    except ReadoutStop as stop:
+        kept = stop.kept
+    run.attentions.append(kept)
+    last = len(run.block_inputs) - 1
+    readout = run.layout.readout
+    rows = torch.arange(readout.shape[0], device=readout.device)
+    with torch.no_grad():
+        x = run.block_inputs[last][rows, readout]
+        run.embeds = readout_row_embeds(adapter, run.tower, last, x, readout_heads(kept, readout))
+    return None
 
 
 def as_grad_leaf(tensor: torch.Tensor) -> torch.Tensor:

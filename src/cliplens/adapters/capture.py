@@ -90,12 +90,14 @@ class Capture:
         modules: list[torch.nn.MultiheadAttention],
         sink: Callable[[int, torch.Tensor], None],
         kept: bool = False,
+        stop: bool = False,
     ) -> None:
         """Route each listed ``nn.MultiheadAttention`` instance through
         :func:`mha_with_probabilities` and hand its per-head probabilities (``kept``: its
         :class:`~cliplens.adapters.kept.KeptAttention`) to ``sink(i, probs)`` (i: the module's
-        position in ``modules``). The fused kernels return no per-head probabilities (or only
-        their mean, not in the graph), hence the swap."""
+        position in ``modules``; ``stop``: the ``"readout"`` path, which raises
+        :class:`~cliplens.adapters.kept.ReadoutStop` instead). The fused kernels return no
+        per-head probabilities (or only their mean, not in the graph), hence the swap."""
         for i, mha in enumerate(modules):
 
             def forward(
@@ -119,6 +121,7 @@ class Capture:
                     key_padding_mask=key_padding_mask,
                     is_causal=is_causal,
                     kept=kept,
+                    stop=stop,
                 )
                 sink(_i, probs)
                 if not need_weights:
@@ -225,13 +228,15 @@ def mha_with_probabilities(
     key_padding_mask: torch.Tensor | None = None,
     is_causal: bool = False,
     kept: bool = False,
+    stop: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """What ``mha(query, key, value, ...)[0]`` computes, from the module's own weights, one head
     at a time, returning ``(output, probabilities)``; probabilities are (B, H, Lq, Lk) and the
     output is computed from exactly that tensor, so gradients reach it. Inputs follow the
     module's ``batch_first`` layout (or are unbatched (L, E)). ``kept``: the heads run on the
     fused kernel and a :class:`~cliplens.adapters.kept.KeptAttention` stands for the
-    probabilities."""
+    probabilities (``stop`` with ``kept``: raised in a :class:`~cliplens.adapters.kept.ReadoutStop`
+    once the heads' queries, keys and values are computed)."""
     if mha.bias_k is not None or mha.bias_v is not None or mha.add_zero_attn:
         raise NotImplementedError("nn.MultiheadAttention with add_bias_kv or add_zero_attn is not supported")
     unbatched = query.dim() == 2
@@ -268,7 +273,7 @@ def mha_with_probabilities(
     if kept:
         additive = [additive_mask(m, q.dtype) for m in masks]
         mask = sum(additive[1:], additive[0]) if additive else None
-        mixed, probs = fused_attention_kept(q, k, v, mask, d**-0.5)
+        mixed, probs = fused_attention_kept(q, k, v, mask, d**-0.5, stop=stop)
     else:
         scores = (q * d**-0.5) @ k.transpose(-1, -2)  # (B, H, Lq, Lk)
         for mask in masks:

@@ -17,7 +17,7 @@ from ..preprocess import (  # noqa: F401 (the recipe's old import path)
     Preprocess,
     preprocess_from_config,
 )
-from .base import FanOut, TextBatch, TokenLayout, TowerRun
+from .base import FanOut, TextBatch, TokenLayout, TowerRun, forward_or_readout
 from .capture import Capture, all_configs, eager_attention  # noqa: F401 (old import path)
 from .hf_encoder import HFEncoderAdapter
 from .hub import read_processor_config  # noqa: F401 (old import path)
@@ -96,11 +96,15 @@ class HFClipAdapter(HFEncoderAdapter):
         if fan_out is not None:
             layout = fan_out.layout(layout)
         run = TowerRun("image", embeds=None, layout=layout, pixel_values=pixel_values)  # type: ignore[arg-type]
-        with Capture() as capture:
-            self._capture(capture, vm, run, detach_blocks, input_embeds, fan_out, reads)
-            out = vm(pixel_values=pixel_values, interpolate_pos_encoding=True)
-        run.pooled = out.pooler_output
-        run.embeds = self.model.visual_projection(run.pooled)
+        def forward():
+            with Capture() as capture:
+                self._capture(capture, vm, run, detach_blocks, input_embeds, fan_out, reads)
+                return vm(pixel_values=pixel_values, interpolate_pos_encoding=True)
+
+        out = forward_or_readout(self, run, forward)
+        if out is not None:
+            run.pooled = out.pooler_output
+            run.embeds = self.model.visual_projection(run.pooled)
         return run
 
     def run_text(
@@ -120,16 +124,20 @@ class HFClipAdapter(HFEncoderAdapter):
         if fan_out is not None:
             layout = fan_out.layout(layout)
         run = TowerRun("text", embeds=None, layout=layout)  # type: ignore[arg-type]
-        with Capture() as capture:
-            self._capture(capture, tm, run, detach_blocks, fan_out=fan_out, reads=reads)
-            if fan_out is None:
-                run.pooled = tm(input_ids=input_ids, attention_mask=attention_mask).pooler_output
-            else:
+        def pooled() -> torch.Tensor:
+            with Capture() as capture:
+                self._capture(capture, tm, run, detach_blocks, fan_out=fan_out, reads=reads)
+                if fan_out is None:
+                    return tm(input_ids=input_ids, attention_mask=attention_mask).pooler_output
                 # the model pools by its input ids, which a fan-out does not repeat: the forward
                 # stops after the final norm and the rows are pooled here
-                hidden = _until(capture, tm.final_layer_norm, lambda: tm(input_ids=input_ids, attention_mask=attention_mask))
-                run.pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), layout.readout]
-        run.embeds = self.model.text_projection(run.pooled)
+                forward = lambda: tm(input_ids=input_ids, attention_mask=attention_mask)  # noqa: E731
+                hidden = _until(capture, tm.final_layer_norm, forward)
+                return hidden[torch.arange(hidden.shape[0], device=hidden.device), layout.readout]
+
+        run.pooled = forward_or_readout(self, run, pooled)
+        if run.pooled is not None:
+            run.embeds = self.model.text_projection(run.pooled)
         return run
 
     def _head_modules(self, tower: str) -> tuple[torch.nn.Module, torch.nn.Module]:

@@ -32,7 +32,7 @@ from .base import (
     run_input_embeds,
 )
 from .capture import Capture
-from .kept import EVERY_BLOCK, AttentionReads, transformers_kept_attention
+from .kept import EVERY_BLOCK, AttentionReads, transformers_kept_attention, transformers_readout_attention
 
 
 @contextlib.contextmanager
@@ -321,13 +321,22 @@ class HFEncoderAdapter(ModelAdapter):
 
 #: the name transformers dispatches :func:`~cliplens.adapters.kept.transformers_kept_attention` on
 KEPT = "cliplens_kept"
+#: ... and :func:`~cliplens.adapters.kept.transformers_readout_attention` (the ``"readout"`` path)
+READOUT = "cliplens_readout"
+
+
+def _own_function(name: str):
+    """The attention function cliplens registers with transformers under ``name`` (while a
+    capture lasts), or None for transformers' own implementations."""
+    return {KEPT: transformers_kept_attention, READOUT: transformers_readout_attention}.get(name)
 
 
 def fused_attention(capture: Capture, attentions: list[torch.nn.Module]):
     """A switch ``fused(implementation)`` of the transformers attention modules ``attentions``
     (through the config they dispatch on) between ``"eager"`` (probabilities returned),
-    ``"sdpa"`` (the fused kernel: no probabilities) and :data:`KEPT` (the fused kernel, keeping
-    a :class:`~cliplens.adapters.kept.KeptAttention` where eager returns probabilities), each
+    ``"sdpa"`` (the fused kernel: no probabilities), :data:`KEPT` (the fused kernel, keeping
+    a :class:`~cliplens.adapters.kept.KeptAttention` where eager returns probabilities) and
+    :data:`READOUT` (the tower stops there, :class:`~cliplens.adapters.kept.ReadoutStop`), each
     config's own setting back when ``capture`` ends. The blocks whose attention no method reads
     (those before a fan-out among them) run fused: the kernel never writes the n x n matrices
     (at 896 px a ViT-B/16 chefer explanation then takes 0.74x the time of the all-eager one on
@@ -338,9 +347,10 @@ def fused_attention(capture: Capture, attentions: list[torch.nn.Module]):
     saved = [(c, c._attn_implementation_internal) for c in configs if hasattr(c, "_attn_implementation_internal")]
 
     def fused(implementation: str) -> None:
-        if implementation == KEPT and KEPT not in ALL_ATTENTION_FUNCTIONS:
-            ALL_ATTENTION_FUNCTIONS[KEPT] = transformers_kept_attention
-            capture.on_exit(lambda: ALL_ATTENTION_FUNCTIONS.pop(KEPT, None))
+        own = _own_function(implementation)
+        if own is not None and implementation not in ALL_ATTENTION_FUNCTIONS:
+            ALL_ATTENTION_FUNCTIONS[implementation] = own
+            capture.on_exit(lambda: ALL_ATTENTION_FUNCTIONS.pop(implementation, None))
         for config, _ in saved:
             config._attn_implementation_internal = implementation
 
@@ -354,7 +364,7 @@ def fused_attention(capture: Capture, attentions: list[torch.nn.Module]):
 
 #: an :meth:`AttentionReads.path <cliplens.adapters.kept.AttentionReads.path>` as the
 #: implementation name transformers dispatches on
-IMPLEMENTATION = {"eager": "eager", "fused": "sdpa", "kept": KEPT}
+IMPLEMENTATION = {"eager": "eager", "fused": "sdpa", "kept": KEPT, "readout": READOUT}
 
 
 def capture_tower(
@@ -373,7 +383,9 @@ def capture_tower(
     attention of the layers ``reads`` keeps (the second output of its attention module:
     probabilities, or a :class:`~cliplens.adapters.kept.KeptAttention` where the block runs
     kept), None for the others, which run the fused kernel (``reads.path``); with ``fan_out``,
-    the stream and any per-row mask beside it repeated per pair from its block on.
+    the stream and any per-row mask beside it repeated per pair from its block on. A block on
+    the ``"readout"`` path stops the forward in its attention: the adapter runs the tower
+    through :func:`~cliplens.adapters.base.forward_or_readout`.
     Every transformers tower cliplens runs apart (CLIP, SigLIP, BLIP's ITC towers) is captured
     this way; an adapter names its modules."""
 

@@ -39,7 +39,7 @@ from ..preprocess import (  # noqa: F401 (the recipes' old import path)
     siglip_preprocess_from_config,
     size_for_max_patches,
 )
-from .base import Checkpoint, FanOut, TextBatch, TokenLayout, TowerRun
+from .base import Checkpoint, FanOut, TextBatch, TokenLayout, TowerRun, forward_or_readout
 from .capture import Capture
 from .hf_encoder import HFEncoderAdapter
 from .kept import EVERY_BLOCK, AttentionReads
@@ -200,11 +200,15 @@ class HFSiglipAdapter(HFEncoderAdapter):
         if fan_out is not None:
             layout = fan_out.layout(layout)
         run = TowerRun("text", embeds=None, layout=layout)  # type: ignore[arg-type]
-        with Capture() as capture:
-            self._capture(capture, tm, run, detach_blocks, fan_out=fan_out, reads=reads)
-            out = tm(input_ids=input_ids, attention_mask=attention_mask if self.text_uses_mask else None)
-        run.pooled = out.last_hidden_state[:, -1]  # last_hidden_state is after the final norm
-        run.embeds = out.pooler_output if fan_out is None else tm.head(run.pooled)
+        def forward():
+            with Capture() as capture:
+                self._capture(capture, tm, run, detach_blocks, fan_out=fan_out, reads=reads)
+                return tm(input_ids=input_ids, attention_mask=attention_mask if self.text_uses_mask else None)
+
+        out = forward_or_readout(self, run, forward)
+        if out is not None:
+            run.pooled = out.last_hidden_state[:, -1]  # last_hidden_state is after the final norm
+            run.embeds = out.pooler_output if fan_out is None else tm.head(run.pooled)
         return run
 
     # ---- readout -----------------------------------------------------------------------

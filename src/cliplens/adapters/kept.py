@@ -46,7 +46,8 @@ class KeptAttention:
     mask:   additive mask broadcastable against the (rows, H, n, n) scores, or None.
     scale:  the factor on ``q k^T``.
     causal: keys after the query are masked (a causal kernel call without a mask).
-    output: (rows, H, n, d) ``A V``, in the graph while the run's graph lives."""
+    output: (rows, H, n, d) ``A V``, in the graph while the run's graph lives; None where the
+            tower stopped in this block (:class:`ReadoutStop`): it was never computed."""
 
     query: torch.Tensor
     key: torch.Tensor
@@ -54,7 +55,7 @@ class KeptAttention:
     mask: torch.Tensor | None
     scale: float
     causal: bool
-    output: torch.Tensor
+    output: torch.Tensor | None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -66,13 +67,15 @@ class KeptAttention:
         return torch.Size((*self.query.shape[:-1], self.key.shape[-2]))
 
     def detach(self) -> "KeptAttention":
-        return self._map(lambda t: t, output=self.output.detach())
+        return self._map(lambda t: t, output=None if self.output is None else self.output.detach())
 
     def __getitem__(self, index) -> "KeptAttention":
         """Index the leading (row) axes of every tensor alike, e.g. ``kept[:, None]``."""
-        return self._map(lambda t: t[index], output=self.output[index])
+        return self._map(lambda t: t[index], output=None if self.output is None else self.output[index])
 
-    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor], output: torch.Tensor) -> "KeptAttention":
+    def _map(
+        self, fn: Callable[[torch.Tensor], torch.Tensor], output: torch.Tensor | None
+    ) -> "KeptAttention":
         mask = self.mask
         if mask is not None:
             # a mask shared by every row (leading axis 1) gets the same new axes
@@ -99,6 +102,16 @@ class KeptAttention:
         return d_output[..., rows, :].to(dtype) @ self.value.to(dtype).transpose(-1, -2)
 
 
+class ReadoutStop(Exception):
+    """Raised inside a block's attention on the ``"readout"`` path, once its queries, keys and
+    values are computed: carries the block's :class:`KeptAttention` (output None) out of the
+    tower's forward, which goes no further (see :func:`~cliplens.adapters.base.forward_or_readout`)."""
+
+    def __init__(self, kept: KeptAttention):
+        super().__init__("the tower stopped at its last block's readout row")
+        self.kept = kept
+
+
 @dataclass(frozen=True)
 class AttentionReads:
     """Which blocks of a tower run keep their attention for the method, and as what.
@@ -106,6 +119,10 @@ class AttentionReads:
     blocks: the blocks whose attention the method reads (None: every block).
     kept:   it reads them through a :class:`KeptAttention` (the fused kernel) rather than as
             probabilities.
+    readout_block: the tower's last block, where the method reads that block only at the
+            readout token's row (its attention there, and the embedding): where the block runs
+            kept, the tower stops in its attention (:class:`ReadoutStop`) and its embedding is
+            finished from that row. None: every block runs whole.
 
     A block the method does not read, or one before a fan-out (no graph, no method reads it),
     runs the fused kernel and keeps None in ``TowerRun.attentions``: at 896 px a ViT-B/16
@@ -113,6 +130,7 @@ class AttentionReads:
 
     blocks: frozenset[int] | None = None
     kept: bool = False
+    readout_block: int | None = None
 
     def keeps(self, index: int, fan_out=None) -> bool:
         """Whether block ``index`` keeps its attention (``fan_out``: a
@@ -130,11 +148,14 @@ class AttentionReads:
 
     def path(self, index: int, fan_out, dtype: torch.dtype) -> str:
         """How block ``index`` computes its attention: ``"eager"`` (probabilities returned),
-        ``"fused"`` (the kernel; nothing kept) or ``"kept"``. float64 runs never fuse (see
+        ``"fused"`` (the kernel; nothing kept), ``"kept"``, or ``"readout"`` (kept, and the
+        tower stops there: :class:`ReadoutStop`). float64 runs never fuse (see
         :meth:`runs_kept`)."""
         if not self.keeps(index, fan_out):
             return "eager" if dtype == torch.float64 else "fused"
-        return "kept" if self.runs_kept(dtype) else "eager"
+        if not self.runs_kept(dtype):
+            return "eager"
+        return "readout" if index == self.readout_block else "kept"
 
 
 #: every block keeps its probabilities (what a run does unless told otherwise)
@@ -191,11 +212,16 @@ def fused_attention_kept(
     mask: torch.Tensor | None,
     scale: float,
     causal: bool = False,
+    stop: bool = False,
 ) -> tuple[torch.Tensor, KeptAttention]:
     """``(A V, kept)`` for (rows, H, n, d) queries, keys and values on the fused kernel; ``mask``
-    additive (or None). ``A V`` is (rows, H, n, d) and is the kept output itself."""
+    additive (or None). ``A V`` is (rows, H, n, d) and is the kept output itself. ``stop``: the
+    ``"readout"`` path; nothing is computed, :class:`ReadoutStop` is raised with the kept inputs."""
     if mask is not None and mask.dtype == torch.bool:
         raise TypeError("fused_attention_kept takes an additive mask")
+    if stop:
+        kept = KeptAttention(query.detach(), key.detach(), value.detach(), mask, scale, causal, None)
+        raise ReadoutStop(kept)
     out = F.scaled_dot_product_attention(
         query, key, value, attn_mask=None if mask is None else mask.to(query.dtype), scale=scale, is_causal=causal
     )
@@ -203,10 +229,12 @@ def fused_attention_kept(
     return out, kept
 
 
-def transformers_kept_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+def transformers_kept_attention(
+    module, query, key, value, attention_mask, scaling=None, dropout=0.0, stop: bool = False, **kwargs
+):
     """A transformers attention function (the ``AttentionInterface`` signature): the block on
     the fused kernel, returning ``(output (rows, n, H, d), KeptAttention)`` where the eager path
-    returns its probabilities."""
+    returns its probabilities (``stop``: raising :class:`ReadoutStop` instead)."""
     if dropout:
         raise RuntimeError("kept attention runs in eval mode only")
     n = query.shape[-2]
@@ -216,5 +244,17 @@ def transformers_kept_attention(module, query, key, value, attention_mask, scali
         if attention_mask.dtype == torch.bool:  # True = attend, as the SDPA mask path reads it
             attention_mask = additive_mask(~attention_mask, query.dtype)
     scale = float(query.shape[-1] ** -0.5 if scaling is None else scaling)
-    out, kept = fused_attention_kept(query, key, value, attention_mask, scale, causal)
+    out, kept = fused_attention_kept(query, key, value, attention_mask, scale, causal, stop)
     return out.transpose(1, 2).contiguous(), kept
+
+
+def transformers_readout_attention(module, query, key, value, attention_mask, **kwargs):
+    """:func:`transformers_kept_attention` on the ``"readout"`` path: raises :class:`ReadoutStop`."""
+    return transformers_kept_attention(module, query, key, value, attention_mask, stop=True, **kwargs)
+
+
+def readout_heads(attention: KeptAttention, index: torch.Tensor) -> torch.Tensor:
+    """(rows, H, d) each row's attention output at its readout position ``index[row]``, per head
+    (before the output projection): ``A_r V``, from the kept queries, keys and values (in their
+    graph, where they are in one)."""
+    return (query_rows(attention, index).unsqueeze(-2) @ attention.value).squeeze(-2)

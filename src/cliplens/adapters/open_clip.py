@@ -56,6 +56,7 @@ from .base import (
     TokenLayout,
     TowerRun,
     block_entry,
+    forward_or_readout,
     run_input_embeds,
 )
 from .capture import Capture, mha_with_probabilities
@@ -141,11 +142,12 @@ def preprocess_for(model) -> Preprocess:
 
 
 def open_clip_attention(
-    attn, x: torch.Tensor, attn_mask: torch.Tensor | None = None, kept: bool = False
+    attn, x: torch.Tensor, attn_mask: torch.Tensor | None = None, kept: bool = False, stop: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """open_clip's ``Attention.forward`` (batch first, self-attention), computed with explicit
     per-head probabilities: returns ``(output, probs)`` with probs (N, H, L, L) (``kept``: the
-    fused kernel, and a :class:`~cliplens.adapters.kept.KeptAttention` for the probabilities)."""
+    fused kernel, and a :class:`~cliplens.adapters.kept.KeptAttention` for the probabilities;
+    ``stop``: raising :class:`~cliplens.adapters.kept.ReadoutStop` with it instead)."""
     N, L, C = x.shape
     H = attn.num_heads
     q, k, v = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
@@ -163,7 +165,7 @@ def open_clip_attention(
             scale = float(torch.clamp(attn.logit_scale, max=attn.logit_scale_max).exp())
         else:
             q, k, scale = attn.ln_q(q), attn.ln_k(k), attn.scale
-        out, probs = fused_attention_kept(q, k, v, attn_mask, scale)
+        out, probs = fused_attention_kept(q, k, v, attn_mask, scale, stop=stop)
     else:
         if cosine:
             scores = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-1, -2)
@@ -183,24 +185,25 @@ def open_clip_attention(
 
 
 def attention_probabilities(
-    capture: Capture, blocks, sink: Callable[[torch.Tensor], None], kept: bool = False
+    capture: Capture, blocks, sink: Callable[[torch.Tensor], None], kept: bool = False, stop: bool = False
 ) -> None:
     """In ``capture`` (for its ``with`` block), every block's attention of ``blocks`` hands its
     per-head probabilities (``kept``: a :class:`~cliplens.adapters.kept.KeptAttention`) to
     ``sink`` (in call order): ``nn.MultiheadAttention`` through :meth:`Capture.mha_probabilities`,
-    open_clip's ``Attention`` through :func:`open_clip_attention`. Patches of these module
-    instances only."""
+    open_clip's ``Attention`` through :func:`open_clip_attention`. ``stop`` (with ``kept``): the
+    ``"readout"`` path, raising :class:`~cliplens.adapters.kept.ReadoutStop` instead. Patches of
+    these module instances only."""
     for blk in blocks:
         if not isinstance(blk.attn, torch.nn.MultiheadAttention):
 
             def forward(x, attn_mask=None, _attn=blk.attn):
-                out, probs = open_clip_attention(_attn, x, attn_mask, kept)
+                out, probs = open_clip_attention(_attn, x, attn_mask, kept, stop)
                 sink(probs)
                 return out
 
             capture.patch_forward(blk.attn, forward)
     mhas = [blk.attn for blk in blocks if isinstance(blk.attn, torch.nn.MultiheadAttention)]
-    capture.mha_probabilities(mhas, lambda i, p: sink(p), kept)
+    capture.mha_probabilities(mhas, lambda i, p: sink(p), kept, stop)
 
 
 # ---- the adapter ------------------------------------------------------------------------------
@@ -357,13 +360,19 @@ class OpenClipAdapter(ModelAdapter):
         """Every block of ``transformer`` over a (B, n, C) stream, capturing what the contract asks
         (with ``fan_out``: per-pair rows from its block on, see :class:`FanOut`). The blocks
         ``reads`` does not keep (those before the fan-out among them) run their own fused
-        attention and keep None."""
+        attention and keep None. A block on the ``"readout"`` path raises
+        :class:`~cliplens.adapters.kept.ReadoutStop` out of it (callers run it through
+        :func:`~cliplens.adapters.base.forward_or_readout`)."""
         batch_first = getattr(transformer, "batch_first", True)
-        keeps = [reads.keeps(i, fan_out) for i in range(len(transformer.resblocks))]
+        blocks = transformer.resblocks
+        keeps = [reads.keeps(i, fan_out) for i in range(len(blocks))]
+        stops = [reads.path(i, fan_out, x.dtype) == "readout" for i in range(len(blocks))]
         with Capture() as capture:
-            read = [blk for blk, keep in zip(transformer.resblocks, keeps) if keep]
+            read = [blk for blk, keep, stop in zip(blocks, keeps, stops) if keep and not stop]
             attention_probabilities(capture, read, run.attentions.append, reads.runs_kept(x.dtype))
-            for i, blk in enumerate(transformer.resblocks):
+            stopping = [blk for blk, stop in zip(blocks, stops) if stop]
+            attention_probabilities(capture, stopping, run.attentions.append, kept=True, stop=True)
+            for i, blk in enumerate(blocks):
                 if fan_out is not None and i == fan_out.block:
                     x = run.graph_input = fan_out.enter(x)
                     attn_mask = fanned_mask
@@ -414,8 +423,14 @@ class OpenClipAdapter(ModelAdapter):
         x = run_input_embeds(x, input_embeds)
         run.input_embeds = x
         x = visual.ln_pre(visual.patch_dropout(x))
-        x = self._blocks(visual.transformer, x, None, run, detach_blocks, fan_out, None, reads)
-        run.embeds, run.pool_attention, run.pooled = self._image_readout(x)
+        stream = x
+
+        def blocks() -> torch.Tensor:
+            return self._blocks(visual.transformer, stream, None, run, detach_blocks, fan_out, None, reads)
+
+        x = forward_or_readout(self, run, blocks)
+        if x is not None:
+            run.embeds, run.pool_attention, run.pooled = self._image_readout(x)
         return run
 
     @property
@@ -481,10 +496,17 @@ class OpenClipAdapter(ModelAdapter):
             mask = pad if mask is None else mask[None] + pad
         # a per-row padding mask (P*heads, T, T) is tiled with the rows from the fan-out block on
         fanned_mask = fan_out.rows(mask) if fan_out is not None and mask is not None and mask.dim() == 3 else mask
-        x = self._blocks(text.transformer, x, mask, run, detach_blocks, fan_out, fanned_mask, reads)
-        rows = torch.arange(x.shape[0], device=x.device)
-        run.pooled = text.ln_final(x[rows, layout.readout])
-        run.embeds = self._text_project(run.pooled)
+        stream = x
+
+        def blocks() -> torch.Tensor:
+            blocks = text.transformer
+            return self._blocks(blocks, stream, mask, run, detach_blocks, fan_out, fanned_mask, reads)
+
+        x = forward_or_readout(self, run, blocks)
+        if x is not None:
+            rows = torch.arange(x.shape[0], device=x.device)
+            run.pooled = text.ln_final(x[rows, layout.readout])
+            run.embeds = self._text_project(run.pooled)
         return run
 
     def _text_project(self, pooled: torch.Tensor) -> torch.Tensor:

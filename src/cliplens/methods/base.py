@@ -223,14 +223,35 @@ class Method:
         tower it does not explain and the blocks before a fan-out. None (default): every block."""
         return None
 
+    def reads_readout_row(self, tower: str, opts: Any, num_layers: int) -> bool:
+        """Whether this method reads an explained tower's last block only at the readout
+        token's row, on a shared run (:attr:`shared_graph`): its gradients come through that
+        row alone (:func:`~cliplens.methods.pairs.readout_attention_gradients`,
+        :func:`~cliplens.methods.pairs.readout_input_gradients`). The tower may then stop in
+        that block's attention and finish its embedding from the row
+        (:attr:`AttentionReads.readout_block <cliplens.adapters.kept.AttentionReads>`). Default:
+        False."""
+        return False
+
     def attention_reads(self, adapter: ModelAdapter, towers: tuple[str, ...], opts: Any) -> dict[str, AttentionReads]:
-        """What each tower's run keeps of its blocks' attention for this call."""
-        return {
-            tower: AttentionReads(
-                self.attention_blocks(tower, opts, n) if tower in towers else frozenset(), self.kept_attention
-            )
-            for tower, n in adapter.num_layers.items()
-        }
+        """What each tower's run keeps of its blocks' attention for this call. A tower that reads
+        out a token with linear pieces stops at its last block's readout row
+        (``AttentionReads.readout_block``) where only that row is read: for a method that
+        says so (:meth:`reads_readout_row`), or where the call needs the tower's embedding alone
+        (a tower it does not explain, run without a gradient)."""
+        grads = dict(zip(("image", "text"), self.gradient_towers(towers, opts)))
+        reads = {}
+        for tower, n in adapter.num_layers.items():
+            can_stop = READOUT_ROW_NEEDS <= adapter.capabilities(tower)
+            if tower in towers:
+                stops = can_stop and self.shares_graph(opts) and self.reads_readout_row(tower, opts, n)
+                blocks = self.attention_blocks(tower, opts, n)
+                reads[tower] = AttentionReads(blocks, self.kept_attention, n - 1 if stops else None)
+            elif can_stop and not grads.get(tower, False):  # its embedding alone
+                reads[tower] = AttentionReads(frozenset({n - 1}), kept=True, readout_block=n - 1)
+            else:
+                reads[tower] = AttentionReads(frozenset(), self.kept_attention)
+        return reads
 
     def shares_graph(self, opts: Any) -> bool:
         """Whether this call runs with :attr:`shared_graph` (default: the flag, whatever the
@@ -302,6 +323,9 @@ class Method:
             extras=out.extras,
         )
 
+
+#: what a tower must offer for its last block to be read at the readout token's row alone
+READOUT_ROW_NEEDS = frozenset({"readout_token", "linear_split"})
 
 #: how a missing capability reads in an error message
 CAPABILITY_TEXT = {

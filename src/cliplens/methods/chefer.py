@@ -28,7 +28,9 @@ so no H x n x n tensor of a whole block exists (float64 runs stay eager, see
 tower that reads out a token, the last block's gradient comes through the readout token's row
 alone (the only row of that block the embedding reads; see
 :func:`~cliplens.methods.pairs.readout_attention_gradients`): the pairs' batched product is
-over one row per input instead of the block's n, so chefer then costs about the model's own
+over one row per input instead of the block's n, and the forward itself stops in that block's
+attention, the embedding finished from the same row (``reads_readout_row``; the block's output
+projection and MLP never run over the other rows). chefer then costs about the model's own
 forward at any P.
 
 Fusion models (BLIP image-text matching, ViLT, ...): the bi-modal and encoder-decoder rules of
@@ -84,6 +86,10 @@ class Chefer(Method):
     def graph_from(self, tower: str, opts: Options, num_layers: int) -> int:
         # the relevance of blocks before start_layer is the identity: no gradient needed there
         return resolve_layer(opts.start_layer, num_layers, num_layers - 1, "start_layer")
+
+    def reads_readout_row(self, tower: str, opts: Options, num_layers: int) -> bool:
+        # the last block alone: its readout row of Abar (shared_row)
+        return self.graph_from(tower, opts, num_layers) == num_layers - 1
 
     def attribute(
         self, adapter: ModelAdapter, runs: PairRuns, target: Target, towers: tuple[str, ...], opts: Options

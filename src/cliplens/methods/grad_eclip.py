@@ -93,6 +93,9 @@ class GradEclip(Method):
         # only the last block's attention output is asked a gradient: earlier blocks run once
         return num_layers - 1
 
+    def reads_readout_row(self, tower: str, opts, num_layers: int) -> bool:
+        return True  # the readout row of dy/dA, and the q-k affinity from the block's input
+
     def attribute(
         self, adapter: ModelAdapter, runs: PairRuns, target: Target, towers: tuple[str, ...], opts
     ) -> Attribution:

@@ -80,6 +80,10 @@ class GradCAM(Method):
         # the features are the stream entering this block: the backward stops there
         return resolve_layer(opts.layer, num_layers, num_layers - 1)
 
+    def reads_readout_row(self, tower: str, opts: Options, num_layers: int) -> bool:
+        # features entering the last block: their gradient through its readout row alone
+        return self.graph_from(tower, opts, num_layers) == num_layers - 1
+
     def attention_blocks(self, tower: str, opts: Options, num_layers: int) -> frozenset[int]:
         # the features are the stream: every block runs the fused kernel; the last one keeps its
         # queries, keys and values (scale and mask) when the features enter it, for the readout row

@@ -22,8 +22,17 @@ from typing import Iterator
 
 import torch
 
-from ..adapters.base import FanOut, ImageBatch, ModelAdapter, TextBatch, TowerRun, against_pairs, swap_pairs
-from ..adapters.kept import EVERY_BLOCK, AttentionReads, KeptAttention, in_graph, query_rows
+from ..adapters.base import (
+    FanOut,
+    ImageBatch,
+    ModelAdapter,
+    TextBatch,
+    TowerRun,
+    against_pairs,
+    readout_row_embeds,
+    swap_pairs,
+)
+from ..adapters.kept import EVERY_BLOCK, AttentionReads, KeptAttention, in_graph, readout_heads
 from ..targets import PairContext, PairScores, Target
 from .relevance import accumulation_dtype
 
@@ -168,16 +177,18 @@ def readout_attention_gradients(adapter: ModelAdapter, runs: PairRuns, tower: st
     token's row: the block's other rows feed nothing after it. The embedding is then
     ``head(z + mlp(z))`` with ``z = x + attention_output(O_r)``, x the readout token's row of
     the block's input and O_r = A_r V its attention output's row (per head, before the output
-    projection; :func:`readout_row_embeds`), and every pair's gradient at O_r is a batched
-    vector-Jacobian product over that one row per input: rows x C where the whole block's is
-    rows x n x C. ``dy/dA_r = dO_r V^T``. At P = 32 (ViT-B/16, 224 px) the whole block's
+    projection; :func:`~cliplens.adapters.base.readout_row_embeds`), and every pair's gradient
+    at O_r is a batched vector-Jacobian product over that one row per input: rows x C where the
+    whole block's is rows x n x C. ``dy/dA_r = dO_r V^T``. At P = 32 (ViT-B/16, 224 px) the whole block's
     product was half of a chefer explanation.
 
     Applies where :func:`readout_row_applies`."""
     if not readout_row_applies(adapter, runs, tower):
         return None
     run, last, attn, readout, rows = _last_block(runs, tower)
-    heads = attn.output.detach()[rows, :, readout].requires_grad_(True)  # (rows, H, d)
+    # from the kept queries, keys and values: a tower that stopped in this block (the
+    # "readout" path of AttentionReads) never computed its output
+    heads = readout_heads(attn, readout).requires_grad_(True)  # (rows, H, d)
     with torch.enable_grad():
         x = run.block_inputs[last].detach()[rows, readout]  # (rows, C)
         embeds = readout_row_embeds(adapter, tower, last, x, heads)
@@ -196,10 +207,10 @@ def readout_input_gradients(adapter: ModelAdapter, runs: PairRuns, tower: str) -
     Every token reaches the readout row through the block's keys and values, so the row is
     rebuilt from the block's input X: ``q_r``, K and V from the adapter's linear pieces
     (``attention_qk``, ``attention_values``), ``A_r = softmax(q_r K^T * scale + mask_r)``
-    (the kept block's scale and mask), ``O_r = A_r V``, then :func:`readout_row_embeds`. The
-    pairs' batched product then runs through the norm and the key and value projections of n
-    rows and the rest of one row, where the whole block's runs its query, output and MLP
-    projections over n rows too."""
+    (the kept block's scale and mask), ``O_r = A_r V``, then
+    :func:`~cliplens.adapters.base.readout_row_embeds`. The pairs' batched product then runs
+    through the norm and the key and value projections of n rows and the rest of one row, where
+    the whole block's runs its query, output and MLP projections over n rows too."""
     if not readout_row_applies(adapter, runs, tower):
         return None
     run, last, attn, readout, rows = _last_block(runs, tower)
@@ -212,8 +223,7 @@ def readout_input_gradients(adapter: ModelAdapter, runs: PairRuns, tower: str) -
         q = q.detach().clone()
         q[rows, :, readout] = q_r[:, :, 0]
         rebuilt = dataclasses.replace(attn, query=q, key=k, value=v)
-        probs = query_rows(rebuilt, readout)  # (rows, H, n)
-        heads = (probs.unsqueeze(-2) @ v).squeeze(-2)  # (rows, H, d)
+        heads = readout_heads(rebuilt, readout)  # (rows, H, d)
         embeds = readout_row_embeds(adapter, tower, last, x[rows, readout], heads)
     (grad,) = batched_vjp(embeds, [x], runs.cotangents(tower))  # (K, rows, n, C)
     return runs.batched(tower, grad)
@@ -241,17 +251,6 @@ def _last_block(runs: PairRuns, tower: str):
     readout = run.layout.readout
     rows = torch.arange(readout.shape[0], device=readout.device)
     return run, len(run.attentions) - 1, run.attentions[-1], readout, rows
-
-
-def readout_row_embeds(
-    adapter: ModelAdapter, tower: str, layer: int, x: torch.Tensor, heads: torch.Tensor
-) -> torch.Tensor:
-    """(rows, D) a tower's embedding from the readout token's row of its last block ``layer``
-    alone: ``head(z + mlp(z))`` with ``z = x + attention_output(heads)``, x (rows, C) the row of
-    the block's input, ``heads`` (rows, H, d) its attention output per head (the adapter's linear
-    pieces; the pre-norm residual block of :class:`~cliplens.adapters.base.ModelAdapter`)."""
-    z = x + adapter.attention_output(tower, layer, heads)
-    return adapter.head(tower, z + adapter.mlp_output(tower, layer, z))
 
 
 def batched_block_vjps(
