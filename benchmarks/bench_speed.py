@@ -36,9 +36,10 @@ ViT-B/16-sized random CLIP, one image, P prompts: time and peak memory ratios in
 - "chefer block", "grad_eclip block" and "gradcam block": the gradient at the last block's
   attention (gradcam: its input) through the whole block, as before it came through the
   readout token's row alone (``readout_attention_gradients``, ``readout_input_gradients``);
-- "chefer no stop", "grad_eclip no stop" and "gradcam no stop": the gradient through the
-  readout row, but the towers run their last block whole, as before they stopped in its
-  attention and finished the embedding from that row (``AttentionReads.readout_block``).
+- "chefer no stop", "grad_eclip no stop", "gradcam no stop" and "chefer text no stop": the
+  towers run their last block whole (kept), as before they stopped in its attention and
+  finished the embedding from the readout row (``AttentionReads.readout_block``: the explained
+  towers whose gradient comes through that row, and a tower the call does not explain).
 
 Time: interleaved repeats, the median of per-repeat ratios (load changes hit both). Memory: on
 CUDA the peak allocation above the loaded model; on the CPU the peak RSS of a fresh process.
@@ -111,6 +112,7 @@ BLOCK_CASES = {
     "grad_eclip no stop": ("ours", {"method": "grad_eclip", "no_stop": True}),
     "gradcam no stop": ("ours", {"method": "gradcam", "no_stop": True}),
     "chefer no stop": ("ours", {"method": "chefer", "no_stop": True}),
+    "chefer text no stop": ("ours", {"method": "chefer", "towers": ("text",), "no_stop": True}),
 }
 DEFAULT_CASES = list(CASES)
 CASES.update(READ_CASES)
@@ -208,7 +210,6 @@ def runner(adapter, image, texts, label: str):
         def fn():
             cls = REGISTRY[method]
             shared, kept, paths = cls.shared_graph, cls.kept_attention, hf_encoder.IMPLEMENTATION
-            stops = cls.__dict__.get("reads_readout_row")
             module = sys.modules[cls.__module__]
             names = ("readout_attention_gradients", "readout_input_gradients")
             shorts = {n: getattr(module, n) for n in names if hasattr(module, n)}
@@ -221,8 +222,8 @@ def runner(adapter, image, texts, label: str):
             if whole:  # the last block's gradient through the whole block
                 for name in shorts:
                     setattr(module, name, lambda *args: None)
-            if no_stop:  # the towers run their last block whole
-                cls.reads_readout_row = lambda *args: False
+            if no_stop:  # the towers run their last block whole (kept, where they would stop)
+                hf_encoder.IMPLEMENTATION = {**paths, "readout": hf_encoder.KEPT}
             try:
                 cliplens.explain(adapter, image, texts, method=method, **opts)
             finally:
@@ -233,10 +234,6 @@ def runner(adapter, image, texts, label: str):
                 hf_encoder.IMPLEMENTATION = paths
                 for name, fn in shorts.items():
                     setattr(module, name, fn)
-                if no_stop and stops is not None:
-                    cls.reads_readout_row = stops
-                elif no_stop:
-                    del cls.reads_readout_row
     else:
         loop = opts["loop"]
 

@@ -220,7 +220,8 @@ class Method:
     def attention_blocks(self, tower: str, opts: Any, num_layers: int) -> frozenset[int] | None:
         """The blocks of an explained ``tower`` whose attention (``TowerRun.attentions``) this
         method reads; the others run the fused kernel and keep None, and so do every block of a
-        tower it does not explain and the blocks before a fan-out. None (default): every block."""
+        tower it does not explain (but the last, where it stops at the readout row: see
+        :meth:`attention_reads`) and the blocks before a fan-out. None (default): every block."""
         return None
 
     def reads_readout_row(self, tower: str, opts: Any, num_layers: int) -> bool:
