@@ -60,6 +60,9 @@ class RegionStub:
     def explaining(self):
         return contextlib.nullcontext()
 
+    def embedding_reads(self, tower: str):
+        return None  # nothing to keep: run_image ignores it
+
     def run_image(self, pixels: torch.Tensor, *, reads=None):
         self.calls += 1
         kept = (pixels[:, 0][:, self.region] != 0).double().mean(dim=1)

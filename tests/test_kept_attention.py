@@ -386,6 +386,9 @@ def _kept_matches_eager_in_float32(adapter, family, method, options, monkeypatch
     have = cliplens.explain(adapter, IMAGES, TEXTS, method=method, **options)
     assert calls, "the explained blocks did not run fused"
     monkeypatch.setattr(REGISTRY[method], "kept_attention", False)
+    # a run for an embedding alone (legrad's empty prompt) stops at the readout row, whatever
+    # the method reads: whole here, so that nothing runs kept
+    monkeypatch.setattr(adapter, "embedding_reads", lambda tower: kept_module.NO_BLOCK)
     calls.clear()
     want = cliplens.explain(adapter, IMAGES, TEXTS, method=method, **options)
     assert not calls
@@ -466,7 +469,8 @@ def test_blocks_no_method_reads_keep_nothing_and_run_fused(
 def test_runs_for_embeddings_only_keep_no_attention(monkeypatch):
     """The evaluation's encoders, the score table and legrad's empty prompt run every block on
     the fused kernel (a batch of 256 images at 224 px would otherwise hold 5.7 GB of
-    probabilities), with the embeddings of the eager path (float32 rounding)."""
+    probabilities) but the last, where they stop at the readout row and keep its queries, keys
+    and values; with the embeddings of the eager path (float32 rounding)."""
     from cliplens.eval.classifier import encode_images, encode_texts
     from cliplens.methods.legrad import empty_prompt_embedding
 
@@ -478,17 +482,22 @@ def test_runs_for_embeddings_only_keep_no_attention(monkeypatch):
 
         def spy(*args, _run=run, **kwargs):
             out = _run(*args, **kwargs)
-            kept.append(sum(a is not None for a in out.attentions))
+            kept.append([i for i, a in enumerate(out.attentions) if a is not None])
+            stopped.append(len(out.block_outputs) == len(out.block_inputs) - 1)
             return out
 
         monkeypatch.setattr(adapter, f"run_{tower}", spy)
+    stopped = []
     fused = [
         encode_images(adapter, images.pixel_values),
         encode_texts(adapter, TEXTS),
         adapter.score_table(images, texts),
         empty_prompt_embedding(adapter),
     ]
-    assert len(kept) == 5 and not any(kept)  # images, texts, the table (two), the empty prompt
+    # images, texts, the table (two), the empty prompt: each its last block alone, stopped there
+    last = {t: [n - 1] for t, n in adapter.num_layers.items()}
+    assert kept == [last["image"], last["text"], last["image"], last["text"], last["text"]]
+    assert stopped == [True] * 5
     monkeypatch.setattr(hf_encoder, "IMPLEMENTATION", dict.fromkeys(hf_encoder.IMPLEMENTATION, "eager"))
     eager = [
         encode_images(adapter, images.pixel_values),
@@ -634,6 +643,40 @@ def test_the_readout_stop_is_asked_where_only_the_last_blocks_readout_row_is_rea
     reads = chefer.attention_reads(siglip, ("image", "text"), chefer.parse_options({}))
     assert reads["image"].readout_block is None  # a pooling head reads every token
     assert reads["text"].readout_block == siglip.num_layers["text"] - 1
+
+
+@pytest.mark.parametrize("family,factory", LINEAR_FAMILIES)
+def test_embedding_only_runs_stop_at_the_readout_row_and_score_alike(family, factory, monkeypatch):
+    """``ModelAdapter.embedding_reads``: the towers that can stop (``SHORT_TOWERS``) do, in a
+    run for the embedding alone (``score_table``, the evaluation's encoders), and score every
+    pair as the whole runs do (float32, 1e-5); the others keep nothing (``NO_BLOCK``)."""
+    adapter = factory(seed=0, dtype=torch.float32)
+    for tower, n in adapter.num_layers.items():
+        reads = adapter.embedding_reads(tower)
+        if {"readout_token", "linear_split"} <= adapter.capabilities(tower):
+            assert reads == AttentionReads(frozenset({n - 1}), kept=True, readout_block=n - 1)
+        else:
+            assert reads == kept_module.NO_BLOCK
+    images = adapter.prepare_images(IMAGES)[0]
+    texts = adapter.tokenize(TEXTS)
+    stopped = []
+    for tower in ("image", "text"):
+        run = getattr(adapter, f"run_{tower}")
+
+        def spy(*args, _run=run, _tower=tower, **kwargs):
+            out = _run(*args, **kwargs)
+            if len(out.block_outputs) < adapter.num_layers[_tower]:
+                stopped.append(_tower)
+            return out
+
+        monkeypatch.setattr(adapter, f"run_{tower}", spy)
+    with adapter.explaining():
+        have = adapter.score_table(images, texts)
+    assert sorted(stopped) == SHORT_TOWERS[family]
+    monkeypatch.setattr(adapter, "embedding_reads", lambda tower: kept_module.NO_BLOCK)
+    with adapter.explaining():
+        want = adapter.score_table(images, texts)
+    torch.testing.assert_close(have, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
 
 
 def test_per_pair_rows_never_stop_at_the_readout_row(monkeypatch):

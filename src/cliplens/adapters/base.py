@@ -28,6 +28,9 @@ from ..preprocess import Preprocess
 from .capture import frozen_eval, mha_probabilities, mha_with_probabilities, module_hooks  # noqa: F401
 from .kept import EVERY_BLOCK, NO_BLOCK, AttentionReads, ReadoutStop, readout_heads
 
+#: what a tower must offer for its last block to be read at the readout token's row alone
+READOUT_ROW_NEEDS = frozenset({"readout_token", "linear_split"})
+
 
 @dataclass(frozen=True)
 class TokenLayout:
@@ -327,14 +330,24 @@ class ModelAdapter(ABC):
         ]
 
     # ---- running -----------------------------------------------------------------------
+    def embedding_reads(self, tower: str) -> AttentionReads:
+        """What a run of ``tower`` for its embedding alone, without a gradient, keeps: its last
+        block, where the tower stops at the readout row (``AttentionReads.readout_block``: a
+        tower that reads out a token with linear pieces; the rest of that block feeds nothing
+        the embedding reads), else nothing. A stopped run's embedding carries no graph."""
+        if not READOUT_ROW_NEEDS <= self.capabilities(tower):
+            return NO_BLOCK
+        last = self.num_layers[tower] - 1
+        return AttentionReads(frozenset({last}), kept=True, readout_block=last)
+
     def score_table(self, images: ImageBatch, texts: TextBatch) -> torch.Tensor:
         """(B, P) logits of every image against every prompt, no gradients: one forward per
         tower, every pair scored by :class:`~cliplens.targets.PairScores`."""
         from ..targets import PairScores
 
         with torch.no_grad():
-            img = self.run_image(images.pixel_values, reads=NO_BLOCK).embeds
-            txt = self.run_text(texts.input_ids, texts.attention_mask, reads=NO_BLOCK).embeds
+            img = self.run_image(images.pixel_values, reads=self.embedding_reads("image")).embeds
+            txt = self.run_text(texts.input_ids, texts.attention_mask, reads=self.embedding_reads("text")).embeds
             return PairScores.of(self, txt.dtype).table(img, txt)
 
     @abstractmethod

@@ -27,7 +27,6 @@ import numpy as np
 import torch
 
 from ..adapters import ModelAdapter
-from ..adapters.kept import NO_BLOCK
 from ..errors import InputError
 from ..targets import PairContext, Target
 from .templates import IMAGENET_TEMPLATES, TEMPLATE_SETS
@@ -69,7 +68,8 @@ def encode_texts(adapter: ModelAdapter, texts: Sequence[str], batch_size: int = 
     with adapter.explaining():
         for start in range(0, len(texts), batch_size):
             batch = adapter.tokenize(list(texts[start : start + batch_size]))
-            out.append(adapter.run_text(batch.input_ids, batch.attention_mask, reads=NO_BLOCK).embeds.detach())
+            reads = adapter.embedding_reads("text")
+            out.append(adapter.run_text(batch.input_ids, batch.attention_mask, reads=reads).embeds.detach())
     return torch.cat(out)
 
 
@@ -79,7 +79,8 @@ def encode_images(adapter: ModelAdapter, pixel_values: torch.Tensor, batch_size:
     out = []
     with adapter.explaining():
         for start in range(0, pixel_values.shape[0], batch_size):
-            out.append(adapter.run_image(pixel_values[start : start + batch_size], reads=NO_BLOCK).embeds.detach())
+            reads = adapter.embedding_reads("image")
+            out.append(adapter.run_image(pixel_values[start : start + batch_size], reads=reads).embeds.detach())
     return torch.cat(out)
 
 

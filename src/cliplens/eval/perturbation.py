@@ -25,7 +25,6 @@ import torch
 
 from ..adapters import ModelAdapter
 from ..adapters.base import TextBatch
-from ..adapters.kept import NO_BLOCK
 from ..images import Geometry
 from ..targets import LogitContext, PairContext, PairScores, Target
 from .classifier import encode_images, encode_texts
@@ -122,7 +121,8 @@ class PromptScorer:
         S, Q = pixels.shape[0], batch.input_ids.shape[0]
         if not adapter.fusion:
             with adapter.explaining(), torch.no_grad():
-                txt = adapter.run_text(batch.input_ids, batch.attention_mask, reads=NO_BLOCK).embeds
+                reads = adapter.embedding_reads("text")
+                txt = adapter.run_text(batch.input_ids, batch.attention_mask, reads=reads).embeds
             return target_scores(adapter, encode_images(adapter, pixels), txt, self.target)
         out = np.zeros((S, Q))
         step = max(1, self.pairs // Q)

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..adapters.base import ImageBatch, ModelAdapter, TextBatch
+from ..adapters.base import READOUT_ROW_NEEDS, ImageBatch, ModelAdapter, TextBatch
 from ..adapters.fusion import FusionAdapter
 from ..adapters.kept import AttentionReads
 from ..errors import InputError
@@ -243,13 +243,16 @@ class Method:
         grads = dict(zip(("image", "text"), self.gradient_towers(towers, opts)))
         reads = {}
         for tower, n in adapter.num_layers.items():
-            can_stop = READOUT_ROW_NEEDS <= adapter.capabilities(tower)
             if tower in towers:
-                stops = can_stop and self.shares_graph(opts) and self.reads_readout_row(tower, opts, n)
+                stops = (
+                    READOUT_ROW_NEEDS <= adapter.capabilities(tower)
+                    and self.shares_graph(opts)
+                    and self.reads_readout_row(tower, opts, n)
+                )
                 blocks = self.attention_blocks(tower, opts, n)
                 reads[tower] = AttentionReads(blocks, self.kept_attention, n - 1 if stops else None)
-            elif can_stop and not grads.get(tower, False):  # its embedding alone
-                reads[tower] = AttentionReads(frozenset({n - 1}), kept=True, readout_block=n - 1)
+            elif not grads.get(tower, False):  # its embedding alone
+                reads[tower] = adapter.embedding_reads(tower)
             else:
                 reads[tower] = AttentionReads(frozenset(), self.kept_attention)
         return reads
@@ -324,9 +327,6 @@ class Method:
             extras=out.extras,
         )
 
-
-#: what a tower must offer for its last block to be read at the readout token's row alone
-READOUT_ROW_NEEDS = frozenset({"readout_token", "linear_split"})
 
 #: how a missing capability reads in an error message
 CAPABILITY_TEXT = {

@@ -77,7 +77,7 @@ from dataclasses import dataclass
 import torch
 
 from ..adapters.base import ModelAdapter, TowerRun
-from ..adapters.kept import NO_BLOCK, KeptAttention, in_graph, query_chunks
+from ..adapters.kept import KeptAttention, in_graph, query_chunks
 from ..targets import Target
 from .base import Attribution, Method, last_layers, option, register
 from .pairs import PairRuns, batched_vjp, per_pair, tower_result
@@ -119,7 +119,8 @@ def empty_prompt_embedding(adapter: ModelAdapter) -> torch.Tensor:
     """(D,) the normalised text embedding of :data:`EMPTY_PROMPT` (no graph)."""
     batch = adapter.tokenize([EMPTY_PROMPT])
     with torch.no_grad():
-        e = adapter.run_text(batch.input_ids, batch.attention_mask, reads=NO_BLOCK).embeds[0]
+        reads = adapter.embedding_reads("text")
+        e = adapter.run_text(batch.input_ids, batch.attention_mask, reads=reads).embeds[0]
     return e / e.norm()
 
 

@@ -192,7 +192,7 @@ class Sensitivity(Method):
             norm = g.flatten(1).norm(dim=1).clamp_min(torch.finfo(g.dtype).tiny)
             x = x - (step_size * rms / norm)[:, None, None] * g
         with torch.no_grad():
-            final = adapter.run_image(pixels, input_embeds=x, reads=NO_BLOCK)
+            final = adapter.run_image(pixels, input_embeds=x, reads=adapter.embedding_reads("image"))
             path.append(target(runs.context_with("image", per_pair(final.embeds, B, P))))
         change = (x - x0).norm(dim=-1)  # (rows, n)
         return tower_result(runs, "image", change), torch.stack(path, -1)
