@@ -36,6 +36,9 @@ ViT-B/16-sized random CLIP, one image, P prompts: time and peak memory ratios in
 - "chefer block", "grad_eclip block" and "gradcam block": the gradient at the last block's
   attention (gradcam: its input) through the whole block, as before it came through the
   readout token's row alone (``readout_attention_gradients``, ``readout_input_gradients``);
+  "chefer 2" is chefer from the second-to-last block (``start_layer=-2``), and "chefer all
+  block" and "chefer 2 block" take the last block whole, as before the blocks below started
+  from the gradient at its input through the readout row;
 - "chefer no stop", "grad_eclip no stop", "gradcam no stop" and "chefer text no stop": the
   towers run their last block whole (kept), as before they stopped in its attention and
   finished the embedding from the readout row (``AttentionReads.readout_block``: the explained
@@ -109,6 +112,9 @@ BLOCK_CASES = {
     "grad_eclip block": ("ours", {"method": "grad_eclip", "whole_block": True}),
     "gradcam block": ("ours", {"method": "gradcam", "whole_block": True}),
     "chefer block": ("ours", {"method": "chefer", "whole_block": True}),
+    "chefer all block": ("ours", {"method": "chefer", "start_layer": 0, "whole_block": True}),
+    "chefer 2": ("ours", {"method": "chefer", "start_layer": -2}),
+    "chefer 2 block": ("ours", {"method": "chefer", "start_layer": -2, "whole_block": True}),
     "grad_eclip no stop": ("ours", {"method": "grad_eclip", "no_stop": True}),
     "gradcam no stop": ("ours", {"method": "gradcam", "no_stop": True}),
     "chefer no stop": ("ours", {"method": "chefer", "no_stop": True}),
@@ -221,7 +227,7 @@ def runner(adapter, image, texts, label: str):
                 hf_encoder.IMPLEMENTATION = dict.fromkeys(paths, "eager")
             if whole:  # the last block's gradient through the whole block
                 for name in shorts:
-                    setattr(module, name, lambda *args: None)
+                    setattr(module, name, lambda *args, **kwargs: None)
             if no_stop:  # the towers run their last block whole (kept, where they would stop)
                 hf_encoder.IMPLEMENTATION = {**paths, "readout": hf_encoder.KEPT}
             try:

@@ -615,9 +615,9 @@ def test_a_tower_stopped_at_its_last_blocks_readout_row_gives_the_whole_runs_emb
 def test_the_readout_stop_is_asked_where_only_the_last_blocks_readout_row_is_read():
     """``Method.attention_reads``: the readout block is asked on the towers that read out a
     token with linear pieces, where the call reads that block only at that row: explained by
-    chefer at its default start, grad_eclip, or gradcam at the last block, on a shared graph; or
-    not explained at all (its embedding alone). Never on a tower legrad explains, nor chefer
-    from an earlier block or gradcam at an earlier layer."""
+    chefer (any start), grad_eclip, or gradcam at the last block, on a shared graph; or not
+    explained at all (its embedding alone). Never on a tower legrad explains, nor gradcam at an
+    earlier layer."""
     adapter = ADAPTER_FACTORIES[0][1](seed=0)
     L = adapter.num_layers
 
@@ -632,8 +632,8 @@ def test_the_readout_stop_is_asked_where_only_the_last_blocks_readout_row_is_rea
     assert asked("grad_eclip") == every
     assert asked("chefer", towers=("image",)) == every
     assert asked("gradcam", towers=("image",)) == every
-    assert asked("chefer", start_layer=0) == {"image": None, "text": None}
-    assert asked("chefer", towers=("text",), start_layer=0) == {"image": L["image"] - 1, "text": None}
+    assert asked("chefer", start_layer=0) == every
+    assert asked("chefer", towers=("text",), start_layer=0) == every
     assert asked("gradcam", towers=("image",), layer=0) == text_alone
     assert asked("legrad") == {"image": None, "text": None}
     assert asked("legrad", towers=("image",)) == text_alone
@@ -697,8 +697,8 @@ def _sort_towers(module, name: str, monkeypatch) -> tuple[list[str], list[str]]:
     short, whole = [], []
     helper = getattr(pairs, name)
 
-    def spy(adapter, runs, tower):
-        out = helper(adapter, runs, tower)
+    def spy(adapter, runs, tower, **kwargs):
+        out = helper(adapter, runs, tower, **kwargs)
         (short if out is not None else whole).append(tower)
         return out
 
@@ -709,7 +709,7 @@ def _sort_towers(module, name: str, monkeypatch) -> tuple[list[str], list[str]]:
 def _through_whole_block(module, name: str, method: str, monkeypatch) -> None:
     """The last block's gradient through the whole block again: the readout-row helper
     ``module.name`` turned away, and the towers run that block whole (no readout stop)."""
-    monkeypatch.setattr(module, name, lambda *args: None)
+    monkeypatch.setattr(module, name, lambda *args, **kwargs: None)
     monkeypatch.setattr(REGISTRY[method], "reads_readout_row", lambda *args: False)
 
 
@@ -745,6 +745,38 @@ def test_last_block_gradient_through_its_readout_row_equals_the_whole_block(fami
         assert len(block_calls) == len(whole)  # the whole block only where the short way is shut
     _through_whole_block(module, "readout_attention_gradients", method, monkeypatch)
     want = cliplens.explain(adapter, IMAGES, TEXTS, method=method)
+    _assert_same(have, want, 1e-12)
+
+
+@pytest.mark.parametrize("family,factory", LINEAR_FAMILIES)
+@pytest.mark.parametrize("start", [0, -2])
+def test_chefer_from_an_earlier_block_enters_the_blocks_below_through_the_readout_row(
+    family, factory, start, monkeypatch
+):
+    """chefer from an earlier start layer: the last block's readout row of Abar and the pairs'
+    gradients at its input come from one product through that row
+    (``readout_input_gradients(attention=True)``); the blocks below start from that input
+    gradient. The same maps and token scores as through the whole block (float64, kept blocks,
+    1e-12 of the scale), on exactly the towers that can take it."""
+    import cliplens.methods.chefer as chefer
+    import cliplens.methods.pairs as pairs
+
+    adapter = factory(seed=0, dtype=torch.float64)
+    _kept_in_float64(monkeypatch)
+    short, whole = _sort_towers(chefer, "readout_input_gradients", monkeypatch)
+    entered = []
+
+    def spy(*args, entering_last=None, **kwargs):
+        entered.append(entering_last is not None)
+        return pairs.block_gradients(*args, entering_last=entering_last, **kwargs)
+
+    monkeypatch.setattr(chefer, "block_gradients", spy)
+    have = cliplens.explain(adapter, IMAGES, TEXTS, method="chefer", start_layer=start)
+    assert sorted(set(short)) == SHORT_TOWERS[family]
+    # every tower folds its blocks below, from the last block's input where it came through the row
+    assert sum(entered) == len(short) and len(entered) == len(short) + len(whole)
+    _through_whole_block(chefer, "readout_input_gradients", "chefer", monkeypatch)
+    want = cliplens.explain(adapter, IMAGES, TEXTS, method="chefer", start_layer=start)
     _assert_same(have, want, 1e-12)
 
 

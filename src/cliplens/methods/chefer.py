@@ -31,7 +31,10 @@ alone (the only row of that block the embedding reads; see
 over one row per input instead of the block's n, and the forward itself stops in that block's
 attention, the embedding finished from the same row (``reads_readout_row``; the block's output
 projection and MLP never run over the other rows). chefer then costs about the model's own
-forward at any P.
+forward at any P. From an earlier start layer the last block is still read at that row alone
+(the relevance row is one-hot there): one product through the row gives its Abar row and the
+pairs' gradients at its input (:func:`~cliplens.methods.pairs.readout_input_gradients`), from
+which the blocks below go on.
 
 Fusion models (BLIP image-text matching, ViLT, ...): the bi-modal and encoder-decoder rules of
 the same paper (:class:`~cliplens.methods.relevance.StreamRelevance`): relevance matrices between
@@ -56,7 +59,7 @@ from ..adapters.kept import query_rows
 from ..targets import Target
 from .base import Attribution, Method, option, register, resolve_layer
 from .fusion_pairs import FusionRuns
-from .pairs import PairRuns, block_gradients, readout_attention_gradients
+from .pairs import PairRuns, block_gradients, readout_attention_gradients, readout_input_gradients
 from .relevance import DEGENERATE_POLICIES, RowFold, StreamRelevance, accumulation_dtype, gradient_weighted
 
 
@@ -88,8 +91,9 @@ class Chefer(Method):
         return resolve_layer(opts.start_layer, num_layers, num_layers - 1, "start_layer")
 
     def reads_readout_row(self, tower: str, opts: Options, num_layers: int) -> bool:
-        # the last block alone: its readout row of Abar (shared_row)
-        return self.graph_from(tower, opts, num_layers) == num_layers - 1
+        # the last block's readout row of Abar, and the gradient at its input through that row
+        # (shared_row), whatever the start layer
+        return True
 
     def attribute(
         self, adapter: ModelAdapter, runs: PairRuns, target: Target, towers: tuple[str, ...], opts: Options
@@ -153,21 +157,29 @@ class Chefer(Method):
 def shared_row(method: str, adapter: ModelAdapter, runs: PairRuns, tower: str, start: int) -> torch.Tensor:
     """(B*P, n) the readout rows of a shared tower's pairs, folded block by block from
     :func:`~cliplens.methods.pairs.block_gradients` (each block's gradient reduced to Abar
-    before the next is computed). When the last block alone is explained (the default) and
-    the tower reads out a token, only that block's readout row of Abar is needed, and its
-    gradient comes through that row alone
-    (:func:`~cliplens.methods.pairs.readout_attention_gradients`)."""
+    before the next is computed). A tower that reads out a token needs only its last block's
+    readout row of Abar (the row is one-hot there), and that block's gradients come through
+    that row alone: at its attention (:func:`~cliplens.methods.pairs.readout_attention_gradients`)
+    when it is the only block explained (the default), else also at its input
+    (:func:`~cliplens.methods.pairs.readout_input_gradients`), where the blocks below take
+    over."""
     run = runs.run(tower)
     fold = RowFold(method, run, start, pairs=lambda rows: runs.pair_values(tower, rows).reshape(runs.B * runs.P, -1))
     last = len(run.attentions) - 1
-    grad = readout_attention_gradients(adapter, runs, tower) if start == last else None
+    entering = None  # the pairs' gradients at the last block's input, where they came through its row
+    if start == last:
+        grad = readout_attention_gradients(adapter, runs, tower)
+    else:
+        got = readout_input_gradients(adapter, runs, tower, attention=True)
+        entering, grad = got if got is not None else (None, None)
     if grad is not None:  # (B, P, H, n)
         probs = runs.distinct(tower, query_rows(run.attentions[last], run.layout.readout))
         abar = gradient_weighted(probs[..., None, :].to(grad.dtype), grad[..., None, :])  # (B, P, 1, n)
         fold.readout_block(last, abar.reshape(runs.B * runs.P, -1))
-        return fold.done().detach()
+        if start == last:
+            return fold.done().detach()
     head = [] if run.layout.has_readout_token else [run.pool_attention]
-    for layer, probs, grad in block_gradients(runs, tower, start, head):
+    for layer, probs, grad in block_gradients(runs, tower, start, head, entering_last=entering):
         if layer is None:
             fold.pool(probs, grad)
         else:

@@ -150,18 +150,29 @@ class PairRuns:
 
 
 def block_gradients(
-    runs: PairRuns, tower: str, start: int, head: list[torch.Tensor] | None = None
+    runs: PairRuns,
+    tower: str,
+    start: int,
+    head: list[torch.Tensor] | None = None,
+    entering_last: torch.Tensor | None = None,
 ) -> Iterator[tuple[int | None, torch.Tensor, torch.Tensor]]:
     """Every pair's gradient of its scalar w.r.t. a shared tower's ``head`` tensors (between
     the last block and the embedding, e.g. a pooling head's attention) and then w.r.t. the
     attention probabilities of its blocks, from the last block down to ``start``
-    (:func:`batched_block_vjps` over the tower's one graph).
+    (:func:`batched_block_vjps` over the tower's one graph). ``entering_last``: (B, P, n, C)
+    the pairs' gradients at the last block's input, taken already (through its readout row,
+    :func:`readout_input_gradients`): the products then start at the block below it.
 
     Yields ``(layer, probs, grad)``: layer None for a head tensor; ``probs`` the tensor's
     values (rows, ...) made broadcastable against ``grad`` (B, P, ...) per pair."""
     run = runs.run(tower)
     head = list(head or [])
-    vjps = batched_block_vjps(run.embeds, runs.cotangents(tower), run.block_outputs, run.attentions, start, head)
+    if entering_last is not None:
+        below = len(run.attentions) - 2  # its output is the last block's input
+        taps = {below: [(run.block_outputs[below], runs.batched(tower, entering_last))]}
+        vjps = stack_vjps(run.block_outputs[: below + 1], run.attentions, start, taps)
+    else:
+        vjps = batched_block_vjps(run.embeds, runs.cotangents(tower), run.block_outputs, run.attentions, start, head)
     for layer, grad in vjps:
         tensor = head[-1 - layer] if layer < 0 else run.attentions[layer]
         yield (None if layer < 0 else layer), runs.distinct(tower, tensor.detach()), runs.batched(tower, grad)
@@ -193,16 +204,26 @@ def readout_attention_gradients(adapter: ModelAdapter, runs: PairRuns, tower: st
         x = run.block_inputs[last].detach()[rows, readout]  # (rows, C)
         embeds = readout_row_embeds(adapter, tower, last, x, heads)
     (d_heads,) = batched_vjp(embeds, [heads], runs.cotangents(tower))  # (K, rows, H, d)
+    return _readout_probs_gradient(runs, tower, d_heads, attn)
+
+
+def _readout_probs_gradient(runs: PairRuns, tower: str, d_heads: torch.Tensor, attn: KeptAttention) -> torch.Tensor:
+    """(B, P, H, n) ``dy/dA_r = dO_r V^T`` from the pairs' gradients at the readout row's
+    attention output (K, rows, H, d), with the kept values."""
     dtype = accumulation_dtype(d_heads.dtype)
     # rows and heads as the batch of one product with the values, which are not copied per pair
     grad = d_heads.permute(1, 2, 0, 3).to(dtype) @ attn.value.to(dtype).transpose(-1, -2)  # (rows, H, K, n)
     return runs.batched(tower, grad.permute(2, 0, 1, 3))
 
 
-def readout_input_gradients(adapter: ModelAdapter, runs: PairRuns, tower: str) -> torch.Tensor | None:
+def readout_input_gradients(
+    adapter: ModelAdapter, runs: PairRuns, tower: str, attention: bool = False
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None:
     """(B, P, n, C) every pair's gradient of its scalar at the residual stream entering the
     last block, taken through the readout token's row of that block alone; None where this short
-    way does not apply (:func:`readout_row_applies`; then through the whole block).
+    way does not apply (:func:`readout_row_applies`; then through the whole block). With
+    ``attention``: ``(that, (B, P, H, n) the gradient at the readout row's attention
+    probabilities)`` from the same product (:func:`readout_attention_gradients`' value).
 
     Every token reaches the readout row through the block's keys and values, so the row is
     rebuilt from the block's input X: ``q_r``, K and V from the adapter's linear pieces
@@ -225,8 +246,9 @@ def readout_input_gradients(adapter: ModelAdapter, runs: PairRuns, tower: str) -
         rebuilt = dataclasses.replace(attn, query=q, key=k, value=v)
         heads = readout_heads(rebuilt, readout)  # (rows, H, d)
         embeds = readout_row_embeds(adapter, tower, last, x[rows, readout], heads)
-    (grad,) = batched_vjp(embeds, [x], runs.cotangents(tower))  # (K, rows, n, C)
-    return runs.batched(tower, grad)
+    got = batched_vjp(embeds, [x, heads] if attention else [x], runs.cotangents(tower))  # (K, rows, ...)
+    grad = runs.batched(tower, got[0])
+    return (grad, _readout_probs_gradient(runs, tower, got[1], attn)) if attention else grad
 
 
 def readout_row_applies(adapter: ModelAdapter, runs: PairRuns, tower: str) -> bool:
