@@ -96,6 +96,7 @@ class HFClipAdapter(HFEncoderAdapter):
         if fan_out is not None:
             layout = fan_out.layout(layout)
         run = TowerRun("image", embeds=None, layout=layout, pixel_values=pixel_values)  # type: ignore[arg-type]
+
         def forward():
             with Capture() as capture:
                 self._capture(capture, vm, run, detach_blocks, input_embeds, fan_out, reads)
@@ -124,6 +125,7 @@ class HFClipAdapter(HFEncoderAdapter):
         if fan_out is not None:
             layout = fan_out.layout(layout)
         run = TowerRun("text", embeds=None, layout=layout)  # type: ignore[arg-type]
+
         def pooled() -> torch.Tensor:
             with Capture() as capture:
                 self._capture(capture, tm, run, detach_blocks, fan_out=fan_out, reads=reads)

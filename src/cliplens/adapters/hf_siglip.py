@@ -200,6 +200,7 @@ class HFSiglipAdapter(HFEncoderAdapter):
         if fan_out is not None:
             layout = fan_out.layout(layout)
         run = TowerRun("text", embeds=None, layout=layout)  # type: ignore[arg-type]
+
         def forward():
             with Capture() as capture:
                 self._capture(capture, tm, run, detach_blocks, fan_out=fan_out, reads=reads)

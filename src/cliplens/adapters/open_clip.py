@@ -499,8 +499,8 @@ class OpenClipAdapter(ModelAdapter):
         stream = x
 
         def blocks() -> torch.Tensor:
-            blocks = text.transformer
-            return self._blocks(blocks, stream, mask, run, detach_blocks, fan_out, fanned_mask, reads)
+            stack = text.transformer
+            return self._blocks(stack, stream, mask, run, detach_blocks, fan_out, fanned_mask, reads)
 
         x = forward_or_readout(self, run, blocks)
         if x is not None:
