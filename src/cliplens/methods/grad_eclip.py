@@ -69,9 +69,15 @@ def min_max_over(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return out.masked_fill(~k | (span <= 0), 0.0)
 
 
-def affinity(adapter: ModelAdapter, tower: str, layer: int, block_input: torch.Tensor, readout: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """(rows, H, n): min-max over the kept tokens of cos(q^h_r, k^h_j) at block ``layer``."""
-    q, k = adapter.attention_qk(tower, layer, block_input)  # (rows, H, n, d)
+def affinity(adapter: ModelAdapter, run, readout: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """(rows, H, n): min-max over the kept tokens of cos(q^h_r, k^h_j) at the run's last block:
+    the queries and keys its kept attention holds (the projections the block computed), else
+    the adapter's ``attention_qk`` of the block's input."""
+    attn = run.attentions[-1]
+    if isinstance(attn, KeptAttention):
+        q, k = attn.query, attn.key  # (rows, H, n, d)
+    else:
+        q, k = adapter.attention_qk(run.tower, len(run.block_inputs) - 1, run.block_inputs[-1].detach())
     rows = torch.arange(q.shape[0], device=q.device)
     qr = q[rows, :, readout]  # (rows, H, d)
     cos = torch.einsum("rhd,rhnd->rhn", qr / qr.norm(dim=-1, keepdim=True), k / k.norm(dim=-1, keepdim=True))
@@ -94,7 +100,7 @@ class GradEclip(Method):
         return num_layers - 1
 
     def reads_readout_row(self, tower: str, opts, num_layers: int) -> bool:
-        return True  # the readout row of dy/dA, and the q-k affinity from the block's input
+        return True  # the readout row of dy/dA, and the q-k affinity from the kept q and k
 
     def attribute(
         self, adapter: ModelAdapter, runs: PairRuns, target: Target, towers: tuple[str, ...], opts
@@ -113,7 +119,7 @@ class GradEclip(Method):
             keep = run.layout.content if tower == "image" else run.layout.valid
             with torch.no_grad():
                 # the affinity per row of the run (per distinct input on a shared graph), then per pair
-                w = affinity(adapter, tower, len(run.attentions) - 1, run.block_inputs[-1].detach(), r, keep)
+                w = affinity(adapter, run, r, keep)
                 w = runs.pair_values(tower, w).reshape(B * P, *w.shape[1:])  # (B*P, H, n)
                 r = runs.pair_values(tower, r).reshape(B * P)
                 if short[tower] is not None:
