@@ -690,15 +690,14 @@ def test_per_pair_rows_never_stop_at_the_readout_row(monkeypatch):
 
 
 def _sort_towers(module, name: str, monkeypatch) -> tuple[list[str], list[str]]:
-    """Two lists that grow by the towers ``module.name`` (a readout-row helper of
+    """Two lists that grow by the towers ``module.name`` (a short-way helper called as
+    ``(adapter, runs, tower, ...)``, None where it does not apply, e.g. a readout-row helper of
     :mod:`cliplens.methods.pairs`) takes the short way on, and those it turns away."""
-    import cliplens.methods.pairs as pairs
-
     short, whole = [], []
-    helper = getattr(pairs, name)
+    helper = getattr(module, name)
 
-    def spy(adapter, runs, tower, **kwargs):
-        out = helper(adapter, runs, tower, **kwargs)
+    def spy(adapter, runs, tower, *args, **kwargs):
+        out = helper(adapter, runs, tower, *args, **kwargs)
         (short if out is not None else whole).append(tower)
         return out
 
@@ -833,3 +832,68 @@ def test_readout_row_gradients_follow_every_target(method, target, monkeypatch):
         wt = np.nan_to_num(np.asarray(want.token_scores, dtype=np.float64))
         ht = np.nan_to_num(np.asarray(have.token_scores, dtype=np.float64))
         np.testing.assert_allclose(ht, wt, rtol=0, atol=1e-12 * np.abs(wt).max())
+
+
+# ---- legrad's mean-pooled readout through the MLP's down-projection once ----------------------
+
+#: the towers legrad reads out by the mean of a kept block's output, with linear pieces (an image
+#: tower with a class token: not SigLIP's pooling head; BLIP's attention never runs kept)
+MEAN_POOLED_TOWERS = {"hf-clip": ["image"], "hf-siglip": [], "hf-siglip2": [], "hf-blip-itc": [], "open_clip": ["image"]}
+
+
+@pytest.mark.parametrize("family,factory", LINEAR_FAMILIES)
+def test_mlp_halves_make_the_mlp_branch_and_its_down_projection_is_affine(family, factory):
+    """``mlp_down(mlp_hidden(z))`` is what the block's MLP branch adds (the block output from its
+    middle residual, against the run's own); ``mlp_down`` is affine, which the mean-pooled
+    gradient relies on to take its vector-Jacobian product at any point (float64, exact)."""
+    adapter = factory(seed=0, dtype=torch.float64)
+    images = adapter.prepare_images(IMAGES[:1])[0]
+    with torch.no_grad():
+        run = adapter.run_image(images.pixel_values)
+        layer = len(run.block_inputs) - 1
+        x = run.block_inputs[layer]
+        heads = adapter.attention_values("image", layer, x)  # (rows, H, n, d), any heads will do
+        z = x + adapter.attention_output("image", layer, heads.transpose(1, 2))
+        hidden = adapter.mlp_hidden("image", layer, z)
+        torch.testing.assert_close(
+            adapter.mlp_down("image", layer, hidden), adapter.mlp_output("image", layer, z), rtol=0, atol=0
+        )
+        h1, h2 = torch.randn_like(hidden), torch.randn_like(hidden)
+        down = lambda h: adapter.mlp_down("image", layer, h)  # noqa: E731
+        mixed = down(0.3 * h1 + 1.9 * h2)
+        torch.testing.assert_close(mixed, 0.3 * down(h1) + 1.9 * down(h2) - 1.2 * down(torch.zeros_like(h1)))
+
+
+@pytest.mark.parametrize(
+    "family,factory,target",
+    [pytest.param(*f.values, "logit", id=f.id, marks=f.marks) for f in LINEAR_FAMILIES]
+    + [pytest.param(*LINEAR_FAMILIES[0].values, t, id=f"hf-clip-{t}") for t in ("probability", "contrast:1")],
+)
+def test_legrad_mean_pooled_readout_gradient_equals_the_whole_blocks(family, factory, target, monkeypatch):
+    """legrad's mean-pooled readout gives every token's row of a block output the same
+    cotangent, so it crosses the MLP's down-projection once per pair
+    (``legrad.mean_pooled_gradients``): on the towers that read out so, the same maps, per-layer
+    maps and token scores as the block's own backward (every block explained, float64, kept
+    blocks, 1e-12 of the call's scale). One prompt (one pair per image) keeps the block's own
+    backward."""
+    import cliplens.methods.legrad as legrad
+
+    adapter = factory(seed=0, dtype=torch.float64)
+    _kept_in_float64(monkeypatch)
+    short, _ = _sort_towers(legrad, "mean_pooled_gradients", monkeypatch)
+    cliplens.explain(adapter, IMAGES, TEXTS[:1], method="legrad", layers=None, target="logit")
+    assert not short
+    have = cliplens.explain(adapter, IMAGES, TEXTS, method="legrad", layers=None, target=target)
+    assert sorted(set(short)) == MEAN_POOLED_TOWERS[family]
+    monkeypatch.setattr(legrad, "mean_pooled_gradients", lambda *args, **kwargs: None)
+    want = cliplens.explain(adapter, IMAGES, TEXTS, method="legrad", layers=None, target=target)
+    pairs = [(b, p) for b in range(len(IMAGES)) for p in range(len(TEXTS))]
+    scale = max(np.abs(want.grid_map(b, p)).max() for b, p in pairs)
+    for b, p in pairs:
+        np.testing.assert_allclose(have.grid_map(b, p), want.grid_map(b, p), rtol=0, atol=1e-12 * scale)
+    for key in ("layer_maps", "text_layer_scores"):  # per pair: SigLIP 2 keeps each image's own grid
+        w = [np.nan_to_num(np.asarray(want.extras[key][b][p], dtype=np.float64)) for b, p in pairs]
+        h = [np.nan_to_num(np.asarray(have.extras[key][b][p], dtype=np.float64)) for b, p in pairs]
+        top = max(np.abs(x).max() for x in w)
+        for hp, wp in zip(h, w):
+            np.testing.assert_allclose(hp, wp, rtol=0, atol=1e-12 * top)

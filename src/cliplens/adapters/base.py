@@ -293,7 +293,8 @@ class ModelAdapter(ABC):
           end-of-text token), not through an attention-pooling head;
         - ``"linear_split"``: its blocks and readout are exposed as exact linear pieces
           (:meth:`attention_value_heads`, :meth:`attention_qk`, :meth:`attention_values`,
-          :meth:`attention_out_bias`, :meth:`attention_output`, :meth:`mlp_output`,
+          :meth:`attention_out_bias`, :meth:`attention_output`, :meth:`mlp_hidden`,
+          :meth:`mlp_down`,
           :meth:`readout_parts`), for exact decompositions and for a last block's readout row
           computed on its own;
         - ``"pool_split"``: the tower pools with an attention head whose linear pieces are
@@ -490,8 +491,21 @@ class ModelAdapter(ABC):
         raise NotImplementedError(f"{type(self).__name__} does not expose the attention output projection")
 
     def mlp_output(self, tower: str, layer_index: int, hidden: torch.Tensor) -> torch.Tensor:
-        """(B, n, C) residual stream after block ``layer_index``'s attention branch -> what
-        the block's MLP branch adds to it (its norm, MLP and any layer scale)."""
+        """(..., C) residual stream after block ``layer_index``'s attention branch -> what
+        the block's MLP branch adds to it (its norm, MLP and any layer scale):
+        ``mlp_down(mlp_hidden(hidden))``."""
+        return self.mlp_down(tower, layer_index, self.mlp_hidden(tower, layer_index, hidden))
+
+    def mlp_hidden(self, tower: str, layer_index: int, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., C) residual stream after block ``layer_index``'s attention branch -> (..., F) its
+        MLP branch up to the last linear map (the norm, the up-projection, the activation), token
+        by token."""
+        raise NotImplementedError(f"{type(self).__name__} does not expose the MLP branch")
+
+    def mlp_down(self, tower: str, layer_index: int, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., F) :meth:`mlp_hidden`'s output -> (..., C) what the MLP branch adds to the
+        residual stream: its last linear map (the down-projection) and any layer scale, an affine
+        map of ``hidden``."""
         raise NotImplementedError(f"{type(self).__name__} does not expose the MLP branch")
 
     # an attention-pooling head (one probe query; SigLIP's MAP head), for towers with "pool_split":

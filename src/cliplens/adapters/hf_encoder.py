@@ -314,9 +314,12 @@ class HFEncoderAdapter(ModelAdapter):
     def attention_output(self, tower: str, layer_index: int, heads: torch.Tensor) -> torch.Tensor:
         return self._layer(tower, layer_index).self_attn.out_proj(heads.flatten(-2))
 
-    def mlp_output(self, tower: str, layer_index: int, hidden: torch.Tensor) -> torch.Tensor:
+    def mlp_hidden(self, tower: str, layer_index: int, hidden: torch.Tensor) -> torch.Tensor:
         layer = self._layer(tower, layer_index)
-        return layer.mlp(layer.layer_norm2(hidden))
+        return layer.mlp.activation_fn(layer.mlp.fc1(layer.layer_norm2(hidden)))
+
+    def mlp_down(self, tower: str, layer_index: int, hidden: torch.Tensor) -> torch.Tensor:
+        return self._layer(tower, layer_index).mlp.fc2(hidden)
 
 
 #: the name transformers dispatches :func:`~cliplens.adapters.kept.transformers_kept_attention` on

@@ -594,9 +594,14 @@ class OpenClipAdapter(ModelAdapter):
         blk = self._block(tower, layer_index)
         return blk.ls_1(blk.attn.out_proj(heads.flatten(-2)))
 
-    def mlp_output(self, tower: str, layer_index: int, hidden: torch.Tensor) -> torch.Tensor:
+    # the MLP is a Sequential ending in its down-projection c_proj (c_fc, gelu[, ln], c_proj)
+    def mlp_hidden(self, tower: str, layer_index: int, hidden: torch.Tensor) -> torch.Tensor:
         blk = self._block(tower, layer_index)
-        return blk.ls_2(blk.mlp(blk.ln_2(hidden)))
+        return blk.mlp[:-1](blk.ln_2(hidden))
+
+    def mlp_down(self, tower: str, layer_index: int, hidden: torch.Tensor) -> torch.Tensor:
+        blk = self._block(tower, layer_index)
+        return blk.ls_2(blk.mlp[-1](hidden))
 
     def readout_parts(self, tower: str) -> ReadoutParts:
         if tower == "image":
