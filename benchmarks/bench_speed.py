@@ -8,9 +8,11 @@ ViT-B/16-sized random CLIP, one image, P prompts: time and peak memory ratios in
   code): Chefer's CLIP notebook ``interpret`` (image repeated per prompt, a forward that records
   every block's graph with the parameters requiring grad, ``autograd.grad`` of the summed pair
   logits at the attention of the explained blocks, full n x n relevance products, image and
-  text) and legrad-torch's wrapper (the same forward, per explained layer a mean-pooled readout
-  through the final norm and projection and its own ``autograd.grad`` at that layer's
-  attention, the graph retained between layers; image side);
+  text) and legrad-torch's wrapper (the text embedding and the blocks below the explained ones
+  without a graph, the explained blocks with their attention written out, per explained layer a
+  mean-pooled readout through the final norm and projection and its own ``autograd.grad`` at
+  that layer's attention with ``retain_graph`` and ``create_graph``; image side). Both compute
+  cliplens's maps (``tests/test_bench_references.py``);
 - cliplens: ``chefer`` (default start layer: the last block; ``start_layer=0``: every block) and
   ``legrad`` with the reference's settings (``layers=2, pooling="mean"``, image tower);
   "chefer all rows" and "legrad rows" are the same calls through the per-pair-rows path the
@@ -42,7 +44,10 @@ ViT-B/16-sized random CLIP, one image, P prompts: time and peak memory ratios in
 - "chefer no stop", "grad_eclip no stop", "gradcam no stop" and "chefer text no stop": the
   towers run their last block whole (kept), as before they stopped in its attention and
   finished the embedding from the readout row (``AttentionReads.readout_block``: the explained
-  towers whose gradient comes through that row, and a tower the call does not explain).
+  towers whose gradient comes through that row, and a tower the call does not explain);
+- "legrad block": each explained layer's gradient through the block's own backward, as before
+  the mean-pooled readout's one cotangent per pair crossed the MLP's down-projection once
+  (``legrad.mean_pooled_gradients``).
 
 Time: interleaved repeats, the median of per-repeat ratios (load changes hit both). Memory: on
 CUDA the peak allocation above the loaded model; on the CPU the peak RSS of a fresh process.
@@ -109,16 +114,17 @@ for _label, _opts in {
     READ_CASES[f"{_label} probs"] = ("ours", {**_opts, "probs": True})
 #: the last block's attention gradient through the readout row alone, against the whole block (--cases)
 BLOCK_CASES = {
-    "grad_eclip block": ("ours", {"method": "grad_eclip", "whole_block": True}),
-    "gradcam block": ("ours", {"method": "gradcam", "whole_block": True}),
-    "chefer block": ("ours", {"method": "chefer", "whole_block": True}),
-    "chefer all block": ("ours", {"method": "chefer", "start_layer": 0, "whole_block": True}),
+    "grad_eclip block": ("ours", {"method": "grad_eclip", "whole_block": True, "no_stop": True}),
+    "gradcam block": ("ours", {"method": "gradcam", "whole_block": True, "no_stop": True}),
+    "chefer block": ("ours", {"method": "chefer", "whole_block": True, "no_stop": True}),
+    "chefer all block": ("ours", {"method": "chefer", "start_layer": 0, "whole_block": True, "no_stop": True}),
     "chefer 2": ("ours", {"method": "chefer", "start_layer": -2}),
-    "chefer 2 block": ("ours", {"method": "chefer", "start_layer": -2, "whole_block": True}),
+    "chefer 2 block": ("ours", {"method": "chefer", "start_layer": -2, "whole_block": True, "no_stop": True}),
     "grad_eclip no stop": ("ours", {"method": "grad_eclip", "no_stop": True}),
     "gradcam no stop": ("ours", {"method": "gradcam", "no_stop": True}),
     "chefer no stop": ("ours", {"method": "chefer", "no_stop": True}),
     "chefer text no stop": ("ours", {"method": "chefer", "towers": ("text",), "no_stop": True}),
+    "legrad block": ("ours", {**CASES["legrad"][1], "whole_block": True}),
 }
 DEFAULT_CASES = list(CASES)
 CASES.update(READ_CASES)
@@ -179,16 +185,53 @@ def chefer_reference(adapter, image, texts, start: int, context: int | None = No
     return rows[0][:, 0, 1:], rows[1][torch.arange(len(texts)), eot]
 
 
+def _written_out_block(layer, x):
+    """A transformers CLIP encoder layer with its attention written out, as legrad-torch's
+    hooked attention does in the blocks it explains: (output, probabilities (rows, H, n, n))."""
+    attn = layer.self_attn
+    h = layer.layer_norm1(x)
+    rows, n, width = h.shape
+    heads = attn.num_heads
+    q, k, v = (
+        proj(h).view(rows, n, heads, width // heads).transpose(1, 2)
+        for proj in (attn.q_proj, attn.k_proj, attn.v_proj)
+    )
+    probs = ((q * attn.scale) @ k.transpose(-1, -2)).softmax(-1)
+    x = x + attn.out_proj((probs @ v).transpose(1, 2).reshape(rows, n, width))
+    return x + layer.mlp(layer.layer_norm2(x)), probs
+
+
 def legrad_reference(adapter, image, texts, layers: int, context: int | None = None):
-    out, batch = _reference_forward(adapter, image, texts, context)
+    """legrad-torch's wrapper (``LeWrapper``, ``compute_legrad_clip``): every parameter outside
+    the explained image blocks frozen, so the text embedding and the blocks below run without a
+    graph (on the model's own attention); the image repeated per prompt; the explained blocks
+    with their attention written out; per layer the cosines of its mean-pooled readout with the
+    texts, and an ``autograd.grad`` at its probabilities with ``retain_graph`` and
+    ``create_graph``, as the wrapper calls it. Prompts padded to the longest, or to ``context``."""
     model = adapter.model
-    text = out.text_embeds.detach()
-    atts, hidden = out.vision_model_output.attentions, out.vision_model_output.hidden_states
+    if context:
+        batch = adapter.tokenizer(list(texts), padding="max_length", max_length=context, return_tensors="pt")
+    else:
+        batch = adapter.tokenize(texts)
+    vision = model.vision_model
+    start = len(vision.encoder.layers) - layers
+    pixels = adapter.prepare_images([image])[0].pixel_values.repeat(len(texts), 1, 1, 1)
+    with torch.no_grad():
+        out = model.get_text_features(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        text = torch.nn.functional.normalize(getattr(out, "pooler_output", out), dim=-1)
+        x = vision.pre_layrnorm(vision.embeddings(pixels))
+        for layer in vision.encoder.layers[:start]:
+            x = layer(x, None)
+            x = x[0] if isinstance(x, tuple) else x  # transformers before 5 return a tuple
+    readouts, probs = [], []
+    for layer in vision.encoder.layers[start:]:
+        x, p = _written_out_block(layer, x)
+        e = model.visual_projection(vision.post_layernorm(x.mean(1)))
+        readouts.append(torch.nn.functional.normalize(e, dim=-1))
+        probs.append(p)
     total = 0
-    for l in range(len(atts) - layers, len(atts)):
-        e = model.visual_projection(model.vision_model.post_layernorm(hidden[l + 1].mean(1)))
-        s = (e / e.norm(dim=-1, keepdim=True) * text).sum()
-        (g,) = torch.autograd.grad(s, [atts[l]], retain_graph=True)
+    for e, p in zip(readouts, probs):
+        (g,) = torch.autograd.grad((text * e).sum(), [p], retain_graph=True, create_graph=True)
         total = total + g.clamp(min=0).mean(1).mean(1)[:, 1:]
     return total
 
@@ -211,13 +254,13 @@ def runner(adapter, image, texts, label: str):
         eager = opts.pop("eager_blocks", False)
         probs = opts.pop("probs", False)
         whole = opts.pop("whole_block", False)
-        no_stop = opts.pop("no_stop", False) or whole
+        no_stop = opts.pop("no_stop", False)
 
         def fn():
             cls = REGISTRY[method]
             shared, kept, paths = cls.shared_graph, cls.kept_attention, hf_encoder.IMPLEMENTATION
             module = sys.modules[cls.__module__]
-            names = ("readout_attention_gradients", "readout_input_gradients")
+            names = ("readout_attention_gradients", "readout_input_gradients", "mean_pooled_gradients")
             shorts = {n: getattr(module, n) for n in names if hasattr(module, n)}
             cls.shared_graph = shared and not rows
             cls.kept_attention = kept and not probs
@@ -225,7 +268,7 @@ def runner(adapter, image, texts, label: str):
                 cls.attention_reads = every_block
             if eager:
                 hf_encoder.IMPLEMENTATION = dict.fromkeys(paths, "eager")
-            if whole:  # the last block's gradient through the whole block
+            if whole:  # the explained blocks' gradients through the whole block
                 for name in shorts:
                     setattr(module, name, lambda *args, **kwargs: None)
             if no_stop:  # the towers run their last block whole (kept, where they would stop)

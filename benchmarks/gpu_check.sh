@@ -12,7 +12,7 @@ mkdir -p "$out"
 py=${PYTHON:-python}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/device.txt"
 "$py" benchmarks/bench_speed.py --device cuda --prompts 1,8,32,128 --repeats 5 \
-  --cases "chefer,chefer block,chefer no stop,chefer ref,chefer ref 77,chefer all,chefer all ref,chefer all rows,legrad,legrad ref,legrad rows,gradcam,gradcam block,score forward" | tee "$out/speed-fp32.md"
+  --cases "chefer,chefer block,chefer no stop,chefer ref,chefer ref 77,chefer all,chefer all ref,chefer all rows,legrad,legrad block,legrad ref,legrad rows,gradcam,gradcam block,score forward" | tee "$out/speed-fp32.md"
 "$py" benchmarks/bench_speed.py --device cuda --dtype bfloat16 --prompts 1,32,128 --cases "chefer,chefer ref,legrad,legrad ref" --repeats 5 | tee "$out/speed-bf16.md"
 "$py" benchmarks/bench_speed.py --device cuda --prompts 1 --sizes 448,896 --repeats 3 \
   --cases "chefer,chefer eager,chefer ref,chefer all,chefer all probs,chefer all ref,legrad,legrad eager,legrad ref,score forward" | tee "$out/speed-large.md"
