@@ -68,8 +68,8 @@ product stops at the kernel's output O, and ds^l/dA^l = dO V^T is recomputed a c
 rows at a time (:class:`~cliplens.adapters.kept.KeptAttention`; float64 runs stay eager). A
 mean-pooled readout gives every token's row the same cotangent, so the product crosses the
 MLP's down-projection once per pair instead of once per token and pair
-(:func:`mean_pooled_gradients`). The correction adds one text forward of the empty prompt and one plain backward over the image
-rows (the empty prompt does not depend on the call's prompts).
+(:func:`mean_pooled_gradients`). The correction adds one text forward of the empty prompt and
+one plain backward over the image rows (the empty prompt does not depend on the call's prompts).
 """
 
 from __future__ import annotations
@@ -112,6 +112,16 @@ def layer_readout(
     return (*adapter.readout_with_attention(run.tower, hidden, run.layout), None)
 
 
+class Explained(NamedTuple):
+    """One explained layer of a tower: where its map's gradient is taken and from what."""
+
+    layer: int
+    embeds: torch.Tensor  #: (rows, D) the layer's readout embedding e^l
+    probs: object  #: the block's attention (probabilities or kept), or a pooling head's probabilities
+    valid: torch.Tensor | None  #: (rows, q) the query rows the map averages over; None: all of a head's
+    mean: torch.Tensor | None  #: (rows, C) the block output's mean e^l is read out of (pooling "mean")
+
+
 def token_weights(run: TowerRun) -> torch.Tensor:
     """(rows, n) each token's weight in the mean over a run's valid tokens (1 / their count, 0
     for padding)."""
@@ -120,7 +130,7 @@ def token_weights(run: TowerRun) -> torch.Tensor:
 
 
 def mean_pooled_gradients(
-    adapter: ModelAdapter, runs: PairRuns, tower: str, explained: "Explained", cotangents: torch.Tensor
+    adapter: ModelAdapter, runs: PairRuns, tower: str, explained: Explained, cotangents: torch.Tensor
 ) -> torch.Tensor | None:
     """(K, rows, H, n, d) the pairs' gradients at an explained kept block's attention output
     per head (O = A V), from their ``cotangents`` (K, rows, D) at its mean-pooled readout
@@ -162,16 +172,6 @@ def mean_pooled_gradients(
         d_middle = (d_middle + c[:, :, None]) * token_weights(run)[..., None]  # (K, rows, n, C)
         (grad,) = batched_vjp(z, [heads], d_middle)
     return grad.transpose(2, 3)  # (K, rows, H, n, d)
-
-
-class Explained(NamedTuple):
-    """One explained layer of a tower: where its map's gradient is taken and from what."""
-
-    layer: int
-    embeds: torch.Tensor  #: (rows, D) the layer's readout embedding e^l
-    probs: object  #: the block's attention (probabilities or kept), or a pooling head's probabilities
-    valid: torch.Tensor | None  #: (rows, q) the query rows the map averages over; None: all of a head's
-    mean: torch.Tensor | None  #: (rows, C) the block output's mean e^l is read out of (pooling "mean")
 
 
 def corrects(run: TowerRun, correction: str) -> bool:
@@ -318,7 +318,10 @@ class LeGrad(Method):
                 empty_maps = layer_maps(empty_total, image_layers, leaves)
                 if "image" in runs.leaves:
                     empty_maps = [runs.pair_values("image", m).reshape(B * P, -1) for m in empty_maps]
-            maps = {tower: self._maps(adapter, runs, target, tower, layers, leaves) for tower, (_, layers) in plan.items()}
+            maps = {
+                tower: self._maps(adapter, runs, target, tower, layers, leaves)
+                for tower, (_, layers) in plan.items()
+            }
         out = Attribution()
         for tower, (run, layers) in plan.items():
             stacked = torch.stack(maps[tower], 1)  # (B*P, L', n)
@@ -379,9 +382,10 @@ def layer_maps(output: torch.Tensor, layers: list[Explained], leaves: list) -> l
         return attention_positive_mean(layers[i].probs.detach(), g, layers[i].valid)
 
     maps = reduced_gradients(output, [in_graph(e.probs) for e in layers], reduce, leaves)
-    return [
-        m
-        if m is not None
-        else in_graph(e.probs).new_zeros(e.probs.shape[0], e.probs.shape[-1], dtype=accumulation_dtype(e.probs.dtype))
-        for m, e in zip(maps, layers)
-    ]
+    out = []
+    for m, e in zip(maps, layers):
+        if m is None:
+            dtype = accumulation_dtype(e.probs.dtype)
+            m = in_graph(e.probs).new_zeros(e.probs.shape[0], e.probs.shape[-1], dtype=dtype)
+        out.append(m)
+    return out
