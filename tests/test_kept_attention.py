@@ -18,6 +18,9 @@ probabilities alone. A block no method reads keeps nothing.
   5e-3 of the scale holds with room, measured at most 5.7e-4).
 - Which blocks keep what (``AttentionReads``): known answers, and per method the blocks each
   tower run keeps, the others never reaching a path that returns probabilities.
+- Short ways through a kept block, each against the block's own backward (float64, 1e-12 of the
+  scale): the last block's readout row (chefer, grad_eclip, gradcam, the readout stop) and
+  legrad's mean-pooled readout crossing the MLP's down-projection once per pair.
 """
 
 from __future__ import annotations
