@@ -47,7 +47,9 @@ ViT-B/16-sized random CLIP, one image, P prompts: time and peak memory ratios in
   towers whose gradient comes through that row, and a tower the call does not explain);
 - "legrad block": each explained layer's gradient through the block's own backward, as before
   the mean-pooled readout's one cotangent per pair crossed the MLP's down-projection once
-  (``legrad.mean_pooled_gradients``).
+  (``legrad.mean_pooled_gradients``); "legrad both" is legrad's default call (both towers) and
+  "legrad both block" the same through each block's own backward, as before the text side's
+  layer readouts went through their end-of-text row alone (``readout_attention_gradients``).
 
 Time: interleaved repeats, the median of per-repeat ratios (load changes hit both). Memory: on
 CUDA the peak allocation above the loaded model; on the CPU the peak RSS of a fresh process.
@@ -125,6 +127,8 @@ BLOCK_CASES = {
     "chefer no stop": ("ours", {"method": "chefer", "no_stop": True}),
     "chefer text no stop": ("ours", {"method": "chefer", "towers": ("text",), "no_stop": True}),
     "legrad block": ("ours", {**CASES["legrad"][1], "whole_block": True}),
+    "legrad both": ("ours", {"method": "legrad"}),
+    "legrad both block": ("ours", {"method": "legrad", "whole_block": True}),
 }
 DEFAULT_CASES = list(CASES)
 CASES.update(READ_CASES)

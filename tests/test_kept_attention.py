@@ -19,8 +19,9 @@ probabilities alone. A block no method reads keeps nothing.
 - Which blocks keep what (``AttentionReads``): known answers, and per method the blocks each
   tower run keeps, the others never reaching a path that returns probabilities.
 - Short ways through a kept block, each against the block's own backward (float64, 1e-12 of the
-  scale): the last block's readout row (chefer, grad_eclip, gradcam, the readout stop) and
-  legrad's mean-pooled readout crossing the MLP's down-projection once per pair.
+  scale): the last block's readout row (chefer, grad_eclip, gradcam, the readout stop), and
+  legrad's layer readouts (a mean-pooled one crossing the MLP's down-projection once per pair,
+  a readout token's through its row alone).
 """
 
 from __future__ import annotations
@@ -837,7 +838,7 @@ def test_readout_row_gradients_follow_every_target(method, target, monkeypatch):
         np.testing.assert_allclose(ht, wt, rtol=0, atol=1e-12 * np.abs(wt).max())
 
 
-# ---- legrad's mean-pooled readout through the MLP's down-projection once ----------------------
+# ---- legrad's layer readouts: the short ways through a kept block ------------------------------
 
 #: the towers legrad reads out by the mean of a kept block's output, with linear pieces (an image
 #: tower with a class token: not SigLIP's pooling head; BLIP's attention never runs kept)
@@ -867,29 +868,46 @@ def test_mlp_halves_make_the_mlp_branch_and_its_down_projection_is_affine(family
         torch.testing.assert_close(mixed, 0.3 * down(h1) + 1.9 * down(h2) - 1.2 * down(torch.zeros_like(h1)))
 
 
+#: the towers whose layer readouts read one token's row of a kept block, with linear pieces (BLIP's
+#: text blocks are post-norm: no linear pieces); with ``pooling="model"`` also these image towers
+ROW_TOWERS = {"hf-clip": ["text"], "hf-siglip": ["text"], "hf-siglip2": ["text"], "hf-blip-itc": [], "open_clip": ["text"]}
+TOKEN_IMAGE_TOWERS = ("hf-clip", "open_clip")
+
+
 @pytest.mark.parametrize(
-    "family,factory,target",
-    [pytest.param(*f.values, "logit", id=f.id, marks=f.marks) for f in LINEAR_FAMILIES]
-    + [pytest.param(*LINEAR_FAMILIES[0].values, t, id=f"hf-clip-{t}") for t in ("probability", "contrast:1")],
+    "family,factory,pooling,target",
+    [pytest.param(*f.values, p, "logit", id=f"{f.id}-{p}", marks=f.marks) for f in LINEAR_FAMILIES for p in ("mean", "model")]
+    + [pytest.param(*LINEAR_FAMILIES[0].values, "mean", t, id=f"hf-clip-{t}") for t in ("probability", "contrast:1")],
 )
-def test_legrad_mean_pooled_readout_gradient_equals_the_whole_blocks(family, factory, target, monkeypatch):
-    """legrad's mean-pooled readout gives every token's row of a block output the same
-    cotangent, so it crosses the MLP's down-projection once per pair
-    (``legrad.mean_pooled_gradients``): on the towers that read out so, the same maps, per-layer
-    maps and token scores as the block's own backward (every block explained, float64, kept
-    blocks, 1e-12 of the call's scale). One prompt (one pair per image) keeps the block's own
-    backward."""
+def test_legrad_short_ways_equal_the_whole_blocks(family, factory, pooling, target, monkeypatch):
+    """legrad's two short ways through a kept block, against the block's own backward (every
+    block explained, float64, kept blocks, 1e-12 of the call's scale: maps, per-layer maps and
+    token scores):
+
+    - a mean-pooled readout gives every token's row of the block output the same cotangent, so
+      it crosses the MLP's down-projection once per pair (``legrad.mean_pooled_gradients``);
+      one prompt (one pair per image) keeps the block's own backward;
+    - a readout token's layer readout reads the block at that token's row alone
+      (``readout_attention_gradients`` at the layer, from the pairs' gradients at its readout).
+
+    Each on exactly the towers that read out so."""
     import cliplens.methods.legrad as legrad
 
     adapter = factory(seed=0, dtype=torch.float64)
     _kept_in_float64(monkeypatch)
-    short, _ = _sort_towers(legrad, "mean_pooled_gradients", monkeypatch)
-    cliplens.explain(adapter, IMAGES, TEXTS[:1], method="legrad", layers=None, target="logit")
-    assert not short
-    have = cliplens.explain(adapter, IMAGES, TEXTS, method="legrad", layers=None, target=target)
-    assert sorted(set(short)) == MEAN_POOLED_TOWERS[family]
+    pooled, _ = _sort_towers(legrad, "mean_pooled_gradients", monkeypatch)
+    by_row, _ = _sort_towers(legrad, "readout_attention_gradients", monkeypatch)
+    options = dict(method="legrad", layers=None, pooling=pooling, target=target)
+    cliplens.explain(adapter, IMAGES, TEXTS[:1], **{**options, "target": "logit"})
+    assert not pooled
+    by_row.clear()
+    have = cliplens.explain(adapter, IMAGES, TEXTS, **options)
+    assert sorted(set(pooled)) == (MEAN_POOLED_TOWERS[family] if pooling == "mean" else [])
+    image_rows = ["image"] if pooling == "model" and family in TOKEN_IMAGE_TOWERS else []
+    assert sorted(set(by_row)) == sorted(ROW_TOWERS[family] + image_rows)
     monkeypatch.setattr(legrad, "mean_pooled_gradients", lambda *args, **kwargs: None)
-    want = cliplens.explain(adapter, IMAGES, TEXTS, method="legrad", layers=None, target=target)
+    monkeypatch.setattr(legrad, "readout_attention_gradients", lambda *args, **kwargs: None)
+    want = cliplens.explain(adapter, IMAGES, TEXTS, **options)
     pairs = [(b, p) for b in range(len(IMAGES)) for p in range(len(TEXTS))]
     scale = max(np.abs(want.grid_map(b, p)).max() for b, p in pairs)
     for b, p in pairs:

@@ -68,8 +68,11 @@ product stops at the kernel's output O, and ds^l/dA^l = dO V^T is recomputed a c
 rows at a time (:class:`~cliplens.adapters.kept.KeptAttention`; float64 runs stay eager). A
 mean-pooled readout gives every token's row the same cotangent, so the product crosses the
 MLP's down-projection once per pair instead of once per token and pair
-(:func:`mean_pooled_gradients`). The correction adds one text forward of the empty prompt and
-one plain backward over the image rows (the empty prompt does not depend on the call's prompts).
+(:func:`mean_pooled_gradients`); a layer readout of one token (the text side,
+``pooling="model"``) reads the block at that token's query row alone, and the product goes
+through that row (:func:`~cliplens.methods.pairs.readout_attention_gradients`). The correction
+adds one text forward of the empty prompt and one plain backward over the image rows (the empty
+prompt does not depend on the call's prompts).
 """
 
 from __future__ import annotations
@@ -83,7 +86,7 @@ from ..adapters.base import ModelAdapter, TowerRun
 from ..adapters.kept import KeptAttention, in_graph, query_chunks
 from ..targets import Target
 from .base import Attribution, Method, last_layers, option, register
-from .pairs import PairRuns, batched_vjp, per_pair, tower_result
+from .pairs import PairRuns, batched_vjp, per_pair, readout_attention_gradients, tower_result
 from .relevance import accumulation_dtype, reduced_gradients
 
 POOLINGS = ("model", "mean")
@@ -352,7 +355,9 @@ class LeGrad(Method):
         arrives. A shared run: per layer, the pairs' cotangents at the layer-l embedding (from
         per-pair copies of it) go back through that block as one batched vector-Jacobian product
         (every block's input is detached, so nothing earlier is reached); from a mean-pooled
-        readout of a kept block, through :func:`mean_pooled_gradients`."""
+        readout of a kept block, through :func:`mean_pooled_gradients`; from a readout token's
+        row of a kept block, through that row alone
+        (:func:`~cliplens.methods.pairs.readout_attention_gradients`)."""
         B, P = runs.B, runs.P
         if tower not in runs.leaves:
             total = sum(target(runs.context_with(tower, per_pair(e.embeds, B, P))).sum() for e in layers)
@@ -362,11 +367,19 @@ class LeGrad(Method):
             copies = runs.pair_values(tower, e.embeds.detach()).clone().requires_grad_(True)
             (cot,) = torch.autograd.grad(target(runs.context_with(tower, copies)).sum(), [copies])
             cot = runs.batched(tower, cot)
+            rows = None if e.valid is None else runs.pair_values(tower, e.valid)
+            # a readout token's layer readout: only that token's query row has a gradient
+            row = None if e.mean is not None else readout_attention_gradients(adapter, runs, tower, e.layer, cot)
+            if row is not None:  # (B, P, H, n): the other query rows add 0 to the mean over the valid ones
+                readout = runs.pair_values(tower, runs.run(tower).layout.readout)[..., None]  # (B, P, 1)
+                weight = rows.gather(-1, readout).to(row.dtype)  # 0 where the readout token is padding
+                total = positive_row_sum(row.unsqueeze(-2), weight)
+                out.append((total / rows.sum(-1, keepdim=True).to(total.dtype)).reshape(B * P, -1))
+                continue
             grad = mean_pooled_gradients(adapter, runs, tower, e, cot)
             if grad is None:
                 (grad,) = batched_vjp(e.embeds, [in_graph(e.probs)], cot)
             grad = runs.batched(tower, grad)  # (B, P, ...) at the probabilities or the kept output
-            rows = None if e.valid is None else runs.pair_values(tower, e.valid)
             attn = runs.distinct(tower, e.probs.detach())
             out.append(attention_positive_mean(attn, grad, rows).reshape(B * P, -1))
         return out

@@ -178,7 +178,13 @@ def block_gradients(
         yield (None if layer < 0 else layer), runs.distinct(tower, tensor.detach()), runs.batched(tower, grad)
 
 
-def readout_attention_gradients(adapter: ModelAdapter, runs: PairRuns, tower: str) -> torch.Tensor | None:
+def readout_attention_gradients(
+    adapter: ModelAdapter,
+    runs: PairRuns,
+    tower: str,
+    layer: int = -1,
+    cotangents: torch.Tensor | None = None,
+) -> torch.Tensor | None:
     """(B, P, H, n) every pair's gradient of its scalar at the last block's attention
     probabilities, readout token's query row, taken through that row alone; None where this
     short way does not apply (then the gradient comes through the whole block, e.g. from
@@ -193,17 +199,23 @@ def readout_attention_gradients(adapter: ModelAdapter, runs: PairRuns, tower: st
     whole block's is rows x n x C. ``dy/dA_r = dO_r V^T``. At P = 32 (ViT-B/16, 224 px) the whole block's
     product was half of a chefer explanation.
 
+    ``layer`` and ``cotangents`` (K, rows, D): the same for block ``layer`` read out at its
+    readout row as if it were the last (legrad's layer readouts), from the pairs' gradients at
+    that readout; by default the last block and the tower's own embedding's
+    (:meth:`PairRuns.cotangents`).
+
     Applies where :func:`readout_row_applies`."""
-    if not readout_row_applies(adapter, runs, tower):
+    if not readout_row_applies(adapter, runs, tower, layer):
         return None
-    run, last, attn, readout, rows = _last_block(runs, tower)
+    run, layer, attn, readout, rows = _block_row(runs, tower, layer)
     # from the kept queries, keys and values: a tower that stopped in this block (the
     # "readout" path of AttentionReads) never computed its output
     heads = readout_heads(attn, readout).requires_grad_(True)  # (rows, H, d)
     with torch.enable_grad():
-        x = run.block_inputs[last].detach()[rows, readout]  # (rows, C)
-        embeds = readout_row_embeds(adapter, tower, last, x, heads)
-    (d_heads,) = batched_vjp(embeds, [heads], runs.cotangents(tower))  # (K, rows, H, d)
+        x = run.block_inputs[layer].detach()[rows, readout]  # (rows, C)
+        embeds = readout_row_embeds(adapter, tower, layer, x, heads)
+    cotangents = runs.cotangents(tower) if cotangents is None else cotangents
+    (d_heads,) = batched_vjp(embeds, [heads], cotangents)  # (K, rows, H, d)
     return _readout_probs_gradient(runs, tower, d_heads, attn)
 
 
@@ -234,7 +246,7 @@ def readout_input_gradients(
     the whole block's runs its query, output and MLP projections over n rows too."""
     if not readout_row_applies(adapter, runs, tower):
         return None
-    run, last, attn, readout, rows = _last_block(runs, tower)
+    run, last, attn, readout, rows = _block_row(runs, tower)
     x = run.block_inputs[last].detach().requires_grad_(True)  # (rows, n, C)
     with torch.enable_grad():
         q, k = adapter.attention_qk(tower, last, x)
@@ -251,28 +263,29 @@ def readout_input_gradients(
     return (grad, _readout_probs_gradient(runs, tower, got[1], attn)) if attention else grad
 
 
-def readout_row_applies(adapter: ModelAdapter, runs: PairRuns, tower: str) -> bool:
-    """Whether a tower's last block can be taken through its readout row alone: a shared run
-    (:attr:`PairRuns.leaves`) of a tower with a readout token and the adapter's linear pieces
-    (``"linear_split"``) whose last block ran kept (its values, scale and mask are there, see
-    :class:`~cliplens.adapters.kept.KeptAttention`; float64 runs are eager)."""
+def readout_row_applies(adapter: ModelAdapter, runs: PairRuns, tower: str, layer: int = -1) -> bool:
+    """Whether a tower's block ``layer`` (the last by default) can be taken through its readout
+    row alone: a shared run (:attr:`PairRuns.leaves`) of a tower with a readout token and the
+    adapter's linear pieces (``"linear_split"``) whose block ran kept (its values, scale and
+    mask are there, see :class:`~cliplens.adapters.kept.KeptAttention`; float64 runs are eager)."""
     run = runs.run(tower)
     return (
         tower in runs.leaves
         and bool(run.attentions)
-        and isinstance(run.attentions[-1], KeptAttention)
+        and isinstance(run.attentions[layer], KeptAttention)
         and run.layout.has_readout_token
         and "linear_split" in adapter.capabilities(tower)
     )
 
 
-def _last_block(runs: PairRuns, tower: str):
-    """(run, index of the last block, its kept attention, the readout positions (rows,), the
-    row indices (rows,)) of a shared tower run."""
+def _block_row(runs: PairRuns, tower: str, layer: int = -1):
+    """(run, the index of block ``layer`` (the last by default), its kept attention, the readout
+    positions (rows,), the row indices (rows,)) of a shared tower run."""
     run = runs.run(tower)
     readout = run.layout.readout
     rows = torch.arange(readout.shape[0], device=readout.device)
-    return run, len(run.attentions) - 1, run.attentions[-1], readout, rows
+    layer = layer % len(run.attentions)
+    return run, layer, run.attentions[layer], readout, rows
 
 
 def batched_block_vjps(
