@@ -65,3 +65,23 @@ def assert_batch_equals_one_by_one(adapter, images, prompts, method: str, tol: f
             assert rel(e.image_maps[b, p], one.image_maps[0, 0]) < tol
             assert rel(e.token_scores[b, p, :T], one.token_scores[0, 0]) < tol
             assert e.logits[b, p] == pytest.approx(one.logits[0, 0], rel=100 * tol)
+
+
+def exact_eager_attention(monkeypatch) -> None:
+    """transformers' eager attention with its softmax in the inputs' dtype (it runs the softmax
+    in float32), on CLIP, SigLIP and SigLIP 2: float64 runs on the eager path are then exact, as
+    cliplens's own eager path for open_clip already is."""
+
+    def eager(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        scores = query @ key.transpose(-1, -2) * scaling
+        if attention_mask is not None:
+            scores = scores + attention_mask
+        probs = scores.softmax(dim=-1)
+        return (probs @ value).transpose(1, 2).contiguous(), probs
+
+    from transformers.models.clip import modeling_clip
+    from transformers.models.siglip import modeling_siglip
+    from transformers.models.siglip2 import modeling_siglip2
+
+    for module in (modeling_clip, modeling_siglip, modeling_siglip2):
+        monkeypatch.setattr(module, "eager_attention_forward", eager)

@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers.models.clip import modeling_clip
 
 import cliplens
 from cliplens.adapters import HFClipAdapter
 from families import clip_tokenizer, make_tiny_clip, random_image
+from helpers import exact_eager_attention
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench_speed as bench  # noqa: E402
@@ -28,14 +28,7 @@ TEXTS = ["a red triangle", "a photo of a small dog", "cat"]
 
 @pytest.fixture
 def adapter(monkeypatch):
-    def eager(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-        scores = query @ key.transpose(-1, -2) * scaling
-        if attention_mask is not None:
-            scores = scores + attention_mask
-        probs = scores.softmax(dim=-1)
-        return (probs @ value).transpose(1, 2).contiguous(), probs
-
-    monkeypatch.setattr(modeling_clip, "eager_attention_forward", eager)
+    exact_eager_attention(monkeypatch)
     return HFClipAdapter(make_tiny_clip(seed=0, dtype=torch.float64), clip_tokenizer(), name="tiny")
 
 

@@ -44,6 +44,7 @@ from cliplens.adapters.kept import (
 from cliplens.methods import REGISTRY
 from cliplens.methods.relevance import head_mean_row, rollout_step, row_times_abar
 from families import ADAPTER_FACTORIES, random_image
+from helpers import exact_eager_attention
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -285,25 +286,6 @@ def _kept_in_float64(monkeypatch) -> None:
     monkeypatch.setattr(AttentionReads, "runs_kept", lambda self, dtype: self.kept)
 
 
-def _exact_eager(monkeypatch) -> None:
-    """transformers' eager attention with its softmax in the inputs' dtype (it runs the softmax
-    in float32); cliplens's own eager path for open_clip already is."""
-
-    def eager(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-        scores = query @ key.transpose(-1, -2) * scaling
-        if attention_mask is not None:
-            scores = scores + attention_mask
-        probs = scores.softmax(dim=-1)
-        return (probs @ value).transpose(1, 2).contiguous(), probs
-
-    from transformers.models.clip import modeling_clip
-    from transformers.models.siglip import modeling_siglip
-    from transformers.models.siglip2 import modeling_siglip2
-
-    for module in (modeling_clip, modeling_siglip, modeling_siglip2):
-        monkeypatch.setattr(module, "eager_attention_forward", eager)
-
-
 def _assert_same(have, want, atol):
     for b in range(len(IMAGES)):
         for p in range(len(TEXTS)):
@@ -351,7 +333,7 @@ def test_open_clip_own_attention_blocks_on_kept_attention(method, monkeypatch):
 
 
 def _kept_equals_exact_eager(adapter, family, method, options, monkeypatch):
-    _exact_eager(monkeypatch)
+    exact_eager_attention(monkeypatch)
     cls = REGISTRY[method]
     monkeypatch.setattr(cls, "kept_attention", False)
     want = cliplens.explain(adapter, IMAGES, TEXTS, method=method, **options)
