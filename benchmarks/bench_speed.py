@@ -114,7 +114,8 @@ for _label, _opts in {
 }.items():
     READ_CASES[_label] = ("ours", _opts)
     READ_CASES[f"{_label} probs"] = ("ours", {**_opts, "probs": True})
-#: the short ways through a block (the last block's readout row, legrad's layer readouts), against the whole block (--cases)
+#: the short ways through a block (the last block's readout row, legrad's layer readouts), against
+#: the whole block (--cases)
 BLOCK_CASES = {
     "grad_eclip block": ("ours", {"method": "grad_eclip", "whole_block": True, "no_stop": True}),
     "gradcam block": ("ours", {"method": "gradcam", "whole_block": True, "no_stop": True}),

@@ -852,13 +852,19 @@ def test_mlp_halves_make_the_mlp_branch_and_its_down_projection_is_affine(family
 
 #: the towers whose layer readouts read one token's row of a kept block, with linear pieces (BLIP's
 #: text blocks are post-norm: no linear pieces); with ``pooling="model"`` also these image towers
-ROW_TOWERS = {"hf-clip": ["text"], "hf-siglip": ["text"], "hf-siglip2": ["text"], "hf-blip-itc": [], "open_clip": ["text"]}
+ROW_TOWERS = {
+    "hf-clip": ["text"], "hf-siglip": ["text"], "hf-siglip2": ["text"], "hf-blip-itc": [], "open_clip": ["text"]
+}
 TOKEN_IMAGE_TOWERS = ("hf-clip", "open_clip")
 
 
 @pytest.mark.parametrize(
     "family,factory,pooling,target",
-    [pytest.param(*f.values, p, "logit", id=f"{f.id}-{p}", marks=f.marks) for f in LINEAR_FAMILIES for p in ("mean", "model")]
+    [
+        pytest.param(*f.values, p, "logit", id=f"{f.id}-{p}", marks=f.marks)
+        for f in LINEAR_FAMILIES
+        for p in ("mean", "model")
+    ]
     + [pytest.param(*LINEAR_FAMILIES[0].values, "mean", t, id=f"hf-clip-{t}") for t in ("probability", "contrast:1")],
 )
 def test_legrad_short_ways_equal_the_whole_blocks(family, factory, pooling, target, monkeypatch):

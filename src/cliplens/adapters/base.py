@@ -535,9 +535,10 @@ def readout_row_embeds(
     adapter: ModelAdapter, tower: str, layer: int, x: torch.Tensor, heads: torch.Tensor
 ) -> torch.Tensor:
     """(rows, D) a tower's embedding from the readout token's row of its last block ``layer``
-    alone (of an earlier block: its readout as if it were the last): ``head(z + mlp(z))`` with ``z = x + attention_output(heads)``, x (rows, C) the row of
-    the block's input, ``heads`` (rows, H, d) its attention output per head (the adapter's linear
-    pieces; the pre-norm residual block of :class:`ModelAdapter`)."""
+    alone (of an earlier block: its readout as if it were the last): ``head(z + mlp(z))`` with
+    ``z = x + attention_output(heads)``, x (rows, C) the row of the block's input, ``heads``
+    (rows, H, d) its attention output per head (the adapter's linear pieces; the pre-norm
+    residual block of :class:`ModelAdapter`)."""
     z = x + adapter.attention_output(tower, layer, heads)
     return adapter.head(tower, z + adapter.mlp_output(tower, layer, z))
 
